@@ -1,0 +1,166 @@
+"""A supervised pool of render actors: one pinned GPU (or a few CPUs) and one pipeline each.
+
+The pool carries shards; it does not decide what they hold. It keeps each actor's queue short
+(the driver decides how many shards an actor may hold), notices dead actors (their calls raise)
+and hung ones (their oldest shard outlives ``shard_timeout_s``), kills and replaces them, and
+hands their unfinished shards back as lost so the driver can retry them elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from rendering.specs import RenderResult, RenderTask, WorkerSpec
+from rendering.worker import ShardRenderer
+
+logger = logging.getLogger(__name__)
+
+# The one place the plain worker class becomes an actor. Two concurrent calls let the next shard
+# render while the previous one finishes encoding and uploading; the worker's render lock keeps
+# the GPU to one batch at a time. Ray must not restart it behind our back: the pool replaces it.
+RenderActor = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(ShardRenderer)
+
+
+class PoolError(RuntimeError):
+    """The pool cannot make progress (no worker could start, or too many died)."""
+
+
+@dataclass
+class ShardOutcome:
+    token: Any  # what the driver submitted the shard with
+    results: list[RenderResult] | None  # None when the shard was lost with its worker
+    error: str | None = None
+
+
+@dataclass
+class _Worker:
+    index: int
+    actor: Any
+    inflight: deque = field(default_factory=deque)  # (ref, token)
+    busy_since: float = 0.0  # when the oldest in-flight shard became the oldest
+
+
+class WorkerPool:
+    def __init__(self, spec: WorkerSpec, num_workers: int, use_gpu: bool, cpus_per_worker: int,
+                 shard_timeout_s: float, setup_timeout_s: float = 1800.0):
+        self.spec = spec
+        self.num_workers = num_workers
+        self.shard_timeout_s = shard_timeout_s
+        self.setup_timeout_s = setup_timeout_s
+        self._options = dict(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_worker,
+                             scheduling_strategy="SPREAD")
+        self._workers: list[_Worker] = []
+        self._next_index = 0
+        self.replaced = 0
+        # A worker that dies on start-up every time would be replaced forever; stop instead.
+        self._max_replacements = 3 * num_workers + 3
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> list[dict]:
+        """Start every worker and load the model on all of them in parallel."""
+        self._workers = [self._spawn() for _ in range(self.num_workers)]
+        refs = [w.actor.setup.remote() for w in self._workers]
+        try:
+            return ray.get(refs, timeout=self.setup_timeout_s)
+        except GetTimeoutError:
+            raise PoolError(f"workers did not load the model within {self.setup_timeout_s:g} s "
+                            f"(are there enough free GPUs/CPUs for {self.num_workers} workers?)") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) else exc
+            raise PoolError(f"the model could not be loaded: {type(cause).__name__}: {cause}") from None
+
+    def shutdown(self) -> None:
+        for worker in self._workers:
+            ray.kill(worker.actor, no_restart=True)
+        self._workers = []
+
+    # --- work ------------------------------------------------------------------------------
+    def loads(self) -> list[int]:
+        return [len(w.inflight) for w in self._workers]
+
+    @property
+    def inflight(self) -> int:
+        return sum(self.loads())
+
+    def submit(self, token: Any, tasks: list[RenderTask], max_per_worker: int) -> bool:
+        """Queue a shard on the least loaded worker; False when every worker is full."""
+        worker = min(self._workers, key=lambda w: len(w.inflight))
+        if len(worker.inflight) >= max_per_worker:
+            return False
+        if not worker.inflight:
+            worker.busy_since = time.monotonic()
+        worker.inflight.append((worker.actor.render_shard.remote(tasks), token))
+        return True
+
+    def wait(self, timeout_s: float) -> list[ShardOutcome]:
+        """Block until a shard finishes, a worker dies or hangs, or ``timeout_s`` passes."""
+        refs = {ref: w for w in self._workers for ref, _ in w.inflight}
+        if not refs:
+            return []
+        until_deadline = min(w.busy_since + self.shard_timeout_s - time.monotonic()
+                             for w in self._workers if w.inflight)
+        ready, _ = ray.wait(list(refs), num_returns=1,
+                            timeout=max(0.0, min(timeout_s, until_deadline)))
+        outcomes: list[ShardOutcome] = []
+        for ref in ready:
+            worker = refs[ref]
+            if worker not in self._workers:
+                continue  # already replaced while handling an earlier ref
+            token = self._pop(worker, ref)
+            try:
+                outcomes.append(ShardOutcome(token, ray.get(ref)))
+            except RayActorError as exc:
+                outcomes.append(ShardOutcome(token, None, f"worker died: {_first_line(exc)}"))
+                outcomes += self._replace(worker, "died")
+            except Exception as exc:  # noqa: BLE001 - a broken call loses the shard, not the job
+                outcomes.append(ShardOutcome(token, None, f"worker error: {_first_line(exc)}"))
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if worker.inflight and now - worker.busy_since > self.shard_timeout_s:
+                logger.warning("worker %d has been on one shard for over %g s: killing it",
+                               worker.index, self.shard_timeout_s)
+                outcomes += self._replace(worker, f"hung: no result within {self.shard_timeout_s:g} s")
+        return outcomes
+
+    # --- internals -------------------------------------------------------------------------
+    def _spawn(self) -> _Worker:
+        actor = RenderActor.options(**self._options, name=None).remote(self.spec)
+        worker = _Worker(self._next_index, actor)
+        self._next_index += 1
+        return worker
+
+    def _pop(self, worker: _Worker, ref) -> Any:
+        for i, (candidate, token) in enumerate(worker.inflight):
+            if candidate == ref:
+                del worker.inflight[i]
+                worker.busy_since = time.monotonic()
+                return token
+        raise KeyError(ref)
+
+    def _replace(self, worker: _Worker, reason: str) -> list[ShardOutcome]:
+        """Kill ``worker``, start a fresh one in its place, and report its shards as lost."""
+        self.replaced += 1
+        if self.replaced > self._max_replacements:
+            raise PoolError(f"{self.replaced} workers were lost (last: {reason}); giving up. "
+                            "Check the worker logs (ray logs) and the cluster's health")
+        ray.kill(worker.actor, no_restart=True)
+        lost = [ShardOutcome(token, None, f"worker {reason}") for _, token in worker.inflight]
+        position = self._workers.index(worker)
+        fresh = self._spawn()
+        fresh.actor.setup.remote()  # load at once; shards sent meanwhile wait for it
+        self._workers[position] = fresh
+        logger.warning("worker %d %s; started worker %d, %d shard(s) to retry",
+                       worker.index, reason, fresh.index, len(lost))
+        return lost
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,178 @@
+"""The ``reelfarm`` command line.
+
+Exit codes of ``render``: 0 every row ok; 3 the job finished but some rows failed (each is in
+the manifest with its error); 1 the job could not run (one line on stderr says what and how to
+fix it; ``--debug`` adds the traceback); 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jobs").setLevel(logging.INFO)
+    logging.getLogger("cluster").setLevel(logging.INFO)
+    logging.getLogger("reelfarm").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("reelfarm: interrupted; committed work is kept: rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if args.debug:
+            raise
+        print(f"reelfarm: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reelfarm", description="Batch text-to-video rendering on Ray.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, func, text in (("render", _render, "render a config's prompts to videos"),
+                             ("plan", _plan, "count rows, shards, done and to do (no Ray, no model)")):
+        cmd = sub.add_parser(name, help=text, parents=[common])
+        cmd.add_argument("config", help="YAML job config")
+        cmd.add_argument("--input", help="input Parquet URI (input.uri)")
+        cmd.add_argument("--output", help="output URI (output.uri)")
+        cmd.add_argument("--workers", type=int, help="number of workers (cluster.num_workers)")
+        cmd.add_argument("--address", help="Ray address: auto or host:port (cluster.address)")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set render.num_frames=16")
+        cmd.add_argument("--quiet", action="store_true", help="no progress output")
+        cmd.set_defaults(func=func)
+
+    cmd = sub.add_parser("verify", parents=[common], help="check every manifest row against its stored video")
+    cmd.add_argument("output", help="output URI")
+    cmd.add_argument("--no-hash", action="store_true", help="check sizes only, skip sha256")
+    cmd.set_defaults(func=_verify)
+
+    cmd = sub.add_parser("status", parents=[common], help="counts by status and the most common errors")
+    cmd.add_argument("output", help="output URI")
+    cmd.set_defaults(func=_status)
+
+    cmd = sub.add_parser("make-tiny-model", parents=[common], help="write a random-weight pipeline, built offline")
+    cmd.add_argument("directory")
+    cmd.add_argument("--kind", choices=("modelscope", "wan"), default="modelscope")
+    cmd.set_defaults(func=_make_tiny_model)
+    return parser
+
+
+def _load(args):
+    from jobs.config import load_config
+
+    overrides = list(args.set)
+    for flag, key in (("input", "input.uri"), ("output", "output.uri"),
+                      ("workers", "cluster.num_workers"), ("address", "cluster.address")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def _render(args) -> int:
+    from jobs.driver import render
+
+    cfg = _load(args)
+    summary = render(cfg, progress=not args.quiet)
+    out = cfg.output.uri.rstrip("/")
+    print(f"rendered {summary.rendered} video(s) in {summary.seconds:.1f} s "
+          f"({summary.videos_per_s:.2f} videos/s); {summary.skipped} row(s) were already done")
+    print(f"rows: {summary.total_rows}  ok: {summary.ok}  failed: {summary.failed}")
+    for code, count in summary.top_errors:
+        print(f"  {count} failed with {code}")
+    print(f"videos:   {out}/videos/")
+    print(f"manifest: {out}/manifest.parquet")
+    if not summary.complete:
+        print("the output is not complete: rerun the same command to finish it", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+
+
+def _plan(args) -> int:
+    from jobs.config import fingerprint
+    from jobs.dataset import open_dataset
+    from jobs.manifest import committed_hashes
+    from jobs.output import check_resumable, read_job
+    from jobs.plan import PlanCounts, plan_rows
+
+    started = time.monotonic()
+    cfg = _load(args)
+    dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
+    check_resumable(cfg, read_job(cfg.output.uri))
+    counts = PlanCounts()
+    for _ in plan_rows(dataset, cfg, committed_hashes(cfg.output.uri), counts):
+        pass
+    print(f"input:      {cfg.input.uri} ({len(dataset.files)} file(s))")
+    print(f"output:     {cfg.output.uri} (fingerprint {fingerprint(cfg)})")
+    print(f"rows:       {counts.rows}")
+    print(f"done:       {counts.done}")
+    print(f"to do:      {counts.todo} ({counts.invalid} invalid, of which {counts.duplicates} "
+          f"duplicate ids; they are recorded as failed without rendering)")
+    print(f"shards:     {math.ceil(counts.todo / cfg.output.shard_size)} of up to "
+          f"{cfg.output.shard_size} rows")
+    print(f"planned in {time.monotonic() - started:.1f} s")
+    return EXIT_OK
+
+
+def _verify(args) -> int:
+    from jobs.audit import verify
+
+    audit = verify(args.output, check_hashes=not args.no_hash)
+    for problem in audit.problems[:50]:
+        print(f"FAIL {problem}")
+    if len(audit.problems) > 50:
+        print(f"... and {len(audit.problems) - 50} more problems")
+    verdict = "consistent" if not audit.problems else f"{len(audit.problems)} problem(s)"
+    print(f"{args.output}: {audit.rows} rows, {audit.ok} videos checked: {verdict}")
+    return EXIT_OK if not audit.problems else EXIT_ERROR
+
+
+def _status(args) -> int:
+    from jobs.audit import status
+
+    report = status(args.output)
+    expected = report["expected_rows"]
+    print(f"{args.output}: {report['rows']} of {expected if expected is not None else '?'} rows "
+          f"committed{' (complete)' if report['complete'] else ''}")
+    for name, count in sorted(report["by_status"].items()):
+        print(f"  {name}: {count}")
+    if report["top_errors"]:
+        print("most common errors:")
+        for code, count, example in report["top_errors"]:
+            print(f"  {count:>6}  {code}  e.g. {example}")
+    run = report["last_run"]
+    if run:
+        print(f"last run: {run.get('status')}, {run.get('rendered', 0)} rendered in "
+              f"{run.get('seconds', 0)} s ({run.get('videos_per_hour')} videos/hour)")
+    return EXIT_OK
+
+
+def _make_tiny_model(args) -> int:
+    from rendering.tiny import save_tiny_pipeline
+
+    save_tiny_pipeline(args.kind, args.directory)
+    print(f"wrote a tiny random-weight {args.kind} pipeline to {args.directory}")
+    return EXIT_OK
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Job configuration: YAML files plus ``--set key=value`` overrides, validated into typed objects.
+
+The schema lives here; ``configs/*.yaml`` hold values only. Every problem is reported as one
+line that names the key, e.g. ``render.num_frames: must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    uri: str = Field(description="Parquet file, folder or glob, on any fsspec URL")
+    carry_columns: list[str] = Field(default_factory=list,
+                                     description="extra input columns copied into the manifest")
+    batch_rows: int = Field(65536, ge=1, description="rows read from Parquet at a time")
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="local diffusers folder, hub id, or tiny:modelscope / tiny:wan")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    variant: str | None = Field(None, description="weights variant, e.g. fp16")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class RenderConfig(_Section):
+    num_frames: int = Field(16, ge=1)
+    height: int = Field(256, ge=8)
+    width: int = Field(256, ge=8)
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    seed: int = Field(0, ge=0, description="job seed; a row's seed is hashed from it and the row id")
+    batch_size: int = Field(1, ge=1, description="rows of equal shape rendered in one call")
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class LimitsConfig(_Section):
+    """Upper bounds on per-row values, so one row cannot exhaust a GPU or run for days."""
+
+    max_frames: int = Field(256, ge=1)
+    max_height: int = Field(2048, ge=8)
+    max_width: int = Field(2048, ge=8)
+    max_inference_steps: int = Field(500, ge=1)
+    max_prompt_chars: int = Field(20000, ge=1)
+    max_id_chars: int = Field(512, ge=1)
+
+
+class EncodeConfig(_Section):
+    fps: int = Field(8, ge=1, le=240)
+    crf: int = Field(18, ge=0, le=51, description="x264 quality: lower is better and larger")
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                    "slower", "veryslow"] = "medium"
+
+
+class OutputConfig(_Section):
+    uri: str = Field(description="output prefix on any fsspec URL")
+    shard_size: int = Field(64, ge=1, description="rows per shard: the unit of scheduling and commit")
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="none: start a local cluster; 'auto' or host:port: join")
+    num_workers: int | None = Field(None, ge=1, description="default: one per GPU, else CPUs / cpus_per_worker")
+    cpus_per_worker: int = Field(1, ge=1)
+    max_attempts: int = Field(3, ge=1, description="attempts per row before it is recorded as failed")
+    shard_timeout_s: float = Field(3600.0, gt=0, description="a shard running longer is a hung worker")
+    shards_in_flight_per_worker: int = Field(2, ge=1, description="queued shards keep workers fed")
+
+
+class JobConfig(_Section):
+    input: InputConfig
+    model: ModelConfig
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    output: OutputConfig
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "JobConfig":
+        problems = limit_problems(self.render.num_frames, self.render.height, self.render.width,
+                                   self.render.num_inference_steps, self.limits)
+        if problems:
+            key, message = problems[0]
+            raise ValueError(f"render.{key}: {message}")
+        return self
+
+
+# The sections whose values change what a video looks like: a resumed output must match them.
+OUTPUT_SECTIONS = ("model", "render", "encode")
+# Settings within those sections that change speed, not pixels.
+_NOT_FINGERPRINTED = {"render": {"batch_size"}}
+
+
+def limit_problems(num_frames: int, height: int, width: int, steps: int,
+                    limits: LimitsConfig) -> list[tuple[str, str]]:
+    """(key, message) for each value over its limit or of a size the models cannot take."""
+    problems = []
+    for key, value, limit_key in (("num_frames", num_frames, "max_frames"),
+                                  ("height", height, "max_height"),
+                                  ("width", width, "max_width"),
+                                  ("num_inference_steps", steps, "max_inference_steps")):
+        limit = getattr(limits, limit_key)
+        if value > limit:
+            problems.append((key, f"{value} is over limits.{limit_key} = {limit}"))
+    for key, value in (("height", height), ("width", width)):
+        if value % 8:
+            problems.append((key, f"{value} is not a multiple of 8"))
+    return problems
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> JobConfig:
+    """Read a YAML config (or start from ``base``), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+    return validate(data)
+
+
+def validate(data: dict) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc)) from None
+
+
+def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
+    """The flattened settings that decide what every video looks like."""
+    fields = {}
+    for section in OUTPUT_SECTIONS:
+        skip = _NOT_FINGERPRINTED.get(section, set())
+        for key, value in getattr(cfg, section).model_dump().items():
+            if key not in skip:
+                fields[f"{section}.{key}"] = value
+    return fields
+
+
+def fingerprint(cfg: JobConfig) -> str:
+    canonical = json.dumps(fingerprint_fields(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"config {path}{line} is not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. render.num_frames=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line naming the key: the first problem pydantic found, in our words."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or not key else f" (got {got!r})"
+    count = exc.error_count()
+    more = f" [and {count - 1} more problem{'s' if count > 2 else ''}]" if count > 1 else ""
+    return f"{key}: {message}{shown}{more}" if key else f"{message}{more}"

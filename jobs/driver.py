@@ -1,0 +1,249 @@
+"""The render driver: plan, shard, schedule, commit, report.
+
+It streams the input, cuts rows into shards, keeps every worker fed, and commits each shard's
+manifest as soon as its videos are stored. Only small metadata reaches it; it never imports
+torch. A rerun of the same job skips every committed row, so a crash costs at most the work
+in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow.compute as pc
+
+from jobs import manifest
+from jobs.config import JobConfig
+from jobs.dataset import open_dataset
+from jobs.output import check_resumable, finish_job, read_job, start_job
+from jobs.plan import PlanCounts, PlannedRow, plan_rows
+from jobs.progress import Progress
+from jobs.rows import RowFailure
+from rendering import storage
+from rendering.specs import EncodeSpec, ModelSpec, RenderResult, WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+WAIT_SLICE_S = 5.0  # how long one wait for results may block before progress is reported
+
+
+class Interrupted(Exception):
+    """The driver was asked to stop (Ctrl-C or SIGTERM)."""
+
+
+@dataclass
+class Shard:
+    rows: list[PlannedRow]  # rows to render (their outcome is a RenderTask)
+    records: list[dict] = field(default_factory=list)  # rows already final (invalid rows)
+
+
+@dataclass
+class RenderSummary:
+    output_uri: str
+    total_rows: int
+    ok: int
+    failed: int
+    rendered: int  # videos made by this run
+    skipped: int  # rows already committed before this run
+    seconds: float
+    complete: bool
+    top_errors: list[tuple[str, int]]
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.rendered / self.seconds if self.seconds > 0 else 0.0
+
+
+def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
+    started = time.monotonic()
+    # Step 1: check the input and the output before anything expensive starts.
+    dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
+    job = read_job(cfg.output.uri)
+    check_resumable(cfg, job)
+    committed = manifest.committed_hashes(cfg.output.uri)
+    job = start_job(cfg, job, dataset.num_rows)
+
+    # Step 2: stream the rows not yet committed and cut them into shards.
+    counts = PlanCounts()
+    shards = _shards(plan_rows(dataset, cfg, committed, counts), cfg.output.shard_size)
+    bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
+    scheduler = _Scheduler(cfg, bar)
+    status = "failed"
+    try:
+        with _stop_on_sigterm():
+            # Step 3: render, starting the cluster only if there is something to render.
+            scheduler.run(shards)
+        status = "finished"
+    except (KeyboardInterrupt, Interrupted):
+        status = "interrupted"
+        raise Interrupted("stopped: committed work is kept; rerun the same command to resume") from None
+    finally:
+        bar.close()
+        scheduler.close()
+        # Step 4: consolidate the manifest and record how the run ended.
+        table = manifest.consolidate(cfg.output.uri)
+        ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+        failed = table.num_rows - ok
+        complete = status == "finished" and table.num_rows == dataset.num_rows
+        finish_job(cfg, job, status, {"rows": dataset.num_rows, "ok": ok, "failed": failed,
+                                      "committed": table.num_rows}, scheduler.rendered, complete)
+    return RenderSummary(cfg.output.uri, dataset.num_rows, ok, failed, scheduler.rendered,
+                         counts.done, time.monotonic() - started, complete,
+                         _top_errors(table))
+
+
+class _Scheduler:
+    """Keeps workers fed with shards, retries what failed, commits what is final."""
+
+    def __init__(self, cfg: JobConfig, progress: Progress):
+        self.cfg = cfg
+        self.progress = progress
+        self.pool = None
+        self.rendered = 0
+        self._retries: deque[Shard] = deque()
+        self._inflight: dict[int, Shard] = {}
+        self._tokens = itertools.count()
+
+    def run(self, shards: Iterator[Shard]) -> None:
+        source_done = False
+        while True:
+            # Fill every worker's queue: retries first, then new shards from the input.
+            while True:
+                if self._retries:
+                    shard = self._retries.popleft()
+                elif not source_done:
+                    shard = next(shards, None)
+                    if shard is None:
+                        source_done = True
+                        continue
+                else:
+                    break
+                if not shard.rows:
+                    self._commit(shard.records)
+                    continue
+                if not self._submit(shard):
+                    self._retries.appendleft(shard)
+                    break
+            if not self._inflight:
+                if source_done and not self._retries:
+                    return
+                continue
+            for outcome in self.pool.wait(WAIT_SLICE_S):
+                self._settle(self._inflight.pop(outcome.token), outcome.results, outcome.error)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _submit(self, shard: Shard) -> bool:
+        if self.pool is None:
+            self.pool = _start_pool(self.cfg)
+        token = next(self._tokens)
+        tasks = [row.outcome for row in shard.rows]
+        if not self.pool.submit(token, tasks, self.cfg.cluster.shards_in_flight_per_worker):
+            return False
+        self._inflight[token] = shard
+        return True
+
+    def _settle(self, shard: Shard, results: list[RenderResult] | None, error: str | None) -> None:
+        """Record each row's attempt; commit what is final and queue retries."""
+        records = list(shard.records)
+        retry: list[PlannedRow] = []
+        max_attempts = self.cfg.cluster.max_attempts
+        for i, row in enumerate(shard.rows):
+            row.attempts += 1
+            result = results[i] if results is not None else RenderResult.failure(
+                row.id, "worker_lost", error or "worker lost", retryable=True)
+            if not result.ok and result.retryable and row.attempts < max_attempts:
+                retry.append(row)
+            else:
+                records.append(manifest.record(row, result, row.attempts))
+                self.rendered += result.ok
+        self._commit(records)
+        if retry:
+            # After a lost worker, retry rows one per shard: a row that kills its worker every
+            # time then takes only itself down.
+            size = 1 if results is None else self.cfg.output.shard_size
+            for i in range(0, len(retry), size):
+                self._retries.append(Shard(retry[i:i + size]))
+
+    def _commit(self, records: list[dict]) -> None:
+        if not records:
+            return
+        manifest.write_shard(self.cfg.output.uri, records)
+        ok = sum(r["status"] == "ok" for r in records)
+        self.progress.advance(ok, len(records) - ok)
+
+
+def _start_pool(cfg: JobConfig):
+    from cluster.connect import connect, default_num_workers
+    from cluster.pool import WorkerPool
+
+    resources = connect(cfg.cluster.address)
+    default_workers, use_gpu = default_num_workers(resources, cfg.cluster.cpus_per_worker)
+    num_workers = cfg.cluster.num_workers or default_workers
+    spec = WorkerSpec(
+        model=ModelSpec(cfg.model.path, cfg.model.revision, cfg.model.variant, cfg.model.dtype),
+        encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
+        videos_uri=storage.join(cfg.output.uri, manifest.VIDEOS_DIR),
+        batch_size=cfg.render.batch_size,
+        torch_threads=None if use_gpu else cfg.cluster.cpus_per_worker)
+    pool = WorkerPool(spec, num_workers, use_gpu, cfg.cluster.cpus_per_worker,
+                      cfg.cluster.shard_timeout_s)
+    started = time.monotonic()
+    infos = pool.start()
+    logger.info("%d worker(s) on %s loaded the model in %.1f s", num_workers,
+                infos[0]["device"] if infos else "?", time.monotonic() - started)
+    return pool
+
+
+def _shards(rows: Iterator[PlannedRow], shard_size: int) -> Iterator[Shard]:
+    """Cut planned rows into shards of ``shard_size`` rows to render (invalid rows ride along)."""
+    shard = Shard([])
+    for row in rows:
+        if isinstance(row.outcome, RowFailure):
+            shard.records.append(manifest.record(row, None, 0))
+        else:
+            shard.rows.append(row)
+        if len(shard.rows) + len(shard.records) >= shard_size:
+            yield shard
+            shard = Shard([])
+    if shard.rows or shard.records:
+        yield shard
+
+
+def _top_errors(table, limit: int = 5) -> list[tuple[str, int]]:
+    failed = table.filter(pc.equal(table["status"], "failed"))
+    if failed.num_rows == 0:
+        return []
+    grouped = failed.group_by("error_code").aggregate([("id", "count")])
+    pairs = sorted(zip(grouped["error_code"].to_pylist(), grouped["id_count"].to_pylist()),
+                   key=lambda p: -p[1])
+    return pairs[:limit]
+
+
+class _stop_on_sigterm:
+    """Turn SIGTERM into the same clean stop as Ctrl-C, for schedulers that send it."""
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            raise Interrupted("SIGTERM")
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave signals to whoever owns them
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False

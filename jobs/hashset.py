@@ -1,0 +1,51 @@
+"""A set of 64-bit row hashes in sorted numpy runs: about 8 bytes a member.
+
+The driver must know which of millions of rows are already committed, and which ids it has
+already seen, without holding millions of Python strings. Runs are merged as they grow (like a
+log-structured merge tree), so lookups stay at a few binary searches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def row_hash(row_id: str, occurrence: int = 0) -> int:
+    """The 64-bit key of the ``occurrence``-th row carrying ``row_id`` (0 for the first)."""
+    text = row_id if occurrence == 0 else f"{row_id}\x00{occurrence}"
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "big")
+
+
+class HashSet:
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, hashes: np.ndarray | list[int]) -> None:
+        """Add hashes (duplicates of present members are ignored)."""
+        new = np.unique(np.asarray(hashes, dtype=np.uint64))
+        if len(new) == 0:
+            return
+        new = new[~self.contains(new)]
+        self._size += len(new)
+        self._runs.append(new)
+        # Keep run sizes roughly geometric so there are O(log n) runs to search.
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            last = self._runs.pop()
+            self._runs[-1] = np.union1d(self._runs[-1], last)
+
+    def contains(self, hashes: np.ndarray | list[int]) -> np.ndarray:
+        """A boolean array: which of ``hashes`` are members."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        found = np.zeros(len(hashes), dtype=bool)
+        for run in self._runs:
+            idx = np.searchsorted(run, hashes)
+            idx[idx == len(run)] = 0
+            found |= run[idx] == hashes
+        return found

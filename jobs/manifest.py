@@ -1,0 +1,153 @@
+"""Manifests: the single source of truth of an output.
+
+A shard is committed when its manifest exists; its videos were made durable before it was
+written. The consolidated ``manifest.parquet`` is derived from the shard manifests at the end
+of a job, one row per input row in input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.hashset import HashSet, row_hash
+from jobs.plan import PlannedRow
+from jobs.rows import RowFailure
+from rendering import storage
+from rendering.specs import RenderResult, RenderTask
+
+VIDEOS_DIR = "videos"
+MANIFESTS_DIR = "manifests"
+MANIFEST_FILE = "manifest.parquet"
+JOB_FILE = "job.json"
+SUCCESS_FILE = "_SUCCESS"
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("row_index", pa.int64()),
+    ("occurrence", pa.int32()),
+    ("prompt", pa.string()),
+    ("status", pa.string()),
+    ("error_code", pa.string()),
+    ("error", pa.string()),
+    ("video_uri", pa.string()),
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("seed", pa.int64()),
+    ("num_frames", pa.int32()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("fps", pa.int32()),
+    ("num_inference_steps", pa.int32()),
+    ("guidance_scale", pa.float64()),
+    ("negative_prompt", pa.string()),
+    ("attempts", pa.int32()),
+    ("render_s", pa.float64()),
+    ("committed_at", pa.float64()),
+])
+_PARAMS = ("seed", "num_frames", "height", "width", "fps", "num_inference_steps",
+           "guidance_scale", "negative_prompt")
+
+
+def record(row: PlannedRow, result: RenderResult | None, attempts: int) -> dict:
+    """One manifest row: the planned row's parameters with what became of it."""
+    outcome = row.outcome
+    if isinstance(outcome, RenderTask):
+        params = {k: getattr(outcome, k) for k in _PARAMS}
+    else:
+        params = {k: (outcome.params.get(k) if isinstance(outcome, RowFailure) else None)
+                  for k in _PARAMS}
+        if params["guidance_scale"] is not None:
+            params["guidance_scale"] = float(params["guidance_scale"])
+    rec = {"id": row.id, "row_index": row.index, "occurrence": row.occurrence,
+           "prompt": row.prompt, **params, "attempts": attempts,
+           "video_uri": None, "bytes": None, "sha256": None, "render_s": None}
+    if isinstance(outcome, RowFailure):
+        rec.update(status="failed", error_code=outcome.error_code, error=outcome.error)
+    elif result is not None and result.ok:
+        rec.update(status="ok", error_code=None, error=None, video_uri=result.video_uri,
+                   bytes=result.bytes, sha256=result.sha256,
+                   render_s=result.timings_s.get("render_s"))
+    else:
+        rec.update(status="failed", error_code=result.error_code if result else "unknown",
+                   error=result.error if result else "unknown: no result")
+    rec.update({f"carry.{k}": v for k, v in row.carry.items()})
+    return rec
+
+
+def to_table(records: list[dict]) -> pa.Table:
+    committed_at = time.time()
+    base = {name: [r.get(name) for r in records] for name in SCHEMA.names}
+    base["committed_at"] = [committed_at] * len(records)
+    table = pa.table(base, schema=SCHEMA)
+    for name in sorted({k for r in records for k in r if k.startswith("carry.")}):
+        table = table.append_column(name[len("carry."):], pa.array([r.get(name) for r in records]))
+    return table
+
+
+def shard_name(records: list[dict]) -> str:
+    """A name fixed by the rows the shard holds, so committing the same rows twice is harmless."""
+    keys = sorted(f"{r['id']}\x00{r['occurrence']}" for r in records)
+    digest = hashlib.sha256("\x01".join(keys).encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    return f"shard-{digest}.parquet"
+
+
+def write_shard(output_uri: str, records: list[dict]) -> str:
+    """Commit a shard: write its manifest in one atomic write. Returns the manifest's path."""
+    fs, root = storage.filesystem(output_uri)
+    path = storage.join(root, MANIFESTS_DIR, shard_name(records))
+    storage.write_bytes(fs, path, _parquet_bytes(to_table(records)))
+    return path
+
+
+def shard_paths(output_uri: str) -> list[str]:
+    fs, root = storage.filesystem(output_uri)
+    directory = storage.join(root, MANIFESTS_DIR)
+    if not fs.exists(directory):
+        return []
+    return sorted(p for p in fs.ls(directory, detail=False)
+                  if p.rsplit("/", 1)[-1].startswith("shard-") and p.endswith(".parquet"))
+
+
+def committed_hashes(output_uri: str) -> HashSet:
+    """The rows every committed shard holds, as row hashes."""
+    fs, _ = storage.filesystem(output_uri)
+    committed = HashSet()
+    for path in shard_paths(output_uri):
+        table = _read(fs, path, columns=["id", "occurrence"])
+        committed.add([row_hash(i, n) for i, n in zip(table["id"].to_pylist(),
+                                                      table["occurrence"].to_pylist())])
+    return committed
+
+
+def read_shards(output_uri: str) -> pa.Table:
+    """Every committed row, in input order."""
+    fs, _ = storage.filesystem(output_uri)
+    tables = [_read(fs, p) for p in shard_paths(output_uri)]
+    if not tables:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("row_index", "ascending"), ("occurrence", "ascending")])
+
+
+def consolidate(output_uri: str) -> pa.Table:
+    """Write ``manifest.parquet`` from the shard manifests and return it."""
+    fs, root = storage.filesystem(output_uri)
+    table = read_shards(output_uri)
+    storage.write_bytes(fs, storage.join(root, MANIFEST_FILE), _parquet_bytes(table))
+    return table
+
+
+def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()

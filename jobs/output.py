@@ -1,0 +1,89 @@
+"""The output prefix: its ``job.json`` (what made it) and ``_SUCCESS`` (that it is complete).
+
+An existing output may only be resumed by the settings that made it: the fingerprint of the
+output-affecting config is kept in ``job.json`` and a mismatch is refused, naming what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import metadata
+
+from jobs.config import JobConfig, fingerprint, fingerprint_fields
+from jobs.manifest import JOB_FILE, SUCCESS_FILE
+from rendering import storage
+
+_VERSIONED = ("reelfarm", "diffusers", "torch", "transformers", "ray", "pyarrow", "fsspec")
+
+
+class OutputError(ValueError):
+    """The output cannot be used for this job; the message says why and what to do."""
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def read_job(output_uri: str) -> dict | None:
+    fs, root = storage.filesystem(output_uri)
+    path = storage.join(root, JOB_FILE)
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.cat_file(path))
+    except ValueError as exc:
+        raise OutputError(f"{storage.to_uri(fs, path)} is not valid JSON ({exc}): "
+                          f"it was not written by reelfarm, or was edited") from None
+
+
+def check_resumable(cfg: JobConfig, job: dict | None) -> None:
+    """Refuse an output made with different output-affecting settings."""
+    if job is None or job.get("fingerprint") == fingerprint(cfg):
+        return
+    before = job.get("settings", {})
+    now = fingerprint_fields(cfg)
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    raise OutputError(f"output {cfg.output.uri} was rendered with other settings "
+                      f"({'; '.join(changed) or 'fingerprint differs'}): render to a new "
+                      f"output.uri, or restore the settings to resume it")
+
+
+def start_job(cfg: JobConfig, job: dict | None, planned_rows: int) -> dict:
+    """Write (or update) ``job.json`` at the start of a run; this also proves we can write."""
+    now = time.time()
+    job = dict(job or {"created_at": now})
+    job.update(fingerprint=fingerprint(cfg), settings=fingerprint_fields(cfg),
+               config=cfg.model_dump(mode="json"), versions=versions(),
+               last_run={"started_at": now, "status": "running", "input_rows": planned_rows})
+    write_job(cfg.output.uri, job)
+    return job
+
+
+def finish_job(cfg: JobConfig, job: dict, status: str, counts: dict, rendered: int,
+               complete: bool) -> dict:
+    """Record how the run ended; write ``_SUCCESS`` once every input row is accounted for."""
+    now = time.time()
+    run = job["last_run"]
+    elapsed = now - run["started_at"]
+    run.update(status=status, finished_at=now, seconds=round(elapsed, 3), rendered=rendered,
+               videos_per_hour=round(3600 * rendered / elapsed, 1) if elapsed > 0 else None)
+    job["counts"] = counts
+    write_job(cfg.output.uri, job)
+    if complete:
+        fs, root = storage.filesystem(cfg.output.uri)
+        storage.write_bytes(fs, storage.join(root, SUCCESS_FILE), b"")
+    return job
+
+
+def write_job(output_uri: str, job: dict) -> None:
+    fs, root = storage.filesystem(output_uri)
+    storage.write_bytes(fs, storage.join(root, JOB_FILE),
+                        json.dumps(job, indent=2, sort_keys=True).encode())

@@ -1,0 +1,88 @@
+"""Encode frames to a browser-playable MP4 (H.264, yuv420p, +faststart) with ffmpeg.
+
+The argv is built by a pure function and run without a shell. Encoding goes to a local temp
+file because +faststart rewrites the file and needs a seekable output. stdin is fed and stderr
+drained by one ``communicate`` call, so a long encode cannot deadlock on a full pipe.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+
+import ffmpeg
+import numpy as np
+
+from rendering.specs import EncodeSpec
+
+
+class EncodeError(RuntimeError):
+    """ffmpeg failed, or produced a video that is not what was asked for."""
+
+
+@functools.cache
+def ffmpeg_exe() -> str:
+    """The ffmpeg on PATH, else the static build that imageio-ffmpeg ships (it has libx264)."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def encode_argv(exe: str, path: str, width: int, height: int, fps: int, spec: EncodeSpec) -> list[str]:
+    """The ffmpeg command line that reads raw RGB frames on stdin and writes ``path``."""
+    stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}",
+                          framerate=fps)
+    stream = ffmpeg.output(stream, path, vcodec="libx264", pix_fmt="yuv420p", crf=spec.crf,
+                           preset=spec.preset, movflags="+faststart", an=None)
+    return ffmpeg.compile(stream, cmd=[exe, "-hide_banner", "-nostdin", "-loglevel", "error", "-y"])
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (diffusers' ``output_type='np'``) to contiguous uint8 RGB."""
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    return np.ascontiguousarray(np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8))
+
+
+def encode_video(frames: np.ndarray, path: str, fps: int, spec: EncodeSpec) -> None:
+    """Write ``frames`` (F, H, W, 3) uint8 to ``path`` and check every frame made it."""
+    num_frames, height, width, channels = frames.shape
+    if channels != 3:
+        raise EncodeError(f"expected RGB frames, got {channels} channels")
+    if height % 2 or width % 2:
+        raise EncodeError(f"H.264 yuv420p needs even sizes, got {width}x{height}")
+    argv = encode_argv(ffmpeg_exe(), path, width, height, fps, spec)
+    try:
+        proc = subprocess.run(argv, input=frames.tobytes(), capture_output=True,
+                              timeout=spec.timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise EncodeError(f"ffmpeg did not finish in {spec.timeout_s:g} s") from exc
+    if proc.returncode != 0:
+        raise EncodeError(f"ffmpeg exited {proc.returncode}: {_tail(proc.stderr)}")
+    decoded = count_frames(path)
+    if decoded != num_frames:
+        raise EncodeError(f"encoded video has {decoded} frames, expected {num_frames}")
+
+
+_FRAME_RE = re.compile(rb"frame=\s*(\d+)")
+
+
+def count_frames(path: str, timeout_s: float = 120.0) -> int:
+    """Decode ``path`` fully and return how many video frames it holds."""
+    argv = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "info", "-stats", "-i", path,
+            "-map", "0:v:0", "-f", "null", "-"]
+    proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
+    matches = _FRAME_RE.findall(proc.stderr)
+    if proc.returncode != 0 or not matches:
+        raise EncodeError(f"cannot decode {path}: {_tail(proc.stderr)}")
+    return int(matches[-1])
+
+
+def _tail(stderr: bytes, limit: int = 300) -> str:
+    text = stderr.decode("utf-8", "replace").strip()
+    return text[-limit:] if text else "no output"

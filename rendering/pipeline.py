@@ -1,0 +1,84 @@
+"""Load a diffusers text-to-video pipeline once, and render batches of rows with it.
+
+Any pipeline whose output ``.frames`` is a video batch works through the same code: ModelScope's
+UNet3D, Wan's DiT, CogVideoX, and kin. Weights load from safetensors only and remote code is
+never run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import numpy as np
+import torch
+
+from rendering import tiny
+from rendering.specs import ModelSpec, RenderTask
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device() -> str:
+    """``cuda`` when Ray (or the user) has made a GPU visible, else ``cpu``.
+
+    Inside a Ray actor CUDA_VISIBLE_DEVICES already names the one pinned GPU, so it is always
+    ``cuda`` (index 0 of what is visible), never a remembered physical index.
+    """
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(spec: ModelSpec, device: str):
+    """Build or load the pipeline, move it to ``device`` and silence its progress bars."""
+    from diffusers import DiffusionPipeline
+
+    dtype = DTYPES[spec.dtype]
+    if tiny.is_tiny(spec.path):
+        pipe = tiny.build_tiny_pipeline(tiny.tiny_kind(spec.path))
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(
+            spec.path, revision=spec.revision, variant=spec.variant, torch_dtype=dtype,
+            use_safetensors=True, trust_remote_code=False)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    _check_text_to_video(pipe)
+    logger.info("loaded %s (%s) on %s as %s", spec.path, type(pipe).__name__, device, spec.dtype)
+    return pipe
+
+
+def _check_text_to_video(pipe) -> None:
+    params = inspect.signature(pipe.__call__).parameters
+    missing = [p for p in ("prompt", "num_frames", "height", "width", "generator") if p not in params]
+    if missing:
+        raise TypeError(f"{type(pipe).__name__} is not a text-to-video pipeline: its __call__ "
+                        f"takes no {', '.join(missing)}")
+
+
+def render_batch(pipe, tasks: list[RenderTask], device: str) -> np.ndarray:
+    """Render rows that share a batch key in one call; returns float frames (B, F, H, W, 3).
+
+    Each video gets its own CPU generator seeded from its row, so a row's video does not
+    depend on which GPU, or which worker, rendered it.
+    """
+    first = tasks[0]
+    generators = [torch.Generator("cpu").manual_seed(t.seed) for t in tasks]
+    kwargs = dict(
+        prompt=[t.prompt for t in tasks],
+        num_frames=first.num_frames, height=first.height, width=first.width,
+        num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+        generator=generators, output_type="np")
+    if first.negative_prompt is not None:
+        kwargs["negative_prompt"] = [t.negative_prompt for t in tasks]
+    with torch.inference_mode():
+        frames = pipe(**kwargs).frames
+    if isinstance(frames, torch.Tensor):
+        frames = frames.float().cpu().numpy()
+    frames = np.asarray(frames)
+    expected = (len(tasks), first.num_frames, first.height, first.width, 3)
+    if frames.shape != expected:
+        raise ValueError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
+    return frames

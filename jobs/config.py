@@ -6,18 +6,43 @@ line that names the key, e.g. ``render.num_frames: must be >= 1 (got 0)``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rendering import tiny
+
+MAX_FPS = 240
+# ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key and the problem."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``."""
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
+def _check_uri(uri: str) -> str:
+    """A usable storage URI: not blank, and no credentials in it (they come from the environment)."""
+    if not uri.strip():
+        raise ValueError("must not be empty")
+    if _URL_USERINFO.search(uri):
+        raise ValueError(f"credentials in the URI are not allowed ({redact(uri)}): remove "
+                         f"them and set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
+                         f"AWS_SECRET_ACCESS_KEY) or the filesystem's own config")
+    return uri
 
 
 class _Section(BaseModel):
@@ -30,12 +55,21 @@ class InputConfig(_Section):
                                      description="extra input columns copied into the manifest")
     batch_rows: int = Field(65536, ge=1, description="rows read from Parquet at a time")
 
+    _uri = field_validator("uri")(_check_uri)
+
 
 class ModelConfig(_Section):
     path: str = Field(description="local diffusers folder, hub id, or tiny:modelscope / tiny:wan")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @field_validator("path")
+    @classmethod
+    def _known_tiny(cls, value: str) -> str:
+        if tiny.is_tiny(value):
+            tiny.tiny_kind(value)  # raises ValueError naming the kinds there are
+        return value
 
 
 class RenderConfig(_Section):
@@ -68,7 +102,7 @@ class LimitsConfig(_Section):
 
 
 class EncodeConfig(_Section):
-    fps: int = Field(8, ge=1, le=240)
+    fps: int = Field(8, ge=1, le=MAX_FPS)
     crf: int = Field(18, ge=0, le=51, description="x264 quality: lower is better and larger")
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                     "slower", "veryslow"] = "medium"
@@ -78,8 +112,12 @@ class OutputConfig(_Section):
     uri: str = Field(description="output prefix on any fsspec URL")
     shard_size: int = Field(64, ge=1, description="rows per shard: the unit of scheduling and commit")
 
+    _uri = field_validator("uri")(_check_uri)
+
 
 class ClusterConfig(_Section):
+    backend: Literal["ray", "inline"] = Field(
+        "ray", description="inline: render in the driver process without Ray (debugging, tests)")
     address: str | None = Field(None, description="none: start a local cluster; 'auto' or host:port: join")
     num_workers: int | None = Field(None, ge=1, description="default: one per GPU, else CPUs / cpus_per_worker")
     cpus_per_worker: int = Field(1, ge=1)
@@ -104,6 +142,23 @@ class JobConfig(_Section):
         if problems:
             key, message = problems[0]
             raise ValueError(f"render.{key}: {message}")
+        return self
+
+    @model_validator(mode="after")
+    def _local_model_exists(self) -> "JobConfig":
+        """A missing local model folder is found here, not after a cluster has started.
+
+        Only explicit local paths are checked, and only for a cluster this machine starts: a
+        joined cluster's workers may see folders the driver does not.
+        """
+        path = self.model.path
+        local_cluster = self.cluster.address is None and not os.environ.get("RAY_ADDRESS")
+        if local_cluster and path.startswith(("/", "./", "../", "~")):
+            folder = Path(path).expanduser()
+            if not (folder / "model_index.json").is_file():
+                raise ValueError(f"model.path: {path} is not a diffusers model folder (no "
+                                 f"model_index.json there): check the path, or give a hub id "
+                                 f"or tiny:modelscope")
         return self
 
 
@@ -133,7 +188,7 @@ def limit_problems(num_frames: int, height: int, width: int, steps: int,
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> JobConfig:
     """Read a YAML config (or start from ``base``), apply ``key=value`` overrides, validate."""
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         data = _read_yaml(Path(path))
     for item in overrides or []:
@@ -146,7 +201,7 @@ def validate(data: dict) -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc)) from None
+        raise ConfigError(redact(_first_error(exc))) from None
 
 
 def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import pyarrow.compute as pc
@@ -182,24 +182,31 @@ class _Scheduler:
 
 
 def _start_pool(cfg: JobConfig):
-    from cluster.connect import connect, default_num_workers
-    from cluster.pool import WorkerPool
-
-    resources = connect(cfg.cluster.address)
-    default_workers, use_gpu = default_num_workers(resources, cfg.cluster.cpus_per_worker)
-    num_workers = cfg.cluster.num_workers or default_workers
+    """Start the workers: Ray actors across the cluster, or one renderer in this process."""
     spec = WorkerSpec(
         model=ModelSpec(cfg.model.path, cfg.model.revision, cfg.model.variant, cfg.model.dtype),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
         videos_uri=storage.join(cfg.output.uri, manifest.VIDEOS_DIR),
         batch_size=cfg.render.batch_size,
-        torch_threads=None if use_gpu else cfg.cluster.cpus_per_worker)
-    pool = WorkerPool(spec, num_workers, use_gpu, cfg.cluster.cpus_per_worker,
-                      cfg.cluster.shard_timeout_s)
+        torch_threads=cfg.cluster.cpus_per_worker)
     started = time.monotonic()
+    if cfg.cluster.backend == "inline":
+        from cluster.inline import InlinePool
+
+        pool = InlinePool(spec)
+    else:
+        from cluster.connect import connect, default_num_workers
+        from cluster.pool import WorkerPool
+
+        resources = connect(cfg.cluster.address)
+        default_workers, use_gpu = default_num_workers(resources, cfg.cluster.cpus_per_worker)
+        if use_gpu:
+            spec = replace(spec, torch_threads=None)
+        pool = WorkerPool(spec, cfg.cluster.num_workers or default_workers, use_gpu,
+                          cfg.cluster.cpus_per_worker, cfg.cluster.shard_timeout_s)
     infos = pool.start()
-    logger.info("%d worker(s) on %s loaded the model in %.1f s", num_workers,
-                infos[0]["device"] if infos else "?", time.monotonic() - started)
+    logger.info("%d worker(s) on %s loaded the model in %.1f s", len(infos), infos[0]["device"],
+                time.monotonic() - started)
     return pool
 
 

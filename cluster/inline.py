@@ -1,0 +1,45 @@
+"""Run shards in the driver's own process, without Ray.
+
+For debugging a model on one machine and for tests whose storage only exists inside one
+process (``memory://``). It offers the ``WorkerPool`` interface, so the driver's scheduling,
+retrying and committing are the same code on both backends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from cluster.pool import ShardOutcome
+from rendering.specs import RenderTask, WorkerSpec
+from rendering.worker import ShardRenderer
+
+
+class InlinePool:
+    def __init__(self, spec: WorkerSpec):
+        self._renderer = ShardRenderer(spec)
+        self._queue: deque[tuple[Any, list[RenderTask]]] = deque()
+        self.replaced = 0
+
+    def start(self) -> list[dict]:
+        return [self._renderer.setup()]
+
+    def shutdown(self) -> None:
+        self._queue.clear()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._queue)
+
+    def submit(self, token: Any, tasks: list[RenderTask], max_per_worker: int) -> bool:
+        if len(self._queue) >= max_per_worker:
+            return False
+        self._queue.append((token, tasks))
+        return True
+
+    def wait(self, timeout_s: float) -> list[ShardOutcome]:
+        """Render the oldest queued shard now (the timeout does not apply in-process)."""
+        if not self._queue:
+            return []
+        token, tasks = self._queue.popleft()
+        return [ShardOutcome(token, self._renderer.render_shard(tasks))]

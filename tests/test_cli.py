@@ -1,0 +1,69 @@
+"""The command line as users run it: exit codes, plan, status, and the messages they read."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import yaml
+from conftest import prompts, run_cli, tiny_config, write_prompts
+
+
+def _config(tmp_path, rows, **sections) -> str:
+    src = write_prompts(tmp_path / "prompts.parquet", rows)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"), **sections)))
+    return str(path)
+
+
+def test_render_on_a_local_ray_cluster_exits_0_and_says_where_things_are(tmp_path):
+    config = _config(tmp_path, prompts(4))
+    result = run_cli("render", config, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "rows: 4  ok: 4  failed: 0" in result.stdout
+    assert f"videos:   {tmp_path}/out/videos/" in result.stdout
+    assert f"manifest: {tmp_path}/out/manifest.parquet" in result.stdout
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert job["counts"] == {"rows": 4, "ok": 4, "failed": 0, "committed": 4}
+    assert job["last_run"]["status"] == "finished" and job["versions"]["diffusers"]
+
+
+def test_failed_rows_give_exit_3_and_status_shows_them(tmp_path):
+    rows = prompts(3) + [{"id": "blank", "prompt": "   "}, {"id": "none", "prompt": None}]
+    config = _config(tmp_path, rows, cluster={"backend": "inline"})
+    result = run_cli("render", config, "--quiet")
+    assert result.returncode == 3, result.stderr
+    assert "rows: 5  ok: 3  failed: 2" in result.stdout
+    assert "2 failed with invalid_prompt" in result.stdout
+    table = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    failed = {r["id"]: r for r in table if r["status"] == "failed"}
+    assert set(failed) == {"blank", "none"}
+    assert all(r["error_code"] == "invalid_prompt" and r["video_uri"] is None for r in failed.values())
+
+    status = run_cli("status", str(tmp_path / "out"))
+    assert status.returncode == 0
+    assert "5 of 5 rows committed (complete)" in status.stdout
+    assert "failed: 2" in status.stdout and "ok: 3" in status.stdout
+    assert "invalid_prompt" in status.stdout
+
+
+def test_plan_counts_without_ray_or_a_model(tmp_path):
+    rows = prompts(10) + [{"id": "row-001", "prompt": "again"}]
+    config = _config(tmp_path, rows, output={"shard_size": 4})
+    result = run_cli("plan", config, "--input", str(tmp_path / "prompts.parquet"))
+    assert result.returncode == 0, result.stderr
+    assert "rows:       11" in result.stdout
+    assert "done:       0" in result.stdout
+    assert "to do:      11 (1 invalid, of which 1 duplicate ids" in result.stdout
+    assert "shards:     3 of up to 4 rows" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_setting_on_an_existing_output_is_refused(tmp_path):
+    config = _config(tmp_path, prompts(2), cluster={"backend": "inline"})
+    assert run_cli("render", config, "--quiet").returncode == 0
+    result = run_cli("render", config, "--quiet", "--set", "render.num_frames=12")
+    assert result.returncode == 1
+    assert "render.num_frames: 8 -> 12" in result.stderr
+    assert "render to a new output.uri" in result.stderr
+    assert run_cli("render", config, "--quiet", "--set", "render.batch_size=1").returncode == 0

@@ -22,10 +22,20 @@ from rendering.worker import ShardRenderer
 
 logger = logging.getLogger(__name__)
 
+
+class _PlacedRenderer(ShardRenderer):
+    """A ShardRenderer that can say where Ray placed it, so placement can be logged and checked."""
+
+    def placement(self) -> dict:
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(),
+                "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])]}
+
+
 # The one place the plain worker class becomes an actor. Two concurrent calls let the next shard
 # render while the previous one finishes encoding and uploading; the worker's render lock keeps
 # the GPU to one batch at a time. Ray must not restart it behind our back: the pool replaces it.
-RenderActor = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(ShardRenderer)
+RenderActor = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(_PlacedRenderer)
 
 
 class PoolError(RuntimeError):
@@ -45,6 +55,10 @@ class _Worker:
     actor: Any
     inflight: deque = field(default_factory=deque)  # (ref, token)
     busy_since: float = 0.0  # when the oldest in-flight shard became the oldest
+    # A replacement's pending setup() call. Until it returns the worker gets no shards while
+    # another can take them: after a node is lost, a replacement may wait for a GPU that never
+    # comes back, and shards queued on it would only time out.
+    setup_ref: Any = None
 
 
 class WorkerPool:
@@ -76,6 +90,10 @@ class WorkerPool:
             cause = exc.cause if getattr(exc, "cause", None) else exc
             raise PoolError(f"the model could not be loaded: {type(cause).__name__}: {cause}") from None
 
+    def placements(self) -> list[dict]:
+        """Where each worker runs: its node id and the GPU ids Ray pinned it to."""
+        return ray.get([w.actor.placement.remote() for w in self._workers])
+
     def shutdown(self) -> None:
         for worker in self._workers:
             ray.kill(worker.actor, no_restart=True)
@@ -91,7 +109,8 @@ class WorkerPool:
 
     def submit(self, token: Any, tasks: list[RenderTask], max_per_worker: int) -> bool:
         """Queue a shard on the least loaded worker; False when every worker is full."""
-        worker = min(self._workers, key=lambda w: len(w.inflight))
+        ready = [w for w in self._workers if w.setup_ref is None] or self._workers
+        worker = min(ready, key=lambda w: len(w.inflight))
         if len(worker.inflight) >= max_per_worker:
             return False
         if not worker.inflight:
@@ -104,12 +123,16 @@ class WorkerPool:
         refs = {ref: w for w in self._workers for ref, _ in w.inflight}
         if not refs:
             return []
+        setups = {w.setup_ref: w for w in self._workers if w.setup_ref is not None}
         until_deadline = min(w.busy_since + self.shard_timeout_s - time.monotonic()
                              for w in self._workers if w.inflight)
-        ready, _ = ray.wait(list(refs), num_returns=1,
+        ready, _ = ray.wait(list(refs) + list(setups), num_returns=1,
                             timeout=max(0.0, min(timeout_s, until_deadline)))
         outcomes: list[ShardOutcome] = []
         for ref in ready:
+            if ref in setups:
+                outcomes += self._settle_setup(setups[ref], ref)
+                continue
             worker = refs[ref]
             if worker not in self._workers:
                 continue  # already replaced while handling an earlier ref
@@ -154,11 +177,22 @@ class WorkerPool:
         lost = [ShardOutcome(token, None, f"worker {reason}") for _, token in worker.inflight]
         position = self._workers.index(worker)
         fresh = self._spawn()
-        fresh.actor.setup.remote()  # load at once; shards sent meanwhile wait for it
+        fresh.setup_ref = fresh.actor.setup.remote()  # load at once, placed wherever a GPU is free
         self._workers[position] = fresh
         logger.warning("worker %d %s; started worker %d, %d shard(s) to retry",
                        worker.index, reason, fresh.index, len(lost))
         return lost
+
+    def _settle_setup(self, worker: _Worker, ref) -> list[ShardOutcome]:
+        """A replacement finished loading: it may take shards now, or it failed and is replaced."""
+        if worker not in self._workers:
+            return []
+        try:
+            ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot load is replaced
+            return self._replace(worker, f"failed to load the model: {_first_line(exc)}")
+        worker.setup_ref = None
+        return []
 
 
 def _first_line(exc: BaseException) -> str:

@@ -43,9 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, func, text in (("render", _render, "render a config's prompts to videos"),
-                             ("plan", _plan, "count rows, shards, done and to do (no Ray, no model)")):
+                             ("plan", _plan, "count rows, shards, done and to do (no Ray, no model)"),
+                             ("nightly", _nightly, "render or resume one night: {date} in the "
+                                                   "config's URIs becomes its date")):
         cmd = sub.add_parser(name, help=text, parents=[common])
         cmd.add_argument("config", help="YAML job config")
+        if name == "nightly":
+            cmd.add_argument("--date", help="the night, YYYY-MM-DD (default: today in UTC)")
         cmd.add_argument("--input", help="input Parquet URI (input.uri)")
         cmd.add_argument("--output", help="output URI (output.uri)")
         cmd.add_argument("--workers", type=int, help="number of workers (cluster.num_workers)")
@@ -100,6 +104,28 @@ def _render(args) -> int:
         print("the output is not complete: rerun the same command to finish it", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+
+
+def _nightly(args) -> int:
+    from jobs import nightly
+
+    night = nightly.night_of(args.date)
+    summary = nightly.run(_load(args), night, progress=not args.quiet)
+    attempt = summary["attempts"][-1]
+    out = summary["output_uri"].rstrip("/")
+    print(f"night {summary['date']}: {summary['status']} (attempt {attempt['attempt']})")
+    print(f"rows: {summary['rows']}  ok: {summary['ok']}  failed: {summary['failed']}  "
+          f"pending: {summary['pending']}")
+    print(f"this attempt rendered {attempt['rendered']} video(s) in {attempt['seconds']:.1f} s "
+          f"({attempt['videos_per_hour']} videos/hour)")
+    for error in summary["top_errors"]:
+        print(f"  {error['count']} failed with {error['error_code']}")
+    print(f"summary:  {out}/{nightly.SUMMARY_FILE}")
+    print(f"manifest: {out}/manifest.parquet")
+    if summary["status"] == "incomplete":
+        print("the night is not complete: rerun the same command to resume it", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_ROWS_FAILED if summary["failed"] else EXIT_OK
 
 
 def _plan(args) -> int:
@@ -170,7 +196,10 @@ def _make_tiny_model(args) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """The error on one line, with any credentials in URLs it quotes redacted."""
+    from jobs.config import redact
+
+    text = redact(" ".join(str(exc).split()))
     return text if text else type(exc).__name__
 
 

@@ -22,7 +22,8 @@ from rendering import tiny
 
 MAX_FPS = 240
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
-_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# A password may hold '/' and '+' (AWS secret keys do), so after a ':' anything up to '@' counts.
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@\s:]+|[^/@\s:]*:[^@\s]*?)@")
 
 
 class ConfigError(ValueError):

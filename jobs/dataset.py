@@ -7,6 +7,10 @@ Every file's footer and schema are checked before anything expensive starts: one
 truncated, empty or mislabelled file stops the job with an error that names it (a silently
 skipped file would be a silently missing part of a nightly dataset). A file whose data pages
 turn out to be corrupt while streaming stops the job the same way; what was committed stays.
+
+Text that is not valid UTF-8 is a problem of its rows, not of the file: such columns reach the
+planner as bytes (prompt, negative_prompt, id: their rows fail with a clear error) or with the
+bad bytes replaced (carried columns), never as a decode error that would stop the job.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.rows import FLOAT_COLUMNS, INT_COLUMNS
+from jobs.rows import FLOAT_COLUMNS, INT_COLUMNS, STRING_COLUMNS
 from rendering import storage
 
 
@@ -66,9 +70,11 @@ def iter_batches(dataset: InputDataset, batch_rows: int) -> Iterator[pa.RecordBa
         try:
             with fs.open(file.path, "rb") as f:
                 reader = pq.ParquetFile(f)
-                yield from reader.iter_batches(batch_size=batch_rows, columns=list(dataset.columns))
+                for batch in reader.iter_batches(batch_size=batch_rows, columns=list(dataset.columns)):
+                    yield _with_valid_text(batch)
         except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"input file {file.path} cannot be read: {exc}") from exc
+            raise InputError(f"input file {file.path} cannot be read ({exc}): rewrite it, or "
+                             f"remove it from the input; rows already committed are kept") from exc
 
 
 def _list_files(fs, path: str, uri: str) -> list[str]:
@@ -82,18 +88,45 @@ def _list_files(fs, path: str, uri: str) -> list[str]:
     else:
         raise InputError(f"input {uri} does not exist: check input.uri (or --input)")
     if not paths:
-        raise InputError(f"input {uri} holds no Parquet files (*.parquet)")
+        raise InputError(f"input {uri} holds no Parquet files (*.parquet): check input.uri "
+                         f"(or --input)")
     return paths
+
+
+def _with_valid_text(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with every text column that holds invalid UTF-8 made safe to turn into Python."""
+    for i, (name, column) in enumerate(zip(batch.schema.names, batch.columns)):
+        if not _is_string(column.type) or _valid_utf8(column):
+            continue
+        raw = column.cast(pa.large_binary())
+        if name not in STRING_COLUMNS:
+            raw = pa.array([v if v is None else v.decode("utf-8", "replace") for v in raw.to_pylist()],
+                           pa.large_string())
+        batch = batch.set_column(i, name, raw)
+    return batch
+
+
+def _valid_utf8(column: pa.Array) -> bool:
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _read_footer(fs, path: str) -> tuple[pa.Schema, int]:
     try:
-        with fs.open(path, "rb") as f:
+        f = fs.open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"input file {path} cannot be opened ({exc.strerror or exc}): check "
+                         f"that it exists and that this user may read it") from exc
+    try:
+        with f:
             meta = pq.ParquetFile(f).metadata
             return meta.schema.to_arrow_schema(), meta.num_rows
     except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"input file {path} is not a readable Parquet file "
-                         f"(corrupt, truncated or not Parquet): {exc}") from exc
+        raise InputError(f"input file {path} is not a readable Parquet file (corrupt, truncated "
+                         f"or not Parquet: {exc}): rewrite it, or remove it from the input") from exc
 
 
 def _check_schema(schema: pa.Schema, carry_columns: list[str], path: str) -> tuple[str, ...]:
@@ -101,13 +134,14 @@ def _check_schema(schema: pa.Schema, carry_columns: list[str], path: str) -> tup
     if "prompt" not in names:
         raise InputError(f"input file {path} has no 'prompt' column (columns: "
                          f"{', '.join(schema.names) or 'none'})")
-    expectations = {"prompt": _is_text, "negative_prompt": _is_text,
-                    "id": lambda t: _is_text(t) or pa.types.is_integer(t)}
-    expectations.update({c: _is_number for c in INT_COLUMNS + FLOAT_COLUMNS})
-    for name, accepts in expectations.items():
-        if name in names and not (accepts(schema.field(name).type) or pa.types.is_null(schema.field(name).type)):
-            raise InputError(f"input file {path}: column {name!r} has type "
-                             f"{schema.field(name).type}, which reelfarm cannot use here")
+    expectations = {"prompt": (_is_text, "text"), "negative_prompt": (_is_text, "text"),
+                    "id": (lambda t: _is_text(t) or pa.types.is_integer(t), "text or integers")}
+    expectations.update({c: (_is_number, "numbers") for c in INT_COLUMNS + FLOAT_COLUMNS})
+    for name, (accepts, wanted) in expectations.items():
+        kind = schema.field(name).type if name in names else None
+        if kind is not None and not (accepts(kind) or pa.types.is_null(kind)):
+            raise InputError(f"input file {path}: column {name!r} has type {kind} but must hold "
+                             f"{wanted}: fix the column, or rename it if it means something else")
     missing = [c for c in carry_columns if c not in names]
     if missing:
         raise InputError(f"input file {path} lacks the carried column(s) {', '.join(missing)} "
@@ -115,9 +149,18 @@ def _check_schema(schema: pa.Schema, carry_columns: list[str], path: str) -> tup
     return tuple(c for c in schema.names if c in expectations or c in carry_columns)
 
 
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_string(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
 def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
-        or pa.types.is_large_binary(t)
+    """Strings, bytes (decoded as UTF-8 per row), or either dictionary-encoded (categoricals)."""
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) \
+        or pa.types.is_binary_view(t)
 
 
 def _is_number(t: pa.DataType) -> bool:

@@ -24,6 +24,7 @@ from jobs.dataset import open_dataset
 from jobs.output import check_resumable, finish_job, read_job, start_job
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
 from jobs.progress import Progress
+from jobs.receipts import RECEIPTS_DIR, Receipts
 from jobs.rows import RowFailure
 from rendering import storage
 from rendering.specs import EncodeSpec, ModelSpec, RenderResult, WorkerSpec
@@ -51,6 +52,8 @@ class RenderSummary:
     failed: int
     rendered: int  # videos made by this run
     skipped: int  # rows already committed before this run
+    recovered: int  # rows whose video an interrupted run had stored: committed, not re-rendered
+    workers_replaced: int
     seconds: float
     complete: bool
     top_errors: list[tuple[str, int]]
@@ -69,41 +72,71 @@ def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
     committed = manifest.committed_hashes(cfg.output.uri)
     job = start_job(cfg, job, dataset.num_rows)
 
-    # Step 2: stream the rows not yet committed and cut them into shards.
+    # Step 2: clear what an interrupted run left half-written; find what it left complete.
+    fs, root = storage.filesystem(cfg.output.uri)
+    removed = storage.remove_temp_objects(fs, root)
+    if removed:
+        logger.info("removed %d temporary object(s) left by an interrupted run", removed)
+    receipts = Receipts(cfg.output.uri)
+
+    # Step 3: stream the rows not yet committed, cut them into shards, and render them,
+    # starting the cluster only if there is something to render.
     counts = PlanCounts()
     shards = _shards(plan_rows(dataset, cfg, committed, counts), cfg.output.shard_size)
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
-    scheduler = _Scheduler(cfg, bar)
-    status = "failed"
+    scheduler = _Scheduler(cfg, bar, receipts)
     try:
         with _stop_on_sigterm():
-            # Step 3: render, starting the cluster only if there is something to render.
             scheduler.run(shards)
-        status = "finished"
     except (KeyboardInterrupt, Interrupted):
-        status = "interrupted"
+        _finish_quietly(cfg, job, "interrupted", dataset.num_rows, scheduler)
         raise Interrupted("stopped: committed work is kept; rerun the same command to resume") from None
+    except BaseException:
+        _finish_quietly(cfg, job, "failed", dataset.num_rows, scheduler)
+        raise
     finally:
         bar.close()
         scheduler.close()
-        # Step 4: consolidate the manifest and record how the run ended.
-        table = manifest.consolidate(cfg.output.uri)
-        ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-        failed = table.num_rows - ok
-        complete = status == "finished" and table.num_rows == dataset.num_rows
-        finish_job(cfg, job, status, {"rows": dataset.num_rows, "ok": ok, "failed": failed,
-                                      "committed": table.num_rows}, scheduler.rendered, complete)
-    return RenderSummary(cfg.output.uri, dataset.num_rows, ok, failed, scheduler.rendered,
-                         counts.done, time.monotonic() - started, complete,
-                         _top_errors(table))
+
+    # Step 4: consolidate the manifest and record how the run ended.
+    table = _finish(cfg, job, "finished", dataset.num_rows, scheduler)
+    ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+    return RenderSummary(cfg.output.uri, dataset.num_rows, ok, table.num_rows - ok,
+                         scheduler.rendered, counts.done, receipts.recovered,
+                         scheduler.workers_replaced, time.monotonic() - started,
+                         table.num_rows == dataset.num_rows, _top_errors(table))
+
+
+def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int, scheduler: "_Scheduler"):
+    """Write manifest.parquet and job.json; mark the output complete when it is."""
+    table = manifest.consolidate(cfg.output.uri)
+    ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+    complete = status == "finished" and table.num_rows == input_rows
+    if complete:
+        scheduler.receipts.remove_all()
+    finish_job(cfg, job, status, {"rows": input_rows, "ok": ok, "failed": table.num_rows - ok,
+                                  "committed": table.num_rows},
+               {"rendered": scheduler.rendered, "recovered": scheduler.receipts.recovered,
+                "workers_replaced": scheduler.workers_replaced}, complete)
+    return table
+
+
+def _finish_quietly(cfg: JobConfig, job: dict, status: str, input_rows: int,
+                    scheduler: "_Scheduler") -> None:
+    """Record a failed or interrupted run if storage allows; never mask the original error."""
+    try:
+        _finish(cfg, job, status, input_rows, scheduler)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("could not record the end of the run in job.json: %s", exc)
 
 
 class _Scheduler:
     """Keeps workers fed with shards, retries what failed, commits what is final."""
 
-    def __init__(self, cfg: JobConfig, progress: Progress):
+    def __init__(self, cfg: JobConfig, progress: Progress, receipts: Receipts):
         self.cfg = cfg
         self.progress = progress
+        self.receipts = receipts
         self.pool = None
         self.rendered = 0
         self._retries: deque[Shard] = deque()
@@ -124,6 +157,8 @@ class _Scheduler:
                         continue
                 else:
                     break
+                if self.receipts:
+                    shard = self._recover(shard)
                 if not shard.rows:
                     self._commit(shard.records)
                     continue
@@ -137,9 +172,25 @@ class _Scheduler:
             for outcome in self.pool.wait(WAIT_SLICE_S):
                 self._settle(self._inflight.pop(outcome.token), outcome.results, outcome.error)
 
+    @property
+    def workers_replaced(self) -> int:
+        return self.pool.replaced if self.pool is not None else 0
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+    def _recover(self, shard: Shard) -> Shard:
+        """Take out the rows whose videos an interrupted run already stored."""
+        left = []
+        for row in shard.rows:
+            result = self.receipts.recover(row.outcome)
+            if result is None:
+                left.append(row)
+            else:
+                row.attempts += 1
+                shard.records.append(manifest.record(row, result, row.attempts))
+        return Shard(left, shard.records)
 
     def _submit(self, shard: Shard) -> bool:
         if self.pool is None:
@@ -174,9 +225,12 @@ class _Scheduler:
                 self._retries.append(Shard(retry[i:i + size]))
 
     def _commit(self, records: list[dict]) -> None:
+        """Write the shard's manifest (the commit), then drop the receipts it makes redundant."""
         if not records:
             return
-        manifest.write_shard(self.cfg.output.uri, records)
+        storage.with_retries("commit of a shard manifest", manifest.write_shard,
+                             self.cfg.output.uri, records)
+        self.receipts.remove([r["key"] for r in records if r["status"] == "ok"])
         ok = sum(r["status"] == "ok" for r in records)
         self.progress.advance(ok, len(records) - ok)
 
@@ -187,6 +241,7 @@ def _start_pool(cfg: JobConfig):
         model=ModelSpec(cfg.model.path, cfg.model.revision, cfg.model.variant, cfg.model.dtype),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
         videos_uri=storage.join(cfg.output.uri, manifest.VIDEOS_DIR),
+        receipts_uri=storage.join(cfg.output.uri, RECEIPTS_DIR),
         batch_size=cfg.render.batch_size,
         torch_threads=cfg.cluster.cpus_per_worker)
     started = time.monotonic()

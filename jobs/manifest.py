@@ -45,6 +45,7 @@ SCHEMA = pa.schema([
     ("num_inference_steps", pa.int32()),
     ("guidance_scale", pa.float64()),
     ("negative_prompt", pa.string()),
+    ("prompt_truncated", pa.bool_()),  # null when the row never reached a worker
     ("attempts", pa.int32()),
     ("render_s", pa.float64()),
     ("committed_at", pa.float64()),
@@ -63,9 +64,11 @@ def record(row: PlannedRow, result: RenderResult | None, attempts: int) -> dict:
                   for k in _PARAMS}
         if params["guidance_scale"] is not None:
             params["guidance_scale"] = float(params["guidance_scale"])
-    rec = {"id": row.id, "row_index": row.index, "occurrence": row.occurrence,
+    rec = {"key": outcome.key if isinstance(outcome, RenderTask) else None,  # not stored
+           "id": row.id, "row_index": row.index, "occurrence": row.occurrence,
            "prompt": row.prompt, **params, "attempts": attempts,
-           "video_uri": None, "bytes": None, "sha256": None, "render_s": None}
+           "video_uri": None, "bytes": None, "sha256": None, "render_s": None,
+           "prompt_truncated": result.prompt_truncated if result is not None else None}
     if isinstance(outcome, RowFailure):
         rec.update(status="failed", error_code=outcome.error_code, error=outcome.error)
     elif result is not None and result.ok:
@@ -107,6 +110,7 @@ def write_shard(output_uri: str, records: list[dict]) -> str:
 def shard_paths(output_uri: str) -> list[str]:
     fs, root = storage.filesystem(output_uri)
     directory = storage.join(root, MANIFESTS_DIR)
+    fs.invalidate_cache(directory)  # workers and other drivers write here too
     if not fs.exists(directory):
         return []
     return sorted(p for p in fs.ls(directory, detail=False)

@@ -63,17 +63,26 @@ def start_job(cfg: JobConfig, job: dict | None, planned_rows: int) -> dict:
     job.update(fingerprint=fingerprint(cfg), settings=fingerprint_fields(cfg),
                config=cfg.model_dump(mode="json"), versions=versions(),
                last_run={"started_at": now, "status": "running", "input_rows": planned_rows})
-    write_job(cfg.output.uri, job)
+    try:
+        write_job(cfg.output.uri, job)
+    except OSError as exc:
+        raise OutputError(f"cannot write to output {cfg.output.uri} ({exc.strerror or exc}): "
+                          f"choose a writable output.uri (or --output), or fix its "
+                          f"permissions") from exc
     return job
 
 
-def finish_job(cfg: JobConfig, job: dict, status: str, counts: dict, rendered: int,
+def finish_job(cfg: JobConfig, job: dict, status: str, counts: dict, work: dict,
                complete: bool) -> dict:
-    """Record how the run ended; write ``_SUCCESS`` once every input row is accounted for."""
+    """Record how the run ended; write ``_SUCCESS`` once every input row is accounted for.
+
+    ``work`` holds the run's own figures: rendered, recovered, workers_replaced.
+    """
     now = time.time()
     run = job["last_run"]
     elapsed = now - run["started_at"]
-    run.update(status=status, finished_at=now, seconds=round(elapsed, 3), rendered=rendered,
+    rendered = work.get("rendered", 0)
+    run.update(status=status, finished_at=now, seconds=round(elapsed, 3), **work,
                videos_per_hour=round(3600 * rendered / elapsed, 1) if elapsed > 0 else None)
     job["counts"] = counts
     write_job(cfg.output.uri, job)

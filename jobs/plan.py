@@ -7,12 +7,17 @@ Rows already committed in the output are skipped, which is what makes a rerun a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Iterator
 
 from jobs.config import JobConfig
 from jobs.dataset import InputDataset, iter_batches
-from jobs.hashset import HashSet, row_hash
-from jobs.rows import RowFailure, content_id, resolve
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.hashset import HashSet, key_hashes, row_hash
+from jobs.rows import OVERRIDE_COLUMNS, RowFailure, content_id, resolve
 from rendering.specs import RenderTask
 
 
@@ -118,3 +123,124 @@ def _text(value) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value
+
+
+def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet) -> PlanCounts:
+    """The counts ``plan_rows`` would reach, in a fraction of its time: for ``reelfarm plan``.
+
+    Building a row object and resolving it costs ~10 us a row, minutes at 10 million rows. Here
+    the common rows are handled a batch at a time (ids and prompts checked by Arrow, hashes
+    joined in one buffer); any row the fast checks cannot vouch for (a null, binary or unusual
+    id or prompt, a per-row override, a repeated id) is decided by the same code as
+    ``plan_rows`` (``_row_id``, ``_occurrences``, ``_outcome``), so the counts are the same.
+    """
+    counts = PlanCounts()
+    seen = HashSet()
+    repeats: dict[int, int] = {}
+    has_id = "id" in dataset.columns
+    defaults_ok = isinstance(resolve({"prompt": "x"}, "x", cfg), RenderTask)
+    for batch in iter_batches(dataset, cfg.input.batch_rows):
+        n = batch.num_rows
+        if n == 0:
+            continue
+        # Step 1: ids. Fast: a non-null string or integer id is the id; the rest row by row.
+        keys, slow_ids = _fast_id_keys(batch, has_id), {}
+        for i, key in enumerate(keys):
+            if key is None:
+                row_id, error = _row_id(_row(batch, i), has_id)
+                slow_ids[i] = (row_id, error)
+                keys[i] = row_id.encode("utf-8", "surrogatepass")
+        # Step 2: occurrences. Only rows whose id was seen before (here or in an earlier
+        # batch) can repeat; they go through _occurrences in input order.
+        first_hashes = key_hashes(keys)
+        _, first_index = np.unique(first_hashes, return_index=True)
+        repeated = np.ones(n, dtype=bool)
+        repeated[first_index] = False
+        repeated |= seen.contains(first_hashes)
+        hashes = first_hashes.copy()
+        repeat_rows = np.flatnonzero(repeated)
+        occurrences = dict(zip(repeat_rows.tolist(), _occurrences(
+            first_hashes[repeat_rows].tolist(), [True] * len(repeat_rows), repeats)))
+        for i, occurrence in occurrences.items():
+            hashes[i] = row_hash(keys[i].decode("utf-8", "surrogatepass"), occurrence)
+        # Step 3: committed rows are done; every other row is to do.
+        done = committed.contains(hashes) if len(committed) else np.zeros(n, dtype=bool)
+        todo = ~done
+        counts.rows += n
+        counts.done += int(done.sum())
+        counts.todo += int(todo.sum())
+        counts.duplicates += int((repeated & todo).sum())
+        # Step 4: invalid rows: bad ids and repeats fail without resolving; of the others,
+        # only those the fast checks cannot vouch for are resolved one by one.
+        plain = todo & ~repeated
+        if slow_ids:
+            plain[list(slow_ids)] = False
+        vouched = _vouched_rows(batch, cfg) if defaults_ok else np.zeros(n, dtype=bool)
+        counts.invalid += int((todo & repeated).sum())
+        for i in np.flatnonzero(todo & ~repeated & ~(plain & vouched)).tolist():
+            row = _row(batch, i)
+            row_id, error = slow_ids.get(i) or (keys[i].decode("utf-8"), None)
+            planned = PlannedRow(i, row_id, 0, None, {})
+            counts.invalid += isinstance(_outcome(row, planned, error, cfg), RowFailure)
+        seen.add(first_hashes)
+    return counts
+
+
+def _row(batch: pa.RecordBatch, i: int) -> dict:
+    return batch.slice(i, 1).to_pylist()[0]
+
+
+def _fast_id_keys(batch: pa.RecordBatch, has_id: bool) -> list[bytes | None]:
+    """Each row's id as UTF-8 bytes where ``_row_id`` would return its value as it is: a
+    non-null string, or an integer (``str`` of it); None where ``_row_id`` must decide."""
+    if not has_id:
+        return [None] * batch.num_rows
+    column = batch.column("id")
+    if pa.types.is_integer(column.type):
+        column = pc.cast(column, pa.string())
+    elif not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return [None] * batch.num_rows
+    return pc.cast(column, pa.large_binary()).to_pylist()
+
+
+# Every row ``resolve`` rejects for its id or prompt must fail these checks too (rows that fail
+# them are resolved exactly, so the checks may be stricter than ``resolve``, never looser).
+# An id passes when it is printable ASCII without spaces; a prompt when it is a string with a
+# letter, digit or punctuation in it (so not blank, whatever ``str.strip`` counts as space)
+# and no control character.
+_PLAIN_ID = r"^[!-~]+$"
+_PROMPT_HAS_TEXT = r"[!-~\p{L}\p{N}]"
+_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+
+
+def _vouched_rows(batch: pa.RecordBatch, cfg: JobConfig) -> np.ndarray:
+    """Rows that certainly resolve to a render task (given a non-repeated, fast-path id)."""
+    n = batch.num_rows
+    names = batch.schema.names
+    prompt = batch.column("prompt")
+    if not (pa.types.is_string(prompt.type) or pa.types.is_large_string(prompt.type)):
+        return np.zeros(n, dtype=bool)
+    limits = cfg.limits
+    try:
+        ok = _all_true(pc.match_substring_regex(prompt, _PROMPT_HAS_TEXT))
+        ok &= ~_all_true(pc.match_substring_regex(prompt, _CONTROL))
+        ok &= _all_true(pc.less_equal(pc.utf8_length(prompt), limits.max_prompt_chars))
+        if "id" in names:
+            ids = batch.column("id")
+            if not pa.types.is_integer(ids.type):
+                ok &= _all_true(pc.match_substring_regex(ids, _PLAIN_ID))
+                ok &= _all_true(pc.less_equal(pc.utf8_length(ids), limits.max_id_chars))
+            elif limits.max_id_chars < 20:  # the longest int64 is 20 characters
+                ok &= _all_true(pc.less_equal(pc.utf8_length(pc.cast(ids, pa.string())),
+                                              limits.max_id_chars))
+        # A per-row override takes the row off the fast path: its value must be checked.
+        for name in OVERRIDE_COLUMNS:
+            if name in names:
+                ok &= _all_true(pc.is_null(batch.column(name)))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. invalid UTF-8: resolve them all
+        return np.zeros(n, dtype=bool)
+    return ok
+
+
+def _all_true(mask: pa.Array) -> np.ndarray:
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)

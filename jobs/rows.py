@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from jobs.config import JobConfig, limit_problems
+from jobs.config import MAX_FPS, JobConfig, limit_problems
 from rendering.specs import RenderTask
 
 # Per-row columns that override the config's render/encode defaults, with their kinds.
@@ -21,8 +21,10 @@ FLOAT_COLUMNS = ("guidance_scale",)
 STRING_COLUMNS = ("prompt", "negative_prompt", "id")
 OVERRIDE_COLUMNS = ("negative_prompt", *INT_COLUMNS, *FLOAT_COLUMNS)
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit values; stay in the signed range
-MAX_FPS = 240
+INT32_LIMIT = 2**31  # the manifest's int32 columns; a bigger bad value is dropped from the record
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Control characters (NUL, newlines, escapes) in an id would corrupt logs, terminals and CSVs.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _KEY_STEM_CHARS = 48
 
 
@@ -82,21 +84,18 @@ def resolve(row: dict, row_id: str, cfg: JobConfig) -> RenderTask | RowFailure:
     id_problem = _id_problem(row_id, limits.max_id_chars)
     if id_problem:
         return fail("invalid_id", id_problem)
-    prompt = row.get("prompt")
-    if isinstance(prompt, bytes):
-        try:
-            prompt = prompt.decode("utf-8")
-        except UnicodeDecodeError:
-            return fail("invalid_prompt", "prompt is not valid UTF-8")
+    prompt = _decoded(row.get("prompt"))
+    if prompt is _NOT_UTF8:
+        return fail("invalid_prompt", "prompt is not valid UTF-8")
     if prompt is None or not isinstance(prompt, str) or not prompt.strip():
         return fail("invalid_prompt", "prompt is null, empty or blank")
     if len(prompt) > limits.max_prompt_chars:
         return fail("invalid_prompt",
                     f"prompt has {len(prompt)} characters, over limits.max_prompt_chars = "
                     f"{limits.max_prompt_chars}")
-    negative = params["negative_prompt"]
+    negative = params["negative_prompt"] = _decoded(params["negative_prompt"])
     if negative is not None and not isinstance(negative, str):
-        return fail("invalid_value", "negative_prompt must be a string")
+        return fail("invalid_value", "negative_prompt must be text in valid UTF-8")
     for key in INT_COLUMNS:
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, int):
@@ -132,11 +131,26 @@ def _value(row: dict, column: str, default):
     return value
 
 
+_NOT_UTF8 = object()  # what _decoded returns for bytes that are not UTF-8
+
+
+def _decoded(value):
+    """Text columns may arrive as bytes (binary columns, or strings holding invalid UTF-8)."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NOT_UTF8
+
+
 def _id_problem(row_id: str, max_chars: int) -> str | None:
     if not row_id.strip():
         return "id is empty or blank"
     if len(row_id) > max_chars:
         return f"id has {len(row_id)} characters, over limits.max_id_chars = {max_chars}"
+    if _CONTROL_CHARS.search(row_id):
+        return "id holds control characters (NUL, newline, escape...)"
     return None
 
 
@@ -144,8 +158,9 @@ def _readable(params: dict) -> dict:
     """Keep only values the manifest's typed columns can hold."""
     out = {}
     for key, value in params.items():
+        limit = SEED_LIMIT if key == "seed" else INT32_LIMIT
         ok = (isinstance(value, str) if key == "negative_prompt"
               else isinstance(value, float) if key in FLOAT_COLUMNS
-              else isinstance(value, int) and not isinstance(value, bool) and -SEED_LIMIT <= value < SEED_LIMIT)
+              else isinstance(value, int) and not isinstance(value, bool) and -limit <= value < limit)
         out[key] = value if ok or value is None else None
     return out

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from rendering import tiny
+from rendering import model_cache, tiny
 from rendering.specs import ModelSpec, RenderTask
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ def load_pipeline(spec: ModelSpec, device: str):
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
+        # A URL or hub id is fetched once per node into the node-local cache, then loaded.
         pipe = DiffusionPipeline.from_pretrained(
-            spec.path, revision=spec.revision, variant=spec.variant, torch_dtype=dtype,
-            use_safetensors=True, trust_remote_code=False)
+            model_cache.resolve(spec), revision=spec.revision, variant=spec.variant,
+            torch_dtype=dtype, use_safetensors=True, trust_remote_code=False)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     _check_text_to_video(pipe)
@@ -56,6 +57,22 @@ def _check_text_to_video(pipe) -> None:
     if missing:
         raise TypeError(f"{type(pipe).__name__} is not a text-to-video pipeline: its __call__ "
                         f"takes no {', '.join(missing)}")
+
+
+def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
+    """For each prompt, whether the text encoder will read only its first tokens.
+
+    The pipeline cuts prompts to its ``max_sequence_length`` (Wan, CogVideoX) or else to its
+    tokenizer's ``model_max_length`` (CLIP-based models); a longer prompt still renders.
+    """
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return [False] * len(prompts)
+    param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    limit = param.default if param is not None and isinstance(param.default, int) \
+        else tokenizer.model_max_length
+    ids = tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    return [len(i) > limit for i in ids]
 
 
 def render_batch(pipe, tasks: list[RenderTask], device: str) -> np.ndarray:

@@ -7,6 +7,8 @@ any model code; frames and model state never leave the worker.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 
@@ -30,6 +32,7 @@ class WorkerSpec:
     model: ModelSpec
     encode: EncodeSpec
     videos_uri: str  # where videos go: <output>/videos
+    receipts_uri: str  # where a receipt goes once a video is durable: <output>/receipts
     batch_size: int = 1
     torch_threads: int | None = None  # CPU workers: the CPUs the worker holds
 
@@ -71,8 +74,32 @@ class RenderResult:
     error: str | None = None
     retryable: bool = False
     timings_s: dict[str, float] = field(default_factory=dict)
+    prompt_truncated: bool | None = None  # the text encoder read only its first tokens (None: unknown)
 
     @classmethod
     def failure(cls, task_id: str, code: str, message: str, retryable: bool) -> "RenderResult":
         return cls(id=task_id, ok=False, error_code=code, error=f"{code}: {message}",
                    retryable=retryable)
+
+
+def receipt_json(task: RenderTask, result: RenderResult) -> bytes:
+    """A durable video's receipt: the task it answers and the object's size and hash."""
+    task_fields = dataclasses.asdict(task)
+    task_fields.pop("attempts")
+    return json.dumps({"task": task_fields, "video_uri": result.video_uri, "bytes": result.bytes,
+                       "sha256": result.sha256, "timings_s": result.timings_s}).encode()
+
+
+def read_receipt(data: bytes, task: RenderTask) -> RenderResult | None:
+    """The result a receipt records, if it answers exactly ``task``; else None."""
+    try:
+        receipt = json.loads(data)
+        expected = dataclasses.asdict(task)
+        expected.pop("attempts")
+        if receipt["task"] != expected:
+            return None
+        return RenderResult(id=task.id, ok=True, video_uri=receipt["video_uri"],
+                            bytes=receipt["bytes"], sha256=receipt["sha256"],
+                            timings_s=receipt.get("timings_s") or {})
+    except (ValueError, KeyError, TypeError):
+        return None

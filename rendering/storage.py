@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import random
 import shutil
+import time
 import uuid
 
 import fsspec
@@ -19,6 +22,29 @@ from fsspec.implementations.local import LocalFileSystem
 
 TEMP_MARKER = ".tmp-"  # hidden temp objects contain this; verify reports any left behind
 _HASH_CHUNK = 1 << 20
+# Object stores throttle and blip: six tries with jittered exponential backoff ride out about
+# 15 s of trouble before the caller is told (the row is retried, or the job stops cleanly).
+RETRY_ATTEMPTS = 6
+RETRY_BASE_S = 0.5
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+logger = logging.getLogger(__name__)
+
+
+def with_retries(what: str, fn, *args, attempts: int = RETRY_ATTEMPTS, **kwargs):
+    """Call ``fn`` until it succeeds, backing off between tries; re-raise the last error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except _PERMANENT:
+            raise
+        except Exception as exc:  # noqa: BLE001 - storage clients raise many transient kinds
+            if attempt == attempts:
+                raise
+            delay = RETRY_BASE_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+            logger.warning("%s failed (%s: %s); try %d of %d in %.1f s", what,
+                           type(exc).__name__, exc, attempt + 1, attempts, delay)
+            time.sleep(delay)
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -75,6 +101,35 @@ def upload_file(local_path: str, fs: fsspec.AbstractFileSystem, path: str) -> No
             shutil.copyfile(local_path, temp)
     else:
         fs.put_file(local_path, path)
+
+
+def remove_temp_objects(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Delete what interrupted writes left under ``root``: temp files and multipart uploads.
+
+    Only safe while no other job writes there, i.e. at the start of a job.
+    """
+    if not fs.exists(root):
+        return 0
+    leftovers = [p for p in fs.find(root) if TEMP_MARKER in p.rsplit("/", 1)[-1]]
+    if leftovers:
+        fs.rm(leftovers)
+    return len(leftovers) + _abort_multipart_uploads(fs, root)
+
+
+def _abort_multipart_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """S3 keeps the parts of an interrupted multipart upload (invisible, but billed)."""
+    if not hasattr(fs, "_call_s3"):
+        return 0
+    from fsspec.asyn import sync
+
+    bucket, _, prefix = root.partition("/")
+    listing = sync(fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket,
+                   Prefix=prefix.rstrip("/") + "/")
+    uploads = listing.get("Uploads", [])
+    for upload in uploads:
+        sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+             UploadId=upload["UploadId"])
+    return len(uploads)
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -12,6 +12,7 @@ one is encoded and stored.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -24,7 +25,7 @@ import numpy as np
 
 from rendering import storage
 from rendering.encode import encode_video, to_uint8
-from rendering.specs import RenderResult, RenderTask, WorkerSpec
+from rendering.specs import RenderResult, RenderTask, WorkerSpec, receipt_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ShardRenderer:
         self._load_info: dict | None = None
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="encode")
         self._fs, self._videos_path = storage.filesystem(spec.videos_uri)
+        self._receipts_path = storage.filesystem(spec.receipts_uri)[1]
 
     def setup(self) -> dict:
         """Load the model once. Runs inside the worker process, after the GPU has been assigned.
@@ -81,7 +83,12 @@ class ShardRenderer:
                     frames, render_s = outcome
                     pending.append((task, self._io.submit(self._store, task, frames, render_s)))
         by_id = {task.id: (o if isinstance(o, RenderResult) else o.result()) for task, o in pending}
-        return [by_id[t.id] for t in tasks]
+        from rendering.pipeline import prompts_truncated
+
+        with self._render_lock:  # a tokenizer must not be shared between threads
+            truncated = prompts_truncated(self._pipe, [t.prompt for t in tasks])
+        return [dataclasses.replace(by_id[t.id], prompt_truncated=flag)
+                for t, flag in zip(tasks, truncated)]
 
     def _batches(self, tasks: list[RenderTask]):
         """Group rows of equal shape (kept in input order within a group) into batches."""
@@ -127,13 +134,25 @@ class ShardRenderer:
             digest = storage.sha256_file(local)
             started = time.monotonic()
             try:
-                storage.upload_file(local, self._fs, path)
+                storage.with_retries(f"upload of {task.key}", storage.upload_file, local,
+                                     self._fs, path)
             except Exception as exc:  # noqa: BLE001
                 return RenderResult.failure(task.id, "upload_error",
                                             f"{type(exc).__name__}: {exc}", retryable=True)
             timings["upload_s"] = time.monotonic() - started
-        return RenderResult(id=task.id, ok=True, video_uri=storage.to_uri(self._fs, path),
-                            bytes=size, sha256=digest, timings_s=timings)
+        result = RenderResult(id=task.id, ok=True, video_uri=storage.to_uri(self._fs, path),
+                              bytes=size, sha256=digest, timings_s=timings)
+        self._write_receipt(task, result)
+        return result
+
+    def _write_receipt(self, task: RenderTask, result: RenderResult) -> None:
+        """Leave proof that the video is durable, so a crash before the shard commits does
+        not cost a re-render. Best effort: without it the row is simply rendered again."""
+        path = storage.join(self._receipts_path, task.key + ".json")
+        try:
+            storage.write_bytes(self._fs, path, receipt_json(task, result))
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not write the receipt of %s: %s", task.key, exc)
 
 
 def _render_failure(task: RenderTask, exc: Exception) -> RenderResult:

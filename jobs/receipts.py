@@ -1,0 +1,61 @@
+"""Receipts: rows whose video is durable but whose shard was not committed before a crash.
+
+A worker writes ``receipts/<key>.json`` right after a video is stored. On resume, a row with a
+receipt that matches its task, and whose object still has the recorded size and sha256, is
+committed without being rendered again. Receipts are removed once their rows are committed.
+"""
+
+from __future__ import annotations
+
+from rendering import storage
+from rendering.specs import RenderResult, RenderTask, read_receipt
+
+RECEIPTS_DIR = "receipts"
+
+
+class Receipts:
+    def __init__(self, output_uri: str):
+        self._fs, root = storage.filesystem(output_uri)
+        self._dir = storage.join(root, RECEIPTS_DIR)
+        # Only uncommitted work leaves receipts, so this listing is bounded by work in flight.
+        found = self._fs.find(self._dir) if self._fs.exists(self._dir) else []
+        self._paths = {p.rsplit("/", 1)[-1][:-len(".json")]: p for p in found if p.endswith(".json")}
+        self.recovered = 0
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def recover(self, task: RenderTask) -> RenderResult | None:
+        """The stored result for ``task`` if its receipt and its object prove it complete."""
+        path = self._paths.get(task.key)
+        if path is None:
+            return None
+        result = read_receipt(self._fs.cat_file(path), task)
+        if result is None:
+            return None
+        fs, video = storage.filesystem(result.video_uri)
+        if not fs.exists(video) or fs.size(video) != result.bytes \
+                or storage.sha256_object(fs, video) != result.sha256:
+            return None
+        self.recovered += 1
+        return result
+
+    def remove(self, keys: list[str]) -> None:
+        """Drop the receipts of committed rows (a leftover one is harmless, just untidy)."""
+        for key in keys:
+            self._paths.pop(key, None)
+        paths = [storage.join(self._dir, k + ".json") for k in keys]
+        if not paths:
+            return
+        try:
+            self._fs.rm(paths)
+        except FileNotFoundError:  # a receipt that failed to write: remove the others one by one
+            for path in paths:
+                if self._fs.exists(path):
+                    self._fs.rm(path)
+
+    def remove_all(self) -> None:
+        """Once every row is committed, no receipt is needed any more."""
+        if self._fs.exists(self._dir):
+            self._fs.rm(self._dir, recursive=True)
+        self._paths.clear()

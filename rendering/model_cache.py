@@ -1,0 +1,151 @@
+"""The node-local model cache: a model is fetched once per node, not once per worker.
+
+Every worker on a node resolves ``model.path`` through here before diffusers loads it:
+
+- an fsspec URL (``s3://bucket/models/wan-1.3b``, ``gs://...``, ``file:///nfs/...``) names a
+  diffusers folder; it is copied once into ``$HF_HOME/reelfarm/models/`` and loaded from there,
+  so an air-gapped cluster needs only its object store;
+- a hub id goes through huggingface_hub's own cache (``$HF_HOME/hub``); once cached it is used
+  without asking the hub again, and ``HF_HUB_OFFLINE=1`` is honoured;
+- a plain local folder is used as it is.
+
+Workers on one node take a file lock per model, so one copies or downloads while the others
+wait, then all load the same files. A copy is made in a temp folder and renamed into place:
+a cached model is complete or absent. Remote model folders are treated as immutable: publish
+new weights under a new path (the cache is keyed by URL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+
+from rendering import storage
+from rendering.specs import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+_CACHE_SUBDIR = os.path.join("reelfarm", "models")
+_LOCK_SUBDIR = os.path.join("reelfarm", "locks")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ModelCacheError(RuntimeError):
+    """The model cannot be made available on this node; the message says why and what to do."""
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL (``scheme://...``), as opposed to a local folder or a hub id."""
+    return "://" in path
+
+
+def hf_home() -> str:
+    """``$HF_HOME`` as huggingface_hub reads it (default ``~/.cache/huggingface``), read now."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                           "huggingface")
+    return os.path.expanduser(os.path.expandvars(os.environ.get("HF_HOME", default)))
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve(spec: ModelSpec) -> str:
+    """What ``DiffusionPipeline.from_pretrained`` should load: a local folder, fetched if need be."""
+    if is_url(spec.path):
+        return fetch_url(spec.path)
+    if os.path.isdir(spec.path):
+        return spec.path
+    return fetch_hub(spec)
+
+
+def cached_path(url: str) -> str:
+    """Where ``url`` lives in this node's cache: its last name plus a digest of the whole URL."""
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
+    name = _UNSAFE.sub("_", url.rstrip("/").rsplit("/", 1)[-1]) or "model"
+    return os.path.join(hf_home(), _CACHE_SUBDIR, f"{name}-{digest}")
+
+
+def fetch_url(url: str) -> str:
+    """Copy the model folder at ``url`` into this node's cache once; return the local folder."""
+    target = cached_path(url)
+    if os.path.isdir(target):
+        return target
+    with _node_lock(os.path.basename(target)):
+        if os.path.isdir(target):  # another worker on this node copied it while we waited
+            return target
+        started = time.monotonic()
+        count, size = _copy_tree(url, target)
+    logger.info("copied %s (%d files, %.1f MB) to %s in %.1f s", url, count, size / 1e6, target,
+                time.monotonic() - started)
+    return target
+
+
+def fetch_hub(spec: ModelSpec) -> str:
+    """The hub model's folder in huggingface_hub's cache, downloaded once per node if need be."""
+    from diffusers import DiffusionPipeline
+
+    options = dict(revision=spec.revision, variant=spec.variant, use_safetensors=True,
+                   trust_remote_code=False)
+    with _node_lock(_UNSAFE.sub("_", f"hub-{spec.path}-{spec.revision or 'main'}")):
+        try:
+            return DiffusionPipeline.download(spec.path, local_files_only=True, **options)
+        except (OSError, ValueError) as exc:  # not (fully) cached on this node yet
+            if hub_offline():
+                raise ModelCacheError(
+                    f"model {spec.path!r} is not in this node's hub cache ({hf_home()}/hub) and "
+                    f"HF_HUB_OFFLINE is set: pre-fetch it into the cache, or copy the folder to "
+                    f"object storage and set model.path to its URL") from exc
+        logger.info("downloading %s from the hub into %s", spec.path, hf_home())
+        return DiffusionPipeline.download(spec.path, **options)
+
+
+def _copy_tree(url: str, target: str) -> tuple[int, int]:
+    """Copy every file under ``url`` into a temp folder beside ``target``, then rename it in."""
+    fs, root = storage.filesystem(url)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise ModelCacheError(f"model.path {url} is not a folder: point it at a diffusers "
+                              f"pipeline folder (the one holding model_index.json)")
+    files = [p for p in fs.find(root) if not fs.isdir(p)]
+    if not any(p.rsplit("/", 1)[-1] == "model_index.json" for p in files):
+        raise ModelCacheError(f"model.path {url} holds no model_index.json: point it at a "
+                              f"diffusers pipeline folder")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{storage.TEMP_MARKER}", dir=parent)
+    try:
+        size = 0
+        for path in files:
+            relative = path[len(root) + 1:]
+            if not relative or ".." in relative.split("/"):
+                raise ModelCacheError(f"model.path {url}: refusing to copy odd object name {path!r}")
+            local = os.path.join(temp, *relative.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(path, local)
+            size += os.path.getsize(local)
+        os.rename(temp, target)
+    finally:
+        if os.path.exists(temp):
+            shutil.rmtree(temp, ignore_errors=True)
+    return len(files), size
+
+
+@contextlib.contextmanager
+def _node_lock(name: str):
+    """An exclusive lock shared by every process on this node (the cache is node-local)."""
+    directory = os.path.join(hf_home(), _LOCK_SUBDIR)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

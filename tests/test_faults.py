@@ -1,0 +1,172 @@
+"""Fault injection on real parts: killed drivers and workers, hung workers, poison rows,
+uploads that break half way. Nothing committed is lost or rendered twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, prompts, run_cli, tiny_config, write_prompts
+
+from jobs.audit import verify
+from jobs.config import validate
+from jobs.driver import render
+from rendering import storage
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _committed(out) -> int:
+    return len(list((out / "manifests").glob("shard-*.parquet"))) if (out / "manifests").exists() else 0
+
+
+def _manifest(out) -> list[dict]:
+    return pq.read_table(out / "manifest.parquet").to_pylist()
+
+
+def test_an_exception_in_the_middle_of_an_upload_leaves_nothing_visible(tmp_path, monkeypatch):
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"x" * 100_000)
+    target = tmp_path / "out" / "videos" / "clip.mp4"
+
+    def copy_half_then_fail(src, dst):
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read(50_000))
+        raise OSError("connection reset half way")
+
+    monkeypatch.setattr(storage.shutil, "copyfile", copy_half_then_fail)
+    fs, path = storage.filesystem(str(target))
+    with pytest.raises(OSError, match="half way"):
+        storage.upload_file(str(source), fs, path)
+    assert os.listdir(target.parent) == []  # neither the video nor its temp file
+
+
+def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tmp_path):
+    out = tmp_path / "out"
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(src, str(out), output={"shard_size": 2})))
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: _committed(out) >= 3, 180, "three committed shards")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        # The killed driver's local Ray cluster lives in its session: stop what is left of it.
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    committed = {r["id"]: r for r in _read_shards(out)}
+    mtimes = {i: os.path.getmtime(r["video_uri"]) for i, r in committed.items()}
+    assert len(committed) >= 6
+
+    started = time.monotonic()
+    result = run_cli("render", str(config), "--quiet")
+    rerun_s = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    rows = _manifest(out)
+    assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(24)]
+    assert all(r["status"] == "ok" for r in rows)
+    for row_id, mtime in mtimes.items():  # committed videos were not rendered again
+        assert os.path.getmtime(committed[row_id]["video_uri"]) == mtime
+    assert "0 row(s) were already done" not in result.stdout
+    assert run_cli("verify", str(out)).returncode == 0
+    print(f"driver SIGKILL: {len(committed)} rows committed before the kill, rerun took {rerun_s:.1f} s")
+
+
+def _read_shards(out) -> list[dict]:
+    from jobs.manifest import read_shards
+
+    return read_shards(str(out)).to_pylist()
+
+
+def _worker_pids() -> list[int]:
+    """The render actors' processes: descendants of this test's own local cluster, not of any
+    other Ray cluster on the machine."""
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:  # exited while we looked
+            continue
+        if cmd.startswith("ray::") and "Renderer" in cmd:
+            pids.append(proc.pid)
+    return pids
+
+
+def _render_in_background(cfg):
+    outcome = {}
+
+    def run():
+        try:
+            outcome["summary"] = render(cfg, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "hang"])
+def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path, ray_local, fault):
+    out = tmp_path / "out"
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(32))
+    cfg = validate(tiny_config(src, str(out), output={"shard_size": 2},
+                               render={"num_inference_steps": 6, "batch_size": 1},
+                               cluster={"shard_timeout_s": 15 if fault == "hang" else 120}))
+    thread, outcome = _render_in_background(cfg)
+    _wait_for(lambda: _committed(out) >= 1, 120, "a committed shard")
+    victim = psutil.Process(_worker_pids()[0])
+    started = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL if fault == "sigkill" else signal.SIGSTOP)
+    thread.join(300)
+    assert not thread.is_alive(), "the job did not finish"
+    if psutil.pid_exists(victim.pid):  # Ray dropped a stopped worker but cannot reap it
+        os.kill(victim.pid, signal.SIGKILL)
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert (summary.ok, summary.failed) == (32, 0)
+    assert summary.workers_replaced >= 1
+    rows = _manifest(out)
+    assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(32)]
+    assert max(r["attempts"] for r in rows) >= 2  # the lost shard's rows were tried again
+    assert verify(str(out)).problems == []
+    print(f"worker {fault}: job finished {time.monotonic() - started:.1f} s after the fault")
+
+
+def test_a_poison_row_fails_alone_and_the_job_exits_3(tmp_path):
+    """Wan needs sizes divisible by 16: a 40-pixel row passes reelfarm's checks and is refused by
+    the pipeline itself every time it is tried."""
+    rows = [{**row, "height": None} for row in prompts(5)]
+    rows[2]["height"] = 40
+    src = write_prompts(tmp_path / "prompts.parquet", rows)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(
+        src, str(tmp_path / "out"), model={"path": "tiny:wan"}, render={"num_frames": 5},
+        cluster={"backend": "inline"})))
+    result = run_cli("render", str(config), "--quiet")
+    assert result.returncode == 3, result.stderr
+    rows = {r["id"]: r for r in _manifest(tmp_path / "out")}
+    assert rows["row-002"]["status"] == "failed"
+    assert rows["row-002"]["error_code"] == "render_error"
+    assert "divisible by 16" in rows["row-002"]["error"]
+    assert all(r["status"] == "ok" for i, r in rows.items() if i != "row-002")
+    assert run_cli("verify", str(tmp_path / "out")).returncode == 0

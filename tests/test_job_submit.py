@@ -1,0 +1,151 @@
+"""A real ``ray start --head`` cluster on this machine, token auth on: ``ray job submit --
+reelfarm render`` renders through it, and so does a driver started on the head node.
+
+The head runs with ``--block`` in its own process group, and the test stops it by that pid.
+Ray's temp dir is private to the test (``RAY_TMPDIR``), so ``--address auto`` finds this
+cluster and no other developer's.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, prompts, run_cli, tiny_config, write_prompts
+from videos import probe
+
+pytestmark = pytest.mark.slow
+
+BIN = os.path.dirname(sys.executable)
+RAY = os.path.join(BIN, "ray")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # Short: Ray's unix socket paths under the temp dir must fit in 107 bytes.
+    tmp = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")
+    token_path = os.path.join(tmp, "auth_token")
+    with open(token_path, "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_TMPDIR=tmp,
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0")
+    gcs, dashboard, client, agent = _free_ports(4)
+    log = open(os.path.join(tmp, "head.log"), "w")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--block"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_dashboard(url, head, tmp)
+        yield {"url": url, "env": env, "tmp": tmp}
+    finally:
+        _stop(head)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_renders_through_the_cluster(ray_head, tmp_path):
+    rows = 6
+    out = tmp_path / "out"
+    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
+                      cluster={"num_workers": None})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head["url"], "--",
+         "reelfarm", "render", str(tmp_path / "job.yaml"), "--quiet"],
+        capture_output=True, text=True, env=ray_head["env"], cwd=tmp_path, timeout=240)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+    assert "succeeded" in submit.stdout + submit.stderr
+    assert "joined the Ray cluster" in submit.stdout + submit.stderr  # it did not start its own
+    assert f"rows: {rows}  ok: {rows}  failed: 0" in submit.stdout
+
+    table = pq.read_table(out / "manifest.parquet")
+    assert table.num_rows == rows and set(table["status"].to_pylist()) == {"ok"}
+    for uri in table["video_uri"].to_pylist():
+        info = probe(uri)
+        assert info["codec"] == "h264" and info["frames"] == cfg["render"]["num_frames"]
+    assert (out / "_SUCCESS").exists()
+    verified = run_cli("verify", str(out))
+    assert verified.returncode == 0, verified.stdout
+
+
+def test_a_driver_on_the_head_node_joins_with_address_auto(ray_head, tmp_path):
+    out = tmp_path / "out"
+    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(2)), str(out),
+                      cluster={"num_workers": 1})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([os.path.join(BIN, "reelfarm"), "render", str(tmp_path / "job.yaml"),
+                             "--address", "auto", "--quiet"],
+                            capture_output=True, text=True, env=ray_head["env"], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "joined the Ray cluster" in result.stderr
+    assert pq.read_table(out / "manifest.parquet").num_rows == 2
+
+
+def test_the_cluster_refuses_a_submission_without_the_token(ray_head, tmp_path):
+    env = {k: v for k, v in ray_head["env"].items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    submit = subprocess.run([RAY, "job", "submit", "--address", ray_head["url"], "--", "true"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert submit.returncode != 0
+    assert "Unauthorized" in submit.stdout + submit.stderr
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, tmp: str, timeout_s: float = 120) -> None:
+    """Until the job server answers; a 401 without a token also proves token auth is on."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            raise AssertionError("the dashboard answered without a token: token auth is off")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                return
+        except OSError:
+            pass
+        if head.poll() is not None or time.monotonic() > deadline:
+            with open(os.path.join(tmp, "head.log")) as f:
+                raise AssertionError(f"ray start --head did not come up:\n{f.read()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Stop the head by its pid: SIGTERM to its process group, SIGKILL if it lingers."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # Ray drains up to 30 s on SIGTERM; a test need not
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=30)

@@ -235,15 +235,20 @@ class _Scheduler:
         self.progress.advance(ok, len(records) - ok)
 
 
-def _start_pool(cfg: JobConfig):
-    """Start the workers: Ray actors across the cluster, or one renderer in this process."""
-    spec = WorkerSpec(
+def worker_spec(cfg: JobConfig) -> WorkerSpec:
+    """What every worker of this job is built from."""
+    return WorkerSpec(
         model=ModelSpec(cfg.model.path, cfg.model.revision, cfg.model.variant, cfg.model.dtype),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
         videos_uri=storage.join(cfg.output.uri, manifest.VIDEOS_DIR),
         receipts_uri=storage.join(cfg.output.uri, RECEIPTS_DIR),
         batch_size=cfg.render.batch_size,
         torch_threads=cfg.cluster.cpus_per_worker)
+
+
+def _start_pool(cfg: JobConfig):
+    """Start the workers: Ray actors across the cluster, or one renderer in this process."""
+    spec = worker_spec(cfg)
     started = time.monotonic()
     if cfg.cluster.backend == "inline":
         from cluster.inline import InlinePool

@@ -1,7 +1,8 @@
 """A TCP proxy on 127.0.0.1 that can be taken down and brought back: a flaky network, for real.
 
 While down, its port refuses connections and every open connection is cut, as when a load
-balancer or a storage endpoint drops out. Its threads stop with it.
+balancer or a storage endpoint drops out. ``cut_next_upload(n)`` cuts the next connection that
+sends more than n bytes upstream, half way through a request. Its threads stop with it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
+        self._cut_after: int | None = None
+        self.cuts = 0
+
+    def cut_next_upload(self, after_bytes: int) -> None:
+        self._cut_after = after_bytes
 
     def up(self) -> None:
         listener = socket.socket()
@@ -60,13 +66,22 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._open |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, upward in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, upward), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        sent = 0
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+                sent += len(data)
+                with self._lock:
+                    cut = upward and self._cut_after is not None and sent > self._cut_after
+                    if cut:
+                        self._cut_after = None
+                        self.cuts += 1
+                if cut:
+                    break
         except OSError:
             pass
         finally:

@@ -3,6 +3,7 @@ uploads that break half way. Nothing committed is lost or rendered twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -170,3 +171,59 @@ def test_a_poison_row_fails_alone_and_the_job_exits_3(tmp_path):
     assert "divisible by 16" in rows["row-002"]["error"]
     assert all(r["status"] == "ok" for i, r in rows.items() if i != "row-002")
     assert run_cli("verify", str(tmp_path / "out")).returncode == 0
+
+
+def test_videos_stored_before_a_crash_are_committed_without_rendering_them_again(tmp_path):
+    """A worker stored four videos, then everything died before the shard was committed."""
+    from jobs.dataset import open_dataset
+    from jobs.driver import worker_spec
+    from jobs.hashset import HashSet
+    from jobs.plan import PlanCounts, plan_rows
+    from rendering.worker import ShardRenderer
+
+    out = tmp_path / "out"
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(6))
+    cfg = validate(tiny_config(src, str(out), cluster={"backend": "inline"}))
+    planned = list(plan_rows(open_dataset(src, []), cfg, HashSet(), PlanCounts()))
+    early = ShardRenderer(worker_spec(cfg)).render_shard([p.outcome for p in planned[:4]])
+    assert all(r.ok for r in early) and len(list((out / "receipts").iterdir())) == 4
+    with open(early[3].video_uri, "r+b") as f:  # one stored video was damaged since
+        f.seek(200)
+        f.write(b"\xde\xad")
+    mtimes = {r.id: os.path.getmtime(r.video_uri) for r in early[:3]}
+
+    summary = render(cfg, progress=False)
+    assert (summary.recovered, summary.rendered, summary.ok) == (3, 3, 6)
+    assert {r.id: os.path.getmtime(r.video_uri) for r in early[:3]} == mtimes
+    assert not (out / "receipts").exists()
+    assert verify(str(out)).problems == []
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "out"
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(src, str(out), output={"shard_size": 2},
+                                                 render={"num_inference_steps": 6})))
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: _committed(out) >= 2, 180, "two committed shards")
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 1
+    assert "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    job = json.loads((out / "job.json").read_text())
+    assert job["last_run"]["status"] == "interrupted"
+    committed_before = job["counts"]["committed"]
+    assert 4 <= committed_before < 24
+
+    result = run_cli("render", str(config), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"{committed_before} row(s) were already done" in result.stdout
+    assert [r["status"] for r in _manifest(out)] == ["ok"] * 24

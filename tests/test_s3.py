@@ -1,0 +1,183 @@
+"""A real S3 endpoint (moto's server on 127.0.0.1): prompts read from it, videos and manifests
+written to it and read back by a second client (boto3), and an endpoint that goes away."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import prompts, run_cli, tiny_config
+from tcp_proxy import TcpProxy
+from videos import probe
+
+from jobs.audit import verify
+from jobs.config import validate
+from jobs.driver import render
+from rendering import storage
+
+BUCKET = "reelfarm-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moto_server():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield port
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_server, monkeypatch):
+    """Point every S3 client of this process (and its children) at the endpoint in use."""
+    import s3fs
+
+    def use(port: int) -> dict:
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        return env
+
+    yield use
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _boto3():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _put_prompts(client, key: str, rows: list[dict]) -> str:
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    client.put_object(Bucket=BUCKET, Key=key, Body=sink.getvalue())
+    return f"s3://{BUCKET}/{key}"
+
+
+def _objects(client, prefix: str) -> dict[str, int]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_server, s3_env):
+    env = s3_env(moto_server)
+    client = _boto3()
+    client.create_bucket(Bucket=BUCKET)
+    src = _put_prompts(client, "in/prompts.parquet", prompts(5))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(src, f"s3://{BUCKET}/out/run-1")))
+
+    result = run_cli("render", str(config), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+
+    videos = _objects(client, "out/run-1/videos/")
+    assert len(videos) == 5 and all(k.endswith(".mp4") for k in videos)
+    body = client.get_object(Bucket=BUCKET, Key="out/run-1/manifest.parquet")["Body"].read()
+    rows = pq.read_table(io.BytesIO(body)).to_pylist()
+    assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(5)]
+    for row in rows:
+        key = row["video_uri"].removeprefix(f"s3://{BUCKET}/")
+        assert videos[key] == row["bytes"]
+        local = tmp_path / "check.mp4"
+        local.write_bytes(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        assert probe(str(local))["frames"] == row["num_frames"]
+    assert "_SUCCESS" in {k.rsplit("/", 1)[-1] for k in _objects(client, "out/run-1/")}
+    assert not _objects(client, "out/run-1/receipts/")
+    check = run_cli("verify", f"s3://{BUCKET}/out/run-1", env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    job = client.get_object(Bucket=BUCKET, Key="out/run-1/job.json")["Body"].read().decode()
+    assert "testing-secret" not in job
+
+
+def test_an_upload_cut_half_way_is_complete_or_absent(tmp_path, moto_server, s3_env):
+    """The connection drops half way through the PUT: the key must never hold part of it."""
+    proxy = TcpProxy(moto_server)
+    proxy.up()
+    try:
+        s3_env(proxy.port)
+        client = _boto3()
+        client.create_bucket(Bucket=BUCKET)
+        payload = bytes(range(256)) * 8192  # 2 MiB: one PUT
+        source = tmp_path / "video.mp4"
+        source.write_bytes(payload)
+        fs, path = storage.filesystem(f"s3://{BUCKET}/out/videos/clip.mp4")
+        for attempt in range(3):
+            proxy.cut_next_upload(after_bytes=len(payload) // 2)
+            try:
+                storage.upload_file(str(source), fs, path)  # s3fs may retry the request itself
+            except Exception:  # noqa: BLE001 - absent is a correct outcome
+                pass
+            stored = _objects(client, "out/")
+            assert stored in ({}, {"out/videos/clip.mp4": len(payload)})
+            if stored:
+                body = client.get_object(Bucket=BUCKET, Key="out/videos/clip.mp4")["Body"].read()
+                assert body == payload
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "out/videos/clip.mp4"}]})
+        assert proxy.cuts == 3
+    finally:
+        proxy.down()
+
+
+def test_the_endpoint_goes_away_mid_job_and_comes_back(tmp_path, moto_server, s3_env):
+    proxy = TcpProxy(moto_server)
+    proxy.up()
+    try:
+        s3_env(proxy.port)
+        client = _boto3()
+        client.create_bucket(Bucket=BUCKET)
+        src = _put_prompts(client, "in/prompts.parquet", prompts(16))
+        out = f"s3://{BUCKET}/out/flaky"
+        cfg = validate(tiny_config(src, out, output={"shard_size": 2},
+                                   render={"batch_size": 1}, cluster={"backend": "inline"}))
+        outcome = {}
+
+        def run():
+            try:
+                outcome["summary"] = render(cfg, progress=False)
+            except Exception as exc:  # noqa: BLE001 - a clean stop is allowed; see below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not _objects(client, "out/flaky/manifests/"):
+            assert time.monotonic() < deadline, "no shard was committed"
+            time.sleep(0.2)
+        proxy.down()
+        outage_started = time.monotonic()
+        time.sleep(6)
+        proxy.up()
+        thread.join(300)
+        assert not thread.is_alive()
+        lost_s = time.monotonic() - outage_started
+        if "error" in outcome:  # stopped cleanly: the same command resumes it
+            outcome["summary"] = render(cfg, progress=False)
+        summary = outcome["summary"]
+        assert (summary.ok, summary.failed, summary.complete) == (16, 0, True)
+
+        videos = _objects(client, "out/flaky/videos/")
+        manifest = pq.read_table(io.BytesIO(client.get_object(
+            Bucket=BUCKET, Key="out/flaky/manifest.parquet")["Body"].read())).to_pylist()
+        assert {r["video_uri"].removeprefix(f"s3://{BUCKET}/"): r["bytes"] for r in manifest} == videos
+        assert verify(out).problems == []
+        print(f"S3 outage of 6 s: job done {lost_s:.1f} s after it began; "
+              f"stopped and resumed: {'error' in outcome}")
+    finally:
+        proxy.down()

@@ -35,7 +35,8 @@ class _PlacedRenderer(ShardRenderer):
 # The one place the plain worker class becomes an actor. Two concurrent calls let the next shard
 # render while the previous one finishes encoding and uploading; the worker's render lock keeps
 # the GPU to one batch at a time. Ray must not restart it behind our back: the pool replaces it.
-RenderActor = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(_PlacedRenderer)
+_ACTOR_OPTIONS = dict(max_restarts=0, max_task_retries=0, max_concurrency=2)
+RenderActor = ray.remote(**_ACTOR_OPTIONS)(_PlacedRenderer)
 
 
 class PoolError(RuntimeError):
@@ -63,8 +64,12 @@ class _Worker:
 
 class WorkerPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, use_gpu: bool, cpus_per_worker: int,
-                 shard_timeout_s: float, setup_timeout_s: float = 1800.0):
+                 shard_timeout_s: float, setup_timeout_s: float = 1800.0,
+                 worker_class: type | None = None):
         self.spec = spec
+        # A stand-in for ShardRenderer with the same methods (the benchmarks' do-nothing one).
+        self._actor_class = (RenderActor if worker_class is None
+                             else ray.remote(**_ACTOR_OPTIONS)(worker_class))
         self.num_workers = num_workers
         self.shard_timeout_s = shard_timeout_s
         self.setup_timeout_s = setup_timeout_s
@@ -89,6 +94,9 @@ class WorkerPool:
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) else exc
             raise PoolError(f"the model could not be loaded: {type(cause).__name__}: {cause}") from None
+        except RayActorError as exc:
+            raise PoolError(f"a worker died while loading the model ({_first_line(exc)}): "
+                            "check the cluster's health, then rerun to resume") from None
 
     def placements(self) -> list[dict]:
         """Where each worker runs: its node id and the GPU ids Ray pinned it to."""
@@ -154,7 +162,7 @@ class WorkerPool:
 
     # --- internals -------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
-        actor = RenderActor.options(**self._options, name=None).remote(self.spec)
+        actor = self._actor_class.options(**self._options, name=None).remote(self.spec)
         worker = _Worker(self._next_index, actor)
         self._next_index += 1
         return worker

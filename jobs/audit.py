@@ -6,8 +6,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import pyarrow.compute as pc
-
 from jobs import manifest
 from jobs.output import read_job
 from rendering import storage
@@ -69,16 +67,10 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
 def status(output_uri: str, top: int = 5) -> dict:
     """Counts by status, the most common errors, and the last run's figures."""
     fs, root = storage.filesystem(output_uri)
-    table = manifest.read_shards(output_uri)
-    by_status = Counter(table["status"].to_pylist())
-    failed = table.filter(pc.equal(table["status"], "failed"))
-    errors = Counter(failed["error_code"].to_pylist()).most_common(top)
-    examples = {}
-    for row in failed.select(["error_code", "error"]).to_pylist():
-        examples.setdefault(row["error_code"], row["error"])
+    counts = manifest.tally(output_uri)
     job = read_job(output_uri) or {}
-    return {"rows": table.num_rows, "by_status": dict(by_status),
-            "top_errors": [(code, n, examples.get(code)) for code, n in errors],
+    return {"rows": counts.rows, "by_status": dict(counts.by_status),
+            "top_errors": counts.top_errors(top),
             "expected_rows": job.get("counts", {}).get("rows"),
             "last_run": job.get("last_run"),
             "complete": fs.exists(storage.join(root, manifest.SUCCESS_FILE))}

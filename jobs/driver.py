@@ -16,7 +16,6 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
-import pyarrow.compute as pc
 
 from jobs import manifest
 from jobs.config import JobConfig
@@ -99,26 +98,26 @@ def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
         scheduler.close()
 
     # Step 4: consolidate the manifest and record how the run ended.
-    table = _finish(cfg, job, "finished", dataset.num_rows, scheduler)
-    ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-    return RenderSummary(cfg.output.uri, dataset.num_rows, ok, table.num_rows - ok,
+    tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler)
+    return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,
                          scheduler.rendered, counts.done, receipts.recovered,
                          scheduler.workers_replaced, time.monotonic() - started,
-                         table.num_rows == dataset.num_rows, _top_errors(table))
+                         tally.rows == dataset.num_rows,
+                         [(code, n) for code, n, _ in tally.top_errors()])
 
 
-def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int, scheduler: "_Scheduler"):
+def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
+            scheduler: "_Scheduler") -> manifest.Tally:
     """Write manifest.parquet and job.json; mark the output complete when it is."""
-    table = manifest.consolidate(cfg.output.uri)
-    ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-    complete = status == "finished" and table.num_rows == input_rows
+    tally = manifest.consolidate(cfg.output.uri)
+    complete = status == "finished" and tally.rows == input_rows
     if complete:
         scheduler.receipts.remove_all()
-    finish_job(cfg, job, status, {"rows": input_rows, "ok": ok, "failed": table.num_rows - ok,
-                                  "committed": table.num_rows},
+    finish_job(cfg, job, status, {"rows": input_rows, "ok": tally.ok,
+                                  "failed": tally.rows - tally.ok, "committed": tally.rows},
                {"rendered": scheduler.rendered, "recovered": scheduler.receipts.recovered,
                 "workers_replaced": scheduler.workers_replaced}, complete)
-    return table
+    return tally
 
 
 def _finish_quietly(cfg: JobConfig, job: dict, status: str, input_rows: int,
@@ -283,16 +282,6 @@ def _shards(rows: Iterator[PlannedRow], shard_size: int) -> Iterator[Shard]:
             shard = Shard([])
     if shard.rows or shard.records:
         yield shard
-
-
-def _top_errors(table, limit: int = 5) -> list[tuple[str, int]]:
-    failed = table.filter(pc.equal(table["status"], "failed"))
-    if failed.num_rows == 0:
-        return []
-    grouped = failed.group_by("error_code").aggregate([("id", "count")])
-    pairs = sorted(zip(grouped["error_code"].to_pylist(), grouped["id_count"].to_pylist()),
-                   key=lambda p: -p[1])
-    return pairs[:limit]
 
 
 class _stop_on_sigterm:

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.hashset import HashSet, row_hash
@@ -128,22 +134,88 @@ def committed_hashes(output_uri: str) -> HashSet:
     return committed
 
 
-def read_shards(output_uri: str) -> pa.Table:
-    """Every committed row, in input order."""
+@dataclass
+class Tally:
+    """Counts over committed rows, gathered one shard at a time."""
+
+    rows: int = 0
+    by_status: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)  # error_code -> failed rows
+    examples: dict = field(default_factory=dict)  # error_code -> its first error message
+
+    @property
+    def ok(self) -> int:
+        return self.by_status.get("ok", 0)
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        self.by_status.update(table["status"].to_pylist())
+        failed = table.filter(pc.equal(table["status"], "failed"))
+        for code, error in zip(failed["error_code"].to_pylist(), failed["error"].to_pylist()):
+            self.errors[code] += 1
+            self.examples.setdefault(code, error)
+
+    def top_errors(self, limit: int = 5) -> list[tuple[str, int, str]]:
+        return [(code, n, self.examples[code]) for code, n in self.errors.most_common(limit)]
+
+
+def iter_shards(output_uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Committed rows one shard at a time, in input order (memory: one shard)."""
     fs, _ = storage.filesystem(output_uri)
-    tables = [_read(fs, p) for p in shard_paths(output_uri)]
+    for path in _in_input_order(fs, shard_paths(output_uri)):
+        yield _read(fs, path, columns).sort_by([("row_index", "ascending"),
+                                                ("occurrence", "ascending")])
+
+
+def read_shards(output_uri: str) -> pa.Table:
+    """Every committed row, in input order, in memory: for audits of one output."""
+    tables = list(iter_shards(output_uri))
     if not tables:
         return SCHEMA.empty_table()
-    table = pa.concat_tables(tables, promote_options="default")
-    return table.sort_by([("row_index", "ascending"), ("occurrence", "ascending")])
+    return pa.concat_tables(tables, promote_options="default")
 
 
-def consolidate(output_uri: str) -> pa.Table:
-    """Write ``manifest.parquet`` from the shard manifests and return it."""
+def tally(output_uri: str) -> Tally:
+    counts = Tally()
+    for table in iter_shards(output_uri, columns=["row_index", "occurrence", "status",
+                                                  "error_code", "error"]):
+        counts.add(table)
+    return counts
+
+
+def consolidate(output_uri: str) -> Tally:
+    """Write ``manifest.parquet`` from the shard manifests, streaming, and count its rows."""
     fs, root = storage.filesystem(output_uri)
-    table = read_shards(output_uri)
-    storage.write_bytes(fs, storage.join(root, MANIFEST_FILE), _parquet_bytes(table))
-    return table
+    paths = shard_paths(output_uri)
+    schema = pa.unify_schemas([SCHEMA, *(_schema(fs, p) for p in paths)],
+                              promote_options="permissive")
+    counts = Tally()
+    with tempfile.TemporaryDirectory(prefix="reelfarm-manifest-") as tmp:
+        local = os.path.join(tmp, MANIFEST_FILE)
+        with pq.ParquetWriter(local, schema) as writer:
+            for table in iter_shards(output_uri):
+                counts.add(table)
+                writer.write_table(table.cast(schema) if table.schema != schema
+                                   else table)
+        storage.upload_file(local, fs, storage.join(root, MANIFEST_FILE))
+    return counts
+
+
+def _in_input_order(fs, paths: list[str]) -> list[str]:
+    """Shards sorted by their first row, read from each footer's statistics (no data read)."""
+    def first_row(path: str) -> int:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        index = meta.schema.to_arrow_schema().get_field_index("row_index")
+        stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
+        return min((s.min for s in stats if s is not None and s.has_min_max), default=0)
+
+    return sorted(paths, key=first_row)
+
+
+def _schema(fs, path: str) -> pa.Schema:
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
 
 
 def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:

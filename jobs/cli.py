@@ -133,15 +133,13 @@ def _plan(args) -> int:
     from jobs.dataset import open_dataset
     from jobs.manifest import committed_hashes
     from jobs.output import check_resumable, read_job
-    from jobs.plan import PlanCounts, plan_rows
+    from jobs.plan import count_plan
 
     started = time.monotonic()
     cfg = _load(args)
     dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
     check_resumable(cfg, read_job(cfg.output.uri))
-    counts = PlanCounts()
-    for _ in plan_rows(dataset, cfg, committed_hashes(cfg.output.uri), counts):
-        pass
+    counts = count_plan(dataset, cfg, committed_hashes(cfg.output.uri))
     print(f"input:      {cfg.input.uri} ({len(dataset.files)} file(s))")
     print(f"output:     {cfg.output.uri} (fingerprint {fingerprint(cfg)})")
     print(f"rows:       {counts.rows}")

@@ -30,6 +30,12 @@ def key_hashes(keys: list[bytes]) -> np.ndarray:
     return np.frombuffer(joined, dtype=">u8").astype(np.uint64)
 
 
+# Runs stop merging at this many members (8 MB): merging two runs needs room for both and the
+# result, so an unbounded last merge at 10 million rows would briefly hold 160 MB. Past the cap
+# a lookup searches a few more runs, which costs little once its queries are sorted.
+MAX_RUN_MEMBERS = 1 << 20
+
+
 class HashSet:
     def __init__(self) -> None:
         self._runs: list[np.ndarray] = []
@@ -38,30 +44,48 @@ class HashSet:
     def __len__(self) -> int:
         return self._size
 
-    def add(self, hashes: np.ndarray | list[int]) -> None:
-        """Add hashes (duplicates of present members are ignored)."""
-        new = np.unique(np.asarray(hashes, dtype=np.uint64))
+    def add(self, hashes: np.ndarray | list[int], checked: bool = False) -> None:
+        """Add hashes (duplicates of present members are ignored).
+
+        ``checked=True`` says the caller knows ``hashes`` are sorted, distinct and not members
+        yet (it has just asked ``contains``), which saves sorting and searching them again.
+        """
+        new = np.asarray(hashes, dtype=np.uint64)
+        if not checked:
+            new = np.unique(new)
+            new = new[~self.contains(new, presorted=True)]
         if len(new) == 0:
             return
-        new = new[~self.contains(new)]
         self._size += len(new)
         self._runs.append(new)
         # Keep run sizes roughly geometric so there are O(log n) runs to search. Runs are
-        # disjoint, so a merge is a concatenation sorted in place: twice the members at the
-        # peak, where np.union1d needs four times (it matters at 10 million rows).
-        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+        # disjoint, so a merge is a concatenation sorted in place.
+        while (len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1])
+               and len(self._runs[-2]) + len(self._runs[-1]) <= MAX_RUN_MEMBERS):
             last = self._runs.pop()
             merged = np.concatenate((self._runs.pop(), last))
             del last
-            merged.sort()
+            merged.sort(kind="stable")  # timsort: two sorted runs merge in linear time
             self._runs.append(merged)
 
-    def contains(self, hashes: np.ndarray | list[int]) -> np.ndarray:
-        """A boolean array: which of ``hashes`` are members."""
+    def contains(self, hashes: np.ndarray | list[int], presorted: bool = False) -> np.ndarray:
+        """A boolean array: which of ``hashes`` are members.
+
+        The queries are searched in sorted order: consecutive binary searches then walk the
+        same few cache lines of a large run instead of jumping across all of it.
+        """
         hashes = np.asarray(hashes, dtype=np.uint64)
+        if not self._runs or len(hashes) == 0:
+            return np.zeros(len(hashes), dtype=bool)
+        order = None if presorted else np.argsort(hashes)
+        queries = hashes if order is None else hashes[order]
         found = np.zeros(len(hashes), dtype=bool)
         for run in self._runs:
-            idx = np.searchsorted(run, hashes)
+            idx = np.searchsorted(run, queries)
             idx[idx == len(run)] = 0
-            found |= run[idx] == hashes
-        return found
+            found |= run[idx] == queries
+        if order is None:
+            return found
+        unsorted = np.empty_like(found)
+        unsorted[order] = found
+        return unsorted

@@ -7,15 +7,14 @@ Rows already committed in the output are skipped, which is what makes a rerun a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Iterator
 
-from jobs.config import JobConfig
-from jobs.dataset import InputDataset, iter_batches
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.config import JobConfig
+from jobs.dataset import InputDataset, iter_batches
 from jobs.hashset import HashSet, key_hashes, row_hash
 from jobs.rows import OVERRIDE_COLUMNS, RowFailure, content_id, resolve
 from rendering.specs import RenderTask
@@ -153,10 +152,13 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet) -> Pla
         # Step 2: occurrences. Only rows whose id was seen before (here or in an earlier
         # batch) can repeat; they go through _occurrences in input order.
         first_hashes = key_hashes(keys)
-        _, first_index = np.unique(first_hashes, return_index=True)
-        repeated = np.ones(n, dtype=bool)
-        repeated[first_index] = False
-        repeated |= seen.contains(first_hashes)
+        order = np.argsort(first_hashes, kind="stable")  # equal ids stay in input order
+        ordered = first_hashes[order]
+        later = np.zeros(n, dtype=bool)  # in sorted order: an earlier row of the batch has it
+        later[1:] = ordered[1:] == ordered[:-1]
+        seen_before = seen.contains(ordered, presorted=True)
+        repeated = np.empty(n, dtype=bool)
+        repeated[order] = later | seen_before
         hashes = first_hashes.copy()
         repeat_rows = np.flatnonzero(repeated)
         occurrences = dict(zip(repeat_rows.tolist(), _occurrences(
@@ -182,7 +184,7 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet) -> Pla
             row_id, error = slow_ids.get(i) or (keys[i].decode("utf-8"), None)
             planned = PlannedRow(i, row_id, 0, None, {})
             counts.invalid += isinstance(_outcome(row, planned, error, cfg), RowFailure)
-        seen.add(first_hashes)
+        seen.add(ordered[~later & ~seen_before], checked=True)
     return counts
 
 
@@ -205,12 +207,11 @@ def _fast_id_keys(batch: pa.RecordBatch, has_id: bool) -> list[bytes | None]:
 
 # Every row ``resolve`` rejects for its id or prompt must fail these checks too (rows that fail
 # them are resolved exactly, so the checks may be stricter than ``resolve``, never looser).
-# An id passes when it is printable ASCII without spaces; a prompt when it is a string with a
-# letter, digit or punctuation in it (so not blank, whatever ``str.strip`` counts as space)
-# and no control character.
+# An id passes when it is printable ASCII without spaces (no control characters either); a
+# prompt when it holds a letter, digit or ASCII punctuation (so it is not blank, whatever
+# ``str.strip`` counts as space).
 _PLAIN_ID = r"^[!-~]+$"
 _PROMPT_HAS_TEXT = r"[!-~\p{L}\p{N}]"
-_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
 
 
 def _vouched_rows(batch: pa.RecordBatch, cfg: JobConfig) -> np.ndarray:
@@ -223,7 +224,6 @@ def _vouched_rows(batch: pa.RecordBatch, cfg: JobConfig) -> np.ndarray:
     limits = cfg.limits
     try:
         ok = _all_true(pc.match_substring_regex(prompt, _PROMPT_HAS_TEXT))
-        ok &= ~_all_true(pc.match_substring_regex(prompt, _CONTROL))
         ok &= _all_true(pc.less_equal(pc.utf8_length(prompt), limits.max_prompt_chars))
         if "id" in names:
             ids = batch.column("id")

@@ -118,20 +118,23 @@ def test_the_cluster_refuses_a_submission_without_the_token(ray_head, tmp_path):
 
 
 def _wait_for_dashboard(url: str, head: subprocess.Popen, tmp: str, timeout_s: float = 120) -> None:
-    """Until the job server answers; a 401 without a token also proves token auth is on."""
+    """Until ``ray start`` says the cluster is up and the job server answers; a 401 without a
+    token also proves token auth is on. (``auto`` only finds the cluster once it is up.)"""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            raise AssertionError("the dashboard answered without a token: token auth is off")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 401:
-                return
-        except OSError:
-            pass
+        with open(os.path.join(tmp, "head.log")) as f:
+            log = f.read()
+        if "Ray runtime started" in log:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                raise AssertionError("the dashboard answered without a token: token auth is off")
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401:
+                    return
+            except OSError:
+                pass
         if head.poll() is not None or time.monotonic() > deadline:
-            with open(os.path.join(tmp, "head.log")) as f:
-                raise AssertionError(f"ray start --head did not come up:\n{f.read()[-3000:]}")
+            raise AssertionError(f"ray start --head did not come up:\n{log[-3000:]}")
         time.sleep(0.5)
 
 

@@ -1,0 +1,57 @@
+"""``make bench``: run every benchmark this machine can run, then print where results are.
+
+    python -m bench.run            # full: CPU side by side, plan scale, driver throughput, GPU if any
+    python -m bench.run --quick    # each benchmark's --quick mode (a smoke run)
+
+Raw results land in bench/out/*.json (git-ignored); bench/RESULTS.md is written by hand from
+them, with the machine, date and commit they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import cpu_side_by_side, driver_throughput, gpu, plan_scale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=("cpu", "plan", "driver", "gpu"),
+                        default=("cpu", "plan", "driver", "gpu"))
+    args = parser.parse_args(argv)
+    flags = ["--quick"] if args.quick else []
+    failed = []
+    steps = {"plan": plan_scale.main, "driver": driver_throughput.main,
+             "cpu": cpu_side_by_side.main, "gpu": gpu.main}
+    for name in ("plan", "driver", "cpu", "gpu"):
+        if name not in args.only:
+            continue
+        if name == "gpu" and not _has_cuda() and not args.quick:
+            print("gpu: skipped, no CUDA device here (run `python -m bench.gpu` on a GPU machine)")
+            continue
+        print(f"=== {name} ===", flush=True)
+        try:
+            if steps[name](flags) != 0:
+                failed.append(name)
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark should not hide the rest
+            print(f"{name}: failed: {type(exc).__name__}: {exc}")
+            failed.append(name)
+    print("results: bench/out/*.json; summary: bench/RESULTS.md")
+    if failed:
+        print("failed:", ", ".join(failed))
+    return 1 if failed else 0
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

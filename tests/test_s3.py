@@ -62,6 +62,18 @@ def s3_env(moto_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture
+def proxied(moto_server, s3_env):
+    """The endpoint behind a TCP proxy the test can cut: (proxy, boto3 client, bucket made)."""
+    proxy = TcpProxy(moto_server)
+    proxy.up()
+    s3_env(proxy.port)
+    client = _boto3()
+    client.create_bucket(Bucket=BUCKET)
+    yield proxy, client
+    proxy.down()
+
+
 def _boto3():
     import boto3
 
@@ -110,78 +122,64 @@ def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_se
     assert "testing-secret" not in job
 
 
-def test_an_upload_cut_half_way_is_complete_or_absent(tmp_path, moto_server, s3_env):
+def test_an_upload_cut_half_way_is_complete_or_absent(tmp_path, proxied):
     """The connection drops half way through the PUT: the key must never hold part of it."""
-    proxy = TcpProxy(moto_server)
-    proxy.up()
-    try:
-        s3_env(proxy.port)
-        client = _boto3()
-        client.create_bucket(Bucket=BUCKET)
-        payload = bytes(range(256)) * 8192  # 2 MiB: one PUT
-        source = tmp_path / "video.mp4"
-        source.write_bytes(payload)
-        fs, path = storage.filesystem(f"s3://{BUCKET}/out/videos/clip.mp4")
-        for attempt in range(3):
-            proxy.cut_next_upload(after_bytes=len(payload) // 2)
-            try:
-                storage.upload_file(str(source), fs, path)  # s3fs may retry the request itself
-            except Exception:  # noqa: BLE001 - absent is a correct outcome
-                pass
-            stored = _objects(client, "out/")
-            assert stored in ({}, {"out/videos/clip.mp4": len(payload)})
-            if stored:
-                body = client.get_object(Bucket=BUCKET, Key="out/videos/clip.mp4")["Body"].read()
-                assert body == payload
-            client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "out/videos/clip.mp4"}]})
-        assert proxy.cuts == 3
-    finally:
-        proxy.down()
+    proxy, client = proxied
+    payload = bytes(range(256)) * 8192  # 2 MiB: one PUT
+    source = tmp_path / "video.mp4"
+    source.write_bytes(payload)
+    fs, path = storage.filesystem(f"s3://{BUCKET}/out/videos/clip.mp4")
+    for _ in range(3):
+        proxy.cut_next_upload(after_bytes=len(payload) // 2)
+        try:
+            storage.upload_file(str(source), fs, path)  # s3fs may retry the request itself
+        except Exception:  # noqa: BLE001 - absent is a correct outcome
+            pass
+        stored = _objects(client, "out/")
+        assert stored in ({}, {"out/videos/clip.mp4": len(payload)})
+        if stored:
+            body = client.get_object(Bucket=BUCKET, Key="out/videos/clip.mp4")["Body"].read()
+            assert body == payload
+        client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "out/videos/clip.mp4"}]})
+    assert proxy.cuts == 3
 
 
-def test_the_endpoint_goes_away_mid_job_and_comes_back(tmp_path, moto_server, s3_env):
-    proxy = TcpProxy(moto_server)
-    proxy.up()
-    try:
-        s3_env(proxy.port)
-        client = _boto3()
-        client.create_bucket(Bucket=BUCKET)
-        src = _put_prompts(client, "in/prompts.parquet", prompts(16))
-        out = f"s3://{BUCKET}/out/flaky"
-        cfg = validate(tiny_config(src, out, output={"shard_size": 2},
-                                   render={"batch_size": 1}, cluster={"backend": "inline"}))
-        outcome = {}
+def test_the_endpoint_goes_away_mid_job_and_comes_back(tmp_path, proxied):
+    proxy, client = proxied
+    src = _put_prompts(client, "in/prompts.parquet", prompts(16))
+    out = f"s3://{BUCKET}/out/flaky"
+    cfg = validate(tiny_config(src, out, output={"shard_size": 2},
+                               render={"batch_size": 1}, cluster={"backend": "inline"}))
+    outcome = {}
 
-        def run():
-            try:
-                outcome["summary"] = render(cfg, progress=False)
-            except Exception as exc:  # noqa: BLE001 - a clean stop is allowed; see below
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 120
-        while not _objects(client, "out/flaky/manifests/"):
-            assert time.monotonic() < deadline, "no shard was committed"
-            time.sleep(0.2)
-        proxy.down()
-        outage_started = time.monotonic()
-        time.sleep(6)
-        proxy.up()
-        thread.join(300)
-        assert not thread.is_alive()
-        lost_s = time.monotonic() - outage_started
-        if "error" in outcome:  # stopped cleanly: the same command resumes it
+    def run():
+        try:
             outcome["summary"] = render(cfg, progress=False)
-        summary = outcome["summary"]
-        assert (summary.ok, summary.failed, summary.complete) == (16, 0, True)
+        except Exception as exc:  # noqa: BLE001 - a clean stop is allowed; see below
+            outcome["error"] = exc
 
-        videos = _objects(client, "out/flaky/videos/")
-        manifest = pq.read_table(io.BytesIO(client.get_object(
-            Bucket=BUCKET, Key="out/flaky/manifest.parquet")["Body"].read())).to_pylist()
-        assert {r["video_uri"].removeprefix(f"s3://{BUCKET}/"): r["bytes"] for r in manifest} == videos
-        assert verify(out).problems == []
-        print(f"S3 outage of 6 s: job done {lost_s:.1f} s after it began; "
-              f"stopped and resumed: {'error' in outcome}")
-    finally:
-        proxy.down()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not _objects(client, "out/flaky/manifests/"):
+        assert time.monotonic() < deadline, "no shard was committed"
+        time.sleep(0.2)
+    proxy.down()
+    outage_started = time.monotonic()
+    time.sleep(6)
+    proxy.up()
+    thread.join(300)
+    assert not thread.is_alive()
+    lost_s = time.monotonic() - outage_started
+    if "error" in outcome:  # stopped cleanly: the same command resumes it
+        outcome["summary"] = render(cfg, progress=False)
+    summary = outcome["summary"]
+    assert (summary.ok, summary.failed, summary.complete) == (16, 0, True)
+
+    videos = _objects(client, "out/flaky/videos/")
+    manifest = pq.read_table(io.BytesIO(client.get_object(
+        Bucket=BUCKET, Key="out/flaky/manifest.parquet")["Body"].read())).to_pylist()
+    assert {r["video_uri"].removeprefix(f"s3://{BUCKET}/"): r["bytes"] for r in manifest} == videos
+    assert verify(out).problems == []
+    print(f"S3 outage of 6 s: job done {lost_s:.1f} s after it began; "
+          f"stopped and resumed: {'error' in outcome}")

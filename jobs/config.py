@@ -109,6 +109,22 @@ class EncodeConfig(_Section):
                     "slower", "veryslow"] = "medium"
 
 
+class OptimizeConfig(_Section):
+    """Speed and memory options of the pipeline. They may change pixels slightly (attention
+    kernels, compilation) or visibly (caching), so they are part of the output's fingerprint."""
+
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend: flash, _native_cudnn, sage, ... (default: torch SDPA)")
+    compile: Literal["none", "repeated_blocks", "full"] = Field(
+        "none", description="torch.compile the denoiser: its repeated blocks (DiTs; quick to compile) or whole")
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="CPU offload for small GPUs: whole models (some cost) or layer by layer (slow)")
+    vae_slicing: bool = Field(False, description="decode one video of a batch at a time (less memory)")
+    vae_tiling: bool = Field(False, description="decode in tiles (less memory at large sizes)")
+    first_block_cache_threshold: float | None = Field(
+        None, gt=0, description="DiTs: reuse the transformer's output while its first block barely changes")
+
+
 class OutputConfig(_Section):
     uri: str = Field(description="output prefix on any fsspec URL")
     shard_size: int = Field(64, ge=1, description="rows per shard: the unit of scheduling and commit")
@@ -132,6 +148,7 @@ class JobConfig(_Section):
     model: ModelConfig
     render: RenderConfig = Field(default_factory=RenderConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     output: OutputConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -164,7 +181,7 @@ class JobConfig(_Section):
 
 
 # The sections whose values change what a video looks like: a resumed output must match them.
-OUTPUT_SECTIONS = ("model", "render", "encode")
+OUTPUT_SECTIONS = ("model", "render", "optimize", "encode")
 # Settings within those sections that change speed, not pixels.
 _NOT_FINGERPRINTED = {"render": {"batch_size"}}
 

@@ -70,7 +70,10 @@ def iter_batches(dataset: InputDataset, batch_rows: int) -> Iterator[pa.RecordBa
         try:
             with fs.open(file.path, "rb") as f:
                 reader = pq.ParquetFile(f)
-                for batch in reader.iter_batches(batch_size=batch_rows, columns=list(dataset.columns)):
+                # One decoding thread: the driver streams, and parallel decoding of a row group
+                # costs more memory than the time it saves here.
+                for batch in reader.iter_batches(batch_size=batch_rows, columns=list(dataset.columns),
+                                                 use_threads=False):
                     yield _with_valid_text(batch)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"input file {file.path} cannot be read ({exc}): rewrite it, or "

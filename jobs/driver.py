@@ -26,7 +26,7 @@ from jobs.progress import Progress
 from jobs.receipts import RECEIPTS_DIR, Receipts
 from jobs.rows import RowFailure
 from rendering import storage
-from rendering.specs import EncodeSpec, ModelSpec, RenderResult, WorkerSpec
+from rendering.specs import EncodeSpec, ModelSpec, OptimizeSpec, RenderResult, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,8 @@ def worker_spec(cfg: JobConfig) -> WorkerSpec:
         videos_uri=storage.join(cfg.output.uri, manifest.VIDEOS_DIR),
         receipts_uri=storage.join(cfg.output.uri, RECEIPTS_DIR),
         batch_size=cfg.render.batch_size,
-        torch_threads=cfg.cluster.cpus_per_worker)
+        torch_threads=cfg.cluster.cpus_per_worker,
+        optimize=OptimizeSpec(**cfg.optimize.model_dump()))
 
 
 def _start_pool(cfg: JobConfig):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rendering import model_cache, tiny
-from rendering.specs import ModelSpec, RenderTask
+from rendering.specs import ModelSpec, OptimizeSpec, RenderTask
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(spec: ModelSpec, device: str):
-    """Build or load the pipeline, move it to ``device`` and silence its progress bars."""
+def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = OptimizeSpec()):
+    """Build or load the pipeline, place it on ``device`` with its speed and memory options, and
+    silence its progress bars."""
     from diffusers import DiffusionPipeline
 
     dtype = DTYPES[spec.dtype]
@@ -44,11 +45,43 @@ def load_pipeline(spec: ModelSpec, device: str):
         pipe = DiffusionPipeline.from_pretrained(
             model_cache.resolve(spec), revision=spec.revision, variant=spec.variant,
             torch_dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
     _check_text_to_video(pipe)
+    apply_optimizations(pipe, optimize, device)
+    pipe.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s as %s", spec.path, type(pipe).__name__, device, spec.dtype)
     return pipe
+
+
+def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:
+    """Apply ``opt`` in the order diffusers expects: attention and caches on the denoiser, VAE
+    memory savers, then placement (offload replaces ``.to(device)``), then compilation."""
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    name = type(denoiser).__name__
+    if opt.attention_backend:
+        denoiser.set_attention_backend(opt.attention_backend)
+    if opt.first_block_cache_threshold is not None:
+        if not hasattr(denoiser, "enable_cache"):
+            raise ValueError(f"optimize.first_block_cache_threshold: {name} has no cache hooks "
+                             "(they exist for DiT transformers such as Wan's)")
+        from diffusers import FirstBlockCacheConfig
+
+        denoiser.enable_cache(FirstBlockCacheConfig(threshold=opt.first_block_cache_threshold))
+    if opt.vae_slicing:
+        pipe.vae.enable_slicing()
+    if opt.vae_tiling:
+        pipe.vae.enable_tiling()
+    if opt.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif opt.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if opt.compile == "repeated_blocks":
+        if not getattr(denoiser, "_repeated_blocks", None):
+            raise ValueError(f"optimize.compile: {name} declares no repeated blocks; use 'full'")
+        denoiser.compile_repeated_blocks(fullgraph=True)
+    elif opt.compile == "full":
+        denoiser.compile()
 
 
 def _check_text_to_video(pipe) -> None:

@@ -21,6 +21,18 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class OptimizeSpec:
+    """Speed and memory options applied to a loaded pipeline (see jobs.config.OptimizeConfig)."""
+
+    attention_backend: str | None = None
+    compile: str = "none"  # none | repeated_blocks | full
+    offload: str = "none"  # none | model | sequential
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    first_block_cache_threshold: float | None = None
+
+
+@dataclass(frozen=True)
 class EncodeSpec:
     crf: int = 18
     preset: str = "medium"
@@ -35,6 +47,7 @@ class WorkerSpec:
     receipts_uri: str  # where a receipt goes once a video is durable: <output>/receipts
     batch_size: int = 1
     torch_threads: int | None = None  # CPU workers: the CPUs the worker holds
+    optimize: OptimizeSpec = field(default_factory=OptimizeSpec)
 
 
 @dataclass(frozen=True)

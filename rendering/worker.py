@@ -63,7 +63,7 @@ class ShardRenderer:
                     torch.set_num_threads(self.spec.torch_threads)
                 self._device = pick_device()
                 started = time.monotonic()
-                self._pipe = load_pipeline(self.spec.model, self._device)
+                self._pipe = load_pipeline(self.spec.model, self._device, self.spec.optimize)
                 self._load_info = {"device": self._device, "pid": os.getpid(),
                                    "load_s": round(time.monotonic() - started, 3)}
             return self._load_info

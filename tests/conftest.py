@@ -56,3 +56,19 @@ def ray_local():
     resources = connect(None)
     yield resources
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip cleanly on machines without CUDA."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

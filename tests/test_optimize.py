@@ -1,0 +1,61 @@
+"""The pipeline's speed and memory options: applied where the model has them, refused with a
+message naming the option where it does not, and part of the output's fingerprint."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import prompts, tiny_config, write_prompts
+
+from jobs.config import ConfigError, fingerprint, load_config, validate
+from jobs.driver import render
+from rendering.pipeline import load_pipeline
+from rendering.specs import ModelSpec, OptimizeSpec
+
+
+def test_cache_attention_and_vae_options_are_applied_to_a_dit():
+    opt = OptimizeSpec(attention_backend="native", first_block_cache_threshold=0.2,
+                       vae_slicing=True, vae_tiling=True)
+    pipe = load_pipeline(ModelSpec("tiny:wan"), "cpu", opt)
+    assert pipe.transformer.is_cache_enabled
+    assert pipe.vae.use_slicing and pipe.vae.use_tiling
+
+
+def test_compiling_repeated_blocks_compiles_each_transformer_block():
+    pipe = load_pipeline(ModelSpec("tiny:wan"), "cpu", OptimizeSpec(compile="repeated_blocks"))
+    blocks = list(pipe.transformer.blocks)
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+
+
+@pytest.mark.parametrize("opt, message", [
+    (OptimizeSpec(first_block_cache_threshold=0.1), "optimize.first_block_cache_threshold: "
+                                                    "UNet3DConditionModel has no cache hooks"),
+    (OptimizeSpec(compile="repeated_blocks"), "optimize.compile: UNet3DConditionModel declares "
+                                              "no repeated blocks"),
+])
+def test_options_a_model_lacks_are_refused_by_name(opt, message):
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(ModelSpec("tiny:modelscope"), "cpu", opt)
+
+
+def test_a_job_renders_with_the_options_on(tmp_path):
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
+    cfg = validate(tiny_config(src, str(tmp_path / "out"), model={"path": "tiny:wan"},
+                               render={"num_frames": 5},
+                               optimize={"first_block_cache_threshold": 0.2, "vae_slicing": True},
+                               cluster={"backend": "inline"}))
+    assert render(cfg, progress=False).ok == 2
+
+
+def test_options_are_validated_and_fingerprinted():
+    base = {"input": {"uri": "in"}, "model": {"path": "tiny:wan"}, "output": {"uri": "out"}}
+    with pytest.raises(ConfigError, match=r"^optimize.offload: Input should be 'none', 'model' or 'sequential'"):
+        load_config(base=base, overrides=["optimize.offload=disk"])
+    plain = load_config(base=base)
+    cached = load_config(base=base, overrides=["optimize.first_block_cache_threshold=0.1"])
+    assert fingerprint(plain) != fingerprint(cached)
+
+
+@pytest.mark.gpu
+def test_model_offload_on_a_gpu():
+    pipe = load_pipeline(ModelSpec("tiny:wan", dtype="float16"), "cuda", OptimizeSpec(offload="model"))
+    assert pipe.transformer.device.type == "cpu"  # moved to the GPU only while it runs

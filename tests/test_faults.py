@@ -89,7 +89,9 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
         assert os.path.getmtime(committed[row_id]["video_uri"]) == mtime
     assert "0 row(s) were already done" not in result.stdout
     assert run_cli("verify", str(out)).returncode == 0
-    print(f"driver SIGKILL: {len(committed)} rows committed before the kill, rerun took {rerun_s:.1f} s")
+    job = json.loads((out / "job.json").read_text())["last_run"]
+    print(f"driver SIGKILL: {len(committed)} rows committed before the kill; the rerun took "
+          f"{rerun_s:.1f} s, rendered {job['rendered']} and recovered {job['recovered']} from receipts")
 
 
 def _read_shards(out) -> list[dict]:

@@ -24,6 +24,9 @@ class InlinePool:
     def start(self) -> list[dict]:
         return [self._renderer.setup()]
 
+    def placements(self) -> list[dict]:
+        return [{"node_id": "driver", "gpu_ids": []}]
+
     def shutdown(self) -> None:
         self._queue.clear()
 

@@ -265,8 +265,9 @@ def _start_pool(cfg: JobConfig):
         pool = WorkerPool(spec, cfg.cluster.num_workers or default_workers, use_gpu,
                           cfg.cluster.cpus_per_worker, cfg.cluster.shard_timeout_s)
     infos = pool.start()
-    logger.info("%d worker(s) on %s loaded the model in %.1f s", len(infos), infos[0]["device"],
-                time.monotonic() - started)
+    nodes = {p["node_id"] for p in pool.placements()}
+    logger.info("%d worker(s) on %d node(s), device %s, loaded the model in %.1f s", len(infos),
+                len(nodes), infos[0]["device"], time.monotonic() - started)
     return pool
 
 

@@ -22,6 +22,7 @@ from jobs import manifest
 from jobs.audit import status as output_status
 from jobs.config import ConfigError, JobConfig, redact
 from jobs.driver import Interrupted, render
+from jobs.output import read_job, read_json
 from rendering import storage
 
 logger = logging.getLogger(__name__)
@@ -62,18 +63,17 @@ def run(cfg: JobConfig, night: dt.date, progress: bool = True) -> dict:
     if attempts and attempts[-1]["status"] != "complete":
         logger.info("resuming %s: attempt %d of the night of %s was %s", cfg.output.uri,
                     attempts[-1]["attempt"], night, attempts[-1]["status"])
-    ok_before = _ok_rows(cfg.output.uri)
-    started = time.monotonic()
+    started = time.time()
     try:
         result = render(cfg, progress=progress)
     except BaseException as exc:
         attempt.update(status="interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt))
                        else "failed", error=redact(" ".join(str(exc).split())) or type(exc).__name__)
-        _finish_attempt(attempt, started, cfg.output.uri, ok_before)
+        _finish_attempt(attempt, started, cfg.output.uri)
         _write_quietly(cfg, night, attempts + [attempt])
         raise
     attempt.update(status="complete" if result.complete else "incomplete", skipped=result.skipped)
-    _finish_attempt(attempt, started, cfg.output.uri, ok_before)
+    _finish_attempt(attempt, started, cfg.output.uri)
     return write_summary(cfg, night, attempts + [attempt])
 
 
@@ -110,11 +110,7 @@ def write_summary(cfg: JobConfig, night: dt.date, attempts: list[dict]) -> dict:
 
 
 def read_summary(output_uri: str) -> dict | None:
-    fs, root = storage.filesystem(output_uri)
-    path = storage.join(root, SUMMARY_FILE)
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
+    return read_json(output_uri, SUMMARY_FILE)
 
 
 def _night_status(complete: bool, failed: int) -> str:
@@ -135,21 +131,27 @@ def _previous_attempts(output_uri: str) -> list[dict]:
     return list(previous["attempts"]) if previous else []
 
 
-def _ok_rows(output_uri: str) -> int:
-    return output_status(output_uri)["by_status"].get("ok", 0)
-
-
-def _finish_attempt(attempt: dict, started: float, output_uri: str, ok_before: int) -> None:
-    """Time the attempt and count its videos as the ok rows it committed, however it ended."""
-    seconds = time.monotonic() - started
-    try:
-        rendered = _ok_rows(output_uri) - ok_before
-    except Exception as exc:  # noqa: BLE001 - storage may be what failed the attempt
-        logger.warning("could not count the rows this attempt committed: %s", redact(str(exc)))
-        rendered = None
+def _finish_attempt(attempt: dict, started: float, output_uri: str) -> None:
+    """Time the attempt and count the ok rows it committed, however it ended."""
+    seconds = time.time() - started
+    rendered = _committed_since(output_uri, started)
     attempt.update(finished_at=_now(), seconds=round(seconds, 3), rendered=rendered,
                    videos_per_hour=round(3600 * rendered / seconds, 1)
                    if rendered is not None and seconds > 0 else None)
+
+
+def _committed_since(output_uri: str, started: float) -> int | None:
+    """Ok rows the run that began after ``started`` committed: rendered, or recovered from an
+    earlier attempt's stored videos. The driver records both in ``job.json``, even for a run
+    that failed or was interrupted."""
+    try:
+        run = (read_job(output_uri) or {}).get("last_run") or {}
+    except Exception as exc:  # noqa: BLE001 - storage may be what failed the attempt
+        logger.warning("could not read the run record of %s: %s", output_uri, redact(str(exc)))
+        return None
+    if run.get("started_at", 0) < started:
+        return 0  # the attempt stopped before it rendered anything
+    return (run.get("rendered") or 0) + (run.get("recovered") or 0)
 
 
 def _write_quietly(cfg: JobConfig, night: dt.date, attempts: list[dict]) -> None:

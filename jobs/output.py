@@ -32,8 +32,13 @@ def versions() -> dict[str, str | None]:
 
 
 def read_job(output_uri: str) -> dict | None:
+    return read_json(output_uri, JOB_FILE)
+
+
+def read_json(output_uri: str, name: str) -> dict | None:
+    """A JSON object reelfarm keeps under the output (``job.json``, ``nightly.json``), if any."""
     fs, root = storage.filesystem(output_uri)
-    path = storage.join(root, JOB_FILE)
+    path = storage.join(root, name)
     if not fs.exists(path):
         return None
     try:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from jobs.config import JobConfig
 from jobs.dataset import InputDataset, iter_batches
 from jobs.hashset import HashSet, key_hashes, row_hash
-from jobs.rows import OVERRIDE_COLUMNS, RowFailure, content_id, resolve
+from jobs.rows import NOT_UTF8, OVERRIDE_COLUMNS, RowFailure, content_id, decoded, resolve
 from rendering.specs import RenderTask
 
 
@@ -98,7 +98,7 @@ def _outcome(row: dict, planned: PlannedRow, id_error: str | None,
         return RowFailure(planned.id, "invalid_id", f"invalid_id: {id_error}", {})
     if planned.occurrence:
         return RowFailure(planned.id, "duplicate_id",
-                          f"duplicate_id: id {planned.id!r} appears earlier in the input "
+                          f"duplicate_id: id {_shortened(planned.id)!r} appears earlier in the input "
                           f"(this is repeat {planned.occurrence})", {})
     return resolve(row, planned.id, cfg)
 
@@ -107,15 +107,17 @@ def _row_id(row: dict, has_id: bool) -> tuple[str, str | None]:
     """The row's id and, when its id column is unusable, why (the content id stands in)."""
     if not has_id:
         return content_id(row), None
-    value = row.get("id")
+    value = decoded(row.get("id"))
     if value is None:
         return content_id(row), "id is null"
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8"), None
-        except UnicodeDecodeError:
-            return content_id(row), "id is not valid UTF-8"
+    if value is NOT_UTF8:
+        return content_id(row), "id is not valid UTF-8"
     return str(value), None
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    """Enough of an id to recognise it in a message; ids may be arbitrarily long."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _text(value) -> str | None:

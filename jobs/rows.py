@@ -84,8 +84,8 @@ def resolve(row: dict, row_id: str, cfg: JobConfig) -> RenderTask | RowFailure:
     id_problem = _id_problem(row_id, limits.max_id_chars)
     if id_problem:
         return fail("invalid_id", id_problem)
-    prompt = _decoded(row.get("prompt"))
-    if prompt is _NOT_UTF8:
+    prompt = decoded(row.get("prompt"))
+    if prompt is NOT_UTF8:
         return fail("invalid_prompt", "prompt is not valid UTF-8")
     if prompt is None or not isinstance(prompt, str) or not prompt.strip():
         return fail("invalid_prompt", "prompt is null, empty or blank")
@@ -93,7 +93,7 @@ def resolve(row: dict, row_id: str, cfg: JobConfig) -> RenderTask | RowFailure:
         return fail("invalid_prompt",
                     f"prompt has {len(prompt)} characters, over limits.max_prompt_chars = "
                     f"{limits.max_prompt_chars}")
-    negative = params["negative_prompt"] = _decoded(params["negative_prompt"])
+    negative = params["negative_prompt"] = decoded(params["negative_prompt"])
     if negative is not None and not isinstance(negative, str):
         return fail("invalid_value", "negative_prompt must be text in valid UTF-8")
     for key in INT_COLUMNS:
@@ -131,17 +131,17 @@ def _value(row: dict, column: str, default):
     return value
 
 
-_NOT_UTF8 = object()  # what _decoded returns for bytes that are not UTF-8
+NOT_UTF8 = object()  # what _decoded returns for bytes that are not UTF-8
 
 
-def _decoded(value):
+def decoded(value):
     """Text columns may arrive as bytes (binary columns, or strings holding invalid UTF-8)."""
     if not isinstance(value, bytes):
         return value
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        return _NOT_UTF8
+        return NOT_UTF8
 
 
 def _id_problem(row_id: str, max_chars: int) -> str | None:

@@ -92,6 +92,37 @@ def _check_text_to_video(pipe) -> None:
                         f"takes no {', '.join(missing)}")
 
 
+def shape_problem(pipe, num_frames: int, height: int, width: int) -> str | None:
+    """Why ``pipe`` cannot render exactly this video shape, or None when it can.
+
+    Checked before rendering, because some pipelines do not refuse a shape they cannot make:
+    Wan rounds the frame count down to the nearest 4k+1 and renders a video the frame check
+    then rejects, after the GPU time is spent.
+    """
+    name = type(pipe).__name__
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None) or 1
+    if temporal > 1 and (num_frames - 1) % temporal:
+        below = (num_frames - 1) // temporal * temporal + 1
+        return (f"{name} renders {temporal}k+1 frames; num_frames={num_frames} is not one "
+                f"({below} or {below + temporal} is)")
+    multiple = _spatial_multiple(pipe)
+    if height % multiple or width % multiple:
+        return (f"{name} needs height and width divisible by {multiple}; "
+                f"{height}x{width} is not")
+    return None
+
+
+def _spatial_multiple(pipe) -> int:
+    """Pixels per latent cell (the VAE's downscale) times the denoiser's patch size."""
+    vae_factor = (getattr(pipe, "vae_scale_factor_spatial", None)
+                  or getattr(pipe, "vae_scale_factor", None) or 1)
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    patch = getattr(getattr(denoiser, "config", None), "patch_size", None) or 1
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-1]
+    return int(vae_factor) * int(patch)
+
+
 def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
     """For each prompt, whether the text encoder will read only its first tokens.
 

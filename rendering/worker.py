@@ -102,9 +102,15 @@ class ShardRenderer:
         """Frames per row, or a failure; a failing batch is retried row by row.
 
         Retrying alone isolates a poison row: it fails by itself and its batch mates render.
+        A shape the model cannot make fails the batch's rows before any GPU time is spent.
         """
-        from rendering.pipeline import render_batch
+        from rendering.pipeline import render_batch, shape_problem
 
+        first = batch[0]
+        problem = shape_problem(self._pipe, first.num_frames, first.height, first.width)
+        if problem:
+            return [RenderResult.failure(t.id, "invalid_shape", problem, retryable=False)
+                    for t in batch]
         started = time.monotonic()
         try:
             with self._render_lock:

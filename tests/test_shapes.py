@@ -1,0 +1,58 @@
+"""A video shape the model cannot make fails its rows before rendering, with a message that
+says which shapes would do, and the job's other rows render."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config, write_prompts
+
+from jobs import manifest
+from jobs.config import validate
+from jobs.driver import render
+from rendering.pipeline import shape_problem
+from rendering.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return build_tiny_pipeline("wan")
+
+
+@pytest.mark.parametrize("frames, height, width, message", [
+    (17, 32, 32, None),
+    (1, 16, 48, None),
+    (16, 32, 32, "WanPipeline renders 4k+1 frames; num_frames=16 is not one (13 or 17 is)"),
+    (17, 40, 32, "WanPipeline needs height and width divisible by 16; 40x32 is not"),
+    (17, 32, 24, "WanPipeline needs height and width divisible by 16; 32x24 is not"),
+])
+def test_wan_shapes(wan, frames, height, width, message):
+    assert shape_problem(wan, frames, height, width) == message
+
+
+def test_a_unet_model_needs_sides_divisible_by_its_vae_factor():
+    pipe = build_tiny_pipeline("modelscope")
+    factor = pipe.vae_scale_factor
+    assert factor > 1
+    assert shape_problem(pipe, 16, 8 * factor, 4 * factor) is None
+    assert shape_problem(pipe, 16, 8 * factor + 1, 4 * factor) == (
+        f"TextToVideoSDPipeline needs height and width divisible by {factor}; "
+        f"{8 * factor + 1}x{4 * factor} is not")
+
+
+def test_rows_of_an_impossible_shape_fail_alone_and_are_not_rendered(tmp_path):
+    rows = [{"id": "good-0", "prompt": "a red cube", "num_frames": None},
+            {"id": "sixteen", "prompt": "a blue cube", "num_frames": 16},
+            {"id": "good-1", "prompt": "a green cube", "num_frames": None}]
+    src = write_prompts(tmp_path / "in.parquet", rows)
+    out = str(tmp_path / "out")
+    cfg = validate(tiny_config(src, out, model={"path": "tiny:wan"}, render={"num_frames": 5},
+                               cluster={"backend": "inline", "max_attempts": 3}))
+    result = render(cfg, progress=False)
+    assert (result.ok, result.failed) == (2, 1)
+    by_id = {r["id"]: r for r in manifest.read_shards(out).to_pylist()}
+    bad = by_id["sixteen"]
+    assert bad["status"] == "failed" and bad["error_code"] == "invalid_shape"
+    assert "num_frames=16 is not one (13 or 17 is)" in bad["error"]
+    # Rendered, Wan would have made 13 frames and failed the frame check as a render_error.
+    assert bad["video_uri"] is None
+    assert {by_id["good-0"]["status"], by_id["good-1"]["status"]} == {"ok"}

@@ -6,62 +6,101 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow.compute as pc
+
 from jobs import manifest
+from jobs.hashset import HashSet, key_hashes, row_hash
 from jobs.output import read_job
 from rendering import storage
 
 _HASH_THREADS = 8  # hashing is I/O bound on object stores
+_LISTING_CHUNK = 65536  # listed paths hashed and looked up at a time
 
 
 @dataclass
 class Audit:
     rows: int
-    ok: int
-    checked: int
+    ok: int  # rows whose video was checked
     problems: list[str]
 
 
 def verify(output_uri: str, check_hashes: bool = True) -> Audit:
-    """Every ok row's video exists with its size and sha256; no video or temp file is unlisted."""
+    """Every ok row's video exists with its size and sha256; no video or temp file is unlisted.
+
+    Streams the manifests a shard at a time and keeps only 8-byte hashes of rows and video
+    paths, so an output of millions of rows is checked in bounded memory.
+    """
     fs, root = storage.filesystem(output_uri)
     if not fs.exists(root):
-        return Audit(0, 0, 0, [f"output {output_uri} does not exist"])
-    table = manifest.read_shards(output_uri)
+        return Audit(0, 0, [f"output {output_uri} does not exist"])
     problems: list[str] = []
-    if table.num_rows == 0:
-        problems.append(f"no committed shard manifests under {output_uri}/{manifest.MANIFESTS_DIR}")
-    rows = table.to_pylist()
-    keys = Counter((r["id"], r["occurrence"]) for r in rows)
-    problems += [f"row {k[0]!r} is committed {n} times" for k, n in keys.items() if n > 1]
-
-    ok_rows = [r for r in rows if r["status"] == "ok"]
-    listed = {_path(r["video_uri"]) for r in ok_rows}
+    rows = ok = 0
+    seen_rows, listed_videos = HashSet(), HashSet()
+    repeats: Counter = Counter()  # (id, occurrence) -> extra commits
+    columns = ["row_index", "id", "occurrence", "status", "video_uri", "bytes", "sha256"]
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for problem in pool.map(lambda r: _check_video(r, check_hashes), ok_rows):
-            if problem:
-                problems.append(problem)
-
-    videos_dir = storage.join(root, manifest.VIDEOS_DIR)
-    present = fs.find(videos_dir) if fs.exists(videos_dir) else []
-    for path in sorted(present):
-        if storage.TEMP_MARKER in path.rsplit("/", 1)[-1]:
-            problems.append(f"leftover temporary object {path}")
-        elif path not in listed:
-            problems.append(f"video {path} is not in any manifest")
-    for path in sorted(fs.find(root)):
-        name = path.rsplit("/", 1)[-1]
-        if storage.TEMP_MARKER in name and not path.startswith(videos_dir + "/"):
-            problems.append(f"leftover temporary object {path}")
+        for table in manifest.iter_shards(output_uri, columns=columns):
+            rows += table.num_rows
+            _count_repeats(table, seen_rows, repeats)
+            ok_rows = table.filter(pc.equal(table["status"], "ok")).to_pylist()
+            ok += len(ok_rows)
+            listed_videos.add(_path_hashes(_path(r["video_uri"]) for r in ok_rows))
+            problems += [p for p in pool.map(lambda r: _check_video(r, check_hashes), ok_rows) if p]
+    if rows == 0:
+        problems.append(f"no committed shard manifests under {output_uri}/{manifest.MANIFESTS_DIR}")
+    problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
+    problems += sorted(_stray_objects(fs, root, listed_videos))
 
     success = fs.exists(storage.join(root, manifest.SUCCESS_FILE))
     job = read_job(output_uri) or {}
     expected = job.get("counts", {}).get("rows")
-    if success and expected is not None and expected != table.num_rows:
-        problems.append(f"_SUCCESS is present but {table.num_rows} of {expected} rows are committed")
+    if success and expected is not None and expected != rows:
+        problems.append(f"_SUCCESS is present but {rows} of {expected} rows are committed")
     consolidated = storage.join(root, manifest.MANIFEST_FILE)
     if success and not fs.exists(consolidated):
         problems.append(f"_SUCCESS is present but {manifest.MANIFEST_FILE} is missing")
-    return Audit(table.num_rows, len(ok_rows), len(ok_rows), problems)
+    return Audit(rows, ok, problems)
+
+
+def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
+    """Count rows committed by an earlier shard, or earlier in this one, into ``repeats``."""
+    keys = list(zip(table["id"].to_pylist(), table["occurrence"].to_pylist()))
+    hashes = np.array([row_hash(i, n) for i, n in keys], dtype=np.uint64)
+    in_table: set[int] = set()
+    for key, h, before in zip(keys, hashes.tolist(), seen.contains(hashes)):
+        if before or h in in_table:
+            repeats[key] += 1
+        in_table.add(h)
+    seen.add(hashes)
+
+
+def _stray_objects(fs, root: str, listed_videos: HashSet):
+    """Videos no manifest row lists, and temp objects anywhere under the output.
+
+    The videos folder is flat and may hold millions of objects: its names alone are listed
+    (``find`` would hold a dict of details per object) and looked up a chunk at a time.
+    """
+    videos_dir = storage.join(root, manifest.VIDEOS_DIR)
+    videos = fs.ls(videos_dir, detail=False) if fs.exists(videos_dir) else []
+    for start in range(0, len(videos), _LISTING_CHUNK):
+        chunk = videos[start:start + _LISTING_CHUNK]
+        for path, listed in zip(chunk, listed_videos.contains(_path_hashes(chunk))):
+            if _is_temp(path):
+                yield f"leftover temporary object {path}"
+            elif not listed:
+                yield f"video {path} is not in any manifest"
+    for entry in fs.ls(root, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != manifest.VIDEOS_DIR:
+            yield from (f"leftover temporary object {p}" for p in fs.find(entry) if _is_temp(p))
+
+
+def _is_temp(path: str) -> bool:
+    return storage.TEMP_MARKER in path.rsplit("/", 1)[-1]
+
+
+def _path_hashes(paths) -> np.ndarray:
+    return key_hashes([p.encode("utf-8", "surrogatepass") for p in paths])
 
 
 def status(output_uri: str, top: int = 5) -> dict:

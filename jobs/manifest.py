@@ -167,14 +167,6 @@ def iter_shards(output_uri: str, columns: list[str] | None = None) -> Iterator[p
                                                 ("occurrence", "ascending")])
 
 
-def read_shards(output_uri: str) -> pa.Table:
-    """Every committed row, in input order, in memory: for audits of one output."""
-    tables = list(iter_shards(output_uri))
-    if not tables:
-        return SCHEMA.empty_table()
-    return pa.concat_tables(tables, promote_options="default")
-
-
 def tally(output_uri: str) -> Tally:
     counts = Tally()
     for table in iter_shards(output_uri, columns=["row_index", "occurrence", "status",

@@ -95,9 +95,9 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
 
 
 def _read_shards(out) -> list[dict]:
-    from jobs.manifest import read_shards
+    from jobs.manifest import iter_shards
 
-    return read_shards(str(out)).to_pylist()
+    return [row for table in iter_shards(str(out)) for row in table.to_pylist()]
 
 
 def _worker_pids() -> list[int]:
@@ -156,21 +156,21 @@ def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path
 
 
 def test_a_poison_row_fails_alone_and_the_job_exits_3(tmp_path):
-    """Wan needs sizes divisible by 16: a 40-pixel row passes reelfarm's checks and is refused by
-    the pipeline itself every time it is tried."""
-    rows = [{**row, "height": None} for row in prompts(5)]
-    rows[2]["height"] = 40
+    """DDIM refuses more steps than its 1,000 training timesteps: a row asking for 1,001 passes
+    reelfarm's checks (the limit is raised here) and is refused by the pipeline every time."""
+    rows = [{**row, "num_inference_steps": None} for row in prompts(5)]
+    rows[2]["num_inference_steps"] = 1001
     src = write_prompts(tmp_path / "prompts.parquet", rows)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(tiny_config(
-        src, str(tmp_path / "out"), model={"path": "tiny:wan"}, render={"num_frames": 5},
+        src, str(tmp_path / "out"), limits={"max_inference_steps": 2000},
         cluster={"backend": "inline"})))
     result = run_cli("render", str(config), "--quiet")
     assert result.returncode == 3, result.stderr
     rows = {r["id"]: r for r in _manifest(tmp_path / "out")}
     assert rows["row-002"]["status"] == "failed"
     assert rows["row-002"]["error_code"] == "render_error"
-    assert "divisible by 16" in rows["row-002"]["error"]
+    assert "1001 cannot be larger than" in rows["row-002"]["error"]
     assert all(r["status"] == "ok" for i, r in rows.items() if i != "row-002")
     assert run_cli("verify", str(tmp_path / "out")).returncode == 0
 

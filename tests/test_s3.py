@@ -118,6 +118,12 @@ def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_se
     assert not _objects(client, "out/run-1/receipts/")
     check = run_cli("verify", f"s3://{BUCKET}/out/run-1", env=env)
     assert check.returncode == 0, check.stdout + check.stderr
+    client.put_object(Bucket=BUCKET, Key="out/run-1/videos/stranger.mp4", Body=b"x")
+    client.put_object(Bucket=BUCKET, Key="out/run-1/manifests/.tmp-shard", Body=b"x")
+    check = run_cli("verify", f"s3://{BUCKET}/out/run-1", env=env)
+    assert check.returncode == 1
+    assert f"FAIL leftover temporary object {BUCKET}/out/run-1/manifests/.tmp-shard" in check.stdout
+    assert f"FAIL video {BUCKET}/out/run-1/videos/stranger.mp4 is not in any manifest" in check.stdout
     job = client.get_object(Bucket=BUCKET, Key="out/run-1/job.json")["Body"].read().decode()
     assert "testing-secret" not in job
 

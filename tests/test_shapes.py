@@ -49,7 +49,7 @@ def test_rows_of_an_impossible_shape_fail_alone_and_are_not_rendered(tmp_path):
                                cluster={"backend": "inline", "max_attempts": 3}))
     result = render(cfg, progress=False)
     assert (result.ok, result.failed) == (2, 1)
-    by_id = {r["id"]: r for r in manifest.read_shards(out).to_pylist()}
+    by_id = {r["id"]: r for table in manifest.iter_shards(out) for r in table.to_pylist()}
     bad = by_id["sixteen"]
     assert bad["status"] == "failed" and bad["error_code"] == "invalid_shape"
     assert "num_frames=16 is not one (13 or 17 is)" in bad["error"]

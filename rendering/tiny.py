@@ -36,7 +36,13 @@ def build_tiny_pipeline(kind: str):
         raise ValueError(f"unknown tiny model kind {kind!r}: choose one of {', '.join(TINY_KINDS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_WEIGHT_SEED)
-        return builders[kind]()
+        pipe = builders[kind]()
+    # Modules are built in training mode; from_pretrained gives eval mode, and so must this,
+    # or UMT5's dropout makes every Wan video differ from call to call.
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
 
 
 def save_tiny_pipeline(kind: str, directory: str) -> None:

@@ -46,12 +46,16 @@ def test_every_video_plays_and_every_row_is_in_the_manifest(tmp_path, backend, r
     assert verify(cfg.output.uri).problems == []
 
 
-def test_same_config_twice_gives_byte_identical_videos_and_stable_ids_and_seeds(tmp_path):
+@pytest.mark.parametrize("model, num_frames", [("tiny:modelscope", 8), ("tiny:wan", 5)])
+def test_same_config_twice_gives_byte_identical_videos_and_stable_ids_and_seeds(tmp_path, model,
+                                                                                num_frames):
     rows = [{"prompt": f"a lighthouse in a storm, take {i}"} for i in range(4)]  # no id column
     src = write_prompts(tmp_path / "prompts.parquet", rows)
     tables = []
     for name in ("a", "b"):
-        cfg = validate(tiny_config(src, str(tmp_path / name), cluster={"backend": "inline"}))
+        cfg = validate(tiny_config(src, str(tmp_path / name), model={"path": model},
+                                   render={"num_frames": num_frames},
+                                   cluster={"backend": "inline"}))
         render(cfg, progress=False)
         tables.append(pq.read_table(tmp_path / name / "manifest.parquet").to_pylist())
     first, second = tables

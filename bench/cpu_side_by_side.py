@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 
 from bench.common import OUT, machine, median, python, run_process, save
 

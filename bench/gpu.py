@@ -1,21 +1,38 @@
-"""GPU benchmark (needs a CUDA machine; NOT measured yet, see RESULTS.md).
+"""GPU benchmark: reelfarm against a plain diffusers loop on full-size models, and the options.
 
-Full-size random-weight models built from the published configs, with no network:
+Full-size random-weight models built from the published configs, with no network, are saved
+once as diffusers folders under bench/out/gpu/ (about 3.4 GB and 14 GB in fp16), so that both
+contenders load the same weights with from_pretrained, as a user's own loop would:
   - ModelScope text-to-video 1.7B (UNet3D + OpenCLIP-H text encoder + SD VAE), 16x256x256
   - Wan 2.1 T2V 1.3B (DiT + UMT5-XXL text encoder + Wan VAE), 33x480x832
-For each: per-GPU videos/hour of a plain diffusers loop in fp16 (load once, render, encode
-with ffmpeg, write) and of ``reelfarm render`` with its best settings (fp16, one worker per
-GPU, batch_size swept); GPU busy fraction (nvidia-smi samples); achieved FLOP/s against a
-measured fp16 matmul peak, with FLOPs counted by torch.utils.flop_counter on the meta device.
+Per model, three parts:
+  options   ``python -m bench.options --device cuda`` for the model: the effect of every
+            optimize.* option, of bf16 and of batch size, with peak GPU memory (its own JSON;
+            Wan's at 10 of its 30 steps, so that most variants fit in one command)
+  plain     a hand-written fp16 diffusers loop: load, render one video at a time, encode with
+            ffmpeg, write; videos/hour after a warm-up, and GPU busy fraction (nvidia-smi)
+  reelfarm  ``reelfarm render``, one worker, fp16, batch_size swept, with its best lossless
+            settings: the fastest variant of the options part that computes what the plain
+            loop computes (an attention kernel, compilation, VAE slicing), never FirstBlockCache,
+            VAE tiling or bf16, which change the pixels, so the comparison is like for like
+and achieved FLOP/s (FLOPs counted by torch.utils.flop_counter on the meta device) against a
+measured fp16 matmul peak. Each part is merged into bench/out/gpu_<model>.json, so parts run
+as separate commands add up. A lent GPU allows 10 minutes per command, so run one model's
+parts in two (nothing here has run on a GPU yet: the sizes are estimates; the options part
+starts no variant after 6 minutes, and saves after each one):
 
-    python -m bench.gpu                     # on a GPU machine: both models, ~20 min
-    python -m bench.gpu --models modelscope --videos 4 12
-    python -m bench.gpu --quick             # anywhere: tiny models on CPU, checks the code paths
+    python -m bench.gpu --models modelscope --parts options      # builds and saves the model first
+    python -m bench.gpu --models modelscope --parts plain reelfarm
+    python -m bench.gpu --models wan --parts options             # Wan: about 14 GB to save first
+    python -m bench.gpu --models wan --parts plain reelfarm
+    python -m bench.gpu --quick     # anywhere: tiny models on the CPU, checks the code paths
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import json
 import os
 import shutil
@@ -24,7 +41,8 @@ import sys
 import threading
 import time
 
-from bench.common import OUT, machine, python, run_process, save
+from bench import options
+from bench.common import OUT, REPO, machine, python, run_process, save
 
 # Published architectures (diffusers configs of ali-vilab/text-to-video-ms-1.7b and
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers), written out so that no hub access is needed.
@@ -53,12 +71,49 @@ WAN_1_3B = {
     "render": dict(num_frames=33, height=480, width=832, num_inference_steps=30, guidance_scale=5.0),
 }
 SPECS = {"modelscope": MODELSCOPE, "wan": WAN_1_3B}
+# Per model: the video counts of the two reelfarm runs (the plain loop renders the larger) and
+# the batch sizes swept, sized so that the plain and reelfarm parts fit in one command.
+RUNS = {"modelscope": ([4, 12], [1, 4]), "wan": ([2, 6], [1])}
+OPTIONS_ARGS = {"modelscope": [], "wan": ["--steps", "10"]}  # see the options part above
+PARTS = ("options", "plain", "reelfarm")
 
 
-# --- building full-size random-weight pipelines ---------------------------------------------
+# --- full-size random-weight models ---------------------------------------------------------
+
+def ensure_model(kind: str, quick: bool = False) -> str:
+    """The model's diffusers folder under bench/out/gpu/, built and saved on first use: the
+    full-size random-weight model, or with ``quick`` the tiny one. A folder is renamed into
+    place once complete, so a run killed while saving leaves nothing that looks usable."""
+    import torch
+
+    from rendering.tiny import save_tiny_pipeline
+
+    path = os.path.join(OUT, "gpu", f"{kind}-{'tiny' if quick else 'random'}")
+    if os.path.exists(os.path.join(path, "model_index.json")):
+        return path
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    started = time.monotonic()
+    if quick:
+        save_tiny_pipeline(kind, partial)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = build_pipeline(kind, device, torch.float16)
+        pipe.save_pretrained(partial, safe_serialization=True)
+        del pipe
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(partial, path)
+    print(f"{kind}: model saved in {time.monotonic() - started:.0f} s: {path}", flush=True)
+    return path
+
 
 def build_pipeline(kind: str, device: str, dtype):
-    """A pipeline of the published size with random weights, made on ``device`` directly."""
+    """A pipeline of the published size with random weights, made on ``device`` directly, to
+    be saved. Non-persistent buffers (CLIP's position ids, Wan's RoPE tables) are left
+    uninitialised: they are not saved, and from_pretrained computes them again."""
     import torch
 
     from rendering import tiny
@@ -66,9 +121,11 @@ def build_pipeline(kind: str, device: str, dtype):
     with torch.device("meta"):
         parts = _modules(kind)
     for name, module in parts.items():
-        module.to_empty(device=device)
+        module = module.to(dtype=dtype).to_empty(device=device)
+        if hasattr(module, "tie_weights"):  # to_empty unties UMT5's shared embedding (1B params)
+            module.tie_weights()
         _randomize(module)
-        parts[name] = module.to(dtype=dtype).eval()
+        parts[name] = module.eval()
     if kind == "modelscope":
         from diffusers import DDIMScheduler, TextToVideoSDPipeline
 
@@ -78,14 +135,10 @@ def build_pipeline(kind: str, device: str, dtype):
             scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     clip_sample=False, set_alpha_to_one=False))
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-    from transformers import T5Tokenizer
 
-    import string
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    pieces += [("\u2581" + ch, -1.0) for ch in string.ascii_lowercase]
-    pieces += [(ch, -2.0) for ch in string.ascii_lowercase + string.digits]
-    return WanPipeline(tokenizer=T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512),
-                       text_encoder=parts["text"], vae=parts["vae"], transformer=parts["transformer"],
+    return WanPipeline(tokenizer=tiny.build_tiny_pipeline("wan").tokenizer,  # as above
+                       text_encoder=parts["text"], vae=parts["vae"],
+                       transformer=parts["transformer"],
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
@@ -107,18 +160,16 @@ def _modules(kind: str) -> dict:
 
 
 def _randomize(module) -> None:
-    """Small random weights (unit norms, zero biases): finite activations through every layer."""
+    """Small random weights (unit norms, zero biases): finite activations through every layer,
+    in fp16 too (the plain loop checks its frames are finite)."""
     import torch
 
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.ndim <= 1:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            if p.ndim <= 1 or name.endswith("gamma"):  # norm scales (Wan's VAE: gamma, 4-D)
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
             else:
                 p.normal_(0.0, 0.02)
-        for name, b in module.named_buffers():
-            if b.is_floating_point():
-                b.zero_()
 
 
 # --- FLOPs, counted on the meta device ------------------------------------------------------
@@ -126,7 +177,6 @@ def _randomize(module) -> None:
 def count_flops(kind: str, render: dict, batch: int = 1) -> dict:
     """FLOPs of one video: text encoding, every denoiser call (with CFG: 2 per step), decode."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         parts = _modules(kind)
@@ -195,14 +245,17 @@ class GpuSampler:
 
     def __init__(self, interval_ms: int = 200):
         self.samples: list[float] = []
-        self._proc = None
+        self._proc = self._thread = None
         self._interval_ms = interval_ms
 
     def __enter__(self):
         if shutil.which("nvidia-smi"):
+            # nvidia-smi numbers GPUs physically; the first visible one is the one used here.
+            gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
             self._proc = subprocess.Popen(
                 ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                 f"-lms={self._interval_ms}", "-i", "0"], stdout=subprocess.PIPE, text=True)
+                 f"--loop-ms={self._interval_ms}", f"--id={gpu}"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
@@ -211,13 +264,14 @@ class GpuSampler:
         for line in self._proc.stdout:
             try:
                 self.samples.append(float(line.strip()) / 100.0)
-            except ValueError:
+            except ValueError:  # "[N/A]", "[Not Supported]"
                 pass
 
     def __exit__(self, *exc):
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait()
+            self._thread.join(timeout=5)
 
     @property
     def busy(self) -> float | None:
@@ -226,13 +280,19 @@ class GpuSampler:
 
 # --- the two contenders ---------------------------------------------------------------------
 
-def plain_loop(pipe, render: dict, videos: int, out: str, device: str) -> dict:
-    """The hand-written loop: render one video at a time in fp16, encode with ffmpeg, write."""
+def plain_loop(model_dir: str, render: dict, videos: int, out: str, device: str, dtype) -> dict:
+    """The hand-written loop: load with from_pretrained, render one video at a time, encode
+    with ffmpeg, write."""
+    import numpy as np
     import torch
+    from diffusers import DiffusionPipeline
 
     from rendering.encode import encode_video, to_uint8
     from rendering.specs import EncodeSpec
 
+    pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
     os.makedirs(out, exist_ok=True)
     spec = EncodeSpec(crf=18, preset="medium")
 
@@ -240,9 +300,11 @@ def plain_loop(pipe, render: dict, videos: int, out: str, device: str) -> dict:
         with torch.inference_mode():
             frames = pipe(prompt=f"a test scene, take {i}", output_type="np",
                           generator=torch.Generator("cpu").manual_seed(i), **render).frames[0]
+        if not np.isfinite(frames).all():
+            raise RuntimeError(f"non-finite frames from {model_dir} in {dtype}")
         encode_video(to_uint8(frames), os.path.join(out, f"{i}.mp4"), 8, spec)
 
-    one(-1)  # warm-up: kernels, allocator, cudnn autotuning
+    one(videos)  # warm-up: kernels, allocator, cudnn autotuning
     _sync(device)
     with GpuSampler() as sampler:
         started = time.perf_counter()
@@ -250,13 +312,17 @@ def plain_loop(pipe, render: dict, videos: int, out: str, device: str) -> dict:
             one(i)
         _sync(device)
         seconds = time.perf_counter() - started
-    return {"videos": videos, "seconds": round(seconds, 2),
+    return {"date": _now(), "videos": videos, "seconds": round(seconds, 2),
             "videos_per_hour": round(videos / seconds * 3600, 1), "gpu_busy": sampler.busy}
 
 
 def reelfarm_runs(kind: str, model_dir: str, render: dict, sizes: list[int], batch_size: int,
-                  root: str, dtype: str) -> dict:
-    """``reelfarm render`` as a whole process at two sizes: steady rate and start-up."""
+                  root: str, dtype: str, settings: list[str]) -> dict:
+    """``reelfarm render`` as a whole process at two sizes: steady rate and start-up.
+
+    GPU busy of the steady part = (busy seconds of the large run - of the small one) / (wall
+    time difference), so that start-up (Ray, loading, compiling) does not dilute it.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -268,26 +334,41 @@ def reelfarm_runs(kind: str, model_dir: str, render: dict, sizes: list[int], bat
         out = os.path.join(root, f"reelfarm-{kind}-{n}-b{batch_size}")
         shutil.rmtree(out, ignore_errors=True)
         sets = [f"model.path={model_dir}", f"model.dtype={dtype}", f"render.batch_size={batch_size}",
-                "output.shard_size=8", "cluster.num_workers=1"]
+                "output.shard_size=8", "cluster.num_workers=1", *settings]
         sets += [f"render.{k}={v}" for k, v in render.items()]
         argv = [python(), "-m", "jobs.cli", "render", "configs/demo.yaml", "--input", prompts,
                 "--output", out, "--quiet"] + [a for s in sets for a in ("--set", s)]
         with GpuSampler() as sampler:
-            proc = run_process(argv, timeout_s=3600)
+            proc = run_process(argv, timeout_s=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"reelfarm render failed: {proc.output[-2000:]}")
         walls[n], busy[n] = proc.wall_s, sampler.busy
     small, large = min(sizes), max(sizes)
+    result = {"date": _now(), "batch_size": batch_size, "settings": settings,
+              "wall_s": {n: round(w, 1) for n, w in walls.items()},
+              "videos_per_hour": float("nan"), "startup_s": None, "gpu_busy_steady": None}
     if walls[large] <= walls[small]:  # too few videos to tell (e.g. --quick on a busy CPU)
-        return {"batch_size": batch_size, "wall_s": walls, "videos_per_hour": float("nan"),
-                "startup_s": None, "gpu_busy": busy[large]}
+        return result
     rate = (large - small) / (walls[large] - walls[small])
-    return {"batch_size": batch_size, "wall_s": {n: round(w, 1) for n, w in walls.items()},
-            "videos_per_hour": round(rate * 3600, 1),
-            "startup_s": round(walls[small] - small / rate, 1), "gpu_busy": busy[large]}
+    result.update(videos_per_hour=round(rate * 3600, 1),
+                  startup_s=round(walls[small] - small / rate, 1))
+    if busy[small] is not None and busy[large] is not None:
+        busy_s = busy[large] * walls[large] - busy[small] * walls[small]
+        result["gpu_busy_steady"] = round(busy_s / (walls[large] - walls[small]), 3)
+    return result
 
 
-def run(models: list[str], sizes: list[int], batch_sizes: list[int], quick: bool) -> dict:
+def best_settings(kind: str, device: str, quick: bool) -> tuple[list[str], str | None]:
+    """``--set`` overrides from the options part's fastest lossless variant, and its JSON."""
+    path = os.path.join(OUT, options.result_name(device, kind, quick) + ".json")
+    if not os.path.exists(path):
+        return [], None
+    with open(path) as f:
+        best = options.fastest_exact(json.load(f))
+    return [f"optimize.{k}={v}" for k, v in best.items()], path
+
+
+def run(kind: str, parts: list[str], sizes: list[int], batch_sizes: list[int], quick: bool) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -296,72 +377,98 @@ def run(models: list[str], sizes: list[int], batch_sizes: list[int], quick: bool
     dtype = torch.float16 if device == "cuda" else torch.float32
     root = os.path.join(OUT, "gpu" + ("_quick" if quick else ""))
     os.makedirs(root, exist_ok=True)
-    result = {"machine": machine(), "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-              "models": {}}
+    name = f"gpu_{kind}" + ("_quick" if quick else "")
+    entry = _previous(name)  # the parts an earlier command measured
+    entry.update(machine=machine(), gpu=torch.cuda.get_device_name(0) if device == "cuda" else None)
+    render = dict(SPECS[kind]["render"])
+    if quick:
+        render.update(num_frames=8 if kind == "modelscope" else 5, height=32, width=32,
+                      num_inference_steps=2)
+    model_dir = ensure_model(kind, quick)
+    if "options" in parts:
+        argv = [python(), "-m", "bench.options", "--device", device, "--models", kind]
+        argv += ["--quick"] if quick else OPTIONS_ARGS[kind]
+        code = subprocess.run(argv, cwd=REPO).returncode
+        entry["options"] = {"date": _now(), "returncode": code, "json": os.path.join(
+            OUT, options.result_name(device, kind, quick) + ".json")}
+        save(name, entry)
+    if "plain" not in parts and "reelfarm" not in parts:
+        return entry
+    flops = count_flops(kind, render)
+    entry.update(render=render, flops_per_video=flops["per_video"],
+                 flops_parts={k: v for k, v in flops.items() if k != "per_video"})
     if device == "cuda":
-        result["matmul_peak_tflops_fp16"] = round(matmul_peak_flops(device, dtype) / 1e12, 1)
-    for kind in models:
-        render = dict(SPECS[kind]["render"])
-        if quick:
-            render.update(num_frames=8 if kind == "modelscope" else 5, height=32, width=32,
-                          num_inference_steps=2)
-        flops = count_flops(kind, render)
-        entry = {"render": render, "flops_per_video": flops["per_video"],
-                 "flops_parts": {k: v for k, v in flops.items() if k != "per_video"}}
-        print(kind, "TFLOPs per video:", round(flops["per_video"] / 1e12, 2), flush=True)
-        if quick:
-            from rendering.tiny import build_tiny_pipeline
-
-            pipe, model_dir = build_tiny_pipeline(kind), f"tiny:{kind}"
-        else:
-            pipe = build_pipeline(kind, device, dtype)
-            model_dir = os.path.join(root, f"{kind}-random")
-            if not os.path.exists(os.path.join(model_dir, "model_index.json")):
-                pipe.save_pretrained(model_dir, safe_serialization=True)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.to(device)
-        plain = plain_loop(pipe, render, max(sizes) if not quick else 2,
-                           os.path.join(root, f"plain-{kind}"), device)
-        del pipe
+        entry["matmul_peak_tflops_fp16"] = round(matmul_peak_flops(device, dtype) / 1e12, 1)
+    print(kind, "TFLOPs per video:", round(flops["per_video"] / 1e12, 2), flush=True)
+    if "plain" in parts:
+        entry["plain_loop"] = plain_loop(model_dir, render, max(sizes),
+                                         os.path.join(root, f"plain-{kind}"), device, dtype)
+        gc.collect()
         if device == "cuda":
-            torch.cuda.empty_cache()
-        entry["plain_loop"] = plain
-        print(kind, "plain loop:", plain, flush=True)
+            torch.cuda.empty_cache()  # the reelfarm worker needs the memory
+        print(kind, "plain loop:", entry["plain_loop"], flush=True)
+        save(name, entry)
+    if "reelfarm" in parts:
+        settings, source = best_settings(kind, device, quick)
+        print(kind, "reelfarm settings:", settings or "defaults", "from", source, flush=True)
         entry["reelfarm"] = []
         for batch_size in batch_sizes:
-            rf = reelfarm_runs(kind, model_dir, render, sizes, batch_size, root,
-                               "float16" if device == "cuda" else "float32")
-            entry["reelfarm"].append(rf)
-            print(kind, "reelfarm:", rf, flush=True)
-        best = max(entry["reelfarm"], key=lambda r: r["videos_per_hour"]
-                   if r["videos_per_hour"] == r["videos_per_hour"] else -1)
-        entry["reelfarm_best"] = best
-        entry["reelfarm_vs_plain"] = round(best["videos_per_hour"] / plain["videos_per_hour"], 3)
-        for name, rate in (("plain_loop", plain["videos_per_hour"]),
-                           ("reelfarm_best", best["videos_per_hour"])):
-            achieved = flops["per_video"] * rate / 3600
-            entry[f"{name}_achieved_tflops"] = round(achieved / 1e12, 2)
-            if "matmul_peak_tflops_fp16" in result:
-                entry[f"{name}_fraction_of_peak"] = round(
-                    achieved / 1e12 / result["matmul_peak_tflops_fp16"], 3)
-        result["models"][kind] = entry
-    return result
+            entry["reelfarm"].append(reelfarm_runs(kind, model_dir, render, sizes, batch_size, root,
+                                                   "float16" if device == "cuda" else "float32",
+                                                   settings))
+            print(kind, "reelfarm:", entry["reelfarm"][-1], flush=True)
+            save(name, entry)
+    if "plain_loop" in entry and entry.get("reelfarm"):
+        _compare(entry)
+    return entry
+
+
+def _compare(entry: dict) -> None:
+    """reelfarm's best run against the plain loop, and both against the matmul peak."""
+    plain = entry["plain_loop"]
+    best = max(entry["reelfarm"], key=lambda r: r["videos_per_hour"]
+               if r["videos_per_hour"] == r["videos_per_hour"] else -1)
+    entry["reelfarm_best"] = best
+    entry["reelfarm_vs_plain"] = round(best["videos_per_hour"] / plain["videos_per_hour"], 3)
+    for name, rate in (("plain_loop", plain["videos_per_hour"]),
+                       ("reelfarm_best", best["videos_per_hour"])):
+        achieved = entry["flops_per_video"] * rate / 3600
+        entry[f"{name}_achieved_tflops"] = round(achieved / 1e12, 2)
+        if "matmul_peak_tflops_fp16" in entry:
+            entry[f"{name}_fraction_of_peak"] = round(
+                achieved / 1e12 / entry["matmul_peak_tflops_fp16"], 3)
+
+
+def _previous(name: str) -> dict:
+    try:
+        with open(os.path.join(OUT, name + ".json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and sizes, CPU allowed: checks the code paths only")
-    parser.add_argument("--models", nargs="+", choices=list(SPECS), default=list(SPECS))
-    parser.add_argument("--videos", type=int, nargs=2, default=None, help="small and large counts")
+    parser.add_argument("--models", nargs="+", choices=list(SPECS), default=None,
+                        help="default: both (--quick: modelscope)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--videos", type=int, nargs=2, default=None,
+                        help="video counts of the two reelfarm runs (default per model)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     args = parser.parse_args(argv)
-    sizes = args.videos or ([2, 4] if args.quick else [4, 16])
-    batch_sizes = args.batch_sizes or ([1] if args.quick else [1, 2, 4])
-    models = args.models if not args.quick or args.models != list(SPECS) else ["modelscope"]
-    result = run(models, sizes, batch_sizes, args.quick)
-    print(json.dumps(result["models"], indent=2, default=str))
-    print("saved", save("gpu" + ("_quick" if args.quick else ""), result))
+    models = args.models or (["modelscope"] if args.quick else list(SPECS))
+    for kind in models:
+        sizes, batch_sizes = ([2, 4], [1]) if args.quick else RUNS[kind]
+        entry = run(kind, args.parts, args.videos or sizes, args.batch_sizes or batch_sizes,
+                    args.quick)
+        print(json.dumps({k: v for k, v in entry.items() if k != "machine"}, indent=2, default=str))
+        print("saved", save(f"gpu_{kind}" + ("_quick" if args.quick else ""), entry))
     return 0
 
 

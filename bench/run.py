@@ -1,6 +1,7 @@
 """``make bench``: run every benchmark this machine can run, then print where results are.
 
-    python -m bench.run            # full: CPU side by side, plan scale, driver throughput, GPU if any
+    python -m bench.run            # full: plan scale, driver throughput, CPU side by side, GPU if
+                                   # any, options on the CPU
     python -m bench.run --quick    # each benchmark's --quick mode (a smoke run)
 
 Raw results land in bench/out/*.json (git-ignored); bench/RESULTS.md is written by hand from
@@ -12,20 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import cpu_side_by_side, driver_throughput, gpu, plan_scale
+from bench import cpu_side_by_side, driver_throughput, gpu, options, plan_scale
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=("cpu", "plan", "driver", "gpu"),
-                        default=("cpu", "plan", "driver", "gpu"))
+    parser.add_argument("--only", nargs="+", choices=("cpu", "options", "plan", "driver", "gpu"),
+                        default=("cpu", "options", "plan", "driver", "gpu"))
     args = parser.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     failed = []
+    # The options on the CPU's tiny models (on a GPU the gpu step measures them at full size),
+    # last: they set this process's torch threads.
     steps = {"plan": plan_scale.main, "driver": driver_throughput.main,
-             "cpu": cpu_side_by_side.main, "gpu": gpu.main}
-    for name in ("plan", "driver", "cpu", "gpu"):
+             "cpu": cpu_side_by_side.main, "gpu": gpu.main,
+             "options": lambda flags: options.main(flags + ["--device", "cpu"])}
+    for name in ("plan", "driver", "cpu", "gpu", "options"):
         if name not in args.only:
             continue
         if name == "gpu" and not _has_cuda() and not args.quick:

@@ -114,13 +114,13 @@ class OptimizeConfig(_Section):
     kernels, compilation) or visibly (caching), so they are part of the output's fingerprint."""
 
     attention_backend: str | None = Field(
-        None, description="diffusers attention backend: flash, _native_cudnn, sage, ... (default: torch SDPA)")
+        None, description="DiTs: diffusers attention backend: flash, _native_cudnn, sage, ... (default: torch SDPA)")
     compile: Literal["none", "repeated_blocks", "full"] = Field(
         "none", description="torch.compile the denoiser: its repeated blocks (DiTs; quick to compile) or whole")
     offload: Literal["none", "model", "sequential"] = Field(
         "none", description="CPU offload for small GPUs: whole models (some cost) or layer by layer (slow)")
-    vae_slicing: bool = Field(False, description="decode one video of a batch at a time (less memory)")
-    vae_tiling: bool = Field(False, description="decode in tiles (less memory at large sizes)")
+    vae_slicing: bool = Field(False, description="decode one video of a batch (ModelScope: one frame) at a time (less memory)")
+    vae_tiling: bool = Field(False, description="decode in overlapping tiles (less memory at large sizes; changes pixels slightly)")
     first_block_cache_threshold: float | None = Field(
         None, gt=0, description="DiTs: reuse the transformer's output while its first block barely changes")
 

@@ -58,6 +58,9 @@ def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     name = type(denoiser).__name__
     if opt.attention_backend:
+        if not _dispatches_attention(denoiser):
+            raise ValueError(f"optimize.attention_backend: {name} calls torch SDPA itself, not "
+                             "diffusers' attention dispatcher (DiTs such as Wan's use it)")
         denoiser.set_attention_backend(opt.attention_backend)
     if opt.first_block_cache_threshold is not None:
         if not hasattr(denoiser, "enable_cache"):
@@ -82,6 +85,13 @@ def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:
         denoiser.compile_repeated_blocks(fullgraph=True)
     elif opt.compile == "full":
         denoiser.compile()
+
+
+def _dispatches_attention(denoiser) -> bool:
+    """Whether attention goes through diffusers' dispatcher, which ``set_attention_backend``
+    steers; older processors (ModelScope's UNet3D) call torch SDPA and would ignore it."""
+    return any(hasattr(getattr(m, "processor", None), "_attention_backend")
+               for m in denoiser.modules())
 
 
 def _check_text_to_video(pipe) -> None:

@@ -107,8 +107,8 @@ def test_verify_catches_a_deleted_and_a_corrupted_video(tmp_path):
         f.write(b"\x00\xff\x00\xff")
     result = run_cli("verify", cfg.output.uri)
     assert result.returncode == 1
-    assert f"video of row 'row-000' is missing" in result.stdout
-    assert f"video of row 'row-001' does not match its sha256" in result.stdout
+    assert "video of row 'row-000' is missing" in result.stdout
+    assert "video of row 'row-001' does not match its sha256" in result.stdout
     assert "row-002" not in result.stdout
 
 

@@ -31,6 +31,8 @@ def test_compiling_repeated_blocks_compiles_each_transformer_block():
                                                     "UNet3DConditionModel has no cache hooks"),
     (OptimizeSpec(compile="repeated_blocks"), "optimize.compile: UNet3DConditionModel declares "
                                               "no repeated blocks"),
+    (OptimizeSpec(attention_backend="_native_math"), "optimize.attention_backend: "
+                                                     "UNet3DConditionModel calls torch SDPA itself"),
 ])
 def test_options_a_model_lacks_are_refused_by_name(opt, message):
     with pytest.raises(ValueError, match=message):

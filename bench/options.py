@@ -293,9 +293,12 @@ class _BlockCounter:
     block it skips but none of the block's layers."""
 
     def __init__(self, pipe):
+        from rendering.pipeline import denoiser_of
+
         self.calls = self.ran = 0
-        blocks = [m for m in _denoiser(pipe).modules()
-                  if type(m).__name__ in (_denoiser(pipe)._repeated_blocks or ())]
+        denoiser = denoiser_of(pipe)
+        blocks = [m for m in denoiser.modules()
+                  if type(m).__name__ in (denoiser._repeated_blocks or ())]
         self.handles = [b.register_forward_pre_hook(self._call) for b in blocks]
         self.handles += [next(b.children()).register_forward_pre_hook(self._run) for b in blocks]
 
@@ -309,10 +312,6 @@ class _BlockCounter:
         for h in self.handles:
             h.remove()
         return self.calls, self.ran
-
-
-def _denoiser(pipe):
-    return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
 
 
 def _attention(v: Variant):

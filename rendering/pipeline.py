@@ -55,7 +55,7 @@ def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = Optimiz
 def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:
     """Apply ``opt`` in the order diffusers expects: attention and caches on the denoiser, VAE
     memory savers, then placement (offload replaces ``.to(device)``), then compilation."""
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    denoiser = denoiser_of(pipe)
     name = type(denoiser).__name__
     if opt.attention_backend:
         if not _dispatches_attention(denoiser):
@@ -85,6 +85,11 @@ def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:
         denoiser.compile_repeated_blocks(fullgraph=True)
     elif opt.compile == "full":
         denoiser.compile()
+
+
+def denoiser_of(pipe):
+    """The model the sampler calls every step: a DiT's transformer or a UNet."""
+    return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
 
 
 def _dispatches_attention(denoiser) -> bool:
@@ -126,8 +131,7 @@ def _spatial_multiple(pipe) -> int:
     """Pixels per latent cell (the VAE's downscale) times the denoiser's patch size."""
     vae_factor = (getattr(pipe, "vae_scale_factor_spatial", None)
                   or getattr(pipe, "vae_scale_factor", None) or 1)
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    patch = getattr(getattr(denoiser, "config", None), "patch_size", None) or 1
+    patch = getattr(getattr(denoiser_of(pipe), "config", None), "patch_size", None) or 1
     if isinstance(patch, (tuple, list)):
         patch = patch[-1]
     return int(vae_factor) * int(patch)

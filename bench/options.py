@@ -181,7 +181,7 @@ class _Run:
         try:
             started = time.perf_counter()
             with _attention(v):
-                render_batch(pipe, self.tasks(v.batch_size)[:v.batch_size], self.device)
+                render_batch(pipe, self.tasks(v.batch_size)[:v.batch_size])
             entry["first_call_s"] = round(time.perf_counter() - started, 2)
         except Exception as exc:  # noqa: BLE001
             return self._drop(name, "failed", _error(exc))
@@ -199,8 +199,7 @@ class _Run:
         try:
             with _attention(v):
                 started = time.perf_counter()
-                frames = [render_batch(self.pipes[self.key(name)], tasks[i:i + v.batch_size],
-                                       self.device)
+                frames = [render_batch(self.pipes[self.key(name)], tasks[i:i + v.batch_size])
                           for i in range(0, len(tasks), v.batch_size)]
                 seconds = time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001

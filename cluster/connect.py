@@ -16,8 +16,11 @@ import threading
 logger = logging.getLogger(__name__)
 
 
-def connect(address: str | None) -> dict:
-    """Initialise Ray for this process (once) and return the cluster's resources."""
+def connect(address: str | None, num_cpus: int | None = None) -> dict:
+    """Initialise Ray for this process (once) and return the cluster's resources.
+
+    ``num_cpus`` sets a local cluster's logical CPUs (default: the machine's).
+    """
     import ray
 
     if not ray.is_initialized():
@@ -28,7 +31,7 @@ def connect(address: str | None) -> dict:
             # user's included) and hangs if that cluster goes away.
             _keep_on_loopback()
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                     log_to_driver=False, logging_level=logging.WARNING)
+                     log_to_driver=False, logging_level=logging.WARNING, num_cpus=num_cpus)
             logger.info("started a local Ray cluster on 127.0.0.1")
         else:
             ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False,

@@ -30,10 +30,6 @@ class InlinePool:
     def shutdown(self) -> None:
         self._queue.clear()
 
-    @property
-    def inflight(self) -> int:
-        return len(self._queue)
-
     def submit(self, token: Any, tasks: list[RenderTask], max_per_worker: int) -> bool:
         if len(self._queue) >= max_per_worker:
             return False

@@ -83,20 +83,18 @@ class WorkerPool:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> list[dict]:
-        """Start every worker and load the model on all of them in parallel."""
+        """Start every worker and load the model on all of them in parallel.
+
+        On failure the workers are killed: the caller never holds a pool that did not start,
+        so nothing else would free their GPUs.
+        """
         self._workers = [self._spawn() for _ in range(self.num_workers)]
         refs = [w.actor.setup.remote() for w in self._workers]
         try:
             return ray.get(refs, timeout=self.setup_timeout_s)
-        except GetTimeoutError:
-            raise PoolError(f"workers did not load the model within {self.setup_timeout_s:g} s "
-                            f"(are there enough free GPUs/CPUs for {self.num_workers} workers?)") from None
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) else exc
-            raise PoolError(f"the model could not be loaded: {type(cause).__name__}: {cause}") from None
-        except RayActorError as exc:
-            raise PoolError(f"a worker died while loading the model ({_first_line(exc)}): "
-                            "check the cluster's health, then rerun to resume") from None
+        except BaseException as exc:
+            self.shutdown()
+            raise _start_error(exc, self.num_workers, self.setup_timeout_s) from None
 
     def placements(self) -> list[dict]:
         """Where each worker runs: its node id and the GPU ids Ray pinned it to."""
@@ -108,13 +106,6 @@ class WorkerPool:
         self._workers = []
 
     # --- work ------------------------------------------------------------------------------
-    def loads(self) -> list[int]:
-        return [len(w.inflight) for w in self._workers]
-
-    @property
-    def inflight(self) -> int:
-        return sum(self.loads())
-
     def submit(self, token: Any, tasks: list[RenderTask], max_per_worker: int) -> bool:
         """Queue a shard on the least loaded worker; False when every worker is full."""
         ready = [w for w in self._workers if w.setup_ref is None] or self._workers
@@ -171,7 +162,8 @@ class WorkerPool:
         for i, (candidate, token) in enumerate(worker.inflight):
             if candidate == ref:
                 del worker.inflight[i]
-                worker.busy_since = time.monotonic()
+                if i == 0:  # the next shard is now the oldest; a later one's end says nothing
+                    worker.busy_since = time.monotonic()
                 return token
         raise KeyError(ref)
 
@@ -201,6 +193,20 @@ class WorkerPool:
             return self._replace(worker, f"failed to load the model: {_first_line(exc)}")
         worker.setup_ref = None
         return []
+
+
+def _start_error(exc: BaseException, num_workers: int, timeout_s: float) -> BaseException:
+    """The PoolError that says why workers did not start, or ``exc`` itself if unexpected."""
+    if isinstance(exc, GetTimeoutError):
+        return PoolError(f"workers did not load the model within {timeout_s:g} s (are there "
+                         f"enough free GPUs/CPUs for {num_workers} workers?)")
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) else exc
+        return PoolError(f"the model could not be loaded: {type(cause).__name__}: {cause}")
+    if isinstance(exc, RayActorError):
+        return PoolError(f"a worker died while loading the model ({_first_line(exc)}): "
+                         "check the cluster's health, then rerun to resume")
+    return exc
 
 
 def _first_line(exc: BaseException) -> str:

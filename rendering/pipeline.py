@@ -153,7 +153,7 @@ def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
     return [len(i) > limit for i in ids]
 
 
-def render_batch(pipe, tasks: list[RenderTask], device: str) -> np.ndarray:
+def render_batch(pipe, tasks: list[RenderTask]) -> np.ndarray:
     """Render rows that share a batch key in one call; returns float frames (B, F, H, W, 3).
 
     Each video gets its own CPU generator seeded from its row, so a row's video does not

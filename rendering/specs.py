@@ -97,9 +97,7 @@ class RenderResult:
 
 def receipt_json(task: RenderTask, result: RenderResult) -> bytes:
     """A durable video's receipt: the task it answers and the object's size and hash."""
-    task_fields = dataclasses.asdict(task)
-    task_fields.pop("attempts")
-    return json.dumps({"task": task_fields, "video_uri": result.video_uri, "bytes": result.bytes,
+    return json.dumps({"task": _receipt_task(task), "video_uri": result.video_uri, "bytes": result.bytes,
                        "sha256": result.sha256, "timings_s": result.timings_s}).encode()
 
 
@@ -107,12 +105,17 @@ def read_receipt(data: bytes, task: RenderTask) -> RenderResult | None:
     """The result a receipt records, if it answers exactly ``task``; else None."""
     try:
         receipt = json.loads(data)
-        expected = dataclasses.asdict(task)
-        expected.pop("attempts")
-        if receipt["task"] != expected:
+        if receipt["task"] != _receipt_task(task):
             return None
         return RenderResult(id=task.id, ok=True, video_uri=receipt["video_uri"],
                             bytes=receipt["bytes"], sha256=receipt["sha256"],
                             timings_s=receipt.get("timings_s") or {})
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _receipt_task(task: RenderTask) -> dict:
+    """What a video depends on: the task without its attempt count."""
+    fields = dataclasses.asdict(task)
+    fields.pop("attempts")
+    return fields

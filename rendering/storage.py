@@ -65,11 +65,7 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def sha256_file(local_path: str) -> str:
-    digest = hashlib.sha256()
-    with open(local_path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_object(LocalFileSystem(), local_path)
 
 
 def sha256_object(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -31,12 +31,10 @@ def build_tiny_pipeline(kind: str):
     """Return a freshly built random-weight pipeline of ``kind`` ('modelscope' or 'wan')."""
     import torch
 
-    builders = {"modelscope": _modelscope, "wan": _wan}
-    if kind not in builders:
-        raise ValueError(f"unknown tiny model kind {kind!r}: choose one of {', '.join(TINY_KINDS)}")
+    builder = {"modelscope": _modelscope, "wan": _wan}[tiny_kind(TINY_PREFIX + kind)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_WEIGHT_SEED)
-        pipe = builders[kind]()
+        pipe = builder()
     # Modules are built in training mode; from_pretrained gives eval mode, and so must this,
     # or UMT5's dropout makes every Wan video differ from call to call.
     for module in pipe.components.values():

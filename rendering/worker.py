@@ -2,8 +2,8 @@
 
 The worker knows nothing of Ray: the cluster layer wraps it as an actor in one place. Its
 lifecycle is explicit: a cheap constructor, ``setup()`` to load the model (run where the GPU
-is), ``render_shard()`` to do work, ``check_health()`` for supervisors. ``render_shard`` never
-raises: every row comes back as a ``RenderResult``.
+is), ``render_shard()`` to do work. ``render_shard`` never raises: every row comes back as
+a ``RenderResult``.
 
 Rendering holds a lock while encoding and uploading run on a small thread pool, so the next
 batch (or the next shard, when the actor accepts two calls at once) renders while the last
@@ -68,12 +68,13 @@ class ShardRenderer:
                                    "load_s": round(time.monotonic() - started, 3)}
             return self._load_info
 
-    def check_health(self) -> dict:
-        return {"loaded": self._pipe is not None, "device": self._device, "pid": os.getpid()}
-
     def render_shard(self, tasks: list[RenderTask]) -> list[RenderResult]:
         """Render, encode and upload every row; results come back in the order of ``tasks``."""
+        from rendering.pipeline import prompts_truncated
+
         self.setup()
+        with self._render_lock:  # a tokenizer must not be shared between threads
+            truncated = prompts_truncated(self._pipe, [t.prompt for t in tasks])
         pending: list[tuple[RenderTask, Future | RenderResult]] = []
         for batch in self._batches(tasks):
             for task, outcome in zip(batch, self._render(batch)):
@@ -82,11 +83,7 @@ class ShardRenderer:
                 else:
                     frames, render_s = outcome
                     pending.append((task, self._io.submit(self._store, task, frames, render_s)))
-        by_id = {task.id: (o if isinstance(o, RenderResult) else o.result()) for task, o in pending}
-        from rendering.pipeline import prompts_truncated
-
-        with self._render_lock:  # a tokenizer must not be shared between threads
-            truncated = prompts_truncated(self._pipe, [t.prompt for t in tasks])
+        by_id = {task.id: _stored(task, outcome) for task, outcome in pending}
         return [dataclasses.replace(by_id[t.id], prompt_truncated=flag)
                 for t, flag in zip(tasks, truncated)]
 
@@ -111,24 +108,25 @@ class ShardRenderer:
         if problem:
             return [RenderResult.failure(t.id, "invalid_shape", problem, retryable=False)
                     for t in batch]
-        started = time.monotonic()
         try:
             with self._render_lock:
-                frames = render_batch(self._pipe, batch, self._device)
+                started = time.monotonic()  # not the wait for the other shard's batch
+                frames = render_batch(self._pipe, batch)
+                render_s = time.monotonic() - started
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row result
             if len(batch) > 1:
                 logger.warning("batch of %d failed (%s); retrying its rows one by one",
                                len(batch), exc)
                 return [outcome for task in batch for outcome in self._render([task])]
             return [_render_failure(batch[0], exc)]
-        per_row_s = (time.monotonic() - started) / len(batch)
-        return [(frames[i], per_row_s) for i in range(len(batch))]
+        return [(frames[i], render_s / len(batch)) for i in range(len(batch))]
 
     def _store(self, task: RenderTask, frames: np.ndarray, render_s: float) -> RenderResult:
         """Encode to a local temp file, check it, and publish it atomically."""
         timings = {"render_s": render_s}
         path = storage.join(self._videos_path, task.key + ".mp4")
-        with tempfile.TemporaryDirectory(prefix="reelfarm-") as tmp:
+        # A failed clean-up of the temp folder must not fail a video that is already stored.
+        with tempfile.TemporaryDirectory(prefix="reelfarm-", ignore_cleanup_errors=True) as tmp:
             local = os.path.join(tmp, "video.mp4")
             started = time.monotonic()
             try:
@@ -159,6 +157,18 @@ class ShardRenderer:
             storage.write_bytes(self._fs, path, receipt_json(task, result))
         except Exception as exc:  # noqa: BLE001
             logger.warning("could not write the receipt of %s: %s", task.key, exc)
+
+
+def _stored(task: RenderTask, outcome: Future | RenderResult) -> RenderResult:
+    """The row's result; a local disk failure around the encode (a full or read-only temp
+    folder) fails the row, not the shard."""
+    if isinstance(outcome, RenderResult):
+        return outcome
+    try:
+        return outcome.result()
+    except Exception as exc:  # noqa: BLE001
+        return RenderResult.failure(task.id, "encode_error", f"{type(exc).__name__}: {exc}",
+                                    retryable=True)
 
 
 def _render_failure(task: RenderTask, exc: Exception) -> RenderResult:

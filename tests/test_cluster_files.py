@@ -69,7 +69,8 @@ def test_the_image_runs_the_ray_and_python_that_reelfarm_is_tested_with():
     with open(os.path.join(CLUSTER, "Dockerfile")) as f:
         text = f.read()
     assert "ENV HF_HOME=/cache/huggingface" in text  # the node-local model cache
-    assert re.search(r"pip install .*\s\.\s", text)  # reelfarm itself, from the build context
+    # reelfarm itself, from the build context, at the versions the tests ran with
+    assert re.search(r"pip install .*-c constraints\.txt \.\s", text)
     for name, spec in _ray_clusters().items():
         assert spec["rayVersion"] == ray.__version__, name
 

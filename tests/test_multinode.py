@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,7 +116,7 @@ def test_a_node_lost_mid_job_keeps_committed_work_and_the_job_finishes_on_the_ot
     elapsed_s = time.monotonic() - started
 
     assert driver.returncode == 0, stderr[-3000:]
-    assert "died" in stderr  # the pool saw the loss and replaced the worker
+    assert re.search(r"worker \d+ died; started worker \d+", stderr), stderr[-3000:]
     # The remaining nodes finished the job; nothing waited for the 600 s hang timeout.
     assert elapsed_s < 200
     # Every shard committed before the loss is still there, byte for byte.

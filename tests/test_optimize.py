@@ -7,7 +7,7 @@ import pytest
 from conftest import prompts, tiny_config, write_prompts
 
 from jobs.config import ConfigError, fingerprint, load_config, validate
-from jobs.driver import render
+from jobs.driver import render, worker_spec
 from rendering.pipeline import load_pipeline
 from rendering.specs import ModelSpec, OptimizeSpec
 
@@ -16,6 +16,9 @@ def test_cache_attention_and_vae_options_are_applied_to_a_dit():
     opt = OptimizeSpec(attention_backend="native", first_block_cache_threshold=0.2,
                        vae_slicing=True, vae_tiling=True)
     pipe = load_pipeline(ModelSpec("tiny:wan"), "cpu", opt)
+    backends = {str(m.processor._attention_backend) for m in pipe.transformer.modules()
+                if hasattr(m, "processor")}
+    assert backends == {"AttentionBackendName.NATIVE"}
     assert pipe.transformer.is_cache_enabled
     assert pipe.vae.use_slicing and pipe.vae.use_tiling
 
@@ -45,6 +48,8 @@ def test_a_job_renders_with_the_options_on(tmp_path):
                                render={"num_frames": 5},
                                optimize={"first_block_cache_threshold": 0.2, "vae_slicing": True},
                                cluster={"backend": "inline"}))
+    assert worker_spec(cfg).optimize == OptimizeSpec(first_block_cache_threshold=0.2,
+                                                     vae_slicing=True)
     assert render(cfg, progress=False).ok == 2
 
 

@@ -13,6 +13,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -29,13 +30,12 @@ class ProcessRun:
     output: str
 
 
-def run_process(argv: list[str], env: dict | None = None, timeout_s: float = 900.0,
-                cwd: str = REPO) -> ProcessRun:
+def run_process(argv: list[str], timeout_s: float = 900.0) -> ProcessRun:
     """Run ``argv`` to completion; its wall time and peak RSS (from ``wait4``)."""
     started = time.monotonic()
-    with open(os.devnull, "rb") as devnull, _temp_log() as log:
+    with open(os.devnull, "rb") as devnull, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(argv, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, cwd=cwd)
+                                cwd=REPO)
         deadline = started + timeout_s
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -53,10 +53,6 @@ def run_process(argv: list[str], env: dict | None = None, timeout_s: float = 900
     return ProcessRun(argv, wall_s, usage.ru_maxrss / 1024.0, proc.returncode, output)
 
 
-def _temp_log():
-    import tempfile
-
-    return tempfile.TemporaryFile()
 
 
 def median(values) -> float:
@@ -113,6 +109,16 @@ def save(name: str, result: dict) -> str:
     with open(path, "w") as f:
         json.dump(result, f, indent=2, default=str)
     return path
+
+
+def steady_rate(small: int, large: int, t_small: float, t_large: float) -> tuple[float, float] | None:
+    """(videos/s, start-up s) from whole-process times at two sizes: the extra videos over the
+    extra seconds, and what the smaller run spent beyond its videos. None when the larger run
+    was not slower (too few videos to tell)."""
+    if t_large <= t_small:
+        return None
+    rate = (large - small) / (t_large - t_small)
+    return rate, t_small - small / rate
 
 
 def python() -> str:

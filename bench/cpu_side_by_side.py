@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import logging
 import os
 import shutil
 import sys
 
-from bench.common import OUT, machine, median, python, run_process, save
+from bench.common import OUT, machine, median, python, run_process, save, steady_rate
 
 SYSTEMS = ("handloop", "reelfarm", "raydata")
 DEMO_CONFIG = "configs/demo.yaml"
@@ -149,11 +148,12 @@ def ray_data(cfg, prompts_path: str, out: str) -> None:
     """read_parquet -> map_batches(actor class) -> write_parquet, on a local Ray cluster."""
     import ray
 
+    from cluster.connect import connect
+
     # Actors that claim every CPU starve the read and write tasks and hang the pipeline
     # (ray-project/ray#44687): one extra logical CPU leaves them a slot. The actors hold
     # cpus_per_worker CPUs and torch threads each, like reelfarm's workers.
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, num_cpus=os.cpu_count() + 1)
+    connect(None, num_cpus=os.cpu_count() + 1)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     workers = cfg.cluster.num_workers or max(1, os.cpu_count() // cfg.cluster.cpus_per_worker)
@@ -201,21 +201,21 @@ def summarize(runs: list[dict], sizes: list[int], systems: list[str]) -> dict:
         rates, startups = [], []
         for rnd in sorted({r["round"] for r in mine}):
             t = {r["n"]: r["wall_s"] for r in mine if r["round"] == rnd}
-            if small in t and large in t and t[large] > t[small]:
-                rate = (large - small) / (t[large] - t[small])
-                rates.append(rate)
-                startups.append(t[small] - small / rate)
+            steady = steady_rate(small, large, t[small], t[large]) \
+                if small in t and large in t else None
+            if steady:
+                rates.append(steady[0])
+                startups.append(steady[1])
         # Also from the medians, which is steadier when one round was disturbed.
-        m_small, m_large = median(walls[small]), median(walls[large])
-        rate_m = (large - small) / (m_large - m_small) if m_large > m_small else float("nan")
+        from_medians = steady_rate(small, large, median(walls[small]), median(walls[large]))
         summary[system] = {
             "median_wall_s": {n: round(median(walls[n]), 2) for n in sizes},
             "rate_per_round": [round(x, 3) for x in rates],
             "startup_per_round_s": [round(x, 1) for x in startups],
             "median_rate_videos_per_s": round(median(rates), 3),
             "median_startup_s": round(median(startups), 1),
-            "rate_from_median_walls": round(rate_m, 3),
-            "startup_from_median_walls_s": round(m_small - small / rate_m, 1) if rate_m == rate_m else None,
+            "rate_from_median_walls": round(from_medians[0], 3) if from_medians else None,
+            "startup_from_median_walls_s": round(from_medians[1], 1) if from_medians else None,
             "peak_rss_mb_driver": max((r["peak_rss_mb"] for r in mine), default=None),
         }
     return summary

@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -84,7 +85,7 @@ def run_one(prompts: str, output: str, workers: int, shard_size: int) -> dict:
             "wall_s": round(wall1 - wall0, 2), "pool_start_s": round(started_pool[0] - wall0, 2),
             "after_start_s": round(steady_s, 2),
             "rows_per_s": round(summary.total_rows / steady_s, 1),
-            "shards_per_s": round(summary.total_rows / shard_size / steady_s, 1),
+            "shards_per_s": round(math.ceil(summary.total_rows / shard_size) / steady_s, 1),
             "driver_cpu_s": round(cpu1 - cpu0, 2)}
 
 
@@ -102,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from cluster.connect import connect
+
     # Enough logical CPUs for every do-nothing worker to hold one, as on a big cluster.
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, num_cpus=workers + 1)
+    connect(None, num_cpus=workers + 1)
     root = os.path.join(OUT, "driver_throughput")
     os.makedirs(root, exist_ok=True)
     prompts = write_prompts(os.path.join(root, f"prompts-{rows}.parquet"), rows)

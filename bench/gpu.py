@@ -34,6 +34,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -42,7 +43,7 @@ import threading
 import time
 
 from bench import options
-from bench.common import OUT, REPO, machine, python, run_process, save
+from bench.common import OUT, REPO, machine, python, run_process, save, steady_rate
 
 # Published architectures (diffusers configs of ali-vilab/text-to-video-ms-1.7b and
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers), written out so that no hub access is needed.
@@ -294,7 +295,7 @@ def plain_loop(model_dir: str, render: dict, videos: int, out: str, device: str,
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     os.makedirs(out, exist_ok=True)
-    spec = EncodeSpec(crf=18, preset="medium")
+    spec = EncodeSpec()  # reelfarm's defaults: crf 18, preset medium
 
     def one(i: int) -> None:
         with torch.inference_mode():
@@ -347,11 +348,10 @@ def reelfarm_runs(kind: str, model_dir: str, render: dict, sizes: list[int], bat
     result = {"date": _now(), "batch_size": batch_size, "settings": settings,
               "wall_s": {n: round(w, 1) for n, w in walls.items()},
               "videos_per_hour": float("nan"), "startup_s": None, "gpu_busy_steady": None}
-    if walls[large] <= walls[small]:  # too few videos to tell (e.g. --quick on a busy CPU)
+    steady = steady_rate(small, large, walls[small], walls[large])
+    if steady is None:  # too few videos to tell (e.g. --quick on a busy CPU)
         return result
-    rate = (large - small) / (walls[large] - walls[small])
-    result.update(videos_per_hour=round(rate * 3600, 1),
-                  startup_s=round(walls[small] - small / rate, 1))
+    result.update(videos_per_hour=round(steady[0] * 3600, 1), startup_s=round(steady[1], 1))
     if busy[small] is not None and busy[large] is not None:
         busy_s = busy[large] * walls[large] - busy[small] * walls[small]
         result["gpu_busy_steady"] = round(busy_s / (walls[large] - walls[small]), 3)
@@ -426,8 +426,8 @@ def run(kind: str, parts: list[str], sizes: list[int], batch_sizes: list[int], q
 def _compare(entry: dict) -> None:
     """reelfarm's best run against the plain loop, and both against the matmul peak."""
     plain = entry["plain_loop"]
-    best = max(entry["reelfarm"], key=lambda r: r["videos_per_hour"]
-               if r["videos_per_hour"] == r["videos_per_hour"] else -1)
+    best = max(entry["reelfarm"], key=lambda r: -1 if math.isnan(r["videos_per_hour"])
+               else r["videos_per_hour"])
     entry["reelfarm_best"] = best
     entry["reelfarm_vs_plain"] = round(best["videos_per_hour"] / plain["videos_per_hour"], 3)
     for name, rate in (("plain_loop", plain["videos_per_hour"]),

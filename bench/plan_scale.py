@@ -91,7 +91,9 @@ def run(rows: int, repeats: int, root: str) -> dict:
     first = sorted(p for p in os.listdir(data) if p.endswith(".parquet"))[0]
     first_rows = min(rows, ROWS_PER_FILE)
     old = run_process([python(), "-c", _ROW_BY_ROW, config, os.path.join(data, first)])
-    old_s = float(old.output.split()[-1]) if old.returncode == 0 else None
+    if old.returncode != 0:
+        raise RuntimeError(f"row-by-row planning failed: {old.output[-2000:]}")
+    old_s = float(old.output.split()[-1])
     print(f"row by row (plan_rows) over {first_rows:,} rows: {old_s:.1f} s, "
           f"peak RSS {old.peak_rss_mb:.0f} MB", flush=True)
     return {"machine": machine(), "rows": rows, "files": len(os.listdir(data)) - 1,
@@ -101,7 +103,7 @@ def run(rows: int, repeats: int, root: str) -> dict:
             "plan_output": printed,
             "row_by_row": {"rows": first_rows, "seconds": old_s,
                            "peak_rss_mb": round(old.peak_rss_mb, 1),
-                           "projected_s_for_all_rows": round(old_s * rows / first_rows, 1) if old_s else None}}
+                           "projected_s_for_all_rows": round(old_s * rows / first_rows, 1)}}
 
 
 def main(argv: list[str] | None = None) -> int:

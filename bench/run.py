@@ -16,20 +16,20 @@ import sys
 from bench import cpu_side_by_side, driver_throughput, gpu, options, plan_scale
 
 
+# In the order they run. The options on the CPU's tiny models come last (on a GPU the gpu step
+# measures them at full size): they set this process's torch threads.
+STEPS = {"plan": plan_scale.main, "driver": driver_throughput.main, "cpu": cpu_side_by_side.main,
+         "gpu": gpu.main, "options": lambda flags: options.main(flags + ["--device", "cpu"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=("cpu", "options", "plan", "driver", "gpu"),
-                        default=("cpu", "options", "plan", "driver", "gpu"))
+    parser.add_argument("--only", nargs="+", choices=list(STEPS), default=list(STEPS))
     args = parser.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     failed = []
-    # The options on the CPU's tiny models (on a GPU the gpu step measures them at full size),
-    # last: they set this process's torch threads.
-    steps = {"plan": plan_scale.main, "driver": driver_throughput.main,
-             "cpu": cpu_side_by_side.main, "gpu": gpu.main,
-             "options": lambda flags: options.main(flags + ["--device", "cpu"])}
-    for name in ("plan", "driver", "cpu", "gpu", "options"):
+    for name, step in STEPS.items():
         if name not in args.only:
             continue
         if name == "gpu" and not _has_cuda() and not args.quick:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"=== {name} ===", flush=True)
         try:
-            if steps[name](flags) != 0:
+            if step(flags) != 0:
                 failed.append(name)
         except Exception as exc:  # noqa: BLE001 - one broken benchmark should not hide the rest
             print(f"{name}: failed: {type(exc).__name__}: {exc}")

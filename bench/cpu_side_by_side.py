@@ -90,7 +90,7 @@ def _encode(cfg, frames, path: str) -> int:
     import subprocess
 
     from rendering.encode import encode_argv, ffmpeg_exe, to_uint8
-    from rendering.specs import EncodeSpec
+    from rendering.contract import EncodeSpec
 
     frames = to_uint8(frames)
     argv = encode_argv(ffmpeg_exe(), path, frames.shape[2], frames.shape[1], cfg.encode.fps,

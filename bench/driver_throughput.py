@@ -26,7 +26,7 @@ import sys
 import time
 
 from bench.common import OUT, machine, save
-from rendering.specs import RenderResult, RenderTask
+from rendering.contract import Artifact, Result, Task
 from rendering.worker import ShardRenderer
 
 
@@ -39,9 +39,9 @@ class NoopRenderer(ShardRenderer):
     def placement(self) -> dict:
         return {"node_id": None, "gpu_ids": []}
 
-    def render_shard(self, tasks: list[RenderTask]) -> list[RenderResult]:
-        return [RenderResult(id=t.id, ok=True, video_uri=f"{self.spec.videos_uri}/{t.key}.mp4",
-                             bytes=0, sha256="0" * 64) for t in tasks]
+    def render_shard(self, tasks: list[Task]) -> list[Result]:
+        return [Result(id=t.id, ok=True, artifacts=[Artifact("video", f"{self.spec.videos_uri}/{t.key}.mp4",
+                                                             0, "0" * 64)]) for t in tasks]
 
 
 def write_prompts(path: str, rows: int) -> str:

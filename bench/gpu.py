@@ -289,7 +289,7 @@ def plain_loop(model_dir: str, render: dict, videos: int, out: str, device: str,
     from diffusers import DiffusionPipeline
 
     from rendering.encode import encode_video, to_uint8
-    from rendering.specs import EncodeSpec
+    from rendering.contract import EncodeSpec
 
     pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True)
     pipe.to(device)

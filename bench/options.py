@@ -1,7 +1,7 @@
 """The measured effect of each ``optimize.*`` option, of the dtype and of the batch size.
 
-Each variant is a pipeline loaded the way a worker loads it (rendering.pipeline.load_pipeline
-with a ModelSpec and an OptimizeSpec) and rendered with rendering.pipeline.render_batch, with
+Each variant is a pipeline loaded the way a worker loads it (rendering.pipelines.load.load_pipeline
+with a ModelSpec and an OptimizeSpec) and rendered with rendering.pipelines.load.render_batch, with
 the same prompts and seeds. Per variant: seconds per video (median over rounds); its ratio to
 the baseline (median over rounds of its time over the baseline's in the same round); the first
 call apart (warm-up; for ``compile``, compilation from empty caches); how far its frames are
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.common import machine, median, save
-from rendering.specs import ModelSpec, OptimizeSpec, RenderTask
+from rendering.contract import ModelSpec, OptimizeSpec, Task
 
 MODELS = ("modelscope", "wan")
 # Attention backends of diffusers' dispatcher (diffusers.models.attention_dispatch), by device.
@@ -112,7 +112,7 @@ def probe_attention(backend: str, device: str, dtype: str) -> str | None:
     import torch
     from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
 
-    from rendering.pipeline import DTYPES
+    from rendering.pipelines.load import DTYPES
 
     q = torch.randn(1, 64, 2, 64, device=device, dtype=DTYPES[dtype])
     try:
@@ -148,11 +148,12 @@ class _Run:
                          for v in variants},
             "not_measurable": skipped}
 
-    def tasks(self, batch_size: int) -> list[RenderTask]:
+    def tasks(self, batch_size: int) -> list[Task]:
         """``videos`` rows (rounded up to whole batches), seeds 0, 1, ...: the same for all."""
         n = math.ceil(self.videos / batch_size) * batch_size
-        return [RenderTask(id=f"v{i}", key=f"v{i}", prompt=f"a test scene, take {i}",
-                           negative_prompt=None, seed=i, fps=8, **self.render) for i in range(n)]
+        params = {"negative_prompt": None, "fps": 8, "strength": None, **self.render}
+        return [Task(id=f"v{i}", key=f"v{i}", seed=i, prompt=f"a test scene, take {i}",
+                     params=params) for i in range(n)]
 
     def key(self, name: str) -> tuple:
         """What a loaded pipeline depends on: variants that differ only in batch size share it."""
@@ -162,7 +163,7 @@ class _Run:
     def start(self, name: str) -> bool:
         """Load the variant's pipeline (unless one with the same key is loaded) and make its
         first call: warm-up, and compilation for ``compile``."""
-        from rendering.pipeline import load_pipeline, render_batch
+        from rendering.pipelines.load import load_pipeline
 
         v, entry, key = self.variants[name], self.result["variants"][name], self.key(name)
         if key not in self.pipes:
@@ -181,7 +182,7 @@ class _Run:
         try:
             started = time.perf_counter()
             with _attention(v):
-                render_batch(pipe, self.tasks(v.batch_size)[:v.batch_size])
+                _render(pipe, self.tasks(v.batch_size)[:v.batch_size])
             entry["first_call_s"] = round(time.perf_counter() - started, 2)
         except Exception as exc:  # noqa: BLE001
             return self._drop(name, "failed", _error(exc))
@@ -192,14 +193,12 @@ class _Run:
 
     def time_round(self, name: str) -> bool:
         """Render the variant's rows once, timed; compare its frames with the baseline's."""
-        from rendering.pipeline import render_batch
-
         v, entry = self.variants[name], self.result["variants"][name]
         tasks = self.tasks(v.batch_size)
         try:
             with _attention(v):
                 started = time.perf_counter()
-                frames = [render_batch(self.pipes[self.key(name)], tasks[i:i + v.batch_size])
+                frames = [_render(self.pipes[self.key(name)], tasks[i:i + v.batch_size])
                           for i in range(0, len(tasks), v.batch_size)]
                 seconds = time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001
@@ -287,12 +286,20 @@ def measure_one_at_a_time(run: _Run, rounds: int, budget_s: float | None) -> dic
 
 # --- helpers ----------------------------------------------------------------------------------
 
+def _render(pipe, tasks: list[Task]):
+    """One batch through the worker's own call path (adapter included)."""
+    from rendering.pipelines import adapter_for
+    from rendering.pipelines.load import render_batch
+
+    return render_batch(pipe, adapter_for(pipe), tasks, [{}] * len(tasks))
+
+
 class _BlockCounter:
     """Counts transformer block calls, and those whose layers ran: FirstBlockCache enters a
     block it skips but none of the block's layers."""
 
     def __init__(self, pipe):
-        from rendering.pipeline import denoiser_of
+        from rendering.pipelines.base import denoiser_of
 
         self.calls = self.ran = 0
         denoiser = denoiser_of(pipe)

@@ -1,7 +1,7 @@
 """Run shards in the driver's own process, without Ray.
 
 For debugging a model on one machine and for tests whose storage only exists inside one
-process (``memory://``). It offers the ``WorkerPool`` interface, so the driver's scheduling,
+process (``memory://``). It offers the ``Pool`` protocol, so the driver's scheduling,
 retrying and committing are the same code on both backends.
 """
 
@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from cluster.pool import ShardOutcome
-from rendering.specs import RenderTask, WorkerSpec
+from cluster.protocol import ShardOutcome
+from rendering.contract import Task, WorkerSpec
 from rendering.worker import ShardRenderer
 
 
 class InlinePool:
     def __init__(self, spec: WorkerSpec):
         self._renderer = ShardRenderer(spec)
-        self._queue: deque[tuple[Any, list[RenderTask]]] = deque()
+        self._queue: deque[tuple[Any, list[Task]]] = deque()
         self.replaced = 0
 
     def start(self) -> list[dict]:
@@ -30,7 +30,7 @@ class InlinePool:
     def shutdown(self) -> None:
         self._queue.clear()
 
-    def submit(self, token: Any, tasks: list[RenderTask], max_per_worker: int) -> bool:
+    def submit(self, token: Any, tasks: list[Task], max_per_worker: int) -> bool:
         if len(self._queue) >= max_per_worker:
             return False
         self._queue.append((token, tasks))

@@ -17,7 +17,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from rendering.specs import RenderResult, RenderTask, WorkerSpec
+from cluster.protocol import ShardOutcome
+from rendering.contract import Task, WorkerSpec
 from rendering.worker import ShardRenderer
 
 logger = logging.getLogger(__name__)
@@ -41,13 +42,6 @@ RenderActor = ray.remote(**_ACTOR_OPTIONS)(_PlacedRenderer)
 
 class PoolError(RuntimeError):
     """The pool cannot make progress (no worker could start, or too many died)."""
-
-
-@dataclass
-class ShardOutcome:
-    token: Any  # what the driver submitted the shard with
-    results: list[RenderResult] | None  # None when the shard was lost with its worker
-    error: str | None = None
 
 
 @dataclass
@@ -106,7 +100,7 @@ class WorkerPool:
         self._workers = []
 
     # --- work ------------------------------------------------------------------------------
-    def submit(self, token: Any, tasks: list[RenderTask], max_per_worker: int) -> bool:
+    def submit(self, token: Any, tasks: list[Task], max_per_worker: int) -> bool:
         """Queue a shard on the least loaded worker; False when every worker is full."""
         ready = [w for w in self._workers if w.setup_ref is None] or self._workers
         worker = min(ready, key=lambda w: len(w.inflight))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs import manifest
+from jobs import layout, manifest
 from jobs.hashset import HashSet, key_hashes, row_hash
 from jobs.output import read_job
 from rendering import storage
@@ -26,9 +26,10 @@ class Audit:
 
 
 def verify(output_uri: str, check_hashes: bool = True) -> Audit:
-    """Every ok row's video exists with its size and sha256; no video or temp file is unlisted.
+    """Every ok row's artifacts (its video, ...) exist with their sizes and sha256s; no video or
+    temp file is unlisted.
 
-    Streams the manifests a shard at a time and keeps only 8-byte hashes of rows and video
+    Streams the manifests a shard at a time and keeps only 8-byte hashes of rows and artifact
     paths, so an output of millions of rows is checked in bounded memory.
     """
     fs, root = storage.filesystem(output_uri)
@@ -38,28 +39,29 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     rows = ok = 0
     seen_rows, listed_videos = HashSet(), HashSet()
     repeats: Counter = Counter()  # (id, occurrence) -> extra commits
-    columns = ["row_index", "id", "occurrence", "status", "video_uri", "bytes", "sha256"]
+    columns = ["row_index", "id", "occurrence", "status", "artifacts"]
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         for table in manifest.iter_shards(output_uri, columns=columns):
             rows += table.num_rows
             _count_repeats(table, seen_rows, repeats)
             ok_rows = table.filter(pc.equal(table["status"], "ok")).to_pylist()
             ok += len(ok_rows)
-            listed_videos.add(_path_hashes(_path(r["video_uri"]) for r in ok_rows))
-            problems += [p for p in pool.map(lambda r: _check_video(r, check_hashes), ok_rows) if p]
+            artifacts = [(r["id"], a) for r in ok_rows for a in r["artifacts"]]
+            listed_videos.add(_path_hashes(_path(a["uri"]) for _, a in artifacts))
+            problems += [p for p in pool.map(lambda ia: _check_artifact(*ia, check_hashes), artifacts) if p]
     if rows == 0:
-        problems.append(f"no committed shard manifests under {output_uri}/{manifest.MANIFESTS_DIR}")
+        problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
     problems += sorted(_stray_objects(fs, root, listed_videos))
 
-    success = fs.exists(storage.join(root, manifest.SUCCESS_FILE))
+    success = fs.exists(storage.join(root, layout.SUCCESS_FILE))
     job = read_job(output_uri) or {}
     expected = job.get("counts", {}).get("rows")
     if success and expected is not None and expected != rows:
         problems.append(f"_SUCCESS is present but {rows} of {expected} rows are committed")
-    consolidated = storage.join(root, manifest.MANIFEST_FILE)
+    consolidated = storage.join(root, layout.MANIFEST_FILE)
     if success and not fs.exists(consolidated):
-        problems.append(f"_SUCCESS is present but {manifest.MANIFEST_FILE} is missing")
+        problems.append(f"_SUCCESS is present but {layout.MANIFEST_FILE} is missing")
     return Audit(rows, ok, problems)
 
 
@@ -81,7 +83,7 @@ def _stray_objects(fs, root: str, listed_videos: HashSet):
     The videos folder is flat and may hold millions of objects: its names alone are listed
     (``find`` would hold a dict of details per object) and looked up a chunk at a time.
     """
-    videos_dir = storage.join(root, manifest.VIDEOS_DIR)
+    videos_dir = storage.join(root, layout.VIDEOS_DIR)
     videos = fs.ls(videos_dir, detail=False) if fs.exists(videos_dir) else []
     for start in range(0, len(videos), _LISTING_CHUNK):
         chunk = videos[start:start + _LISTING_CHUNK]
@@ -91,7 +93,7 @@ def _stray_objects(fs, root: str, listed_videos: HashSet):
             elif not listed:
                 yield f"video {path} is not in any manifest"
     for entry in fs.ls(root, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] != manifest.VIDEOS_DIR:
+        if entry.rstrip("/").rsplit("/", 1)[-1] != layout.VIDEOS_DIR:
             yield from (f"leftover temporary object {p}" for p in fs.find(entry) if _is_temp(p))
 
 
@@ -112,22 +114,22 @@ def status(output_uri: str, top: int = 5) -> dict:
             "top_errors": counts.top_errors(top),
             "expected_rows": job.get("counts", {}).get("rows"),
             "last_run": job.get("last_run"),
-            "complete": fs.exists(storage.join(root, manifest.SUCCESS_FILE))}
+            "complete": fs.exists(storage.join(root, layout.SUCCESS_FILE))}
 
 
 def _path(uri: str) -> str:
     return storage.filesystem(uri)[1]
 
 
-def _check_video(row: dict, check_hashes: bool) -> str | None:
-    uri = row["video_uri"]
+def _check_artifact(row_id: str, artifact: dict, check_hashes: bool) -> str | None:
+    uri, what = artifact["uri"], f"{artifact['name']} of row {row_id!r}"
     fs, path = storage.filesystem(uri)
     try:
         size = fs.size(path)
     except FileNotFoundError:
-        return f"video of row {row['id']!r} is missing: {uri}"
-    if size != row["bytes"]:
-        return f"video of row {row['id']!r} has {size} bytes, manifest says {row['bytes']}: {uri}"
-    if check_hashes and storage.sha256_object(fs, path) != row["sha256"]:
-        return f"video of row {row['id']!r} does not match its sha256: {uri}"
+        return f"{what} is missing: {uri}"
+    if size != artifact["bytes"]:
+        return f"{what} has {size} bytes, manifest says {artifact['bytes']}: {uri}"
+    if check_hashes and storage.sha256_object(fs, path) != artifact["sha256"]:
+        return f"{what} does not match its sha256: {uri}"
     return None

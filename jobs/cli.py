@@ -15,6 +15,8 @@ import time
 
 import pyarrow as pa
 
+from rendering.tiny import TINY_KINDS
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 1, 2, 3
 
 
@@ -75,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("make-tiny-model", parents=[common], help="write a random-weight pipeline, built offline")
     cmd.add_argument("directory")
-    cmd.add_argument("--kind", choices=("modelscope", "wan"), default="modelscope")
+    cmd.add_argument("--kind", choices=TINY_KINDS, default="modelscope",
+                     help="pipeline family: " + ", ".join(TINY_KINDS))
     cmd.set_defaults(func=_make_tiny_model)
     return parser
 

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs import params
+from jobs.params import MAX_FPS
 from rendering import tiny
-
-MAX_FPS = 240
+from rendering.pipelines import ADAPTERS
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
 # A password may hold '/' and '+' (AWS secret keys do), so after a ':' anything up to '@' counts.
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@\s:]+|[^/@\s:]*:[^@\s]*?)@")
@@ -55,6 +56,16 @@ class InputConfig(_Section):
     carry_columns: list[str] = Field(default_factory=list,
                                      description="extra input columns copied into the manifest")
     batch_rows: int = Field(65536, ge=1, description="rows read from Parquet at a time")
+    media_roots: list[str] | None = Field(
+        None, description="URI prefixes a row's image/video may be read from (default: the "
+                          "input dataset's folder); anything else fails its row unread")
+
+    @field_validator("media_roots")
+    @classmethod
+    def _roots_are_uris(cls, value: list[str] | None) -> list[str] | None:
+        for root in value or []:
+            _check_uri(root)
+        return value
 
     _uri = field_validator("uri")(_check_uri)
 
@@ -64,6 +75,21 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    pipeline: str | None = Field(
+        None, description="the diffusers pipeline class to load the weights as, e.g. "
+                          "LTXImageToVideoPipeline (default: the one the model names)")
+    scheduler: str | None = Field(
+        None, description="a diffusers scheduler class, e.g. DPMSolverMultistepScheduler (default: the model's own)")
+    scheduler_config: dict[str, Any] = Field(
+        default_factory=dict, description="overrides for the scheduler's config, e.g. {use_karras_sigmas: true}")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _supported_pipeline(cls, value: str | None) -> str | None:
+        if value is not None and value not in ADAPTERS:
+            raise ValueError(f"{value} is not a pipeline reelfarm can drive; supported: "
+                             f"{', '.join(sorted(ADAPTERS))}")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -82,6 +108,11 @@ class RenderConfig(_Section):
     negative_prompt: str | None = None
     seed: int = Field(0, ge=0, description="job seed; a row's seed is hashed from it and the row id")
     batch_size: int = Field(1, ge=1, description="rows of equal shape rendered in one call")
+    strength: float | None = Field(
+        None, ge=0, le=1, description="video-to-video: how far from the input video (default: the pipeline's own)")
+    media_resize: Literal["crop", "fit", "error"] = Field(
+        "crop", description="an input image/video of another size: scale and centre-crop, "
+                            "scale and pad, or fail the row")
 
     @field_validator("guidance_scale")
     @classmethod
@@ -100,6 +131,10 @@ class LimitsConfig(_Section):
     max_inference_steps: int = Field(500, ge=1)
     max_prompt_chars: int = Field(20000, ge=1)
     max_id_chars: int = Field(512, ge=1)
+    max_media_bytes: int = Field(256 << 20, ge=1, description="per input image or video")
+    max_media_pixels: int = Field(4096 * 4096, ge=1, description="per input image or video frame (decompression bombs)")
+    max_media_frames: int = Field(4096, ge=1, description="frames an input video may be asked for")
+    media_decode_timeout_s: float = Field(120.0, gt=0)
 
 
 class EncodeConfig(_Section):
@@ -155,11 +190,11 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "JobConfig":
-        problems = limit_problems(self.render.num_frames, self.render.height, self.render.width,
-                                   self.render.num_inference_steps, self.limits)
-        if problems:
-            key, message = problems[0]
-            raise ValueError(f"render.{key}: {message}")
+        for param in params.PARAMS:
+            default = param.default_of(self)
+            problem = None if default is None else params.value_problem(param, default, self)
+            if problem:
+                raise ValueError(f"{param.default.split('.')[0]}.{problem}")
         return self
 
     @model_validator(mode="after")
@@ -184,23 +219,6 @@ class JobConfig(_Section):
 OUTPUT_SECTIONS = ("model", "render", "optimize", "encode")
 # Settings within those sections that change speed, not pixels.
 _NOT_FINGERPRINTED = {"render": {"batch_size"}}
-
-
-def limit_problems(num_frames: int, height: int, width: int, steps: int,
-                    limits: LimitsConfig) -> list[tuple[str, str]]:
-    """(key, message) for each value over its limit or of a size the models cannot take."""
-    problems = []
-    for key, value, limit_key in (("num_frames", num_frames, "max_frames"),
-                                  ("height", height, "max_height"),
-                                  ("width", width, "max_width"),
-                                  ("num_inference_steps", steps, "max_inference_steps")):
-        limit = getattr(limits, limit_key)
-        if value > limit:
-            problems.append((key, f"{value} is over limits.{limit_key} = {limit}"))
-    for key, value in (("height", height), ("width", width)):
-        if value % 8:
-            problems.append((key, f"{value} is not a multiple of 8"))
-    return problems
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

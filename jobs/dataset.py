@@ -21,7 +21,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.rows import FLOAT_COLUMNS, INT_COLUMNS, STRING_COLUMNS
+from jobs import params
+from jobs.rows import STRING_COLUMNS
 from rendering import storage
 
 
@@ -137,9 +138,13 @@ def _check_schema(schema: pa.Schema, carry_columns: list[str], path: str) -> tup
     if "prompt" not in names:
         raise InputError(f"input file {path} has no 'prompt' column (columns: "
                          f"{', '.join(schema.names) or 'none'})")
-    expectations = {"prompt": (_is_text, "text"), "negative_prompt": (_is_text, "text"),
-                    "id": (lambda t: _is_text(t) or pa.types.is_integer(t), "text or integers")}
-    expectations.update({c: (_is_number, "numbers") for c in INT_COLUMNS + FLOAT_COLUMNS})
+    expectations = {"prompt": (_is_text, "text"),
+                    "id": (lambda t: _is_text(t) or pa.types.is_integer(t), "text or integers"),
+                    "image": (lambda t: _is_text(t) or _is_media_struct(t),
+                              "URIs, bytes or {bytes, path} structs"),
+                    "video": (_is_text, "URIs or bytes")}
+    expectations.update({p.name: (_is_text, "text") if p.kind is str else (_is_number, "numbers")
+                         for p in params.PARAMS})
     for name, (accepts, wanted) in expectations.items():
         kind = schema.field(name).type if name in names else None
         if kind is not None and not (accepts(kind) or pa.types.is_null(kind)):
@@ -164,6 +169,11 @@ def _is_text(t: pa.DataType) -> bool:
         return _is_text(t.value_type)
     return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) \
         or pa.types.is_binary_view(t)
+
+
+def _is_media_struct(t: pa.DataType) -> bool:
+    """The struct Hugging Face datasets write for an Image feature: bytes and/or a path."""
+    return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} <= {"bytes", "path"}
 
 
 def _is_number(t: pa.DataType) -> bool:

@@ -8,39 +8,30 @@ in flight.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 
-from jobs import manifest
+from jobs import layout, manifest
 from jobs.config import JobConfig
 from jobs.dataset import open_dataset
+from jobs.media_inputs import media_roots
 from jobs.output import check_resumable, finish_job, read_job, start_job
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
 from jobs.progress import Progress
-from jobs.receipts import RECEIPTS_DIR, Receipts
+from jobs.receipts import Receipts
 from jobs.rows import RowFailure
+from jobs.schedule import Scheduler, Shard
 from rendering import storage
-from rendering.specs import EncodeSpec, ModelSpec, OptimizeSpec, RenderResult, WorkerSpec
+from rendering.contract import EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-WAIT_SLICE_S = 5.0  # how long one wait for results may block before progress is reported
-
-
 class Interrupted(Exception):
     """The driver was asked to stop (Ctrl-C or SIGTERM)."""
-
-
-@dataclass
-class Shard:
-    rows: list[PlannedRow]  # rows to render (their outcome is a RenderTask)
-    records: list[dict] = field(default_factory=list)  # rows already final (invalid rows)
 
 
 @dataclass
@@ -73,7 +64,7 @@ def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
 
     # Step 2: clear what an interrupted run left half-written; find what it left complete.
     fs, root = storage.filesystem(cfg.output.uri)
-    removed = storage.remove_temp_objects(fs, root)
+    removed = storage.remove_temp_objects(fs, root, layout.FOLDERS)
     if removed:
         logger.info("removed %d temporary object(s) left by an interrupted run", removed)
     receipts = Receipts(cfg.output.uri)
@@ -83,7 +74,9 @@ def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
     counts = PlanCounts()
     shards = _shards(plan_rows(dataset, cfg, committed, counts), cfg.output.shard_size)
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
-    scheduler = _Scheduler(cfg, bar, receipts)
+    scheduler = Scheduler(lambda: _start_pool(cfg), cfg.output.uri, bar, receipts,
+                          max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
+                          shards_per_worker=cfg.cluster.shards_in_flight_per_worker)
     try:
         with _stop_on_sigterm():
             scheduler.run(shards)
@@ -107,7 +100,7 @@ def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
 
 
 def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
-            scheduler: "_Scheduler") -> manifest.Tally:
+            scheduler: Scheduler) -> manifest.Tally:
     """Write manifest.parquet and job.json; mark the output complete when it is."""
     tally = manifest.consolidate(cfg.output.uri)
     complete = status == "finished" and tally.rows == input_rows
@@ -121,7 +114,7 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
 
 
 def _finish_quietly(cfg: JobConfig, job: dict, status: str, input_rows: int,
-                    scheduler: "_Scheduler") -> None:
+                    scheduler: Scheduler) -> None:
     """Record a failed or interrupted run if storage allows; never mask the original error."""
     try:
         _finish(cfg, job, status, input_rows, scheduler)
@@ -129,121 +122,22 @@ def _finish_quietly(cfg: JobConfig, job: dict, status: str, input_rows: int,
         logger.warning("could not record the end of the run in job.json: %s", exc)
 
 
-class _Scheduler:
-    """Keeps workers fed with shards, retries what failed, commits what is final."""
-
-    def __init__(self, cfg: JobConfig, progress: Progress, receipts: Receipts):
-        self.cfg = cfg
-        self.progress = progress
-        self.receipts = receipts
-        self.pool = None
-        self.rendered = 0
-        self._retries: deque[Shard] = deque()
-        self._inflight: dict[int, Shard] = {}
-        self._tokens = itertools.count()
-
-    def run(self, shards: Iterator[Shard]) -> None:
-        source_done = False
-        while True:
-            # Fill every worker's queue: retries first, then new shards from the input.
-            while True:
-                if self._retries:
-                    shard = self._retries.popleft()
-                elif not source_done:
-                    shard = next(shards, None)
-                    if shard is None:
-                        source_done = True
-                        continue
-                else:
-                    break
-                if self.receipts:
-                    shard = self._recover(shard)
-                if not shard.rows:
-                    self._commit(shard.records)
-                    continue
-                if not self._submit(shard):
-                    self._retries.appendleft(shard)
-                    break
-            if not self._inflight:
-                if source_done and not self._retries:
-                    return
-                continue
-            for outcome in self.pool.wait(WAIT_SLICE_S):
-                self._settle(self._inflight.pop(outcome.token), outcome.results, outcome.error)
-
-    @property
-    def workers_replaced(self) -> int:
-        return self.pool.replaced if self.pool is not None else 0
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-
-    def _recover(self, shard: Shard) -> Shard:
-        """Take out the rows whose videos an interrupted run already stored."""
-        left = []
-        for row in shard.rows:
-            result = self.receipts.recover(row.outcome)
-            if result is None:
-                left.append(row)
-            else:
-                row.attempts += 1
-                shard.records.append(manifest.record(row, result, row.attempts))
-        return Shard(left, shard.records)
-
-    def _submit(self, shard: Shard) -> bool:
-        if self.pool is None:
-            self.pool = _start_pool(self.cfg)
-        token = next(self._tokens)
-        tasks = [row.outcome for row in shard.rows]
-        if not self.pool.submit(token, tasks, self.cfg.cluster.shards_in_flight_per_worker):
-            return False
-        self._inflight[token] = shard
-        return True
-
-    def _settle(self, shard: Shard, results: list[RenderResult] | None, error: str | None) -> None:
-        """Record each row's attempt; commit what is final and queue retries."""
-        records = list(shard.records)
-        retry: list[PlannedRow] = []
-        max_attempts = self.cfg.cluster.max_attempts
-        for i, row in enumerate(shard.rows):
-            row.attempts += 1
-            result = results[i] if results is not None else RenderResult.failure(
-                row.id, "worker_lost", error or "worker lost", retryable=True)
-            if not result.ok and result.retryable and row.attempts < max_attempts:
-                retry.append(row)
-            else:
-                records.append(manifest.record(row, result, row.attempts))
-                self.rendered += result.ok
-        self._commit(records)
-        if retry:
-            # After a lost worker, retry rows one per shard: a row that kills its worker every
-            # time then takes only itself down.
-            size = 1 if results is None else self.cfg.output.shard_size
-            for i in range(0, len(retry), size):
-                self._retries.append(Shard(retry[i:i + size]))
-
-    def _commit(self, records: list[dict]) -> None:
-        """Write the shard's manifest (the commit), then drop the receipts it makes redundant."""
-        if not records:
-            return
-        storage.with_retries("commit of a shard manifest", manifest.write_shard,
-                             self.cfg.output.uri, records)
-        self.receipts.remove([r["key"] for r in records if r["status"] == "ok"])
-        ok = sum(r["status"] == "ok" for r in records)
-        self.progress.advance(ok, len(records) - ok)
-
-
 def worker_spec(cfg: JobConfig) -> WorkerSpec:
     """What every worker of this job is built from."""
+    model, limits = cfg.model, cfg.limits
     return WorkerSpec(
-        model=ModelSpec(cfg.model.path, cfg.model.revision, cfg.model.variant, cfg.model.dtype),
+        model=ModelSpec(model.path, model.revision, model.variant, model.dtype, model.pipeline,
+                        model.scheduler, tuple(sorted(model.scheduler_config.items()))),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
-        videos_uri=storage.join(cfg.output.uri, manifest.VIDEOS_DIR),
-        receipts_uri=storage.join(cfg.output.uri, RECEIPTS_DIR),
+        videos_uri=storage.join(cfg.output.uri, layout.VIDEOS_DIR),
+        receipts_uri=storage.join(cfg.output.uri, layout.RECEIPTS_DIR),
         batch_size=cfg.render.batch_size,
         torch_threads=cfg.cluster.cpus_per_worker,
-        optimize=OptimizeSpec(**cfg.optimize.model_dump()))
+        optimize=OptimizeSpec(**cfg.optimize.model_dump()),
+        media=MediaSpec(roots=media_roots(cfg), resize=cfg.render.media_resize,
+                        max_bytes=limits.max_media_bytes, max_pixels=limits.max_media_pixels,
+                        max_video_frames=limits.max_media_frames,
+                        decode_timeout_s=limits.media_decode_timeout_s))
 
 
 def _start_pool(cfg: JobConfig):

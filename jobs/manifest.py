@@ -7,6 +7,7 @@ of a job, one row per input row in input order.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -20,18 +21,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs import layout, params
 from jobs.hashset import HashSet, row_hash
 from jobs.plan import PlannedRow
 from jobs.rows import RowFailure
 from rendering import storage
-from rendering.specs import RenderResult, RenderTask
+from rendering.contract import MEDIA_ROLES, Result, Task
 
-VIDEOS_DIR = "videos"
-MANIFESTS_DIR = "manifests"
-MANIFEST_FILE = "manifest.parquet"
-JOB_FILE = "job.json"
-SUCCESS_FILE = "_SUCCESS"
-
+ARTIFACT = pa.struct([("name", pa.string()), ("uri", pa.string()), ("bytes", pa.int64()),
+                      ("sha256", pa.string())])
+# Each conditioning input's identity: where it was read from, and the hash of what was read.
+# Prefixed, so an input video never collides with the output's own video columns.
+INPUT_COLUMNS = [(f"input_{role}_{what}", pa.string()) for role in MEDIA_ROLES
+                 for what in ("uri", "sha256")]
 SCHEMA = pa.schema([
     ("id", pa.string()),
     ("row_index", pa.int64()),
@@ -40,46 +42,43 @@ SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error_code", pa.string()),
     ("error", pa.string()),
-    ("video_uri", pa.string()),
+    ("video_uri", pa.string()),  # the "video" artifact's, for readers that want just that
     ("bytes", pa.int64()),
     ("sha256", pa.string()),
-    ("seed", pa.int64()),
-    ("num_frames", pa.int32()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("fps", pa.int32()),
-    ("num_inference_steps", pa.int32()),
-    ("guidance_scale", pa.float64()),
-    ("negative_prompt", pa.string()),
+    *((p.name, p.arrow) for p in params.PARAMS),
+    *INPUT_COLUMNS,
+    ("artifacts", pa.list_(ARTIFACT)),  # every object the row stored
     ("prompt_truncated", pa.bool_()),  # null when the row never reached a worker
     ("attempts", pa.int32()),
     ("render_s", pa.float64()),
     ("committed_at", pa.float64()),
 ])
-_PARAMS = ("seed", "num_frames", "height", "width", "fps", "num_inference_steps",
-           "guidance_scale", "negative_prompt")
 
 
-def record(row: PlannedRow, result: RenderResult | None, attempts: int) -> dict:
+def record(row: PlannedRow, result: Result | None, attempts: int) -> dict:
     """One manifest row: the planned row's parameters with what became of it."""
     outcome = row.outcome
-    if isinstance(outcome, RenderTask):
-        params = {k: getattr(outcome, k) for k in _PARAMS}
+    if isinstance(outcome, Task):
+        values = {**outcome.params, "seed": outcome.seed}
     else:
-        params = {k: (outcome.params.get(k) if isinstance(outcome, RowFailure) else None)
-                  for k in _PARAMS}
-        if params["guidance_scale"] is not None:
-            params["guidance_scale"] = float(params["guidance_scale"])
-    rec = {"key": outcome.key if isinstance(outcome, RenderTask) else None,  # not stored
+        values = outcome.params if isinstance(outcome, RowFailure) else {}
+    metrics = result.metrics if result is not None else {}
+    rec = {"key": outcome.key if isinstance(outcome, Task) else None,  # not stored
            "id": row.id, "row_index": row.index, "occurrence": row.occurrence,
-           "prompt": row.prompt, **params, "attempts": attempts,
-           "video_uri": None, "bytes": None, "sha256": None, "render_s": None,
-           "prompt_truncated": result.prompt_truncated if result is not None else None}
+           "prompt": row.prompt, **{p: values.get(p) for p in params.NAMES},
+           "attempts": attempts, "video_uri": None, "bytes": None, "sha256": None,
+           "artifacts": [], "render_s": None, "prompt_truncated": metrics.get("prompt_truncated")}
+    if isinstance(outcome, Task):
+        for role, media in outcome.inputs.items():
+            rec[f"input_{role}_uri"] = media.uri
+            rec[f"input_{role}_sha256"] = media.sha256 or metrics.get(f"input_{role}_sha256")
     if isinstance(outcome, RowFailure):
         rec.update(status="failed", error_code=outcome.error_code, error=outcome.error)
     elif result is not None and result.ok:
-        rec.update(status="ok", error_code=None, error=None, video_uri=result.video_uri,
-                   bytes=result.bytes, sha256=result.sha256,
+        video = result.artifact("video")
+        rec.update(status="ok", error_code=None, error=None,
+                   artifacts=[dataclasses.asdict(a) for a in result.artifacts],
+                   video_uri=video.uri, bytes=video.bytes, sha256=video.sha256,
                    render_s=result.timings_s.get("render_s"))
     else:
         rec.update(status="failed", error_code=result.error_code if result else "unknown",
@@ -102,25 +101,25 @@ def shard_name(records: list[dict]) -> str:
     """A name fixed by the rows the shard holds, so committing the same rows twice is harmless."""
     keys = sorted(f"{r['id']}\x00{r['occurrence']}" for r in records)
     digest = hashlib.sha256("\x01".join(keys).encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    return f"shard-{digest}.parquet"
+    return f"{layout.SHARD_PREFIX}{digest}.parquet"
 
 
 def write_shard(output_uri: str, records: list[dict]) -> str:
     """Commit a shard: write its manifest in one atomic write. Returns the manifest's path."""
     fs, root = storage.filesystem(output_uri)
-    path = storage.join(root, MANIFESTS_DIR, shard_name(records))
+    path = storage.join(root, layout.MANIFESTS_DIR, shard_name(records))
     storage.write_bytes(fs, path, _parquet_bytes(to_table(records)))
     return path
 
 
 def shard_paths(output_uri: str) -> list[str]:
     fs, root = storage.filesystem(output_uri)
-    directory = storage.join(root, MANIFESTS_DIR)
+    directory = storage.join(root, layout.MANIFESTS_DIR)
     fs.invalidate_cache(directory)  # workers and other drivers write here too
     if not fs.exists(directory):
         return []
     return sorted(p for p in fs.ls(directory, detail=False)
-                  if p.rsplit("/", 1)[-1].startswith("shard-") and p.endswith(".parquet"))
+                  if p.rsplit("/", 1)[-1].startswith(layout.SHARD_PREFIX) and p.endswith(".parquet"))
 
 
 def committed_hashes(output_uri: str) -> HashSet:
@@ -183,13 +182,13 @@ def consolidate(output_uri: str) -> Tally:
                               promote_options="permissive")
     counts = Tally()
     with tempfile.TemporaryDirectory(prefix="reelfarm-manifest-") as tmp:
-        local = os.path.join(tmp, MANIFEST_FILE)
+        local = os.path.join(tmp, layout.MANIFEST_FILE)
         with pq.ParquetWriter(local, schema) as writer:
             for table in iter_shards(output_uri):
                 counts.add(table)
                 writer.write_table(table.cast(schema) if table.schema != schema
                                    else table)
-        storage.upload_file(local, fs, storage.join(root, MANIFEST_FILE))
+        storage.upload_file(local, fs, storage.join(root, layout.MANIFEST_FILE))
     return counts
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 
-from jobs import manifest
+from jobs import layout
 from jobs.audit import status as output_status
 from jobs.config import ConfigError, JobConfig, redact
 from jobs.driver import Interrupted, render
@@ -100,7 +100,7 @@ def write_summary(cfg: JobConfig, night: dt.date, attempts: list[dict]) -> dict:
         "seconds": round(seconds, 3),
         "videos_per_hour": round(3600 * rendered / seconds, 1) if seconds > 0 else None,
         "attempts": attempts,
-        "manifest_uri": storage.join(cfg.output.uri, manifest.MANIFEST_FILE),
+        "manifest_uri": storage.join(cfg.output.uri, layout.MANIFEST_FILE),
         "updated_at": _now(),
     }
     fs, root = storage.filesystem(cfg.output.uri)

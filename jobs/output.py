@@ -11,7 +11,7 @@ import time
 from importlib import metadata
 
 from jobs.config import JobConfig, fingerprint, fingerprint_fields
-from jobs.manifest import JOB_FILE, SUCCESS_FILE
+from jobs.layout import JOB_FILE, SUCCESS_FILE
 from rendering import storage
 
 _VERSIONED = ("reelfarm", "diffusers", "torch", "transformers", "ray", "pyarrow", "fsspec")

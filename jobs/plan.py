@@ -16,8 +16,9 @@ import pyarrow.compute as pc
 from jobs.config import JobConfig
 from jobs.dataset import InputDataset, iter_batches
 from jobs.hashset import HashSet, key_hashes, row_hash
-from jobs.rows import NOT_UTF8, OVERRIDE_COLUMNS, RowFailure, content_id, decoded, resolve
-from rendering.specs import RenderTask
+from jobs import params
+from jobs.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
+from rendering.contract import MEDIA_ROLES, Task
 
 
 @dataclass
@@ -27,7 +28,7 @@ class PlannedRow:
     occurrence: int  # 0 for the first row with this id, n for its n-th repeat
     prompt: str | None
     carry: dict
-    outcome: RenderTask | RowFailure | None = None  # None when only counting
+    outcome: Task | RowFailure | None = None  # None when only counting
     attempts: int = 0  # render attempts spent on it in this run
 
     @property
@@ -93,7 +94,7 @@ def _occurrences(first_hashes: list[int], seen_before: list[bool], repeats: dict
 
 
 def _outcome(row: dict, planned: PlannedRow, id_error: str | None,
-             cfg: JobConfig) -> RenderTask | RowFailure:
+             cfg: JobConfig) -> Task | RowFailure:
     if id_error:
         return RowFailure(planned.id, "invalid_id", f"invalid_id: {id_error}", {})
     if planned.occurrence:
@@ -139,7 +140,7 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet) -> Pla
     seen = HashSet()
     repeats: dict[int, int] = {}
     has_id = "id" in dataset.columns
-    defaults_ok = isinstance(resolve({"prompt": "x"}, "x", cfg), RenderTask)
+    defaults_ok = isinstance(resolve({"prompt": "x"}, "x", cfg), Task)
     for batch in iter_batches(dataset, cfg.input.batch_rows):
         n = batch.num_rows
         if n == 0:
@@ -235,8 +236,8 @@ def _vouched_rows(batch: pa.RecordBatch, cfg: JobConfig) -> np.ndarray:
             elif limits.max_id_chars < 20:  # the longest int64 is 20 characters
                 ok &= _all_true(pc.less_equal(pc.utf8_length(pc.cast(ids, pa.string())),
                                               limits.max_id_chars))
-        # A per-row override takes the row off the fast path: its value must be checked.
-        for name in OVERRIDE_COLUMNS:
+        # A per-row override or medium takes the row off the fast path: it must be checked.
+        for name in (*params.NAMES, *MEDIA_ROLES):
             if name in names:
                 ok &= _all_true(pc.is_null(batch.column(name)))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. invalid UTF-8: resolve them all

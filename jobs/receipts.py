@@ -1,16 +1,15 @@
 """Receipts: rows whose video is durable but whose shard was not committed before a crash.
 
-A worker writes ``receipts/<key>.json`` right after a video is stored. On resume, a row with a
-receipt that matches its task, and whose object still has the recorded size and sha256, is
-committed without being rendered again. Receipts are removed once their rows are committed.
+A worker writes ``receipts/<key>.json`` right after a row's artifacts are stored. On resume, a
+row with a receipt that matches its task, and whose every artifact still has the recorded size
+and sha256, is committed without being rendered again. Receipts are removed once their rows are committed.
 """
 
 from __future__ import annotations
 
+from jobs.layout import RECEIPTS_DIR
 from rendering import storage
-from rendering.specs import RenderResult, RenderTask, read_receipt
-
-RECEIPTS_DIR = "receipts"
+from rendering.contract import Result, Task, read_receipt
 
 
 class Receipts:
@@ -25,18 +24,19 @@ class Receipts:
     def __len__(self) -> int:
         return len(self._paths)
 
-    def recover(self, task: RenderTask) -> RenderResult | None:
+    def recover(self, task: Task) -> Result | None:
         """The stored result for ``task`` if its receipt and its object prove it complete."""
         path = self._paths.get(task.key)
         if path is None:
             return None
         result = read_receipt(self._fs.cat_file(path), task)
-        if result is None:
+        if result is None or result.artifact("video") is None:
             return None
-        fs, video = storage.filesystem(result.video_uri)
-        if not fs.exists(video) or fs.size(video) != result.bytes \
-                or storage.sha256_object(fs, video) != result.sha256:
-            return None
+        for artifact in result.artifacts:
+            fs, stored = storage.filesystem(artifact.uri)
+            if not fs.exists(stored) or fs.size(stored) != artifact.bytes \
+                    or storage.sha256_object(fs, stored) != artifact.sha256:
+                return None
         self.recovered += 1
         return result
 

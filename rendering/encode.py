@@ -15,7 +15,7 @@ import subprocess
 import ffmpeg
 import numpy as np
 
-from rendering.specs import EncodeSpec
+from rendering.contract import EncodeSpec
 
 
 class EncodeError(RuntimeError):

@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from rendering import storage
-from rendering.specs import ModelSpec
+from rendering.contract import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -99,17 +99,24 @@ def upload_file(local_path: str, fs: fsspec.AbstractFileSystem, path: str) -> No
         fs.put_file(local_path, path)
 
 
-def remove_temp_objects(fs: fsspec.AbstractFileSystem, root: str) -> int:
+def remove_temp_objects(fs: fsspec.AbstractFileSystem, root: str, folders: tuple[str, ...]) -> int:
     """Delete what interrupted writes left under ``root``: temp files and multipart uploads.
 
+    Temp files only exist on local disk (object stores publish an upload whole), and only beside
+    their targets: in ``root`` itself and in its ``folders``, listed one level deep. An object
+    store is never listed: a resume over millions of objects starts at once.
     Only safe while no other job writes there, i.e. at the start of a job.
     """
-    if not fs.exists(root):
-        return 0
-    leftovers = [p for p in fs.find(root) if TEMP_MARKER in p.rsplit("/", 1)[-1]]
+    if not isinstance(fs, LocalFileSystem):
+        return _abort_multipart_uploads(fs, root)
+    leftovers = []
+    for folder in (root, *(join(root, f) for f in folders)):
+        if fs.isdir(folder):
+            leftovers += [p for p in fs.ls(folder, detail=False)
+                          if TEMP_MARKER in p.rsplit("/", 1)[-1]]
     if leftovers:
         fs.rm(leftovers)
-    return len(leftovers) + _abort_multipart_uploads(fs, root)
+    return len(leftovers)
 
 
 def _abort_multipart_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:

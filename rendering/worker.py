@@ -1,13 +1,14 @@
-"""One render worker: holds a loaded pipeline and turns a shard of rows into stored videos.
+"""One render worker: holds a loaded pipeline and turns a shard of tasks into stored videos.
 
 The worker knows nothing of Ray: the cluster layer wraps it as an actor in one place. Its
 lifecycle is explicit: a cheap constructor, ``setup()`` to load the model (run where the GPU
-is), ``render_shard()`` to do work. ``render_shard`` never raises: every row comes back as
-a ``RenderResult``.
+is), ``render_shard()`` to do work. ``render_shard`` never raises: every task comes back as
+a ``Result``.
 
-Rendering holds a lock while encoding and uploading run on a small thread pool, so the next
-batch (or the next shard, when the actor accepts two calls at once) renders while the last
-one is encoded and stored.
+What differs between pipeline families (inputs, shape rules, batching, call kwargs) comes from
+the pipeline's adapter; this module only orders the work. Rendering holds a lock while
+encoding and uploading run on a small thread pool, so the next batch (or the next shard, when
+the actor accepts two calls at once) renders while the last one is encoded and stored.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from itertools import groupby
 
 import numpy as np
 
-from rendering import storage
+from rendering import media, storage
+from rendering.contract import Artifact, Result, Task, WorkerSpec, receipt_json
 from rendering.encode import encode_video, to_uint8
-from rendering.specs import RenderResult, RenderTask, WorkerSpec, receipt_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +36,12 @@ _IO_THREADS = 2
 
 
 class ShardRenderer:
-    """Render shards of rows to videos on object storage, one loaded pipeline per instance."""
+    """Render shards of tasks to videos on object storage, one loaded pipeline per instance."""
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self._pipe = None
-        self._device = None
+        self._adapter = None
         self._render_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._load_info: dict | None = None
@@ -57,71 +58,117 @@ class ShardRenderer:
             if self._load_info is None:
                 import torch
 
-                from rendering.pipeline import load_pipeline, pick_device
+                from rendering.pipelines import adapter_for
+                from rendering.pipelines.load import load_pipeline, pick_device
 
                 if self.spec.torch_threads:
                     torch.set_num_threads(self.spec.torch_threads)
-                self._device = pick_device()
+                device = pick_device()
                 started = time.monotonic()
-                self._pipe = load_pipeline(self.spec.model, self._device, self.spec.optimize)
-                self._load_info = {"device": self._device, "pid": os.getpid(),
+                self._pipe = load_pipeline(self.spec.model, device, self.spec.optimize)
+                self._adapter = adapter_for(self._pipe)
+                self._load_info = {"device": device, "pid": os.getpid(),
+                                   "pipeline": type(self._pipe).__name__,
                                    "load_s": round(time.monotonic() - started, 3)}
             return self._load_info
 
-    def render_shard(self, tasks: list[RenderTask]) -> list[RenderResult]:
-        """Render, encode and upload every row; results come back in the order of ``tasks``."""
-        from rendering.pipeline import prompts_truncated
+    def render_shard(self, tasks: list[Task]) -> list[Result]:
+        """Render, encode and upload every task; results come back in the order of ``tasks``."""
+        from rendering.pipelines.load import prompts_truncated
 
         self.setup()
         with self._render_lock:  # a tokenizer must not be shared between threads
-            truncated = prompts_truncated(self._pipe, [t.prompt for t in tasks])
-        pending: list[tuple[RenderTask, Future | RenderResult]] = []
+            truncated = prompts_truncated(self._pipe, [t.prompt for t in tasks]) \
+                if self._adapter.takes_prompt else [None] * len(tasks)
+        pending: list[tuple[Task, Future | Result]] = []
         for batch in self._batches(tasks):
             for task, outcome in zip(batch, self._render(batch)):
-                if isinstance(outcome, RenderResult):
+                if isinstance(outcome, Result):
                     pending.append((task, outcome))
                 else:
-                    frames, render_s = outcome
-                    pending.append((task, self._io.submit(self._store, task, frames, render_s)))
+                    frames, render_s, metrics = outcome
+                    pending.append((task, self._io.submit(self._store, task, frames, render_s,
+                                                          metrics)))
         by_id = {task.id: _stored(task, outcome) for task, outcome in pending}
-        return [dataclasses.replace(by_id[t.id], prompt_truncated=flag)
-                for t, flag in zip(tasks, truncated)]
+        results = []
+        for task, flag in zip(tasks, truncated):
+            result = by_id[task.id]
+            results.append(dataclasses.replace(result, metrics={**result.metrics,
+                                                                "prompt_truncated": flag}))
+        return results
 
-    def _batches(self, tasks: list[RenderTask]):
-        """Group rows of equal shape (kept in input order within a group) into batches."""
+    def _batches(self, tasks: list[Task]):
+        """Group tasks of one batch key (kept in input order within a group) into batches of
+        what the adapter allows."""
+        size = self._adapter.batch_limit(self.spec.batch_size)
         ordered = sorted(tasks, key=lambda t: repr(t.batch_key))
         for _, group in groupby(ordered, key=lambda t: repr(t.batch_key)):
             group = list(group)
-            for i in range(0, len(group), self.spec.batch_size):
-                yield group[i:i + self.spec.batch_size]
+            for i in range(0, len(group), size):
+                yield group[i:i + size]
 
-    def _render(self, batch: list[RenderTask]) -> list:
-        """Frames per row, or a failure; a failing batch is retried row by row.
+    def _render(self, batch: list[Task]) -> list:
+        """(frames, seconds, metrics) per task, or a failure; a failing batch is retried task by
+        task. Retrying alone isolates a poison row: it fails by itself and its batch mates
+        render. A shape the model cannot make, a missing or unreadable input fail their rows
+        before any GPU time is spent."""
+        from rendering.pipelines.load import render_batch
 
-        Retrying alone isolates a poison row: it fails by itself and its batch mates render.
-        A shape the model cannot make fails the batch's rows before any GPU time is spent.
-        """
-        from rendering.pipeline import render_batch, shape_problem
-
-        first = batch[0]
-        problem = shape_problem(self._pipe, first.num_frames, first.height, first.width)
+        params = batch[0].params
+        problem = self._adapter.shape_problem(self._pipe, params["num_frames"], params["height"],
+                                              params["width"])
         if problem:
-            return [RenderResult.failure(t.id, "invalid_shape", problem, retryable=False)
-                    for t in batch]
-        try:
-            with self._render_lock:
-                started = time.monotonic()  # not the wait for the other shard's batch
-                frames = render_batch(self._pipe, batch)
-                render_s = time.monotonic() - started
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a row result
-            if len(batch) > 1:
-                logger.warning("batch of %d failed (%s); retrying its rows one by one",
-                               len(batch), exc)
-                return [outcome for task in batch for outcome in self._render([task])]
-            return [_render_failure(batch[0], exc)]
-        return [(frames[i], render_s / len(batch)) for i in range(len(batch))]
+            return [Result.failure(t.id, "invalid_shape", problem, retryable=False) for t in batch]
+        outcomes: dict[str, Result] = {}
+        loaded: list[tuple[Task, dict, dict]] = []
+        for task in batch:
+            outcome = self._inputs(task)
+            if isinstance(outcome, Result):
+                outcomes[task.id] = outcome
+            else:
+                loaded.append((task, *outcome))
+        if loaded:
+            tasks = [t for t, _, _ in loaded]
+            try:
+                with self._render_lock:
+                    started = time.monotonic()  # not the wait for the other shard's batch
+                    frames = render_batch(self._pipe, self._adapter, tasks, [m for _, m, _ in loaded])
+                    render_s = time.monotonic() - started
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a row result
+                if len(tasks) > 1:
+                    logger.warning("batch of %d failed (%s); retrying its rows one by one",
+                                   len(tasks), exc)
+                    for task in tasks:
+                        outcomes[task.id] = self._render([task])[0]
+                else:
+                    outcomes[tasks[0].id] = _render_failure(tasks[0], exc)
+            else:
+                for i, (task, _, metrics) in enumerate(loaded):
+                    outcomes[task.id] = (frames[i], render_s / len(tasks), metrics)
+        return [outcomes[t.id] for t in batch]
 
-    def _store(self, task: RenderTask, frames: np.ndarray, render_s: float) -> RenderResult:
+    def _inputs(self, task: Task) -> tuple[dict, dict] | Result:
+        """The task's conditioning media, decoded at its shape, and each one's sha256."""
+        problem = self._adapter.task_problem(task)
+        if problem:
+            return Result.failure(task.id, *problem, retryable=False)
+        params, loaded, metrics = task.params, {}, {}
+        for role, source in task.inputs.items():
+            try:
+                if role == "image":
+                    value, digest = media.load_image(source, self.spec.media, params["width"],
+                                                     params["height"])
+                else:
+                    value, digest = media.load_video(source, self.spec.media, params["num_frames"],
+                                                     params["width"], params["height"])
+            except media.MediaError as exc:  # bad media, or storage trouble another try may fix
+                code = "media_error" if exc.retryable else "invalid_media"
+                return Result.failure(task.id, code, f"{role}: {exc}", retryable=exc.retryable)
+            loaded[role] = value
+            metrics[f"input_{role}_sha256"] = digest
+        return loaded, metrics
+
+    def _store(self, task: Task, frames: np.ndarray, render_s: float, metrics: dict) -> Result:
         """Encode to a local temp file, check it, and publish it atomically."""
         timings = {"render_s": render_s}
         path = storage.join(self._videos_path, task.key + ".mp4")
@@ -130,9 +177,9 @@ class ShardRenderer:
             local = os.path.join(tmp, "video.mp4")
             started = time.monotonic()
             try:
-                encode_video(to_uint8(frames), local, task.fps, self.spec.encode)
+                encode_video(to_uint8(frames), local, task.params["fps"], self.spec.encode)
             except Exception as exc:  # noqa: BLE001
-                return RenderResult.failure(task.id, "encode_error", str(exc), retryable=True)
+                return Result.failure(task.id, "encode_error", str(exc), retryable=True)
             timings["encode_s"] = time.monotonic() - started
             size = os.path.getsize(local)
             digest = storage.sha256_file(local)
@@ -141,17 +188,17 @@ class ShardRenderer:
                 storage.with_retries(f"upload of {task.key}", storage.upload_file, local,
                                      self._fs, path)
             except Exception as exc:  # noqa: BLE001
-                return RenderResult.failure(task.id, "upload_error",
-                                            f"{type(exc).__name__}: {exc}", retryable=True)
+                return Result.failure(task.id, "upload_error", f"{type(exc).__name__}: {exc}",
+                                      retryable=True)
             timings["upload_s"] = time.monotonic() - started
-        result = RenderResult(id=task.id, ok=True, video_uri=storage.to_uri(self._fs, path),
-                              bytes=size, sha256=digest, timings_s=timings)
+        video = Artifact("video", storage.to_uri(self._fs, path), size, digest)
+        result = Result(id=task.id, ok=True, artifacts=[video], metrics=metrics, timings_s=timings)
         self._write_receipt(task, result)
         return result
 
-    def _write_receipt(self, task: RenderTask, result: RenderResult) -> None:
-        """Leave proof that the video is durable, so a crash before the shard commits does
-        not cost a re-render. Best effort: without it the row is simply rendered again."""
+    def _write_receipt(self, task: Task, result: Result) -> None:
+        """Leave proof that the row's artifacts are durable, so a crash before the shard
+        commits does not cost a re-render. Best effort: without it the row is rendered again."""
         path = storage.join(self._receipts_path, task.key + ".json")
         try:
             storage.write_bytes(self._fs, path, receipt_json(task, result))
@@ -159,21 +206,21 @@ class ShardRenderer:
             logger.warning("could not write the receipt of %s: %s", task.key, exc)
 
 
-def _stored(task: RenderTask, outcome: Future | RenderResult) -> RenderResult:
-    """The row's result; a local disk failure around the encode (a full or read-only temp
+def _stored(task: Task, outcome: Future | Result) -> Result:
+    """The task's result; a local disk failure around the encode (a full or read-only temp
     folder) fails the row, not the shard."""
-    if isinstance(outcome, RenderResult):
+    if isinstance(outcome, Result):
         return outcome
     try:
         return outcome.result()
     except Exception as exc:  # noqa: BLE001
-        return RenderResult.failure(task.id, "encode_error", f"{type(exc).__name__}: {exc}",
-                                    retryable=True)
+        return Result.failure(task.id, "encode_error", f"{type(exc).__name__}: {exc}",
+                              retryable=True)
 
 
-def _render_failure(task: RenderTask, exc: Exception) -> RenderResult:
+def _render_failure(task: Task, exc: Exception) -> Result:
     # diffusers' check_inputs raises ValueError for requests the model cannot take: retrying
     # them elsewhere would fail the same way.
     retryable = not isinstance(exc, ValueError)
-    return RenderResult.failure(task.id, "render_error", f"{type(exc).__name__}: {exc}",
-                                retryable=retryable)
+    return Result.failure(task.id, "render_error", f"{type(exc).__name__}: {exc}",
+                          retryable=retryable)

@@ -1,50 +1,11 @@
-"""Shared fixtures: one real local Ray cluster per session, tiny configs, Parquet prompt files."""
+"""Shared fixtures: one real local Ray cluster per session; GPU tests skip without CUDA.
+
+Helpers that tests import live in ``helpers.py``, not here.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_prompts(path, rows: list[dict] | pa.Table, schema: pa.Schema | None = None) -> str:
-    """Write prompt rows to a Parquet file and return its path."""
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, str(path))
-    return str(path)
-
-
-def tiny_config(input_uri: str, output_uri: str, **sections) -> dict:
-    """A config that renders in a fraction of a second per row on a CPU."""
-    cfg = {
-        "input": {"uri": input_uri},
-        "model": {"path": "tiny:modelscope"},
-        "render": {"num_frames": 8, "height": 32, "width": 32, "num_inference_steps": 2,
-                   "seed": 1, "batch_size": 2},
-        "encode": {"fps": 8, "crf": 23, "preset": "ultrafast"},
-        "output": {"uri": output_uri, "shard_size": 4},
-        "cluster": {"num_workers": 2, "shard_timeout_s": 120},
-    }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    return cfg
-
-
-def prompts(n: int, prefix: str = "row") -> list[dict]:
-    return [{"id": f"{prefix}-{i:03d}", "prompt": f"a small test scene number {i}"} for i in range(n)]
-
-
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``reelfarm`` as a user would, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
-
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli, tiny_config, write_prompts
 from hostile_corpus import CASES, run_corpus
 
 from jobs.dataset import iter_batches, open_dataset

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.parametrize("name", ["plan_scale", "driver_throughput", "cpu_side_by_side", "gpu"])

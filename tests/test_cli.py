@@ -6,7 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import yaml
-from conftest import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli, tiny_config, write_prompts
 
 
 def _config(tmp_path, rows, **sections) -> str:

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import ray
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from jobs.config import validate
 from jobs.nightly import for_night

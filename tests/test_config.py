@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from jobs.config import ConfigError, fingerprint, load_config
 

@@ -9,7 +9,7 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli, tiny_config, write_prompts
 from videos import probe
 
 from jobs.audit import verify

@@ -15,7 +15,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
 
 from jobs.audit import verify
 from jobs.config import validate
@@ -189,14 +189,14 @@ def test_videos_stored_before_a_crash_are_committed_without_rendering_them_again
     planned = list(plan_rows(open_dataset(src, []), cfg, HashSet(), PlanCounts()))
     early = ShardRenderer(worker_spec(cfg)).render_shard([p.outcome for p in planned[:4]])
     assert all(r.ok for r in early) and len(list((out / "receipts").iterdir())) == 4
-    with open(early[3].video_uri, "r+b") as f:  # one stored video was damaged since
+    with open(early[3].artifact("video").uri, "r+b") as f:  # one stored video was damaged since
         f.seek(200)
         f.write(b"\xde\xad")
-    mtimes = {r.id: os.path.getmtime(r.video_uri) for r in early[:3]}
+    mtimes = {r.id: os.path.getmtime(r.artifact("video").uri) for r in early[:3]}
 
     summary = render(cfg, progress=False)
     assert (summary.recovered, summary.rendered, summary.ok) == (3, 3, 6)
-    assert {r.id: os.path.getmtime(r.video_uri) for r in early[:3]} == mtimes
+    assert {r.id: os.path.getmtime(r.artifact("video").uri) for r in early[:3]} == mtimes
     assert not (out / "receipts").exists()
     assert verify(str(out)).problems == []
 

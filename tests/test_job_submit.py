@@ -23,7 +23,7 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli, tiny_config, write_prompts
 from videos import probe
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from rendering import model_cache
 from rendering.model_cache import ModelCacheError, cached_path, fetch_url, resolve
-from rendering.specs import ModelSpec
+from rendering.contract import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _files(folder) -> dict[str, int]:
 
 
 def test_a_url_model_is_copied_once_into_hf_home_and_loads_from_there(tiny_folder, hf_home):
-    from rendering.pipeline import load_pipeline
+    from rendering.pipelines.load import load_pipeline
 
     url = f"file://{tiny_folder}"
     local = resolve(ModelSpec(url))
@@ -118,8 +118,8 @@ def test_a_model_folder_on_s3_is_fetched_for_air_gapped_clusters(tiny_folder, hf
 _HUB = """
 import json, sys
 from rendering.model_cache import resolve
-from rendering.pipeline import load_pipeline
-from rendering.specs import ModelSpec
+from rendering.pipelines.load import load_pipeline
+from rendering.contract import ModelSpec
 spec = ModelSpec(sys.argv[1])
 print(json.dumps([resolve(spec), type(load_pipeline(spec, "cpu")).__name__]))
 """

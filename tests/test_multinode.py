@@ -20,7 +20,7 @@ from collections import defaultdict
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
 
 from jobs.audit import verify
 
@@ -30,7 +30,7 @@ _POOL_PROBE = """
 import json, sys
 from cluster.connect import connect, default_num_workers
 from cluster.pool import WorkerPool
-from rendering.specs import EncodeSpec, ModelSpec, WorkerSpec
+from rendering.contract import EncodeSpec, ModelSpec, WorkerSpec
 
 resources = connect(sys.argv[1])
 num_workers, use_gpu = default_num_workers(resources, 1)

@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
 
 from jobs.audit import verify
 from jobs.config import ConfigError, validate

@@ -4,12 +4,12 @@ message naming the option where it does not, and part of the output's fingerprin
 from __future__ import annotations
 
 import pytest
-from conftest import prompts, tiny_config, write_prompts
+from helpers import prompts, tiny_config, write_prompts
 
 from jobs.config import ConfigError, fingerprint, load_config, validate
 from jobs.driver import render, worker_spec
-from rendering.pipeline import load_pipeline
-from rendering.specs import ModelSpec, OptimizeSpec
+from rendering.pipelines.load import load_pipeline
+from rendering.contract import ModelSpec, OptimizeSpec
 
 
 def test_cache_attention_and_vae_options_are_applied_to_a_dit():

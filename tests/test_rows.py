@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from conftest import tiny_config, write_prompts
+from helpers import tiny_config, write_prompts
 
+import hashlib
+
+import pytest
+
+from jobs import manifest, params
 from jobs.config import validate
 from jobs.dataset import open_dataset
 from jobs.hashset import HashSet, row_hash
@@ -39,9 +44,64 @@ def test_output_keys_are_safe_and_distinct():
 def test_resolve_applies_defaults_and_row_overrides():
     cfg = validate(tiny_config("in", "out"))
     task = resolve({"prompt": "p", "num_frames": 12, "guidance_scale": None}, "r1", cfg)
-    assert (task.num_frames, task.height, task.guidance_scale) == (12, 32, cfg.render.guidance_scale)
+    assert (task.params["num_frames"], task.params["height"], task.params["guidance_scale"]) == \
+        (12, 32, cfg.render.guidance_scale)
     assert task.seed == row_seed(cfg.render.seed, "r1")
     assert resolve({"prompt": "p", "seed": 42}, "r1", cfg).seed == 42
+
+
+def test_every_parameter_is_a_manifest_column_a_row_override_and_a_batch_rule():
+    cfg = validate(tiny_config("in", "out", render={"strength": 0.5}))
+    for param in params.PARAMS:
+        assert manifest.SCHEMA.field(param.name).type == param.arrow
+        assert param.name in resolve({"prompt": "p"}, "r", cfg).params or param.name == "seed"
+    base = resolve({"prompt": "p"}, "r", cfg)
+    other_strength = resolve({"prompt": "p", "strength": 0.9}, "r", cfg)
+    other_seed = resolve({"prompt": "p", "seed": 5}, "r", cfg)
+    with_negative = resolve({"prompt": "p", "negative_prompt": "blur"}, "r", cfg)
+    other_negative = resolve({"prompt": "p", "negative_prompt": "noise"}, "r", cfg)
+    assert other_strength.params["strength"] == 0.9 and base.params["strength"] == 0.5
+    assert other_strength.batch_key != base.batch_key  # one call takes one strength
+    assert other_seed.batch_key == base.batch_key  # each video has its own generator
+    assert with_negative.batch_key != base.batch_key
+    assert with_negative.batch_key == other_negative.batch_key
+
+
+@pytest.mark.parametrize("value, error", [
+    (1.5, "strength 1.5 is outside [0, 1]"),
+    ("high", "strength must be a number, got 'high'"),
+])
+def test_a_bad_strength_fails_its_row(value, error):
+    failure = resolve({"prompt": "p", "strength": value}, "r", validate(tiny_config("in", "out")))
+    assert (failure.error_code, failure.error) == ("invalid_value", f"invalid_value: {error}")
+
+
+def test_media_identity_is_part_of_the_content_id(tmp_path):
+    fox_a = {"prompt": "a red fox", "image": "a.png"}
+    fox_b = {"prompt": "a red fox", "image": "b.png"}
+    assert content_id(fox_a) != content_id(fox_b)
+    assert content_id(fox_a) == content_id(dict(fox_a))
+    inline = {"prompt": "a red fox", "image": {"bytes": b"\x89PNG one", "path": "x.png"}}
+    assert content_id(inline) != content_id({**inline, "image": {"bytes": b"\x89PNG two"}})
+    assert content_id(inline) == content_id({**inline, "image": b"\x89PNG one"})
+
+
+def test_media_inputs_resolve_against_the_input_folder_and_stay_inside_the_roots(tmp_path):
+    (tmp_path / "images").mkdir()
+    src = str(tmp_path / "prompts.parquet")
+    cfg = validate(tiny_config(src, str(tmp_path / "out")))
+    task = resolve({"prompt": "p", "image": "images/fox.png"}, "r", cfg)
+    assert task.inputs["image"].uri == str(tmp_path / "images" / "fox.png")
+    inline = resolve({"prompt": "p", "image": {"bytes": b"raw", "path": "fox.png"}}, "r", cfg)
+    assert inline.inputs["image"].sha256 == hashlib.sha256(b"raw").hexdigest()
+    for hostile in ("../secret.png", "/etc/passwd", "http://127.0.0.1:9/x.png",
+                    f"file://{tmp_path.parent}/x.png"):
+        failure = resolve({"prompt": "p", "image": hostile}, "r", cfg)
+        assert failure.error_code == "invalid_media", hostile
+        assert failure.error.startswith("invalid_media: image: ")
+    big = validate(tiny_config(src, "out", limits={"max_media_bytes": 2}))
+    assert resolve({"prompt": "p", "image": b"abc"}, "r", big).error == (
+        "invalid_media: image holds 3 bytes, over limits.max_media_bytes = 2")
 
 
 def test_hashset_membership():

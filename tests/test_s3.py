@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import prompts, run_cli, tiny_config
+from helpers import prompts, run_cli, tiny_config
 from tcp_proxy import TcpProxy
 from videos import probe
 

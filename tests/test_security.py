@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
 from hostile_corpus import ACCESS_KEY, ARGV_SEPARATOR, HOSTILE_IDS, SECRET, run_corpus
 
 # Every option reelfarm itself gives ffmpeg (encode_argv and count_frames); "-" is stdout.
@@ -139,8 +139,8 @@ def tiny_folders(tmp_path_factory):
 
 
 def test_models_load_from_safetensors_only(tiny_folders):
-    from rendering.pipeline import load_pipeline
-    from rendering.specs import ModelSpec
+    from rendering.pipelines.load import load_pipeline
+    from rendering.contract import ModelSpec
 
     root, _ = tiny_folders
     with pytest.raises(OSError, match="safetensors"):
@@ -148,8 +148,8 @@ def test_models_load_from_safetensors_only(tiny_folders):
 
 
 def test_model_code_is_never_run(tiny_folders):
-    from rendering.pipeline import load_pipeline
-    from rendering.specs import ModelSpec
+    from rendering.pipelines.load import load_pipeline
+    from rendering.contract import ModelSpec
 
     root, marker = tiny_folders
     with pytest.raises(ValueError, match="custom code"):

@@ -4,12 +4,12 @@ says which shapes would do, and the job's other rows render."""
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config, write_prompts
+from helpers import tiny_config, write_prompts
 
 from jobs import manifest
 from jobs.config import validate
 from jobs.driver import render
-from rendering.pipeline import shape_problem
+from rendering.pipelines import adapter_for
 from rendering.tiny import build_tiny_pipeline
 
 
@@ -22,21 +22,24 @@ def wan():
     (17, 32, 32, None),
     (1, 16, 48, None),
     (16, 32, 32, "WanPipeline renders 4k+1 frames; num_frames=16 is not one (13 or 17 is)"),
-    (17, 40, 32, "WanPipeline needs height and width divisible by 16; 40x32 is not"),
-    (17, 32, 24, "WanPipeline needs height and width divisible by 16; 32x24 is not"),
+    (17, 40, 32, "WanPipeline needs height and width divisible by 16; 40x32 is not "
+                 "(nearest: 48x32)"),
+    (17, 32, 24, "WanPipeline needs height and width divisible by 16; 32x24 is not "
+                 "(nearest: 32x32)"),
 ])
 def test_wan_shapes(wan, frames, height, width, message):
-    assert shape_problem(wan, frames, height, width) == message
+    assert adapter_for(wan).shape_problem(wan, frames, height, width) == message
 
 
 def test_a_unet_model_needs_sides_divisible_by_its_vae_factor():
     pipe = build_tiny_pipeline("modelscope")
     factor = pipe.vae_scale_factor
     assert factor > 1
-    assert shape_problem(pipe, 16, 8 * factor, 4 * factor) is None
-    assert shape_problem(pipe, 16, 8 * factor + 1, 4 * factor) == (
+    adapter = adapter_for(pipe)
+    assert adapter.shape_problem(pipe, 16, 8 * factor, 4 * factor) is None
+    assert adapter.shape_problem(pipe, 16, 8 * factor + 1, 4 * factor) == (
         f"TextToVideoSDPipeline needs height and width divisible by {factor}; "
-        f"{8 * factor + 1}x{4 * factor} is not")
+        f"{8 * factor + 1}x{4 * factor} is not (nearest: {8 * factor}x{4 * factor})")
 
 
 def test_rows_of_an_impossible_shape_fail_alone_and_are_not_rendered(tmp_path):

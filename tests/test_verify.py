@@ -7,7 +7,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import prompts, tiny_config, write_prompts
+from helpers import prompts, tiny_config, write_prompts
 
 from jobs.audit import verify
 from jobs.config import validate

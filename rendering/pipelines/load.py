@@ -1,7 +1,7 @@
-"""Load a diffusers text-to-video pipeline once, and render batches of rows with it.
+"""Load a diffusers video pipeline once, and render batches of tasks with it.
 
-Any pipeline whose output ``.frames`` is a video batch works through the same code: ModelScope's
-UNet3D, Wan's DiT, CogVideoX, and kin. Weights load from safetensors only and remote code is
+Every family goes through the same steps; what differs (inputs, shape rules, batching, call
+kwargs) is declared by its adapter. Weights load from safetensors only and remote code is
 never run.
 """
 
@@ -14,7 +14,10 @@ import numpy as np
 import torch
 
 from rendering import model_cache, tiny
-from rendering.specs import ModelSpec, OptimizeSpec, RenderTask
+from rendering.contract import ModelSpec, OptimizeSpec, Task
+from rendering.pipelines import ADAPTERS, UnsupportedPipeline, adapter_for
+from rendering.pipelines.base import Adapter, denoiser_of
+from rendering.pipelines.schedulers import apply_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +35,33 @@ def pick_device() -> str:
 
 def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = OptimizeSpec()):
     """Build or load the pipeline, place it on ``device`` with its speed and memory options, and
-    silence its progress bars."""
-    from diffusers import DiffusionPipeline
+    silence its progress bars.
+
+    ``spec.pipeline`` loads the weights as another class of the same family (LTX's text-to-video
+    checkpoint as LTXImageToVideoPipeline, Wan's as WanVideoToVideoPipeline); only classes an
+    adapter drives are accepted, so no arbitrary attribute of diffusers is ever called.
+    """
+    import diffusers
 
     dtype = DTYPES[spec.dtype]
+    if spec.pipeline is not None and spec.pipeline not in ADAPTERS:
+        raise UnsupportedPipeline(f"model.pipeline: {spec.pipeline} is not a pipeline reelfarm "
+                                  f"can drive; supported: {', '.join(sorted(ADAPTERS))}")
+    cls = getattr(diffusers, spec.pipeline) if spec.pipeline else diffusers.DiffusionPipeline
     if tiny.is_tiny(spec.path):
         pipe = tiny.build_tiny_pipeline(tiny.tiny_kind(spec.path))
+        if spec.pipeline and type(pipe).__name__ != spec.pipeline:
+            pipe = cls(**pipe.components)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
         # A URL or hub id is fetched once per node into the node-local cache, then loaded.
-        pipe = DiffusionPipeline.from_pretrained(
+        pipe = cls.from_pretrained(
             model_cache.resolve(spec), revision=spec.revision, variant=spec.variant,
             torch_dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    _check_text_to_video(pipe)
+    adapter_for(pipe)  # refuse a pipeline no adapter drives before anything else
+    if spec.scheduler:
+        apply_scheduler(pipe, spec.scheduler, dict(spec.scheduler_config))
     apply_optimizations(pipe, optimize, device)
     pipe.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s as %s", spec.path, type(pipe).__name__, device, spec.dtype)
@@ -87,54 +103,11 @@ def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:
         denoiser.compile()
 
 
-def denoiser_of(pipe):
-    """The model the sampler calls every step: a DiT's transformer or a UNet."""
-    return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-
-
 def _dispatches_attention(denoiser) -> bool:
     """Whether attention goes through diffusers' dispatcher, which ``set_attention_backend``
     steers; older processors (ModelScope's UNet3D) call torch SDPA and would ignore it."""
     return any(hasattr(getattr(m, "processor", None), "_attention_backend")
                for m in denoiser.modules())
-
-
-def _check_text_to_video(pipe) -> None:
-    params = inspect.signature(pipe.__call__).parameters
-    missing = [p for p in ("prompt", "num_frames", "height", "width", "generator") if p not in params]
-    if missing:
-        raise TypeError(f"{type(pipe).__name__} is not a text-to-video pipeline: its __call__ "
-                        f"takes no {', '.join(missing)}")
-
-
-def shape_problem(pipe, num_frames: int, height: int, width: int) -> str | None:
-    """Why ``pipe`` cannot render exactly this video shape, or None when it can.
-
-    Checked before rendering, because some pipelines do not refuse a shape they cannot make:
-    Wan rounds the frame count down to the nearest 4k+1 and renders a video the frame check
-    then rejects, after the GPU time is spent.
-    """
-    name = type(pipe).__name__
-    temporal = getattr(pipe, "vae_scale_factor_temporal", None) or 1
-    if temporal > 1 and (num_frames - 1) % temporal:
-        below = (num_frames - 1) // temporal * temporal + 1
-        return (f"{name} renders {temporal}k+1 frames; num_frames={num_frames} is not one "
-                f"({below} or {below + temporal} is)")
-    multiple = _spatial_multiple(pipe)
-    if height % multiple or width % multiple:
-        return (f"{name} needs height and width divisible by {multiple}; "
-                f"{height}x{width} is not")
-    return None
-
-
-def _spatial_multiple(pipe) -> int:
-    """Pixels per latent cell (the VAE's downscale) times the denoiser's patch size."""
-    vae_factor = (getattr(pipe, "vae_scale_factor_spatial", None)
-                  or getattr(pipe, "vae_scale_factor", None) or 1)
-    patch = getattr(getattr(denoiser_of(pipe), "config", None), "patch_size", None) or 1
-    if isinstance(patch, (tuple, list)):
-        patch = patch[-1]
-    return int(vae_factor) * int(patch)
 
 
 def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
@@ -153,27 +126,26 @@ def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
     return [len(i) > limit for i in ids]
 
 
-def render_batch(pipe, tasks: list[RenderTask]) -> np.ndarray:
-    """Render rows that share a batch key in one call; returns float frames (B, F, H, W, 3).
+def render_batch(pipe, adapter: type[Adapter], tasks: list[Task], media: list[dict]) -> np.ndarray:
+    """Render tasks that share a batch key in one call; returns float frames (B, F, H, W, 3).
 
     Each video gets its own CPU generator seeded from its row, so a row's video does not
-    depend on which GPU, or which worker, rendered it.
+    depend on which GPU, or which worker, rendered it. A pipeline that draws from the global
+    RNG gets it seeded from the (single) row too.
     """
-    first = tasks[0]
+    params = tasks[0].params
     generators = [torch.Generator("cpu").manual_seed(t.seed) for t in tasks]
-    kwargs = dict(
-        prompt=[t.prompt for t in tasks],
-        num_frames=first.num_frames, height=first.height, width=first.width,
-        num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-        generator=generators, output_type="np")
-    if first.negative_prompt is not None:
-        kwargs["negative_prompt"] = [t.negative_prompt for t in tasks]
-    with torch.inference_mode():
-        frames = pipe(**kwargs).frames
+    kwargs = adapter.call_kwargs(tasks, media, generators)
+    with torch.random.fork_rng(devices=[], enabled=adapter.global_rng):
+        if adapter.global_rng:
+            torch.manual_seed(tasks[0].seed)  # batch_limit keeps such batches to one row
+        with torch.inference_mode():
+            frames = pipe(**kwargs).frames
     if isinstance(frames, torch.Tensor):
         frames = frames.float().cpu().numpy()
     frames = np.asarray(frames)
-    expected = (len(tasks), first.num_frames, first.height, first.width, 3)
+    expected = (len(tasks), params["num_frames"], params["height"], params["width"], 3)
     if frames.shape != expected:
         raise ValueError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
     return frames
+

@@ -1,0 +1,23 @@
+"""Every path under an output, named in one place.
+
+```
+<output>/job.json            what made the output (config, fingerprint, versions, runs)
+<output>/videos/<key>.mp4    one object per rendered row
+<output>/manifests/shard-*.parquet   committed shards (a shard is committed when this exists)
+<output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work)
+<output>/manifest.parquet    every committed row, in input order, written at the end of a run
+<output>/_SUCCESS            every input row is accounted for
+```
+"""
+
+from __future__ import annotations
+
+JOB_FILE = "job.json"
+VIDEOS_DIR = "videos"
+MANIFESTS_DIR = "manifests"
+RECEIPTS_DIR = "receipts"
+MANIFEST_FILE = "manifest.parquet"
+SUCCESS_FILE = "_SUCCESS"
+SHARD_PREFIX = "shard-"
+FOLDERS = (VIDEOS_DIR, MANIFESTS_DIR, RECEIPTS_DIR)  # every folder reelfarm writes objects into
+

@@ -1,0 +1,160 @@
+"""The contract between driver and worker: how to build a worker, one task (a resolved row) to
+render, and what became of it (artifacts, metrics, or an error code).
+
+All of it is small, picklable and free of torch, so the driver can build it without loading
+any model code; frames and model state never leave the worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str  # a local diffusers folder, a hub id, or tiny:<kind>
+    revision: str | None = None
+    variant: str | None = None
+    dtype: str = "float32"
+    pipeline: str | None = None  # the pipeline class to load as; None: the one the model names
+    scheduler: str | None = None  # a diffusers scheduler class name; None keeps the model's own
+    scheduler_config: tuple = ()  # (key, value) overrides for the scheduler's from_config
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """Where a worker may read a row's conditioning media from, and how much of it."""
+
+    roots: tuple[str, ...] = ()  # URI prefixes; media anywhere else fails its row unread
+    resize: str = "crop"  # crop | fit | error: what to do when media and row differ in size
+    max_bytes: int = 256 << 20
+    max_pixels: int = 4096 * 4096  # per image or frame: a decompression bomb stops here
+    max_video_frames: int = 4096  # frames decoded at most from one input video
+    decode_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class OptimizeSpec:
+    """Speed and memory options applied to a loaded pipeline (see jobs.config.OptimizeConfig)."""
+
+    attention_backend: str | None = None
+    compile: str = "none"  # none | repeated_blocks | full
+    offload: str = "none"  # none | model | sequential
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    first_block_cache_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    crf: int = 18
+    preset: str = "medium"
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model: ModelSpec
+    encode: EncodeSpec
+    videos_uri: str  # where videos go: <output>/videos
+    receipts_uri: str  # where a receipt goes once a video is durable: <output>/receipts
+    batch_size: int = 1
+    torch_threads: int | None = None  # CPU workers: the CPUs the worker holds
+    optimize: OptimizeSpec = field(default_factory=OptimizeSpec)
+    media: MediaSpec = field(default_factory=MediaSpec)
+
+
+MEDIA_ROLES = ("image", "video")  # conditioning inputs a row may carry, by role
+
+
+@dataclass(frozen=True)
+class MediaInput:
+    """A row's conditioning input: a URI to read (checked against the media roots first) or
+    bytes that came inline in the input row. ``sha256`` is known up front only for bytes."""
+
+    uri: str | None = None
+    data: bytes | None = None
+    sha256: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """What tells two inputs apart without reading them: the bytes' hash, else the URI."""
+        return f"sha256:{self.sha256}" if self.sha256 else f"uri:{self.uri}"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One fully resolved row: every value its outputs depend on is fixed here.
+
+    ``params`` holds the per-row parameters of the driver's parameter table (num_frames,
+    height, width, ...); ``inputs`` the conditioning media by role; ``batch_key`` says which
+    tasks may share one pipeline call (the adapter may still split them).
+    """
+
+    id: str
+    key: str  # object name stem under the output, derived safely from the id
+    seed: int
+    prompt: str | None
+    params: dict
+    inputs: dict[str, MediaInput] = field(default_factory=dict)
+    batch_key: tuple = ()
+    attempts: int = 0  # attempts already spent on this row before this one
+
+    def identity(self) -> dict:
+        """What the outputs depend on, JSON-ready: the task without attempts or inline bytes."""
+        return {"id": self.id, "key": self.key, "seed": self.seed, "prompt": self.prompt,
+                "params": self.params,
+                "inputs": {role: m.identity for role, m in sorted(self.inputs.items())}}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One stored object a row produced (its video, later its previews or keyframes)."""
+
+    name: str  # what it is: video, poster, ...
+    uri: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Result:
+    """The outcome of one attempt at one row. Workers return these and never raise."""
+
+    id: str
+    ok: bool
+    artifacts: list[Artifact] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # prompt_truncated, input_<role>_sha256, ...
+    timings_s: dict[str, float] = field(default_factory=dict)
+    error_code: str | None = None  # machine-readable: render_error, invalid_media, ...
+    error: str | None = None
+    retryable: bool = False
+
+    @classmethod
+    def failure(cls, task_id: str, code: str, message: str, retryable: bool,
+                metrics: dict | None = None) -> "Result":
+        return cls(id=task_id, ok=False, error_code=code, error=f"{code}: {message}",
+                   retryable=retryable, metrics=dict(metrics or {}))
+
+    def artifact(self, name: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.name == name), None)
+
+
+def receipt_json(task: Task, result: Result) -> bytes:
+    """A durable row's receipt: the task it answers and what it stored."""
+    return json.dumps({"task": task.identity(), "artifacts": [dataclasses.asdict(a) for a in result.artifacts],
+                       "metrics": result.metrics, "timings_s": result.timings_s}).encode()
+
+
+def read_receipt(data: bytes, task: Task) -> Result | None:
+    """The result a receipt records, if it answers exactly ``task``; else None."""
+    try:
+        receipt = json.loads(data)
+        if receipt["task"] != json.loads(json.dumps(task.identity())):
+            return None
+        return Result(id=task.id, ok=True, artifacts=[Artifact(**a) for a in receipt["artifacts"]],
+                      metrics=receipt.get("metrics") or {}, timings_s=receipt.get("timings_s") or {})
+    except (ValueError, KeyError, TypeError):
+        return None

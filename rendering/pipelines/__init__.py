@@ -1,0 +1,28 @@
+"""Pipeline families: every adapter, detection by pipeline class, and every tiny twin.
+
+Each family module declares ``ADAPTERS`` (one per diffusers pipeline class it drives) and
+``TINY`` (tiny random-weight twins by kind, built offline). Adding a family is adding its
+module to ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from rendering.pipelines import cogvideox, i2vgenxl, ltx, modelscope, svd, wan
+from rendering.pipelines.base import Adapter
+
+FAMILIES = (modelscope, wan, cogvideox, ltx, svd, i2vgenxl)
+ADAPTERS: dict[str, type[Adapter]] = {a.pipeline: a for f in FAMILIES for a in f.ADAPTERS}
+TINY_BUILDERS = {kind: build for f in FAMILIES for kind, build in f.TINY.items()}
+
+
+class UnsupportedPipeline(TypeError):
+    """The model loads as a pipeline class no adapter drives."""
+
+
+def adapter_for(pipe) -> type[Adapter]:
+    name = type(pipe).__name__
+    adapter = ADAPTERS.get(name)
+    if adapter is None:
+        raise UnsupportedPipeline(f"{name} is not a pipeline reelfarm can drive; supported: "
+                                  f"{', '.join(sorted(ADAPTERS))}")
+    return adapter

@@ -1,0 +1,132 @@
+"""What every pipeline adapter declares, and the defaults most families share.
+
+An adapter is data plus two small hooks: which inputs its pipeline accepts and requires, how
+rows may batch, which shapes it renders exactly (``shape_problem``), and how a batch of tasks
+becomes call kwargs (``call_kwargs``). The worker reads the declarations; an adapter never
+loads, schedules or stores anything. Adding a family is one module of adapters beside this one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rendering.contract import Task
+
+
+class Adapter:
+    """The defaults of a text-to-video pipeline called with lists of prompts and generators."""
+
+    pipeline: ClassVar[str]  # the diffusers pipeline class this adapter drives
+    family: ClassVar[str]
+    takes_prompt: ClassVar[bool] = True
+    takes_negative_prompt: ClassVar[bool] = True
+    takes_guidance: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ()  # conditioning roles every row must carry
+    takes_strength: ClassVar[bool] = False
+    # False: the pipeline takes its frame count from the input video (the worker hands it
+    # exactly num_frames frames), not from a num_frames argument.
+    takes_num_frames: ClassVar[bool] = True
+    # Rows per call at most; 1: it cannot batch. Batching is a speed option: a batched call
+    # rounds differently from single ones (about 1e-7..1e-5 on CPU, enough to flip an occasional
+    # stored pixel), so videos reproduce byte for byte under the same render.batch_size.
+    max_batch: ClassVar[int | None] = None
+    # It accepts a list of generators, one per video. False: one generator per call (batch 1).
+    generator_list: ClassVar[bool] = True
+    # It draws some noise from torch's global RNG: the worker seeds it per call, and batches of
+    # one keep each video independent of its batch mates.
+    global_rng: ClassVar[bool] = False
+
+    @classmethod
+    def batch_limit(cls, configured: int) -> int:
+        """How many rows one call may take, given ``render.batch_size``."""
+        if cls.global_rng or not cls.generator_list:
+            return 1
+        return min(configured, cls.max_batch) if cls.max_batch else configured
+
+    @classmethod
+    def task_problem(cls, task: Task) -> tuple[str, str] | None:
+        """(error code, message) when a row lacks what this pipeline needs; checked unread."""
+        missing = [role for role in cls.requires if role not in task.inputs]
+        if missing:
+            return ("missing_input", f"{cls.pipeline} needs an {' and '.join(missing)} per row "
+                    f"(input column {', '.join(repr(m) for m in missing)})")
+        strength, steps = task.params.get("strength"), task.params["num_inference_steps"]
+        if cls.takes_strength and strength is not None and int(steps * strength) < 1:
+            # The pipeline would skip every step and crash on an empty list of timesteps.
+            return ("invalid_value", f"strength {strength} of {steps} steps leaves no "
+                    f"denoising step; raise strength or num_inference_steps")
+        return None
+
+    @classmethod
+    def shape_problem(cls, pipe, num_frames: int, height: int, width: int) -> str | None:
+        """Why ``pipe`` cannot render exactly this shape, or None when it can.
+
+        Checked before rendering, because many pipelines do not refuse a shape they cannot
+        make: they round it and the GPU time is spent on a video the frame check rejects.
+        """
+        temporal = cls.temporal_factor(pipe)
+        if temporal > 1 and (num_frames - 1) % temporal:
+            below = max(1, (num_frames - 1) // temporal * temporal + 1)
+            return (f"{cls.pipeline} renders {temporal}k+1 frames; num_frames={num_frames} is "
+                    f"not one ({nearest(below, below + temporal)})")
+        return cls.side_problem(cls.spatial_multiple(pipe), height, width)
+
+    @classmethod
+    def side_problem(cls, multiple: int, height: int, width: int) -> str | None:
+        if height % multiple or width % multiple:
+            return (f"{cls.pipeline} needs height and width divisible by {multiple}; "
+                    f"{height}x{width} is not (nearest: {_round(height, multiple)}x"
+                    f"{_round(width, multiple)})")
+        return None
+
+    @classmethod
+    def temporal_factor(cls, pipe) -> int:
+        """Frames per latent frame; k*factor+1 frames render exactly (1: any count)."""
+        return int(getattr(pipe, "vae_scale_factor_temporal", None) or 1)
+
+    @classmethod
+    def spatial_multiple(cls, pipe) -> int:
+        """Pixels per latent cell (the VAE's downscale) times the denoiser's patch size."""
+        vae_factor = (getattr(pipe, "vae_scale_factor_spatial", None)
+                      or getattr(pipe, "vae_scale_factor", None) or 1)
+        patch = getattr(getattr(denoiser_of(pipe), "config", None), "patch_size", None) or 1
+        if isinstance(patch, (tuple, list)):
+            patch = patch[-1]
+        return int(vae_factor) * int(patch)
+
+    @classmethod
+    def call_kwargs(cls, tasks: list[Task], media: list[dict], generators: list) -> dict:
+        """The pipeline call for ``tasks`` (one batch key); ``media[i]`` holds task i's loaded
+        inputs by role (an image: PIL RGB; a video: a list of PIL RGB frames)."""
+        params = tasks[0].params
+        kwargs = dict(height=params["height"], width=params["width"],
+                      num_inference_steps=params["num_inference_steps"], output_type="np",
+                      generator=generators if cls.generator_list else generators[0])
+        if cls.takes_prompt:
+            kwargs["prompt"] = [t.prompt for t in tasks]
+            if cls.takes_negative_prompt and params.get("negative_prompt") is not None:
+                kwargs["negative_prompt"] = [t.params["negative_prompt"] for t in tasks]
+        if cls.takes_guidance:
+            kwargs["guidance_scale"] = params["guidance_scale"]
+        if cls.takes_num_frames:
+            kwargs["num_frames"] = params["num_frames"]
+        if cls.takes_strength and params.get("strength") is not None:
+            kwargs["strength"] = params["strength"]
+        for role in cls.requires:
+            values = [m[role] for m in media]
+            kwargs[role] = values if len(values) > 1 else values[0]
+        return kwargs
+
+
+def denoiser_of(pipe):
+    """The model the sampler calls every step: a DiT's transformer or a UNet."""
+    return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+
+
+def _round(value: int, multiple: int) -> int:
+    return max(multiple, (value + multiple // 2) // multiple * multiple)  # halves round up
+
+
+def nearest(below: int, above: int) -> str:
+    """The valid values either side of a refused one, for a message."""
+    return f"{below} or {above} is" if below != above else f"{above} is"

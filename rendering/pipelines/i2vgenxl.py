@@ -1,0 +1,51 @@
+"""I2VGenXL (UNet3D, image-to-video guided by a prompt).
+
+It samples the image's VAE latent from torch's global RNG, not from the call's generator, so
+the worker seeds that RNG per call and it renders one row per call. Its default
+``clip_skip=1`` reads ``text_encoder.text_model``, which transformers' flattened CLIPTextModel
+(5.6 and later) no longer has, so it is called with ``clip_skip=None``: the prompt is read
+from the text encoder's last layer rather than the one before it, under any transformers.
+``target_fps`` is a micro-condition left at its default: a row's fps only sets the encoder's
+rate.
+"""
+
+from __future__ import annotations
+
+from rendering.contract import Task
+from rendering.pipelines import tiny_parts
+from rendering.pipelines.base import Adapter
+
+
+class I2VGenXL(Adapter):
+    pipeline = "I2VGenXLPipeline"
+    family = "i2vgenxl"
+    requires = ("image",)
+    global_rng = True
+
+    @classmethod
+    def call_kwargs(cls, tasks: list[Task], media: list[dict], generators: list) -> dict:
+        return dict(super().call_kwargs(tasks, media, generators), clip_skip=None)
+
+
+ADAPTERS = (I2VGenXL,)
+
+
+def _image_to_video():
+    from diffusers import DDIMScheduler, I2VGenXLPipeline, I2VGenXLUNet
+
+    tokenizer = tiny_parts.clip_tokenizer()
+    image_encoder, feature_extractor = tiny_parts.clip_vision_encoder()
+    unet = I2VGenXLUNet(
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+        attention_head_dim=4, num_attention_heads=None, norm_num_groups=2)
+    vae = tiny_parts.sd_vae(sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False)
+    return I2VGenXLPipeline(vae=vae, text_encoder=tiny_parts.clip_text_encoder(tokenizer),
+                            tokenizer=tokenizer, image_encoder=image_encoder,
+                            feature_extractor=feature_extractor, unet=unet, scheduler=scheduler)
+
+
+TINY = {"i2vgenxl": _image_to_video}

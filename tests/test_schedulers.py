@@ -1,0 +1,160 @@
+"""model.scheduler swaps the sampler of a real tiny pipeline, and what would mis-render is
+refused at load with one line that says what to set."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from rendering.contract import ModelSpec, Task
+from rendering.pipelines import adapter_for
+from rendering.pipelines.load import load_pipeline, render_batch
+from rendering.pipelines.schedulers import apply_scheduler, check_scheduler
+from rendering.tiny import build_tiny_pipeline
+
+FLOW = {"prediction_type": "flow_prediction", "use_flow_sigmas": True}
+FRAMES = {"modelscope": 8, "wan": 5}
+
+
+def load(kind: str, scheduler: str | None = None, **config):
+    return load_pipeline(ModelSpec(path=f"tiny:{kind}", scheduler=scheduler,
+                                   scheduler_config=tuple(config.items())), "cpu")
+
+
+def render(pipe, kind: str, seed: int = 7) -> np.ndarray:
+    params = dict(num_frames=FRAMES[kind], height=32, width=32, num_inference_steps=2,
+                  guidance_scale=5.0, negative_prompt=None)
+    task = Task("r", "r", seed, "a red fox", params)
+    frames = render_batch(pipe, adapter_for(pipe), [task], [{}])
+    assert frames.shape == (1, FRAMES[kind], 32, 32, 3)
+    assert np.isfinite(frames).all()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def own():
+    """Each tiny model's video with its own scheduler (DDIM, FlowMatchEuler shift 7)."""
+    return {kind: render(load(kind), kind) for kind in FRAMES}
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}])
+def test_modelscope_dpm_solver_renders_differently_and_deterministically(own, config):
+    pipe = load("modelscope", "DPMSolverMultistepScheduler", **config)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    for key, value in config.items():
+        assert pipe.scheduler.config[key] == value
+    frames = render(pipe, "modelscope")
+    assert not np.array_equal(frames, own["modelscope"])  # the swap took effect
+    np.testing.assert_array_equal(frames, render(pipe, "modelscope"))
+
+
+@pytest.mark.parametrize("scheduler, config", [
+    ("UniPCMultistepScheduler", {**FLOW, "flow_shift": 3.0}),
+    ("DPMSolverMultistepScheduler", {**FLOW, "flow_shift": 3.0}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+])
+def test_wan_takes_flow_schedulers(own, scheduler, config):
+    pipe = load("wan", scheduler, **config)
+    assert type(pipe.scheduler).__name__ == scheduler
+    frames = render(pipe, "wan")
+    assert not np.array_equal(frames, own["wan"])
+    np.testing.assert_array_equal(frames, render(pipe, "wan"))
+
+
+def test_the_model_shift_carries_across_its_two_names():
+    """FlowMatch* call it ``shift``, flow-sigma solvers ``flow_shift``; an unset one is carried
+    from the model rather than left at 1."""
+    pipe = load("wan", "UniPCMultistepScheduler", **FLOW)
+    assert pipe.scheduler.config.flow_shift == 7.0  # tiny Wan's FlowMatchEuler has shift=7
+    explicit = load("wan", "UniPCMultistepScheduler", **FLOW, flow_shift=7.0)
+    np.testing.assert_array_equal(render(pipe, "wan"), render(explicit, "wan"))
+    # A published Wan ships UniPC set up for flow: other solvers inherit that setup as is.
+    apply_scheduler(pipe, "UniPCMultistepScheduler", {"flow_shift": 3.0})
+    apply_scheduler(pipe, "DPMSolverMultistepScheduler", {})
+    assert (pipe.scheduler.config.prediction_type, pipe.scheduler.config.use_flow_sigmas,
+            pipe.scheduler.config.flow_shift) == ("flow_prediction", True, 3.0)
+    apply_scheduler(pipe, "FlowMatchEulerDiscreteScheduler", {})
+    assert pipe.scheduler.config.shift == 3.0
+
+
+FIX = "{prediction_type: flow_prediction, use_flow_sigmas: true, flow_shift: 7.0}"
+REFUSALS = [
+    ("modelscope", "DPMSolverMultiStepScheduler", {},
+     "model.scheduler: 'DPMSolverMultiStepScheduler' is not a diffusers scheduler (did you mean "
+     "DPMSolverMultistepScheduler?); list them with: python -m rendering.pipelines.schedulers"),
+    ("modelscope", "DDIM", {}, "'DDIM' is not a diffusers scheduler (did you mean DDIMScheduler?)"),
+    ("modelscope", "UNet3DConditionModel", {},
+     "'UNet3DConditionModel' is not a diffusers scheduler;"),
+    ("modelscope", "DPMSolverMultistepScheduler", {"use_karas_sigmas": True},
+     "model.scheduler_config: DPMSolverMultistepScheduler has no setting 'use_karas_sigmas' "
+     "(did you mean use_karras_sigmas?)"),
+    ("wan", "FlowMatchEulerDiscreteScheduler", {"flow_shift": 3.0},
+     "FlowMatchEulerDiscreteScheduler has no setting 'flow_shift' (did you mean shift?)"),
+    ("modelscope", "DDIMScheduler", {"qqq": 1}, "has no setting 'qqq' (it has: beta_end, "),
+    ("modelscope", "DPMSolverMultistepScheduler", {"algorithm_type": "nope"},
+     "model.scheduler: DPMSolverMultistepScheduler cannot be built from the model's scheduler "
+     "config and model.scheduler_config: NotImplementedError: nope is not implemented"),
+    ("wan", "UniPCMultistepScheduler", {},
+     "model.scheduler: WanPipeline is a flow-matching model but UniPCMultistepScheduler as "
+     f"configured expects epsilon with use_flow_sigmas=false; set model.scheduler_config: {FIX}"),
+    ("wan", "DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction"},
+     "expects flow_prediction with use_flow_sigmas=false; set model.scheduler_config: {prediction"),
+    ("wan", "UniPCMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 5.0},
+     "expects epsilon with use_flow_sigmas=true; set model.scheduler_config: {prediction_type: "
+     "flow_prediction, use_flow_sigmas: true, flow_shift: 5.0}"),
+    ("wan", "EulerDiscreteScheduler", {},
+     "model.scheduler: WanPipeline is a flow-matching model and EulerDiscreteScheduler cannot "
+     "drive one; use a FlowMatch* scheduler such as FlowMatchEulerDiscreteScheduler, or "
+     f"UniPCMultistepScheduler / DPMSolverMultistepScheduler with model.scheduler_config: {FIX}"),
+    ("modelscope", "FlowMatchEulerDiscreteScheduler", {},
+     "model.scheduler: TextToVideoSDPipeline predicts epsilon (a noise-schedule model) and "
+     "FlowMatchEulerDiscreteScheduler is a flow-matching scheduler; use one such as "
+     "DPMSolverMultistepScheduler, UniPCMultistepScheduler or EulerDiscreteScheduler"),
+    ("modelscope", "UniPCMultistepScheduler", {**FLOW, "flow_shift": 3.0},
+     "model.scheduler: TextToVideoSDPipeline predicts epsilon (a noise-schedule model) but "
+     "UniPCMultistepScheduler as configured expects flow_prediction with use_flow_sigmas=true; "
+     "drop prediction_type and use_flow_sigmas from model.scheduler_config"),
+    ("modelscope", "DPMSolverMultistepScheduler", {"prediction_type": "v_prediction"},
+     "model.scheduler_config: DPMSolverMultistepScheduler would read prediction_type "
+     "v_prediction but TextToVideoSDPipeline predicts epsilon (per its scheduler config); drop it"),
+    ("modelscope", "KarrasVeScheduler", {},
+     "KarrasVeScheduler is not a sampler for epsilon, v-prediction or flow-matching models"),
+]
+
+
+@pytest.mark.parametrize("kind, scheduler, config, message", REFUSALS,
+                         ids=[f"{r[0]}-{r[1]}-{'-'.join(r[2]) or 'default'}" for r in REFUSALS])
+def test_refusals_name_what_to_set(kind, scheduler, config, message):
+    with pytest.raises(ValueError) as caught:
+        load(kind, scheduler, **config)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("scheduler, package", [("DPMSolverSDEScheduler", "torchsde"),
+                                                ("LMSDiscreteScheduler", "scipy")])
+def test_a_scheduler_whose_package_is_missing_is_refused(scheduler, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here, so {scheduler} loads")
+    with pytest.raises(ValueError) as caught:
+        load("modelscope", scheduler)
+    assert str(caught.value) == (f"model.scheduler: {scheduler} needs {package}, which is not "
+                                 f"installed on the worker (pip install {package})")
+
+
+def test_a_refused_swap_leaves_the_pipeline_as_it_was():
+    pipe = build_tiny_pipeline("wan")
+    before = pipe.scheduler
+    with pytest.raises(ValueError):
+        apply_scheduler(pipe, "DDIMScheduler", {})
+    assert pipe.scheduler is before
+
+
+def test_check_scheduler_needs_no_model():
+    assert check_scheduler("UniPCMultistepScheduler", FLOW).__name__ == "UniPCMultistepScheduler"
+    with pytest.raises(ValueError, match="has no setting 'flow_sift' .did you mean flow_shift"):
+        check_scheduler("UniPCMultistepScheduler", {"flow_sift": 3.0})

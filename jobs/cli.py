@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jobs").setLevel(logging.INFO)
     logging.getLogger("cluster").setLevel(logging.INFO)
     logging.getLogger("reelfarm").setLevel(logging.INFO)
+    if not args.debug:
+        # diffusers and transformers warn about config keys and deprecations on every load; the
+        # variables reach the local workers too. Set either one to see them again.
+        for library in ("DIFFUSERS", "TRANSFORMERS"):
+            os.environ.setdefault(f"{library}_VERBOSITY", "error")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -100,10 +100,9 @@ class Task:
     params: dict
     inputs: dict[str, MediaInput] = field(default_factory=dict)
     batch_key: tuple = ()
-    attempts: int = 0  # attempts already spent on this row before this one
 
     def identity(self) -> dict:
-        """What the outputs depend on, JSON-ready: the task without attempts or inline bytes."""
+        """What the outputs depend on, JSON-ready: the task without its inline bytes."""
         return {"id": self.id, "key": self.key, "seed": self.seed, "prompt": self.prompt,
                 "params": self.params,
                 "inputs": {role: m.identity for role, m in sorted(self.inputs.items())}}

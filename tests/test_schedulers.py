@@ -158,3 +158,28 @@ def test_check_scheduler_needs_no_model():
     assert check_scheduler("UniPCMultistepScheduler", FLOW).__name__ == "UniPCMultistepScheduler"
     with pytest.raises(ValueError, match="has no setting 'flow_sift' .did you mean flow_shift"):
         check_scheduler("UniPCMultistepScheduler", {"flow_sift": 3.0})
+
+
+def test_a_job_renders_with_the_configured_scheduler_and_refuses_a_mismatch_in_one_line(tmp_path):
+    import json
+
+    import yaml
+    from helpers import prompts, run_cli, tiny_config, write_prompts
+
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"),
+                                                 cluster={"backend": "inline"})))
+    ok = run_cli("render", str(config), "--set", "model.scheduler=DPMSolverMultistepScheduler",
+                 "--set", "model.scheduler_config={use_karras_sigmas: true}")
+    assert ok.returncode == 0, ok.stderr
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert job["settings"]["model.scheduler"] == "DPMSolverMultistepScheduler"
+    assert job["settings"]["model.scheduler_config"] == {"use_karras_sigmas": True}
+
+    refused = run_cli("render", str(config), "--output", str(tmp_path / "wan"),
+                      "--set", "model.path=tiny:wan", "--set", "render.num_frames=5",
+                      "--set", "model.scheduler=EulerDiscreteScheduler")
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "flow-matching model" in lines[0], refused.stderr

@@ -42,6 +42,34 @@ def test_a_unet_model_needs_sides_divisible_by_its_vae_factor():
         f"{8 * factor + 1}x{4 * factor} is not (nearest: {8 * factor}x{4 * factor})")
 
 
+@pytest.mark.parametrize("kind, frames, height, width, message", [
+    ("cogvideox", 9, 32, 32, None),
+    ("cogvideox", 16, 32, 32, None),
+    ("cogvideox", 13, 32, 32, "CogVideoXPipeline renders 8k or 8k+1 frames; num_frames=13 is not "
+                              "one (9 or 16 is)"),
+    ("cogvideox", 9, 24, 32, "CogVideoXPipeline needs height and width divisible by 16; 24x32 is "
+                             "not (nearest: 32x32)"),
+    ("cogvideox-i2v", 9, 48, 48, "CogVideoXImageToVideoPipeline renders only 32x32 (its "
+                                 "transformer learned positional embeddings for that size); 48x48 "
+                                 "is not it"),
+    ("ltx", 17, 64, 32, None),
+    ("ltx", 8, 32, 32, "LTXPipeline renders 8k+1 frames; num_frames=8 is not one (1 or 9 is)"),
+    ("ltx", 9, 48, 32, "LTXPipeline needs height and width divisible by 32; 48x32 is not "
+                       "(nearest: 64x32)"),
+    ("wan-i2v", 6, 32, 32, "WanImageToVideoPipeline renders 4k+1 frames; num_frames=6 is not one "
+                           "(5 or 9 is)"),
+    ("svd", 1, 32, 32, "StableVideoDiffusionPipeline renders at least 2 frames; num_frames=1 is "
+                       "too few (nearest: 2)"),
+    ("svd", 14, 40, 24, None),
+    ("modelscope-v2v", 4, 12, 16, "VideoToVideoSDPipeline needs height and width divisible by 8; "
+                                  "12x16 is not (nearest: 16x16)"),
+])
+def test_each_family_refuses_exactly_the_shapes_it_would_not_render_exactly(kind, frames, height,
+                                                                           width, message):
+    pipe = build_tiny_pipeline(kind)
+    assert adapter_for(pipe).shape_problem(pipe, frames, height, width) == message
+
+
 def test_rows_of_an_impossible_shape_fail_alone_and_are_not_rendered(tmp_path):
     rows = [{"id": "good-0", "prompt": "a red cube", "num_frames": None},
             {"id": "sixteen", "prompt": "a blue cube", "num_frames": 16},

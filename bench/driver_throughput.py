@@ -40,7 +40,7 @@ class NoopRenderer(ShardRenderer):
         return {"node_id": None, "gpu_ids": []}
 
     def render_shard(self, tasks: list[Task]) -> list[Result]:
-        return [Result(id=t.id, ok=True, artifacts=[Artifact("video", f"{self.spec.videos_uri}/{t.key}.mp4",
+        return [Result(id=t.id, ok=True, artifacts=[Artifact("video", f"{self.spec.videos_dir}/{t.key}.mp4",
                                                              0, "0" * 64)]) for t in tasks]
 
 

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from jobs import layout, manifest
 from jobs.hashset import HashSet, key_hashes, row_hash
-from jobs.output import read_job
+from jobs.output import OutputError, read_job
 from rendering import storage
 
 _HASH_THREADS = 8  # hashing is I/O bound on object stores
@@ -46,9 +46,11 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
             _count_repeats(table, seen_rows, repeats)
             ok_rows = table.filter(pc.equal(table["status"], "ok")).to_pylist()
             ok += len(ok_rows)
-            artifacts = [(r["id"], a) for r in ok_rows for a in r["artifacts"]]
-            listed_videos.add(_path_hashes(_path(a["uri"]) for _, a in artifacts))
-            problems += [p for p in pool.map(lambda ia: _check_artifact(*ia, check_hashes), artifacts) if p]
+            artifacts = [(r["id"], storage.join(root, a["path"]), a) for r in ok_rows
+                         for a in r["artifacts"]]
+            listed_videos.add(_path_hashes(path for _, path, _ in artifacts))
+            problems += [p for p in pool.map(lambda a: _check_artifact(fs, *a, check_hashes),
+                                             artifacts) if p]
     if rows == 0:
         problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
@@ -63,6 +65,36 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     if success and not fs.exists(consolidated):
         problems.append(f"_SUCCESS is present but {layout.MANIFEST_FILE} is missing")
     return Audit(rows, ok, problems)
+
+
+def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, float]:
+    """Committed rows a repair should render again: those that failed, and ok rows whose
+    artifacts are missing or do not match their size and sha256. Row hash: committed_at of the
+    commit to replace."""
+    fs, root = storage.filesystem(output_uri)
+    redo: dict[int, float] = {}
+    columns = ["id", "occurrence", "status", "committed_at", "artifacts"]
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        for table in manifest.iter_shards(output_uri, columns=columns):
+            rows = table.to_pylist()
+            if failed:
+                redo.update((row_hash(r["id"], r["occurrence"]), r["committed_at"])
+                            for r in rows if r["status"] == "failed")
+            if damaged:
+                ok = [r for r in rows if r["status"] == "ok"]
+                checks = pool.map(lambda r: any(
+                    _check_artifact(fs, r["id"], storage.join(root, a["path"]), a, True)
+                    for a in r["artifacts"]), ok)
+                redo.update((row_hash(r["id"], r["occurrence"]), r["committed_at"])
+                            for r, bad in zip(ok, checks) if bad)
+    return redo
+
+
+def failed_rows(output_uri: str):
+    """(id, error) of every row whose current commit failed, in input order, streaming."""
+    for table in manifest.iter_shards(output_uri, columns=["id", "status", "error"]):
+        for row in table.filter(pc.equal(table["status"], "failed")).to_pylist():
+            yield row["id"], row["error"]
 
 
 def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
@@ -108,6 +140,9 @@ def _path_hashes(paths) -> np.ndarray:
 def status(output_uri: str, top: int = 5) -> dict:
     """Counts by status, the most common errors, and the last run's figures."""
     fs, root = storage.filesystem(output_uri)
+    if not fs.exists(storage.join(root, layout.JOB_FILE)) and not manifest.shard_paths(output_uri):
+        raise OutputError(f"{output_uri} holds no reelfarm output (no {layout.JOB_FILE}, no "
+                          f"{layout.MANIFESTS_DIR}/): check the path")
     counts = manifest.tally(output_uri)
     job = read_job(output_uri) or {}
     return {"rows": counts.rows, "by_status": dict(counts.by_status),
@@ -117,13 +152,8 @@ def status(output_uri: str, top: int = 5) -> dict:
             "complete": fs.exists(storage.join(root, layout.SUCCESS_FILE))}
 
 
-def _path(uri: str) -> str:
-    return storage.filesystem(uri)[1]
-
-
-def _check_artifact(row_id: str, artifact: dict, check_hashes: bool) -> str | None:
-    uri, what = artifact["uri"], f"{artifact['name']} of row {row_id!r}"
-    fs, path = storage.filesystem(uri)
+def _check_artifact(fs, row_id: str, path: str, artifact: dict, check_hashes: bool) -> str | None:
+    uri, what = storage.to_uri(fs, path), f"{artifact['name']} of row {row_id!r}"
     try:
         size = fs.size(path)
     except FileNotFoundError:

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, e.g. --set render.num_frames=16")
         cmd.add_argument("--quiet", action="store_true", help="no progress output")
+        if name == "render":
+            cmd.add_argument("--redo", action="append", choices=("failed", "damaged"), default=[],
+                             help="repair: render committed rows again that failed, or whose "
+                                  "objects verify finds missing or damaged (repeatable)")
         cmd.set_defaults(func=func)
 
     cmd = sub.add_parser("verify", parents=[common], help="check every manifest row against its stored video")
@@ -79,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("status", parents=[common], help="counts by status and the most common errors")
     cmd.add_argument("output", help="output URI")
+    cmd.add_argument("--failed", action="store_true", help="list every failed row: id and error")
     cmd.set_defaults(func=_status)
 
     cmd = sub.add_parser("make-tiny-model", parents=[common], help="write a random-weight pipeline, built offline")
@@ -105,7 +110,7 @@ def _render(args) -> int:
     from jobs.driver import render
 
     cfg = _load(args)
-    summary = render(cfg, progress=not args.quiet)
+    summary = render(cfg, progress=not args.quiet, redo=frozenset(args.redo))
     out = cfg.output.uri.rstrip("/")
     print(f"rendered {summary.rendered} video(s) in {summary.seconds:.1f} s "
           f"({summary.videos_per_s:.2f} videos/s); {summary.skipped} row(s) were already done")
@@ -180,9 +185,13 @@ def _verify(args) -> int:
 
 
 def _status(args) -> int:
-    from jobs.audit import status
+    from jobs.audit import failed_rows, status
 
     report = status(args.output)
+    if args.failed:
+        for row_id, error in failed_rows(args.output):
+            print(f"{row_id}\t{error}")
+        return EXIT_OK
     expected = report["expected_rows"]
     print(f"{args.output}: {report['rows']} of {expected if expected is not None else '?'} rows "
           f"committed{' (complete)' if report['complete'] else ''}")
@@ -194,8 +203,9 @@ def _status(args) -> int:
             print(f"  {count:>6}  {code}  e.g. {example}")
     run = report["last_run"]
     if run:
+        rate = run.get("videos_per_hour")
         print(f"last run: {run.get('status')}, {run.get('rendered', 0)} rendered in "
-              f"{run.get('seconds', 0)} s ({run.get('videos_per_hour')} videos/hour)")
+              f"{run.get('seconds', 0)} s" + (f" ({rate} videos/hour)" if rate is not None else ""))
     return EXIT_OK
 
 

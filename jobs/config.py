@@ -219,6 +219,9 @@ class JobConfig(_Section):
 OUTPUT_SECTIONS = ("model", "render", "optimize", "encode")
 # Settings within those sections that change speed, not pixels.
 _NOT_FINGERPRINTED = {"render": {"batch_size"}}
+# Settings elsewhere that change what the output holds: the carried columns are manifest
+# columns, and shards with other columns would not read back as one table.
+_ALSO_FINGERPRINTED = (("input", "carry_columns"),)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -248,6 +251,8 @@ def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
         for key, value in getattr(cfg, section).model_dump().items():
             if key not in skip:
                 fields[f"{section}.{key}"] = value
+    for section, key in _ALSO_FINGERPRINTED:
+        fields[f"{section}.{key}"] = getattr(getattr(cfg, section), key)
     return fields
 
 

@@ -16,6 +16,7 @@ from typing import Iterator
 
 
 from jobs import layout, manifest
+from jobs.audit import rows_to_redo
 from jobs.config import JobConfig
 from jobs.dataset import open_dataset
 from jobs.media_inputs import media_roots
@@ -53,13 +54,18 @@ class RenderSummary:
         return self.rendered / self.seconds if self.seconds > 0 else 0.0
 
 
-def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
+def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozenset()) -> RenderSummary:
+    """Render every row not yet committed. ``redo`` repairs committed rows as well: "failed"
+    ones, and "damaged" ones (ok rows whose artifacts verify finds missing or altered)."""
     started = time.monotonic()
     # Step 1: check the input and the output before anything expensive starts.
     dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
     job = read_job(cfg.output.uri)
     check_resumable(cfg, job)
-    committed = manifest.committed_hashes(cfg.output.uri)
+    to_redo = rows_to_redo(cfg.output.uri, "failed" in redo, "damaged" in redo) if redo else {}
+    if redo:
+        logger.info("repairing %d committed row(s) (%s)", len(to_redo), ", ".join(sorted(redo)))
+    committed = manifest.committed_hashes(cfg.output.uri, to_redo)
     job = start_job(cfg, job, dataset.num_rows)
 
     # Step 2: clear what an interrupted run left half-written; find what it left complete.
@@ -72,7 +78,7 @@ def render(cfg: JobConfig, progress: bool = True) -> RenderSummary:
     # Step 3: stream the rows not yet committed, cut them into shards, and render them,
     # starting the cluster only if there is something to render.
     counts = PlanCounts()
-    shards = _shards(plan_rows(dataset, cfg, committed, counts), cfg.output.shard_size)
+    shards = _shards(plan_rows(dataset, cfg, committed, counts, redo=to_redo), cfg.output.shard_size)
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
     scheduler = Scheduler(lambda: _start_pool(cfg), cfg.output.uri, bar, receipts,
                           max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
@@ -129,8 +135,7 @@ def worker_spec(cfg: JobConfig) -> WorkerSpec:
         model=ModelSpec(model.path, model.revision, model.variant, model.dtype, model.pipeline,
                         model.scheduler, tuple(sorted(model.scheduler_config.items()))),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
-        videos_uri=storage.join(cfg.output.uri, layout.VIDEOS_DIR),
-        receipts_uri=storage.join(cfg.output.uri, layout.RECEIPTS_DIR),
+        output_uri=cfg.output.uri, videos_dir=layout.VIDEOS_DIR, receipts_dir=layout.RECEIPTS_DIR,
         batch_size=cfg.render.batch_size,
         torch_threads=cfg.cluster.cpus_per_worker,
         optimize=OptimizeSpec(**cfg.optimize.model_dump()),

@@ -3,6 +3,11 @@
 A shard is committed when its manifest exists; its videos were made durable before it was
 written. The consolidated ``manifest.parquet`` is derived from the shard manifests at the end
 of a job, one row per input row in input order.
+
+A row is committed once, unless a repair (``render --redo``) renders it again: the new commit
+names the one it replaces in ``redo_of`` (that commit's ``committed_at``). The replaced commit
+stays in its shard manifest as history; everything that reads the output's current state
+(``manifest.parquet``, counts, ``verify``) skips it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from jobs.rows import RowFailure
 from rendering import storage
 from rendering.contract import MEDIA_ROLES, Result, Task
 
-ARTIFACT = pa.struct([("name", pa.string()), ("uri", pa.string()), ("bytes", pa.int64()),
+ARTIFACT = pa.struct([("name", pa.string()), ("path", pa.string()), ("bytes", pa.int64()),
                       ("sha256", pa.string())])
 # Each conditioning input's identity: where it was read from, and the hash of what was read.
 # Prefixed, so an input video never collides with the output's own video columns.
@@ -42,7 +47,9 @@ SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error_code", pa.string()),
     ("error", pa.string()),
-    ("video_uri", pa.string()),  # the "video" artifact's, for readers that want just that
+    # The "video" artifact's, for readers that want just that. Like every artifact path it is
+    # relative to the output root: a copied or synced output verifies against its own objects.
+    ("video_uri", pa.string()),
     ("bytes", pa.int64()),
     ("sha256", pa.string()),
     *((p.name, p.arrow) for p in params.PARAMS),
@@ -52,6 +59,7 @@ SCHEMA = pa.schema([
     ("attempts", pa.int32()),
     ("render_s", pa.float64()),
     ("committed_at", pa.float64()),
+    ("redo_of", pa.float64()),  # the committed_at of the commit this repair replaces
 ])
 
 
@@ -67,7 +75,8 @@ def record(row: PlannedRow, result: Result | None, attempts: int) -> dict:
            "id": row.id, "row_index": row.index, "occurrence": row.occurrence,
            "prompt": row.prompt, **{p: values.get(p) for p in params.NAMES},
            "attempts": attempts, "video_uri": None, "bytes": None, "sha256": None,
-           "artifacts": [], "render_s": None, "prompt_truncated": metrics.get("prompt_truncated")}
+           "artifacts": [], "render_s": None, "prompt_truncated": metrics.get("prompt_truncated"),
+           "redo_of": row.redo_of}
     if isinstance(outcome, Task):
         for role, media in outcome.inputs.items():
             rec[f"input_{role}_uri"] = media.uri
@@ -78,7 +87,7 @@ def record(row: PlannedRow, result: Result | None, attempts: int) -> dict:
         video = result.artifact("video")
         rec.update(status="ok", error_code=None, error=None,
                    artifacts=[dataclasses.asdict(a) for a in result.artifacts],
-                   video_uri=video.uri, bytes=video.bytes, sha256=video.sha256,
+                   video_uri=video.path, bytes=video.bytes, sha256=video.sha256,
                    render_s=result.timings_s.get("render_s"))
     else:
         rec.update(status="failed", error_code=result.error_code if result else "unknown",
@@ -122,15 +131,25 @@ def shard_paths(output_uri: str) -> list[str]:
                   if p.rsplit("/", 1)[-1].startswith(layout.SHARD_PREFIX) and p.endswith(".parquet"))
 
 
-def committed_hashes(output_uri: str) -> HashSet:
-    """The rows every committed shard holds, as row hashes."""
+def committed_hashes(output_uri: str, redo: dict[int, float] | None = None) -> HashSet:
+    """The rows every committed shard holds, as row hashes, less those to ``redo``."""
     fs, _ = storage.filesystem(output_uri)
     committed = HashSet()
     for path in shard_paths(output_uri):
-        table = _read(fs, path, columns=["id", "occurrence"])
-        committed.add([row_hash(i, n) for i, n in zip(table["id"].to_pylist(),
-                                                      table["occurrence"].to_pylist())])
+        hashes = _hashes(_read(fs, path, columns=["id", "occurrence"]))
+        committed.add([h for h in hashes if h not in redo] if redo else hashes)
     return committed
+
+
+def superseded(output_uri: str) -> set[tuple[int, float]]:
+    """(row hash, committed_at) of every commit a repair replaced (few: one per redone row)."""
+    fs, _ = storage.filesystem(output_uri)
+    replaced = set()
+    for path in shard_paths(output_uri):
+        table = _read(fs, path, columns=["id", "occurrence", "redo_of"])
+        table = table.filter(pc.is_valid(table["redo_of"]))
+        replaced.update(zip(_hashes(table), table["redo_of"].to_pylist()))
+    return replaced
 
 
 @dataclass
@@ -158,12 +177,22 @@ class Tally:
         return [(code, n, self.examples[code]) for code, n in self.errors.most_common(limit)]
 
 
-def iter_shards(output_uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Committed rows one shard at a time, in input order (memory: one shard)."""
+def iter_shards(output_uri: str, columns: list[str] | None = None,
+                current: bool = True) -> Iterator[pa.Table]:
+    """Committed rows one shard at a time, in input order (memory: one shard). ``current``:
+    without the commits a repair replaced."""
     fs, _ = storage.filesystem(output_uri)
+    replaced = superseded(output_uri) if current else set()
+    keys = ["id", "occurrence", "committed_at", "row_index"]
     for path in _in_input_order(fs, shard_paths(output_uri)):
-        yield _read(fs, path, columns).sort_by([("row_index", "ascending"),
-                                                ("occurrence", "ascending")])
+        wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
+        table = _read(fs, path, wanted)
+        if replaced:
+            keep = [(h, t) not in replaced
+                    for h, t in zip(_hashes(table), table["committed_at"].to_pylist())]
+            table = table.filter(pa.array(keep, pa.bool_()))
+        table = table.sort_by([("row_index", "ascending"), ("occurrence", "ascending")])
+        yield table if columns is None else table.select(columns)
 
 
 def tally(output_uri: str) -> Tally:
@@ -186,10 +215,18 @@ def consolidate(output_uri: str) -> Tally:
         with pq.ParquetWriter(local, schema) as writer:
             for table in iter_shards(output_uri):
                 counts.add(table)
-                writer.write_table(table.cast(schema) if table.schema != schema
-                                   else table)
+                writer.write_table(_conform(table, schema))
         storage.upload_file(local, fs, storage.join(root, layout.MANIFEST_FILE))
     return counts
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with the columns of ``schema``, in its order: a column a shard lacks is null."""
+    if table.schema == schema:
+        return table
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _in_input_order(fs, paths: list[str]) -> list[str]:
@@ -202,6 +239,10 @@ def _in_input_order(fs, paths: list[str]) -> list[str]:
         return min((s.min for s in stats if s is not None and s.has_min_max), default=0)
 
     return sorted(paths, key=first_row)
+
+
+def _hashes(table: pa.Table) -> list[int]:
+    return [row_hash(i, n) for i, n in zip(table["id"].to_pylist(), table["occurrence"].to_pylist())]
 
 
 def _schema(fs, path: str) -> pa.Schema:

@@ -30,6 +30,7 @@ class PlannedRow:
     carry: dict
     outcome: Task | RowFailure | None = None  # None when only counting
     attempts: int = 0  # render attempts spent on it in this run
+    redo_of: float | None = None  # a repair: the committed_at of the commit it replaces
 
     @property
     def hash(self) -> int:
@@ -46,8 +47,10 @@ class PlanCounts:
 
 
 def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts: PlanCounts,
-              resolve_rows: bool = True) -> Iterator[PlannedRow]:
-    """Yield every input row not yet committed, in input order; ``counts`` is kept up to date."""
+              resolve_rows: bool = True,
+              redo: dict[int, float] | None = None) -> Iterator[PlannedRow]:
+    """Yield every input row not yet committed, in input order; ``counts`` is kept up to date.
+    ``redo``: committed rows to render again (row hash: committed_at of the commit replaced)."""
     seen = HashSet()
     repeats: dict[int, int] = {}  # ids seen more than once: first-occurrence hash -> repeats
     index = 0
@@ -59,14 +62,16 @@ def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts:
         occurrences = _occurrences(first_hashes, seen.contains(first_hashes), repeats)
         hashes = [h if n == 0 else row_hash(i, n) for h, i, n in zip(first_hashes, ids, occurrences)]
         is_done = committed.contains(hashes) if len(committed) else [False] * len(rows)
-        for row, row_id, id_error, occurrence, done in zip(rows, ids, id_errors, occurrences, is_done):
+        for row, row_id, id_error, occurrence, done, h in zip(rows, ids, id_errors, occurrences,
+                                                             is_done, hashes):
             index += 1
             counts.rows += 1
             if done:
                 counts.done += 1
                 continue
             planned = PlannedRow(index - 1, row_id, occurrence, _text(row.get("prompt")),
-                                 {c: row.get(c) for c in cfg.input.carry_columns})
+                                 {c: row.get(c) for c in cfg.input.carry_columns},
+                                 redo_of=redo.get(h) if redo else None)
             if resolve_rows:
                 planned.outcome = _outcome(row, planned, id_error, cfg)
                 counts.invalid += isinstance(planned.outcome, RowFailure)

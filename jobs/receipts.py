@@ -14,8 +14,8 @@ from rendering.contract import Result, Task, read_receipt
 
 class Receipts:
     def __init__(self, output_uri: str):
-        self._fs, root = storage.filesystem(output_uri)
-        self._dir = storage.join(root, RECEIPTS_DIR)
+        self._fs, self._root = storage.filesystem(output_uri)
+        self._dir = storage.join(self._root, RECEIPTS_DIR)
         # Only uncommitted work leaves receipts, so this listing is bounded by work in flight.
         found = self._fs.find(self._dir) if self._fs.exists(self._dir) else []
         self._paths = {p.rsplit("/", 1)[-1][:-len(".json")]: p for p in found if p.endswith(".json")}
@@ -33,9 +33,9 @@ class Receipts:
         if result is None or result.artifact("video") is None:
             return None
         for artifact in result.artifacts:
-            fs, stored = storage.filesystem(artifact.uri)
-            if not fs.exists(stored) or fs.size(stored) != artifact.bytes \
-                    or storage.sha256_object(fs, stored) != artifact.sha256:
+            stored = storage.join(self._root, artifact.path)
+            if not self._fs.exists(stored) or self._fs.size(stored) != artifact.bytes \
+                    or storage.sha256_object(self._fs, stored) != artifact.sha256:
                 return None
         self.recovered += 1
         return result

@@ -58,8 +58,9 @@ class EncodeSpec:
 class WorkerSpec:
     model: ModelSpec
     encode: EncodeSpec
-    videos_uri: str  # where videos go: <output>/videos
-    receipts_uri: str  # where a receipt goes once a video is durable: <output>/receipts
+    output_uri: str  # the job's output prefix; artifacts are named relative to it
+    videos_dir: str  # where videos go under the output
+    receipts_dir: str  # where a receipt goes once a row's artifacts are durable
     batch_size: int = 1
     torch_threads: int | None = None  # CPU workers: the CPUs the worker holds
     optimize: OptimizeSpec = field(default_factory=OptimizeSpec)
@@ -113,7 +114,7 @@ class Artifact:
     """One stored object a row produced (its video, later its previews or keyframes)."""
 
     name: str  # what it is: video, poster, ...
-    uri: str
+    path: str  # relative to the output root, so a copied or synced output stays whole
     bytes: int
     sha256: str
 

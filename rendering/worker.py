@@ -46,8 +46,7 @@ class ShardRenderer:
         self._load_lock = threading.Lock()
         self._load_info: dict | None = None
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="encode")
-        self._fs, self._videos_path = storage.filesystem(spec.videos_uri)
-        self._receipts_path = storage.filesystem(spec.receipts_uri)[1]
+        self._fs, self._root = storage.filesystem(spec.output_uri)
 
     def setup(self) -> dict:
         """Load the model once. Runs inside the worker process, after the GPU has been assigned.
@@ -171,7 +170,8 @@ class ShardRenderer:
     def _store(self, task: Task, frames: np.ndarray, render_s: float, metrics: dict) -> Result:
         """Encode to a local temp file, check it, and publish it atomically."""
         timings = {"render_s": render_s}
-        path = storage.join(self._videos_path, task.key + ".mp4")
+        relative = f"{self.spec.videos_dir}/{task.key}.mp4"
+        path = storage.join(self._root, relative)
         # A failed clean-up of the temp folder must not fail a video that is already stored.
         with tempfile.TemporaryDirectory(prefix="reelfarm-", ignore_cleanup_errors=True) as tmp:
             local = os.path.join(tmp, "video.mp4")
@@ -191,7 +191,7 @@ class ShardRenderer:
                 return Result.failure(task.id, "upload_error", f"{type(exc).__name__}: {exc}",
                                       retryable=True)
             timings["upload_s"] = time.monotonic() - started
-        video = Artifact("video", storage.to_uri(self._fs, path), size, digest)
+        video = Artifact("video", relative, size, digest)
         result = Result(id=task.id, ok=True, artifacts=[video], metrics=metrics, timings_s=timings)
         self._write_receipt(task, result)
         return result
@@ -199,7 +199,7 @@ class ShardRenderer:
     def _write_receipt(self, task: Task, result: Result) -> None:
         """Leave proof that the row's artifacts are durable, so a crash before the shard
         commits does not cost a re-render. Best effort: without it the row is rendered again."""
-        path = storage.join(self._receipts_path, task.key + ".json")
+        path = storage.join(self._root, self.spec.receipts_dir, task.key + ".json")
         try:
             storage.write_bytes(self._fs, path, receipt_json(task, result))
         except Exception as exc:  # noqa: BLE001

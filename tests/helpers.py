@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -43,3 +44,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     """Run ``reelfarm`` as a user would, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def stored(output, row: dict) -> str:
+    """Where a manifest row's video is on local disk: its path is relative to the output."""
+    return os.path.join(str(output), row["video_uri"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_client():
+    """A boto3 client of the endpoint the ``s3_env`` fixture points this process at."""
+    import boto3
+
+    return boto3.client("s3")

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli, stored, tiny_config, write_prompts
 from hostile_corpus import CASES, run_corpus
 
 from jobs.dataset import iter_batches, open_dataset
@@ -207,8 +207,8 @@ def test_each_row_is_recorded_with_its_outcome(manifest_rows, corpus, index):
         assert row["video_uri"] is None and row["prompt_truncated"] is None
     else:
         assert row["error"] is None
-        assert Path(row["video_uri"]).parent == corpus.output / "videos"
-        assert os.path.getsize(row["video_uri"]) == row["bytes"] > 0
+        assert Path(stored(corpus.output, row)).parent == corpus.output / "videos"
+        assert os.path.getsize(stored(corpus.output, row)) == row["bytes"] > 0
         assert row["prompt_truncated"] is (case.name == "prompt longer than the text encoder reads")
 
 

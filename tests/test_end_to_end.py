@@ -9,7 +9,7 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli, stored, tiny_config, write_prompts
 from videos import probe
 
 from jobs.audit import verify
@@ -37,10 +37,10 @@ def test_every_video_plays_and_every_row_is_in_the_manifest(tmp_path, backend, r
     assert table["id"].to_pylist() == [r["id"] for r in rows]
     for row in table.to_pylist():
         assert row["status"] == "ok" and row["error"] is None
-        info = probe(row["video_uri"])
+        info = probe(stored(cfg.output.uri, row))
         assert info == {"codec": "h264", "pix_fmt": "yuv420p", "size": (32, 32),
                         "frames": row["num_frames"], "faststart": True}
-        assert os.path.getsize(row["video_uri"]) == row["bytes"]
+        assert os.path.getsize(stored(cfg.output.uri, row)) == row["bytes"]
     assert [r["num_frames"] for r in table.to_pylist() if r["id"] == "row-004"] == [12]
     assert os.path.exists(tmp_path / "out" / "_SUCCESS")
     assert verify(cfg.output.uri).problems == []
@@ -65,7 +65,7 @@ def test_same_config_twice_gives_byte_identical_videos_and_stable_ids_and_seeds(
     assert len({r["seed"] for r in first}) == 4
     assert [r["sha256"] for r in first] == [r["sha256"] for r in second]
     for a, b in zip(first, second):
-        with open(a["video_uri"], "rb") as fa, open(b["video_uri"], "rb") as fb:
+        with open(stored(tmp_path / "a", a), "rb") as fa, open(stored(tmp_path / "b", b), "rb") as fb:
             assert fa.read() == fb.read()
 
 
@@ -75,7 +75,7 @@ def test_unet3d_and_dit_pipelines_both_render(tmp_path, kind, num_frames):
                            render={"num_frames": num_frames})
     assert summary.ok == 2
     for row in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist():
-        assert probe(row["video_uri"])["frames"] == num_frames
+        assert probe(stored(tmp_path / "out", row))["frames"] == num_frames
 
 
 def test_a_saved_model_folder_loads_through_from_pretrained(tmp_path):
@@ -101,8 +101,8 @@ def test_verify_catches_a_deleted_and_a_corrupted_video(tmp_path):
     cfg, _ = _render(tmp_path, prompts(3), "inline")
     assert run_cli("verify", cfg.output.uri).returncode == 0
     rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
-    os.remove(rows[0]["video_uri"])
-    with open(rows[1]["video_uri"], "r+b") as f:
+    os.remove(stored(cfg.output.uri, rows[0]))
+    with open(stored(cfg.output.uri, rows[1]), "r+b") as f:
         f.seek(100)
         f.write(b"\x00\xff\x00\xff")
     result = run_cli("verify", cfg.output.uri)

@@ -12,7 +12,7 @@ import os
 import media_corpus as corpus
 import pyarrow.parquet as pq
 import pytest
-from helpers import tiny_config, write_prompts
+from helpers import stored, tiny_config, write_prompts
 from videos import probe
 
 from jobs.audit import verify
@@ -77,7 +77,7 @@ def test_each_family_renders_inline_and_on_ray_byte_identically(kind, tmp_path, 
         assert (summary.ok, summary.failed) == (3, 0), [r["error"] for r in table]
         assert verify(cfg.output.uri).problems == []
         for row in table:
-            assert probe(row["video_uri"]) == {
+            assert probe(stored(cfg.output.uri, row)) == {
                 "codec": "h264", "pix_fmt": "yuv420p", "size": (shape["width"], shape["height"]),
                 "frames": shape["num_frames"], "faststart": True}
             for role in roles:

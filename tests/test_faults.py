@@ -15,7 +15,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, stored, tiny_config, write_prompts
 
 from jobs.audit import verify
 from jobs.config import validate
@@ -75,7 +75,7 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
         except ProcessLookupError:
             pass
     committed = {r["id"]: r for r in _read_shards(out)}
-    mtimes = {i: os.path.getmtime(r["video_uri"]) for i, r in committed.items()}
+    mtimes = {i: os.path.getmtime(stored(out, r)) for i, r in committed.items()}
     assert len(committed) >= 6
 
     started = time.monotonic()
@@ -86,7 +86,7 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(24)]
     assert all(r["status"] == "ok" for r in rows)
     for row_id, mtime in mtimes.items():  # committed videos were not rendered again
-        assert os.path.getmtime(committed[row_id]["video_uri"]) == mtime
+        assert os.path.getmtime(stored(out, committed[row_id])) == mtime
     assert f"; {len(committed)} row(s) were already done" in result.stdout
     assert run_cli("verify", str(out)).returncode == 0
     job = json.loads((out / "job.json").read_text())["last_run"]
@@ -189,14 +189,14 @@ def test_videos_stored_before_a_crash_are_committed_without_rendering_them_again
     planned = list(plan_rows(open_dataset(src, []), cfg, HashSet(), PlanCounts()))
     early = ShardRenderer(worker_spec(cfg)).render_shard([p.outcome for p in planned[:4]])
     assert all(r.ok for r in early) and len(list((out / "receipts").iterdir())) == 4
-    with open(early[3].artifact("video").uri, "r+b") as f:  # one stored video was damaged since
+    with open(out / early[3].artifact("video").path, "r+b") as f:  # one stored video was damaged since
         f.seek(200)
         f.write(b"\xde\xad")
-    mtimes = {r.id: os.path.getmtime(r.artifact("video").uri) for r in early[:3]}
+    mtimes = {r.id: os.path.getmtime(out / r.artifact("video").path) for r in early[:3]}
 
     summary = render(cfg, progress=False)
     assert (summary.recovered, summary.rendered, summary.ok) == (3, 3, 6)
-    assert {r.id: os.path.getmtime(r.artifact("video").uri) for r in early[:3]} == mtimes
+    assert {r.id: os.path.getmtime(out / r.artifact("video").path) for r in early[:3]} == mtimes
     assert not (out / "receipts").exists()
     assert verify(str(out)).problems == []
 

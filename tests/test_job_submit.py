@@ -87,8 +87,8 @@ def test_ray_job_submit_renders_through_the_cluster(ray_head, tmp_path):
 
     table = pq.read_table(out / "manifest.parquet")
     assert table.num_rows == rows and set(table["status"].to_pylist()) == {"ok"}
-    for uri in table["video_uri"].to_pylist():
-        info = probe(uri)
+    for path in table["video_uri"].to_pylist():
+        info = probe(str(out / path))
         assert info["codec"] == "h264" and info["frames"] == cfg["render"]["num_frames"]
     assert (out / "_SUCCESS").exists()
     verified = run_cli("verify", str(out))

@@ -4,16 +4,14 @@ written to it and read back by a second client (boto3), and an endpoint that goe
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
-import urllib.request
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import prompts, run_cli, tiny_config
+from helpers import prompts, run_cli, s3_client, tiny_config
 from tcp_proxy import TcpProxy
 from videos import probe
 
@@ -25,59 +23,19 @@ from rendering import storage
 BUCKET = "reelfarm-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def moto_server():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    # moto keeps its buckets per process, not per server: start every test from empty.
-    urllib.request.urlopen(urllib.request.Request(
-        f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10).close()
-    yield port
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(moto_server, monkeypatch):
-    """Point every S3 client of this process (and its children) at the endpoint in use."""
-    import s3fs
-
-    def use(port: int) -> dict:
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        return env
-
-    yield use
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
 @pytest.fixture
 def proxied(moto_server, s3_env):
     """The endpoint behind a TCP proxy the test can cut: (proxy, boto3 client, bucket made)."""
     proxy = TcpProxy(moto_server)
     proxy.up()
     s3_env(proxy.port)
-    client = _boto3()
+    client = s3_client()
     client.create_bucket(Bucket=BUCKET)
     yield proxy, client
     proxy.down()
 
 
-def _boto3():
-    import boto3
 
-    return boto3.client("s3")
 
 
 def _put_prompts(client, key: str, rows: list[dict]) -> str:
@@ -94,7 +52,7 @@ def _objects(client, prefix: str) -> dict[str, int]:
 
 def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_server, s3_env):
     env = s3_env(moto_server)
-    client = _boto3()
+    client = s3_client()
     client.create_bucket(Bucket=BUCKET)
     src = _put_prompts(client, "in/prompts.parquet", prompts(5))
     config = tmp_path / "job.yaml"
@@ -109,7 +67,7 @@ def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_se
     rows = pq.read_table(io.BytesIO(body)).to_pylist()
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(5)]
     for row in rows:
-        key = row["video_uri"].removeprefix(f"s3://{BUCKET}/")
+        key = f"out/run-1/{row['video_uri']}"
         assert videos[key] == row["bytes"]
         local = tmp_path / "check.mp4"
         local.write_bytes(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -185,7 +143,7 @@ def test_the_endpoint_goes_away_mid_job_and_comes_back(tmp_path, proxied):
     videos = _objects(client, "out/flaky/videos/")
     manifest = pq.read_table(io.BytesIO(client.get_object(
         Bucket=BUCKET, Key="out/flaky/manifest.parquet")["Body"].read())).to_pylist()
-    assert {r["video_uri"].removeprefix(f"s3://{BUCKET}/"): r["bytes"] for r in manifest} == videos
+    assert {f"out/flaky/{r['video_uri']}": r["bytes"] for r in manifest} == videos
     assert verify(out).problems == []
     print(f"S3 outage of 6 s: job done {lost_s:.1f} s after it began; "
           f"stopped and resumed: {'error' in outcome}")

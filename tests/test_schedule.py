@@ -58,7 +58,7 @@ class ScriptedPool:
 
 def _result(task: Task, step: str) -> Result:
     if step == "ok":
-        return Result(task.id, True, [Artifact("video", f"/videos/{task.key}.mp4", 1, "0" * 64)])
+        return Result(task.id, True, [Artifact("video", f"videos/{task.key}.mp4", 1, "0" * 64)])
     return Result.failure(task.id, "render_error", step, retryable=step == "retry")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, stored, tiny_config, write_prompts
 from hostile_corpus import ACCESS_KEY, ARGV_SEPARATOR, HOSTILE_IDS, SECRET, run_corpus
 
 # Every option reelfarm itself gives ffmpeg (encode_argv and count_frames); "-" is stdout.
@@ -49,10 +49,10 @@ def test_hostile_ids_render_inside_the_output_under_safe_names(corpus):
     for row_id in HOSTILE_IDS:
         row = rows[row_id]
         assert row["status"] == "ok", row["error"]
-        path = Path(row["video_uri"])
+        path = Path(stored(corpus.output, row))
         assert path.parent == videos and SAFE_NAME.match(path.name), path
-    stored = sorted(p.name for p in videos.iterdir())
-    assert stored == sorted(Path(r["video_uri"]).name for r in table if r["status"] == "ok")
+    names = sorted(p.name for p in videos.iterdir())
+    assert names == sorted(Path(r["video_uri"]).name for r in table if r["status"] == "ok")
     # Nothing was written beside the output, above it, or at the root of the filesystem.
     made = {p.relative_to(corpus.root).parts[0] for p in corpus.root.rglob("*")}
     assert made == {"in", "bin", "job.yaml", "ffmpeg-argv.log", "out"}

@@ -1,0 +1,136 @@
+"""An output stays whole: a setting that would change its manifest's columns is refused, a copy
+verifies and resumes against its own objects, and damaged or failed rows are repaired once.
+
+Each runs on local disk and on a real S3 endpoint (moto on 127.0.0.1), through the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from helpers import prompts, run_cli, tiny_config, write_prompts
+
+from jobs import manifest
+from jobs.rows import output_key
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path):
+    """Where outputs go: a local folder or an S3 prefix (this process pointed at moto)."""
+    if request.param == "local":
+        return str(tmp_path / "outputs")
+    bucket, _ = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/outputs"
+
+
+def _config(tmp_path, rows: list[dict], output: str, **sections) -> str:
+    src = write_prompts(tmp_path / "prompts.parquet", rows)
+    path = tmp_path / "job.yaml"
+    sections["cluster"] = {"backend": "inline", **sections.get("cluster", {})}
+    path.write_text(yaml.safe_dump(tiny_config(src, output, **sections)))
+    return str(path)
+
+
+def _manifest(output: str) -> dict[str, dict]:
+    fs, root = fsspec.core.url_to_fs(output)
+    with fs.open(f"{root}/manifest.parquet", "rb") as f:
+        return {r["id"]: r for r in pq.read_table(f).to_pylist()}
+
+
+def test_changing_the_carried_columns_is_refused_and_the_output_stays_readable(tmp_path, place):
+    out = f"{place}/carry"
+    rows = [{**row, "lang": "en"} for row in prompts(5)]
+    config = _config(tmp_path, rows[:3], out, input={"carry_columns": ["lang"]})
+    assert run_cli("render", config).returncode == 0
+
+    config = _config(tmp_path, rows, out)  # more rows, and no carried column
+    refused = run_cli("render", config)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert "input.carry_columns: ['lang'] -> []" in refused.stderr
+    for command in ("status", "verify"):
+        assert run_cli(command, out).returncode == 0, command
+
+    config = _config(tmp_path, rows, out, input={"carry_columns": ["lang"]})
+    assert run_cli("render", config).returncode == 0
+    assert [r["lang"] for r in _manifest(out).values()] == ["en"] * 5
+    assert run_cli("verify", out).returncode == 0
+
+
+def test_a_copied_output_verifies_and_is_repaired_against_its_own_objects(tmp_path, place):
+    original, copy = f"{place}/original", f"{place}/copy"
+    config = _config(tmp_path, prompts(4), original)
+    assert run_cli("render", config).returncode == 0
+    fs, _ = fsspec.core.url_to_fs(original)
+    fs.invalidate_cache()
+    if place.startswith("s3://"):
+        fs.copy(original.removeprefix("s3://"), copy.removeprefix("s3://"), recursive=True)
+    else:
+        shutil.copytree(original, copy)
+    rows = _manifest(copy)
+    fs.rm(f"{copy}/{rows['row-000']['video_uri']}")
+    damaged = f"{copy}/{rows['row-001']['video_uri']}"
+    fs.pipe_file(damaged, fs.cat_file(damaged)[:-40] + b"\x00" * 40)
+
+    check = run_cli("verify", copy)
+    assert check.returncode == 1
+    assert "video of row 'row-000' is missing" in check.stdout
+    assert "video of row 'row-001' does not match its sha256" in check.stdout
+    assert "copy/videos" in check.stdout and "original" not in check.stdout
+    assert "not in any manifest" not in check.stdout
+    assert run_cli("verify", original).returncode == 0
+
+    repaired = run_cli("render", config, "--output", copy, "--redo", "damaged", "--quiet")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "rendered 2 video(s)" in repaired.stdout
+    assert run_cli("verify", copy).returncode == 0
+    assert {r["sha256"] for r in _manifest(copy).values()} == \
+        {r["sha256"] for r in _manifest(original).values()}
+    again = run_cli("render", config, "--output", copy, "--redo", "damaged", "--quiet")
+    assert "rendered 0 video(s)" in again.stdout
+
+
+def test_failed_rows_are_listed_and_repaired_once_with_their_history_kept(tmp_path):
+    out = tmp_path / "out"
+    # A folder where row-002's video must go: its upload fails on every attempt.
+    blocker = out / "videos" / f"{output_key('row-002')}.mp4"
+    blocker.mkdir(parents=True)
+    config = _config(tmp_path, prompts(4), str(out), cluster={"max_attempts": 1})
+    first = run_cli("render", config)
+    assert first.returncode == 3
+    listed = run_cli("status", str(out), "--failed")
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines()[0].startswith("row-002\tupload_error: ")
+    assert len(listed.stdout.splitlines()) == 1
+
+    blocker.rmdir()
+    repaired = run_cli("render", config, "--redo", "failed", "--quiet")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "rendered 1 video(s)" in repaired.stdout
+    rows = _manifest(str(out))
+    assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"ok"}
+    assert rows["row-002"]["redo_of"] is not None
+    history = [r for t in manifest.iter_shards(str(out), current=False) for r in t.to_pylist()
+               if r["id"] == "row-002"]
+    assert [r["status"] for r in history] == ["failed", "ok"]
+    assert run_cli("verify", str(out)).returncode == 0
+    assert run_cli("status", str(out), "--failed").stdout == ""
+    again = run_cli("render", config, "--redo", "failed", "--quiet")
+    assert "rendered 0 video(s)" in again.stdout
+
+
+def test_status_of_a_path_that_holds_no_output_fails_in_one_line(tmp_path):
+    result = run_cli("status", str(tmp_path / "out" / "dmeo"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"reelfarm: {tmp_path}/out/dmeo holds no reelfarm output "
+                                     "(no job.json, no manifests/): check the path")
+    table = pa.table({"x": [1]})
+    pq.write_table(table, tmp_path / "stray.parquet")
+    assert run_cli("status", str(tmp_path)).returncode == 1
+    assert os.path.exists(tmp_path / "stray.parquet")

@@ -112,8 +112,11 @@ def _render(args) -> int:
     cfg = _load(args)
     summary = render(cfg, progress=not args.quiet, redo=frozenset(args.redo))
     out = cfg.output.uri.rstrip("/")
+    startup = (f"; workers started and loaded the model in {summary.startup_s:.1f} s"
+               if summary.startup_s else "")
     print(f"rendered {summary.rendered} video(s) in {summary.seconds:.1f} s "
-          f"({summary.videos_per_s:.2f} videos/s); {summary.skipped} row(s) were already done")
+          f"({summary.videos_per_s:.2f} videos/s while rendering{startup}); "
+          f"{summary.skipped} row(s) were already done")
     print(f"rows: {summary.total_rows}  ok: {summary.ok}  failed: {summary.failed}")
     for code, count in summary.top_errors:
         print(f"  {count} failed with {code}")

@@ -46,12 +46,15 @@ class RenderSummary:
     recovered: int  # rows whose video an interrupted run had stored: committed, not re-rendered
     workers_replaced: int
     seconds: float
+    startup_s: float  # of ``seconds``: starting the workers and loading the model
+    rendering_s: float  # of ``seconds``: from the workers being ready to the last commit
     complete: bool
     top_errors: list[tuple[str, int]]
 
     @property
     def videos_per_s(self) -> float:
-        return self.rendered / self.seconds if self.seconds > 0 else 0.0
+        """The rendering rate, start-up left out."""
+        return self.rendered / self.rendering_s if self.rendering_s > 0 else 0.0
 
 
 def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozenset()) -> RenderSummary:
@@ -101,6 +104,7 @@ def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozens
     return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,
                          scheduler.rendered, counts.done, receipts.recovered,
                          scheduler.workers_replaced, time.monotonic() - started,
+                         scheduler.startup_s, scheduler.rendering_s,
                          tally.rows == dataset.num_rows,
                          [(code, n) for code, n, _ in tally.top_errors()])
 
@@ -115,7 +119,9 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
     finish_job(cfg, job, status, {"rows": input_rows, "ok": tally.ok,
                                   "failed": tally.rows - tally.ok, "committed": tally.rows},
                {"rendered": scheduler.rendered, "recovered": scheduler.receipts.recovered,
-                "workers_replaced": scheduler.workers_replaced}, complete)
+                "workers_replaced": scheduler.workers_replaced,
+                "startup_s": round(scheduler.startup_s, 3),
+                "rendering_s": round(scheduler.rendering_s, 3)}, complete)
     return tally
 
 
@@ -163,6 +169,8 @@ def _start_pool(cfg: JobConfig):
             spec = replace(spec, torch_threads=None)
         pool = WorkerPool(spec, cfg.cluster.num_workers or default_workers, use_gpu,
                           cfg.cluster.cpus_per_worker, cfg.cluster.shard_timeout_s)
+    logger.info("starting %s worker(s) and loading %s", getattr(pool, "num_workers", 1),
+                cfg.model.path)
     infos = pool.start()
     nodes = {p["node_id"] for p in pool.placements()}
     logger.info("%d worker(s) on %d node(s), device %s, loaded the model in %.1f s", len(infos),

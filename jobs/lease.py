@@ -194,6 +194,7 @@ def acquire(output_uri: str, ttl_s: float = 60.0, heartbeat_s: float = 10.0) -> 
             continue
         # Step 4: ours is the lease.
         _remove(fs, [_generation_path(lease_dir, g) for g in held if g <= generation])
+        _remove_stale_temps(fs, lease_dir)
         return Lease(output_uri, fs, lease_dir, record, heartbeat_s, began)
     raise LeaseError(f"output {output_uri}: other reelfarm runs kept taking its lease "
                      f"({_ACQUIRE_TRIES} tries); wait for them, or stop them")
@@ -329,6 +330,21 @@ def _create_local(path: str, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
+
+
+def _remove_stale_temps(fs: fsspec.AbstractFileSystem, lease_dir: str) -> None:
+    """Delete temp files a killed contender left (``verify`` reports them); local disk only.
+
+    A contender's temp file lives for microseconds, so one older than a minute is abandoned.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        return
+    cutoff = time.time() - 60
+    with contextlib.suppress(OSError), os.scandir(lease_dir) as entries:
+        for entry in entries:
+            if storage.TEMP_MARKER in entry.name and entry.stat().st_mtime < cutoff:
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
 
 
 def _overwrite(fs: fsspec.AbstractFileSystem, path: str, record: dict) -> None:

@@ -81,14 +81,15 @@ def finish_job(cfg: JobConfig, job: dict, status: str, counts: dict, work: dict,
                complete: bool) -> dict:
     """Record how the run ended; write ``_SUCCESS`` once every input row is accounted for.
 
-    ``work`` holds the run's own figures: rendered, recovered, workers_replaced.
+    ``work`` holds the run's own figures: rendered, recovered, workers_replaced, startup_s and
+    rendering_s; videos/hour is over rendering_s, start-up left out.
     """
     now = time.time()
     run = job["last_run"]
     elapsed = now - run["started_at"]
-    rendered = work.get("rendered", 0)
+    rendered, rendering_s = work.get("rendered", 0), work.get("rendering_s", 0)
     run.update(status=status, finished_at=now, seconds=round(elapsed, 3), **work,
-               videos_per_hour=round(3600 * rendered / elapsed, 1) if elapsed > 0 else None)
+               videos_per_hour=round(3600 * rendered / rendering_s, 1) if rendering_s > 0 else None)
     job["counts"] = counts
     write_job(cfg.output.uri, job)
     if complete:

@@ -12,18 +12,30 @@ LOG_EVERY_S = 10.0  # log lines for files and schedulers: often enough to see it
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True):
+    """Rows committed so far; rate and ETA count only the time since the workers were ready,
+    so a minute of cluster start and model loading does not make the first ETA absurd."""
+
+    def __init__(self, total: int, enabled: bool = True, clock=time.monotonic):
         self.total = total
         self.ok = 0
         self.failed = 0
-        self._started = time.monotonic()
-        self._last_log = self._started
+        self._clock = clock
+        self._rendering_since: float | None = None
+        self._done_before = 0  # rows committed before rendering began (invalid, recovered)
+        self._last_log = clock()
         self._bar = None
-        if enabled and sys.stderr.isatty():
+        self._enabled = enabled
+
+    def rendering_started(self) -> None:
+        """The workers are loaded: from now on the rate means rendering."""
+        self._rendering_since = self._clock()
+        self._done_before = self.ok + self.failed
+        if self._enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="video", dynamic_ncols=True, file=sys.stderr)
-        self._enabled = enabled
+            # tqdm's rate leaves out ``initial``: the rows committed before rendering began.
+            self._bar = tqdm(total=self.total, initial=self._done_before, unit="video",
+                             dynamic_ncols=True, file=sys.stderr)
 
     def advance(self, ok: int, failed: int) -> None:
         self.ok += ok
@@ -31,18 +43,23 @@ class Progress:
         if self._bar is not None:
             self._bar.update(ok + failed)
             self._bar.set_postfix(failed=self.failed, refresh=False)
-        elif self._enabled and time.monotonic() - self._last_log >= LOG_EVERY_S:
-            self._last_log = time.monotonic()
+        elif self._enabled and self._clock() - self._last_log >= LOG_EVERY_S:
+            self._last_log = self._clock()
             logger.info(self.line())
 
     def line(self) -> str:
         done = self.ok + self.failed
-        elapsed = time.monotonic() - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 and self.total > done else 0.0
         pct = 100.0 * done / self.total if self.total else 100.0
-        return (f"{done}/{self.total} rows ({pct:.0f}%), {self.failed} failed, "
-                f"{rate:.2f} rows/s, ETA {_duration(eta)}")
+        head = f"{done}/{self.total} rows ({pct:.0f}%), {self.failed} failed"
+        if self._rendering_since is None:
+            return f"{head}, workers starting"
+        elapsed = self._clock() - self._rendering_since
+        rendered = done - self._done_before
+        if rendered <= 0 or elapsed <= 0:
+            return f"{head}, rendering"
+        rate = rendered / elapsed
+        eta = (self.total - done) / rate if self.total > done else 0.0
+        return f"{head}, {rate:.2f} rows/s, ETA {_duration(eta)}"
 
     def close(self) -> None:
         if self._bar is not None:

@@ -7,6 +7,7 @@ inline pool, or a test's fake), so its retry and commit policy is tested without
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -41,6 +42,9 @@ class Scheduler:
         self.shard_size = shard_size
         self.shards_per_worker = shards_per_worker
         self.pool: Pool | None = None
+        self.startup_s = 0.0  # starting the workers and loading the model
+        self.rendering_since: float | None = None
+        self.rendering_s = 0.0  # from the workers being ready to the last commit
         self.rendered = 0
         self._retries: deque[Shard] = deque()
         self._inflight: dict[int, Shard] = {}
@@ -70,6 +74,8 @@ class Scheduler:
                     break
             if not self._inflight:
                 if source_done and not self._retries:
+                    if self.rendering_since is not None:
+                        self.rendering_s = time.monotonic() - self.rendering_since
                     return
                 continue
             for outcome in self.pool.wait(WAIT_SLICE_S):
@@ -97,7 +103,11 @@ class Scheduler:
 
     def _submit(self, shard: Shard) -> bool:
         if self.pool is None:
+            started = time.monotonic()
             self.pool = self._start_pool()
+            self.rendering_since = time.monotonic()
+            self.startup_s = self.rendering_since - started
+            self.progress.rendering_started()
         token = next(self._tokens)
         tasks = [row.outcome for row in shard.rows]
         if not self.pool.submit(token, tasks, self.shards_per_worker):

@@ -5,6 +5,7 @@ one contender, and a heartbeat keeps a live one held past its ttl."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -81,7 +82,7 @@ def test_a_second_driver_is_refused_with_one_line_naming_the_holder(output):
         assert "\n" not in message
         assert message.startswith(f"output {output} is in use by another reelfarm run (host "
                                   f"{socket.gethostname()}, pid ")
-        assert str(__import__("os").getpid()) in message and " UTC, last seen 0 s ago" in message
+        assert str(os.getpid()) in message and " UTC, last seen 0 s ago" in message
         assert message.endswith("a run that died frees the output within 65 s")
         assert lease.holder(output)["owner"] == held.owner
 
@@ -160,7 +161,7 @@ def test_a_contender_with_a_stale_view_cannot_win(output, monkeypatch):
 
 def test_the_heartbeat_keeps_a_lease_past_its_ttl(output, monkeypatch):
     monkeypatch.setattr(lease, "CLOCK_SKEW_S", 0.0)
-    with acquire(output, ttl_s=1.0, heartbeat_s=0.2) as held:
+    with acquire(output, ttl_s=1.0, heartbeat_s=0.1) as held:
         first = lease.holder(output)["renewed_at"]
         time.sleep(2.0)
         assert not held.lost
@@ -199,3 +200,46 @@ def test_a_lease_that_cannot_be_renewed_is_lost_after_its_ttl(tmp_path, monkeypa
 def test_the_heartbeat_must_be_shorter_than_the_ttl(tmp_path):
     with pytest.raises(ValueError, match="heartbeat_s < ttl_s"):
         acquire(str(tmp_path), ttl_s=5, heartbeat_s=5)
+
+
+def test_a_killed_contenders_temp_file_is_cleaned_up(tmp_path):
+    lease_dir = tmp_path / lease.LEASE_DIR
+    lease_dir.mkdir()
+    abandoned = lease_dir / f".00000001.json{storage.TEMP_MARKER}dead"
+    recent = lease_dir / f".00000001.json{storage.TEMP_MARKER}live"
+    abandoned.write_text("{")
+    recent.write_text("{")
+    os.utime(abandoned, (time.time() - 120, time.time() - 120))
+    acquire(str(tmp_path)).release()
+    assert not abandoned.exists() and recent.exists()  # a live contender's is left alone
+
+
+def test_a_killed_driver_process_blocks_the_output_only_until_its_lease_expires(tmp_path,
+                                                                                monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(lease, "CLOCK_SKEW_S", 0.0)
+    output = str(tmp_path / "out")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from jobs.lease import acquire; "
+         "held = acquire(sys.argv[1], ttl_s=1.0, heartbeat_s=0.2); print('held', flush=True); "
+         "time.sleep(60)", output],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseError, match=rf"pid {holder.pid}, since "):
+            acquire(output)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            acquire(output).release()
+            break
+        except LeaseError:
+            assert time.monotonic() < deadline, "a dead driver's lease never expired"
+            time.sleep(0.1)

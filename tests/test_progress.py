@@ -1,0 +1,43 @@
+"""Progress: rate and ETA count rendering only, not the cluster's start or the model's load."""
+
+from __future__ import annotations
+
+from jobs.progress import Progress
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_and_eta_leave_out_start_up_and_rows_done_before_rendering():
+    clock = Clock()
+    progress = Progress(100, enabled=False, clock=clock)
+    progress.advance(0, 10)  # invalid rows, committed before any worker exists
+    clock.now += 60  # a minute of cluster start and model loading
+    assert progress.line() == "10/100 rows (10%), 10 failed, workers starting"
+    progress.rendering_started()
+    assert progress.line() == "10/100 rows (10%), 10 failed, rendering"
+    clock.now += 10
+    progress.advance(20, 0)
+    # 20 rows in 10 s of rendering: 2 rows/s, 70 rows left: 35 s.
+    assert progress.line() == "30/100 rows (30%), 10 failed, 2.00 rows/s, ETA 0m35s"
+
+
+def test_a_cli_render_reports_start_up_apart_from_the_rendering_rate(tmp_path):
+    import yaml
+    from helpers import prompts, run_cli, tiny_config, write_prompts
+
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"),
+                                                 cluster={"backend": "inline"})))
+    result = run_cli("render", str(config), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "videos/s while rendering; workers started and loaded the model in " in result.stdout
+    assert "starting 1 worker(s) and loading tiny:modelscope" in result.stderr

@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/reelfarm render configs/demo.yaml
+	@echo "next: open out/demo/videos/*.mp4 in a browser (H.264, they play there);"
+	@echo "      $(BIN)/reelfarm status out/demo     counts, errors and the run's figures"
+	@echo "      $(BIN)/reelfarm verify out/demo     every video checked against the manifest"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

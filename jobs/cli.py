@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reelfarm", description="Batch text-to-video rendering on Ray.")
+    parser = argparse.ArgumentParser(prog="reelfarm", description="Batch video rendering on Ray.")
+    parser.add_argument("--version", action="version", version=f"reelfarm {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,8 +91,19 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("directory")
     cmd.add_argument("--kind", choices=TINY_KINDS, default="modelscope",
                      help="pipeline family: " + ", ".join(TINY_KINDS))
+    cmd.add_argument("--replace", action="store_true",
+                     help="empty a non-empty DIRECTORY first (else it is refused)")
     cmd.set_defaults(func=_make_tiny_model)
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("reelfarm")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _load(args):
@@ -213,7 +225,17 @@ def _status(args) -> int:
 
 
 def _make_tiny_model(args) -> int:
+    import shutil
+
     from rendering.tiny import save_tiny_pipeline
+
+    if os.path.isfile(args.directory):
+        raise ValueError(f"{args.directory} is a file, not a folder")
+    if os.path.isdir(args.directory) and os.listdir(args.directory):
+        if not args.replace:
+            raise ValueError(f"{args.directory} is not empty: choose an empty or new folder, or "
+                             f"pass --replace to empty it first")
+        shutil.rmtree(args.directory)
 
     save_tiny_pipeline(args.kind, args.directory)
     print(f"wrote a tiny random-weight {args.kind} pipeline to {args.directory}")

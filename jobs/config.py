@@ -226,10 +226,15 @@ _ALSO_FINGERPRINTED = (("input", "carry_columns"),)
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> JobConfig:
-    """Read a YAML config (or start from ``base``), apply ``key=value`` overrides, validate."""
+    """Read a YAML config (or start from ``base``), apply ``key=value`` overrides, validate.
+
+    Relative local paths written in the file resolve against the file's folder, as docker
+    compose does, so a config works from any directory; those given on the command line
+    (overrides, --input, --output) resolve against the current directory, as shells do.
+    """
     data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = _relative_to(_read_yaml(Path(path)), Path(path).parent)
     for item in overrides or []:
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
@@ -259,6 +264,30 @@ def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
 def fingerprint(cfg: JobConfig) -> str:
     canonical = json.dumps(fingerprint_fields(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# Keys that hold local paths, and whether a bare relative value counts (a model path "org/name"
+# is a hub id: only ./ and ../ make it a folder).
+_PATH_KEYS = {("input", "uri"): True, ("output", "uri"): True, ("input", "media_roots"): True,
+              ("model", "path"): False}
+
+
+def _relative_to(data: dict, folder: Path) -> dict:
+    """``data`` with the relative local paths of ``_PATH_KEYS`` joined to ``folder``."""
+    def resolve(value, bare: bool):
+        if not isinstance(value, str) or "://" in value or value.startswith(("/", "~", "tiny:")):
+            return value
+        if not bare and not value.startswith(("./", "../")):
+            return value
+        return os.path.abspath(os.path.join(folder, value))
+
+    for (section, key), bare in _PATH_KEYS.items():
+        values = data.get(section)
+        if not isinstance(values, dict) or values.get(key) is None:
+            continue
+        value = values[key]
+        values[key] = [resolve(v, bare) for v in value] if isinstance(value, list) else resolve(value, bare)
+    return data
 
 
 def _read_yaml(path: Path) -> dict:

@@ -129,6 +129,10 @@ def _read_footer(fs, path: str) -> tuple[pa.Schema, int]:
             meta = pq.ParquetFile(f).metadata
             return meta.schema.to_arrow_schema(), meta.num_rows
     except (pa.ArrowException, OSError) as exc:
+        if path.lower().endswith((".csv", ".tsv", ".json", ".jsonl")):
+            raise InputError(f"input file {path} is not Parquet: reelfarm reads Parquet only; "
+                             f"convert it, e.g. python -c \"import pandas as pd; "
+                             f"pd.read_csv('{path}').to_parquet('prompts.parquet')\"") from exc
         raise InputError(f"input file {path} is not a readable Parquet file (corrupt, truncated "
                          f"or not Parquet: {exc}): rewrite it, or remove it from the input") from exc
 

@@ -17,16 +17,20 @@ Protocol. The lease lives under ``<output>/_lease/`` as generation-numbered JSON
   took the output over and the lease is lost; else overwrite our own generation with a new
   ``renewed_at``/``expires_at``. Only the holder ever writes its generation after creating it, and a
   takeover writes a new generation, never ours, so a plain atomic overwrite is safe.
-- Release: overwrite our generation with ``released_at`` set (nothing is deleted, so the highest
-  generation never goes away and generation numbers only grow; the next run takes n + 1 at once).
+- Release: overwrite our generation with ``released_at`` set; the next run takes n + 1 at once.
+  Only generations below a verified holder's are ever deleted, so the highest one never goes
+  away and generation numbers only grow.
 
 Clocks. Other drivers judge expiry by their wall clock against the holder's ``expires_at``, and
 wait ``CLOCK_SKEW_S`` more: hosts' clocks must agree within that margin (NTP keeps them within
 milliseconds). The holder judges itself by its monotonic clock: a renewal counts only if it
 completes within ``ttl_s`` of the previous one, otherwise the lease is lost. So a holder that
 stalled (storage unreachable, process paused) gives the lease up before anyone can take it over.
-The driver checks ``Lease.lost`` between shards, so the work in flight at that moment may still
-finish; its results are idempotent commits of the same rows.
+A holder that ran on this machine (same boot, same pid namespace) and whose process is gone
+(SIGKILL, OOM kill) is taken over at once, without waiting for its expiry; a pid reused since
+only delays that to the expiry.
+The driver checks ``Lease.lost`` between shards, so at most the work in flight when a stalled
+holder loses its lease overlaps with the new holder's.
 
 Create-only writes. Local disk: the record is written to a hidden temp file beside its target and
 hard-linked into place (``os.link`` fails if the target exists: atomic, and complete when visible);
@@ -177,23 +181,23 @@ def acquire(output_uri: str, ttl_s: float = 60.0, heartbeat_s: float = 10.0) -> 
         if current is not None and _is_live(current):
             raise LeaseError(_busy_message(output_uri, current))
         if current is not None and current.get("released_at") is None:
-            logger.info("taking over output %s from a run that stopped renewing its lease "
-                        "(host %s, pid %s)", output_uri, current.get("host"), current.get("pid"))
+            logger.info("taking over output %s from a run that died (host %s, pid %s)",
+                        output_uri, current.get("host"), current.get("pid"))
         # Step 2: the next generation, created by exactly one contender.
         began = time.monotonic()
         record = _stamp({"owner": owner, "generation": generation + 1, "host": socket.gethostname(),
-                         "pid": os.getpid(), "started_at": time.time(), "ttl_s": float(ttl_s),
-                         "released_at": None}, ttl_s)
+                         "pid": os.getpid(), "machine": _machine(), "started_at": time.time(),
+                         "ttl_s": float(ttl_s), "released_at": None}, ttl_s)
         if not _create(fs, _generation_path(lease_dir, generation + 1), record):
             continue
         # Step 3: a contender with a stale view may have re-created a deleted generation: only
         # the highest one holds.
-        held = _generations(fs, lease_dir)
-        if held[-1] > generation + 1:
+        present = _generations(fs, lease_dir)
+        if present[-1] > generation + 1:
             _remove(fs, [_generation_path(lease_dir, generation + 1)])
             continue
         # Step 4: ours is the lease.
-        _remove(fs, [_generation_path(lease_dir, g) for g in held if g <= generation])
+        _remove(fs, [_generation_path(lease_dir, g) for g in present if g <= generation])
         _remove_stale_temps(fs, lease_dir)
         return Lease(output_uri, fs, lease_dir, record, heartbeat_s, began)
     raise LeaseError(f"output {output_uri}: other reelfarm runs kept taking its lease "
@@ -207,9 +211,35 @@ def holder(output_uri: str) -> dict | None:
     return record if record is not None and _is_live(record) else None
 
 
-def _is_live(record: dict, now: float | None = None) -> bool:
-    now = time.time() if now is None else now
-    return record.get("released_at") is None and now <= record["expires_at"] + CLOCK_SKEW_S
+def _is_live(record: dict) -> bool:
+    """Not released, not expired (with the clock-skew margin), and not known dead."""
+    return (record.get("released_at") is None
+            and time.time() <= record["expires_at"] + CLOCK_SKEW_S and not _died_here(record))
+
+
+def _machine() -> str | None:
+    """This boot of this machine and its pid namespace: where a pid names one process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None  # not Linux: holders are only ever judged by their expiry
+    return f"{boot}/{namespace}"
+
+
+def _died_here(record: dict) -> bool:
+    """The holder ran in this machine's pid namespace and its process is gone."""
+    pid = record.get("pid")
+    if record.get("machine") is None or record.get("machine") != _machine() or type(pid) is not int:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, under another user
+        return False
+    return False
 
 
 def _stamp(record: dict, ttl_s: float) -> dict:

@@ -60,7 +60,7 @@ def run(cfg: JobConfig, night: dt.date, progress: bool = True) -> dict:
     cfg = for_night(cfg, night)
     attempts = _previous_attempts(cfg.output.uri)
     attempt = {"attempt": len(attempts) + 1, "started_at": _now(), "status": "running"}
-    if attempts and attempts[-1]["status"] != "complete":
+    if attempts and not attempts[-1]["status"].startswith("complete"):
         logger.info("resuming %s: attempt %d of the night of %s was %s", cfg.output.uri,
                     attempts[-1]["attempt"], night, attempts[-1]["status"])
     started = time.time()
@@ -72,7 +72,8 @@ def run(cfg: JobConfig, night: dt.date, progress: bool = True) -> dict:
         _finish_attempt(attempt, started, cfg.output.uri)
         _write_quietly(cfg, night, attempts + [attempt])
         raise
-    attempt.update(status="complete" if result.complete else "incomplete", skipped=result.skipped)
+    # The attempt's status reads like the night's: complete, complete_with_failures, incomplete.
+    attempt.update(status=_night_status(result.complete, result.failed), skipped=result.skipped)
     _finish_attempt(attempt, started, cfg.output.uri)
     return write_summary(cfg, night, attempts + [attempt])
 

@@ -67,3 +67,54 @@ def test_a_changed_setting_on_an_existing_output_is_refused(tmp_path):
     assert "render.num_frames: 8 -> 12" in result.stderr
     assert "render to a new output.uri" in result.stderr
     assert run_cli("render", config, "--quiet", "--set", "render.batch_size=1").returncode == 0
+
+
+def test_version_and_a_csv_input_say_what_they_should(tmp_path):
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("reelfarm ")
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("id,prompt\na,a cat\n")
+    config = _config(tmp_path, prompts(1))
+    result = run_cli("plan", config, "--input", str(csv))
+    assert result.returncode == 1
+    assert "is not Parquet: reelfarm reads Parquet only; convert it" in result.stderr
+    assert "to_parquet" in result.stderr
+
+
+def test_make_tiny_model_refuses_a_non_empty_folder_unless_asked_to_replace_it(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "old-weights.bin").write_bytes(b"old")
+    refused = run_cli("make-tiny-model", str(folder), "--kind", "wan")
+    assert refused.returncode == 1 and "is not empty" in refused.stderr
+    assert (folder / "old-weights.bin").exists()
+    replaced = run_cli("make-tiny-model", str(folder), "--kind", "wan", "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (folder / "old-weights.bin").exists() and (folder / "model_index.json").exists()
+
+
+def test_relative_paths_in_a_config_resolve_against_its_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    write_prompts(folder / "prompts.parquet", prompts(2))
+    cfg = tiny_config("prompts.parquet", "../renders/out", cluster={"backend": "inline"})
+    (folder / "job.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "render", "../jobs/job.yaml",
+                             "--quiet"], cwd=elsewhere, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": REPO}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "renders" / "out" / "_SUCCESS").exists()
+    # A path on the command line is relative to where the command runs.
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "plan", "../jobs/job.yaml",
+                             "--output", "here"], cwd=elsewhere, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": REPO}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"input:      {folder / 'prompts.parquet'} (1 file(s))" in result.stdout
+    assert "output:     here (fingerprint" in result.stdout  # the shell's directory

@@ -214,32 +214,65 @@ def test_a_killed_contenders_temp_file_is_cleaned_up(tmp_path):
     assert not abandoned.exists() and recent.exists()  # a live contender's is left alone
 
 
-def test_a_killed_driver_process_blocks_the_output_only_until_its_lease_expires(tmp_path,
-                                                                                monkeypatch):
-    import signal
+_HOLD = """
+import sys, time
+from jobs.lease import acquire
+held = acquire(sys.argv[1], ttl_s=float(sys.argv[2]), heartbeat_s=0.1)
+print("held", flush=True)
+while not held.lost:
+    time.sleep(0.02)
+print("lost:", held.lost_reason, flush=True)
+"""
+
+
+def _holder_process(output: str, ttl_s: float):
     import subprocess
     import sys
 
-    monkeypatch.setattr(lease, "CLOCK_SKEW_S", 0.0)
+    process = subprocess.Popen([sys.executable, "-c", _HOLD, output, str(ttl_s)],
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_killed_driver_on_this_machine_frees_the_output_at_once(tmp_path):
+    import signal
+
     output = str(tmp_path / "out")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from jobs.lease import acquire; "
-         "held = acquire(sys.argv[1], ttl_s=1.0, heartbeat_s=0.2); print('held', flush=True); "
-         "time.sleep(60)", output],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        stdout=subprocess.PIPE, text=True)
+    driver = _holder_process(output, ttl_s=60)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LeaseError, match=rf"pid {holder.pid}, since "):
+        with pytest.raises(LeaseError, match=rf"pid {driver.pid}, since "):
             acquire(output)
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(10)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            acquire(output).release()
-            break
-        except LeaseError:
-            assert time.monotonic() < deadline, "a dead driver's lease never expired"
-            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(10)
+    with acquire(output) as held:  # no 60 s wait: its process is gone
+        assert held.generation == 2
+
+
+def test_a_stalled_driver_is_taken_over_after_its_ttl_and_learns_it_lost(tmp_path, monkeypatch):
+    import signal
+
+    monkeypatch.setattr(lease, "CLOCK_SKEW_S", 0.0)
+    output = str(tmp_path / "out")
+    driver = _holder_process(output, ttl_s=1.0)
+    try:
+        driver.send_signal(signal.SIGSTOP)  # alive but silent, like a paused VM
+        started = time.monotonic()
+        while True:
+            try:
+                held = acquire(output)
+                break
+            except LeaseError:
+                assert time.monotonic() - started < 5, "a silent driver's lease never expired"
+                time.sleep(0.1)
+        assert time.monotonic() - started > 0.5  # not before its ttl
+        driver.send_signal(signal.SIGCONT)
+        assert driver.stdout.readline().startswith("lost: ")
+        assert driver.wait(10) == 0
+        assert not held.lost and lease.holder(output)["owner"] == held.owner
+        held.release()
+    finally:
+        driver.kill()
+        driver.wait(10)

@@ -119,3 +119,15 @@ def _wait_for(condition, process, timeout_s: float) -> None:
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def test_an_attempt_with_failed_rows_reads_like_the_night(tmp_path):
+    from jobs import nightly
+
+    (tmp_path / "prompts").mkdir()
+    write_prompts(tmp_path / "prompts" / f"{NIGHT}.parquet",
+                  prompts(2) + [{"id": "blank", "prompt": "  "}])
+    cfg = validate(_config(tmp_path, cluster={"backend": "inline"}))
+    summary = nightly.run(cfg, dt.date(2026, 1, 5), progress=False)
+    assert summary["status"] == "complete_with_failures"
+    assert [a["status"] for a in summary["attempts"]] == ["complete_with_failures"]

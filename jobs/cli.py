@@ -167,23 +167,40 @@ def _plan(args) -> int:
     from jobs.dataset import open_dataset
     from jobs.manifest import committed_hashes
     from jobs.output import check_resumable, read_job
-    from jobs.plan import count_plan
+    from jobs.output_checks import check_output_is_folder
+    from jobs.plan import count_plan, model_shapes
 
     started = time.monotonic()
     cfg = _load(args)
+    check_output_is_folder(cfg.output.uri)
     dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
     check_resumable(cfg, read_job(cfg.output.uri))
-    counts = count_plan(dataset, cfg, committed_hashes(cfg.output.uri))
+    shapes = model_shapes(cfg)
+    counts = count_plan(dataset, cfg, committed_hashes(cfg.output.uri), shapes.facts)
     print(f"input:      {cfg.input.uri} ({len(dataset.files)} file(s))")
     print(f"output:     {cfg.output.uri} (fingerprint {fingerprint(cfg)})")
+    print(f"model:      {cfg.model.path} " + _shape_source(shapes))
     print(f"rows:       {counts.rows}")
     print(f"done:       {counts.done}")
     print(f"to do:      {counts.todo} ({counts.invalid} invalid, of which {counts.duplicates} "
-          f"duplicate ids; they are recorded as failed without rendering)")
+          f"duplicate ids and {counts.invalid_shape} of a shape the model cannot render; they "
+          f"are recorded as failed without rendering)")
+    if counts.invalid_shape:
+        others = len(counts.shape_reasons) - 1
+        print(f"shapes:     {counts.invalid_shape} row(s) will fail as invalid_shape, e.g. "
+              f"{counts.shape_example}" + (f" (and {others} other shape(s))" if others else ""))
     print(f"shards:     {math.ceil(counts.todo / cfg.output.shard_size)} of up to "
           f"{cfg.output.shard_size} rows")
     print(f"planned in {time.monotonic() - started:.1f} s")
     return EXIT_OK
+
+
+def _shape_source(shapes) -> str:
+    """Where plan's shape rules came from, or why it has none (the workers still check)."""
+    if shapes.facts is not None:
+        return f"(shape rules of {shapes.source})"
+    return (f"(shape rules unknown: {shapes.source}; rows of a shape the model cannot render "
+            f"are found when rendering)")
 
 
 def _verify(args) -> int:

@@ -20,7 +20,8 @@ from jobs.audit import rows_to_redo
 from jobs.config import JobConfig
 from jobs.dataset import open_dataset
 from jobs.media_inputs import media_roots
-from jobs.output import check_resumable, finish_job, read_job, start_job
+from jobs.lease import acquire as acquire_lease
+from jobs.output import check_resumable, finish_job, read_job, start_job, unwritable
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
 from jobs.progress import Progress
 from jobs.receipts import Receipts
@@ -59,10 +60,26 @@ class RenderSummary:
 
 def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozenset()) -> RenderSummary:
     """Render every row not yet committed. ``redo`` repairs committed rows as well: "failed"
-    ones, and "damaged" ones (ok rows whose artifacts verify finds missing or altered)."""
+    ones, and "damaged" ones (ok rows whose artifacts verify finds missing or altered).
+
+    The whole run holds the output's lease: a second driver on the same output is refused at
+    once, and this one stops if it ever loses the lease (it stalled past the lease's ttl and
+    another run took over)."""
     started = time.monotonic()
     # Step 1: check the input and the output before anything expensive starts.
     dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
+    try:
+        lease = acquire_lease(cfg.output.uri)
+    except OSError as exc:
+        raise unwritable(cfg.output.uri, exc) from exc
+    try:
+        return _render_holding(cfg, dataset, lease, progress, redo, started)
+    finally:
+        lease.release()
+
+
+def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozenset[str],
+                    started: float) -> RenderSummary:
     job = read_job(cfg.output.uri)
     check_resumable(cfg, job)
     to_redo = rows_to_redo(cfg.output.uri, "failed" in redo, "damaged" in redo) if redo else {}
@@ -81,7 +98,8 @@ def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozens
     # Step 3: stream the rows not yet committed, cut them into shards, and render them,
     # starting the cluster only if there is something to render.
     counts = PlanCounts()
-    shards = _shards(plan_rows(dataset, cfg, committed, counts, redo=to_redo), cfg.output.shard_size)
+    shards = _while_held(lease, _shards(plan_rows(dataset, cfg, committed, counts, redo=to_redo),
+                                        cfg.output.shard_size))
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
     scheduler = Scheduler(lambda: _start_pool(cfg), cfg.output.uri, bar, receipts,
                           max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
@@ -90,16 +108,19 @@ def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozens
         with _stop_on_sigterm():
             scheduler.run(shards)
     except (KeyboardInterrupt, Interrupted):
-        _finish_quietly(cfg, job, "interrupted", dataset.num_rows, scheduler)
+        if not lease.lost:
+            _finish_quietly(cfg, job, "interrupted", dataset.num_rows, scheduler)
         raise Interrupted("stopped: committed work is kept; rerun the same command to resume") from None
     except BaseException:
-        _finish_quietly(cfg, job, "failed", dataset.num_rows, scheduler)
+        if not lease.lost:  # a run that lost the output must not write its state any more
+            _finish_quietly(cfg, job, "failed", dataset.num_rows, scheduler)
         raise
     finally:
         bar.close()
         scheduler.close()
 
     # Step 4: consolidate the manifest and record how the run ended.
+    lease.check()
     tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler)
     return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,
                          scheduler.rendered, counts.done, receipts.recovered,
@@ -176,6 +197,13 @@ def _start_pool(cfg: JobConfig):
     logger.info("%d worker(s) on %d node(s), device %s, loaded the model in %.1f s", len(infos),
                 len(nodes), infos[0]["device"], time.monotonic() - started)
     return pool
+
+
+def _while_held(lease, shards: Iterator[Shard]) -> Iterator[Shard]:
+    """Stop feeding shards once another run has taken the output over."""
+    for shard in shards:
+        lease.check()
+        yield shard
 
 
 def _shards(rows: Iterator[PlannedRow], shard_size: int) -> Iterator[Shard]:

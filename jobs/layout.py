@@ -7,6 +7,8 @@
 <output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work)
 <output>/manifest.parquet    every committed row, in input order, written at the end of a run
 <output>/_SUCCESS            every input row is accounted for
+<output>/_lease/<generation>.json   the lease of the run writing the output (not in FOLDERS:
+                             its temp files are its own to clean)
 ```
 """
 
@@ -19,5 +21,6 @@ RECEIPTS_DIR = "receipts"
 MANIFEST_FILE = "manifest.parquet"
 SUCCESS_FILE = "_SUCCESS"
 SHARD_PREFIX = "shard-"
+LEASE_DIR = "_lease"
 FOLDERS = (VIDEOS_DIR, MANIFESTS_DIR, RECEIPTS_DIR)  # every folder reelfarm writes objects into
 

@@ -56,9 +56,9 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from jobs import layout
 from rendering import storage
 
-LEASE_DIR = "_lease"  # <output>/_lease/<generation>.json; to move into jobs/layout.py
 CLOCK_SKEW_S = 5.0  # how far hosts' wall clocks may disagree; others wait this long past expires_at
 _ACQUIRE_TRIES = 5  # each lost race re-reads the winner, which then refuses us: 2 tries are typical
 _UNREADABLE_TTL_S = 60.0  # a record that cannot be read counts as held this long after its mtime
@@ -173,7 +173,7 @@ def acquire(output_uri: str, ttl_s: float = 60.0, heartbeat_s: float = 10.0) -> 
         raise ValueError(f"lease: need 0 < heartbeat_s < ttl_s, got {heartbeat_s=} {ttl_s=}")
     output_uri = output_uri.rstrip("/")
     fs, root = storage.filesystem(output_uri)
-    lease_dir = storage.join(root, LEASE_DIR)
+    lease_dir = storage.join(root, layout.LEASE_DIR)
     owner = uuid.uuid4().hex
     for _ in range(_ACQUIRE_TRIES):
         # Step 1: the current lease, if any.
@@ -181,7 +181,7 @@ def acquire(output_uri: str, ttl_s: float = 60.0, heartbeat_s: float = 10.0) -> 
         if current is not None and _is_live(current):
             raise LeaseError(_busy_message(output_uri, current))
         if current is not None and current.get("released_at") is None:
-            logger.info("taking over output %s from a run that died (host %s, pid %s)",
+            logger.info("taking over output %s from a run that is gone (host %s, pid %s)",
                         output_uri, current.get("host"), current.get("pid"))
         # Step 2: the next generation, created by exactly one contender.
         began = time.monotonic()
@@ -207,7 +207,7 @@ def acquire(output_uri: str, ttl_s: float = 60.0, heartbeat_s: float = 10.0) -> 
 def holder(output_uri: str) -> dict | None:
     """The live lease record on ``output_uri`` (owner, host, pid, times), or None if it is free."""
     fs, root = storage.filesystem(output_uri.rstrip("/"))
-    _, record = _newest(fs, storage.join(root, LEASE_DIR))
+    _, record = _newest(fs, storage.join(root, layout.LEASE_DIR))
     return record if record is not None and _is_live(record) else None
 
 

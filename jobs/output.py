@@ -71,10 +71,13 @@ def start_job(cfg: JobConfig, job: dict | None, planned_rows: int) -> dict:
     try:
         write_job(cfg.output.uri, job)
     except OSError as exc:
-        raise OutputError(f"cannot write to output {cfg.output.uri} ({exc.strerror or exc}): "
-                          f"choose a writable output.uri (or --output), or fix its "
-                          f"permissions") from exc
+        raise unwritable(cfg.output.uri, exc) from exc
     return job
+
+
+def unwritable(output_uri: str, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write to output {output_uri} ({exc.strerror or exc}): choose a "
+                       f"writable output.uri (or --output), or fix its permissions")
 
 
 def finish_job(cfg: JobConfig, job: dict, status: str, counts: dict, work: dict,

@@ -6,7 +6,7 @@ Rows already committed in the output are skipped, which is what makes a rerun a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -19,6 +19,7 @@ from jobs.hashset import HashSet, key_hashes, row_hash
 from jobs import params
 from jobs.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
 from rendering.contract import MEDIA_ROLES, Task
+from rendering.pipelines.shapes import KnownShapes, ShapeFacts, known_shapes
 
 
 @dataclass
@@ -44,6 +45,15 @@ class PlanCounts:
     todo: int = 0
     invalid: int = 0
     duplicates: int = 0
+    # Of ``invalid``: rows of a shape the model cannot render exactly (they fail as
+    # invalid_shape); counted by ``count_plan`` given the model's shape facts.
+    invalid_shape: int = 0
+    shape_reasons: dict[str, int] = field(default_factory=dict)  # reason -> rows
+
+    @property
+    def shape_example(self) -> str | None:
+        """The reason most of the invalid_shape rows fail with."""
+        return max(self.shape_reasons, key=self.shape_reasons.get) if self.shape_reasons else None
 
 
 def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts: PlanCounts,
@@ -132,8 +142,20 @@ def _text(value) -> str | None:
     return value
 
 
-def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet) -> PlanCounts:
+def model_shapes(cfg: JobConfig) -> KnownShapes:
+    """The shape facts of the config's model, from its config files alone (no torch, no
+    weights, no network): a tiny kind, a diffusers folder (local or fsspec), or a hub id already
+    in this machine's hub cache; otherwise unknown, saying why."""
+    return known_shapes(cfg.model.path, cfg.model.pipeline, cfg.model.revision)
+
+
+def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
+               shapes: ShapeFacts | None = None) -> PlanCounts:
     """The counts ``plan_rows`` would reach, in a fraction of its time: for ``reelfarm plan``.
+
+    Given the model's ``shapes``, a row that resolves to a task of a shape the model cannot
+    render exactly counts as invalid too (``invalid_shape``), as the worker will fail it before
+    rendering. Rows with no per-row override all have the config's shape: it is checked once.
 
     Building a row object and resolving it costs ~10 us a row, minutes at 10 million rows. Here
     the common rows are handled a batch at a time (ids and prompts checked by Arrow, hashes
@@ -146,6 +168,21 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet) -> Pla
     repeats: dict[int, int] = {}
     has_id = "id" in dataset.columns
     defaults_ok = isinstance(resolve({"prompt": "x"}, "x", cfg), Task)
+    shape_problems: dict[tuple[int, int, int], str | None] = {}
+
+    def shape_problem(num_frames: int, height: int, width: int) -> str | None:
+        key = (num_frames, height, width)
+        if key not in shape_problems:
+            shape_problems[key] = shapes.problem(*key) if shapes else None
+        return shape_problems[key]
+
+    def shape_failures(rows: int, problem: str | None) -> None:
+        if problem and rows:
+            counts.invalid += rows
+            counts.invalid_shape += rows
+            counts.shape_reasons[problem] = counts.shape_reasons.get(problem, 0) + rows
+
+    default_problem = shape_problem(cfg.render.num_frames, cfg.render.height, cfg.render.width)
     for batch in iter_batches(dataset, cfg.input.batch_rows):
         n = batch.num_rows
         if n == 0:
@@ -187,11 +224,19 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet) -> Pla
             plain[list(slow_ids)] = False
         vouched = _vouched_rows(batch, cfg) if defaults_ok else np.zeros(n, dtype=bool)
         counts.invalid += int((todo & repeated).sum())
+        # Vouched rows render at the config's shape.
+        if default_problem:
+            shape_failures(int((plain & vouched).sum()), default_problem)
         for i in np.flatnonzero(todo & ~repeated & ~(plain & vouched)).tolist():
             row = _row(batch, i)
             row_id, error = slow_ids.get(i) or (keys[i].decode("utf-8"), None)
             planned = PlannedRow(i, row_id, 0, None, {})
-            counts.invalid += isinstance(_outcome(row, planned, error, cfg), RowFailure)
+            outcome = _outcome(row, planned, error, cfg)
+            if isinstance(outcome, RowFailure):
+                counts.invalid += 1
+            else:
+                p = outcome.params
+                shape_failures(1, shape_problem(p["num_frames"], p["height"], p["width"]))
         seen.add(ordered[~later & ~seen_before], checked=True)
     return counts
 

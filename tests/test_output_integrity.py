@@ -134,3 +134,40 @@ def test_status_of_a_path_that_holds_no_output_fails_in_one_line(tmp_path):
     pq.write_table(table, tmp_path / "stray.parquet")
     assert run_cli("status", str(tmp_path)).returncode == 1
     assert os.path.exists(tmp_path / "stray.parquet")
+
+
+def test_a_second_driver_on_a_live_output_is_refused_at_once(tmp_path, place):
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    out = f"{place}/busy"
+    config = _config(tmp_path, prompts(12), out, render={"num_inference_steps": 8})
+    first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", config, "--quiet"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fs, root = fsspec.core.url_to_fs(out)
+        deadline = time.monotonic() + 120
+        while not (fs.invalidate_cache() or fs.exists(f"{root}/job.json")):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.2)
+        started = time.monotonic()
+        second = run_cli("render", config, "--quiet")
+        refused_s = time.monotonic() - started
+        assert first.poll() is None, "the first run ended before the second could be refused"
+        assert second.returncode == 1
+        message = second.stderr.strip()
+        assert len(message.splitlines()) == 1, message
+        assert f"is in use by another reelfarm run (host {os.uname().nodename}, " \
+               f"pid {first.pid}, since " in message
+        assert first.wait(timeout=300) == 0, first.communicate()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert refused_s < 15
+    assert run_cli("verify", out).returncode == 0
+    assert len(_manifest(out)) == 12
+    rerun = run_cli("render", config, "--quiet")  # the lease was released: no wait
+    assert rerun.returncode == 0 and "rendered 0 video(s)" in rerun.stdout

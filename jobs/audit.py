@@ -137,10 +137,12 @@ def _path_hashes(paths) -> np.ndarray:
     return key_hashes([p.encode("utf-8", "surrogatepass") for p in paths])
 
 
-def status(output_uri: str, top: int = 5) -> dict:
-    """Counts by status, the most common errors, and the last run's figures."""
+def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
+    """Counts by status, the most common errors, and the last run's figures. ``must_exist``:
+    a path that holds no output is an error (a typo), not an output of zero rows."""
     fs, root = storage.filesystem(output_uri)
-    if not fs.exists(storage.join(root, layout.JOB_FILE)) and not manifest.shard_paths(output_uri):
+    if must_exist and not fs.exists(storage.join(root, layout.JOB_FILE)) \
+            and not manifest.shard_paths(output_uri):
         raise OutputError(f"{output_uri} holds no reelfarm output (no {layout.JOB_FILE}, no "
                           f"{layout.MANIFESTS_DIR}/): check the path")
     counts = manifest.tally(output_uri)

@@ -80,7 +80,7 @@ def run(cfg: JobConfig, night: dt.date, progress: bool = True) -> dict:
 
 def write_summary(cfg: JobConfig, night: dt.date, attempts: list[dict]) -> dict:
     """Write ``nightly.json``: the night's state read back from its output, and its attempts."""
-    state = output_status(cfg.output.uri)
+    state = output_status(cfg.output.uri, must_exist=False)  # a night that failed at once has none
     by_status = state["by_status"]
     rows = state["expected_rows"]
     ok, failed = by_status.get("ok", 0), by_status.get("failed", 0)

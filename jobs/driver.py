@@ -21,6 +21,7 @@ from jobs.config import JobConfig
 from jobs.dataset import open_dataset
 from jobs.media_inputs import media_roots
 from jobs.lease import acquire as acquire_lease
+from jobs.output_checks import check_output_is_folder
 from jobs.output import check_resumable, finish_job, read_job, start_job, unwritable
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
 from jobs.progress import Progress
@@ -67,6 +68,7 @@ def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozens
     another run took over)."""
     started = time.monotonic()
     # Step 1: check the input and the output before anything expensive starts.
+    check_output_is_folder(cfg.output.uri)
     dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
     try:
         lease = acquire_lease(cfg.output.uri)

@@ -8,7 +8,7 @@ with it are reproducible. The builders live with their families in ``rendering.p
 
 from __future__ import annotations
 
-from rendering.pipelines import TINY_BUILDERS
+from rendering.pipelines import TINY_BUILDERS, TINY_CONFIGS
 
 TINY_KINDS = tuple(TINY_BUILDERS)
 TINY_PREFIX = "tiny:"
@@ -27,6 +27,15 @@ def tiny_kind(model_path: str) -> str:
     return kind
 
 
+def tiny_configs(kind: str):
+    """The pipeline class ``kind`` builds and its VAE and denoiser configs, as a
+    ``ModelConfigs``: what ``reelfarm plan`` reads its shape facts from, without torch."""
+    from rendering.pipelines.shapes import ModelConfigs
+
+    pipeline, components = TINY_CONFIGS[tiny_kind(TINY_PREFIX + kind)]
+    return ModelConfigs(pipeline, components)
+
+
 def build_tiny_pipeline(kind: str):
     """Return a freshly built random-weight pipeline of ``kind`` (one of ``TINY_KINDS``)."""
     import torch
@@ -40,9 +49,14 @@ def build_tiny_pipeline(kind: str):
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def save_tiny_pipeline(kind: str, directory: str) -> None:
     """Write a tiny pipeline as a diffusers folder (safetensors), loadable by from_pretrained."""
-    build_tiny_pipeline(kind).save_pretrained(directory, safe_serialization=True)
+    from rendering.pipelines.load import quiet_progress_bars
+
+    pipe = build_tiny_pipeline(kind)
+    with quiet_progress_bars():
+        pipe.save_pretrained(directory, safe_serialization=True)

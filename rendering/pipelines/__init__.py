@@ -1,8 +1,9 @@
 """Pipeline families: every adapter, detection by pipeline class, and every tiny twin.
 
-Each family module declares ``ADAPTERS`` (one per diffusers pipeline class it drives) and
-``TINY`` (tiny random-weight twins by kind, built offline). Adding a family is adding its
-module to ``FAMILIES``.
+Each family module declares ``ADAPTERS`` (one per diffusers pipeline class it drives), ``TINY``
+(tiny random-weight twins by kind, built offline) and ``TINY_CONFIGS`` (each twin's pipeline
+class and the VAE and denoiser configs its builder uses: shape facts without torch). Adding a
+family is adding its module to ``FAMILIES``. Nothing here imports torch or diffusers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from rendering.pipelines.base import Adapter
 FAMILIES = (modelscope, wan, cogvideox, ltx, svd, i2vgenxl)
 ADAPTERS: dict[str, type[Adapter]] = {a.pipeline: a for f in FAMILIES for a in f.ADAPTERS}
 TINY_BUILDERS = {kind: build for f in FAMILIES for kind, build in f.TINY.items()}
+# kind -> (pipeline class, {"vae": config, "transformer" or "unet": config})
+TINY_CONFIGS = {kind: configs for f in FAMILIES for kind, configs in f.TINY_CONFIGS.items()}
+assert TINY_CONFIGS.keys() == TINY_BUILDERS.keys(), "every tiny kind declares its configs"
 
 
 class UnsupportedPipeline(TypeError):

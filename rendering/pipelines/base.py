@@ -1,16 +1,18 @@
 """What every pipeline adapter declares, and the defaults most families share.
 
 An adapter is data plus two small hooks: which inputs its pipeline accepts and requires, how
-rows may batch, which shapes it renders exactly (``shape_problem``), and how a batch of tasks
-becomes call kwargs (``call_kwargs``). The worker reads the declarations; an adapter never
+rows may batch, which shapes it renders exactly (``shape_problem``, over ``ShapeFacts`` read from
+a loaded pipeline or from the model's config files alone), and how a batch of tasks becomes
+call kwargs (``call_kwargs``). The worker reads the declarations; an adapter never
 loads, schedules or stores anything. Adding a family is one module of adapters beside this one.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 from rendering.contract import Task
+from rendering.pipelines.shapes import ShapeFacts, denoiser_config, with_defaults
 
 
 class Adapter:
@@ -57,42 +59,56 @@ class Adapter:
                     f"denoising step; raise strength or num_inference_steps")
         return None
 
+    # The fewest frames it renders (SVD: 2; its guidance ramp needs two ends).
+    min_frames: ClassVar[int] = 1
+    # The class ``__init__`` defaults of the config keys ``facts_from_configs`` reads, for a
+    # config file that leaves one out (tests check them against the installed diffusers).
+    vae_defaults: ClassVar[dict] = {"block_out_channels": (64,)}  # AutoencoderKL
+    denoiser_defaults: ClassVar[dict] = {}
+
     @classmethod
     def shape_problem(cls, pipe, num_frames: int, height: int, width: int) -> str | None:
-        """Why ``pipe`` cannot render exactly this shape, or None when it can.
+        """Why ``pipe`` (a loaded pipeline, or its ``ShapeFacts``) cannot render exactly this
+        shape, or None when it can.
 
         Checked before rendering, because many pipelines do not refuse a shape they cannot
         make: they round it and the GPU time is spent on a video the frame check rejects.
         """
-        temporal = cls.temporal_factor(pipe)
-        if temporal > 1 and (num_frames - 1) % temporal:
-            below = max(1, (num_frames - 1) // temporal * temporal + 1)
-            return (f"{cls.pipeline} renders {temporal}k+1 frames; num_frames={num_frames} is "
-                    f"not one ({nearest(below, below + temporal)})")
-        return cls.side_problem(cls.spatial_multiple(pipe), height, width)
+        facts = pipe if isinstance(pipe, ShapeFacts) else cls.facts_from_pipe(pipe)
+        return facts.problem(num_frames, height, width)
 
     @classmethod
-    def side_problem(cls, multiple: int, height: int, width: int) -> str | None:
-        if height % multiple or width % multiple:
-            return (f"{cls.pipeline} needs height and width divisible by {multiple}; "
-                    f"{height}x{width} is not (nearest: {_round(height, multiple)}x"
-                    f"{_round(width, multiple)})")
-        return None
+    def facts_from_pipe(cls, pipe) -> ShapeFacts:
+        """The shape facts as the loaded pipeline computed its factors (what it will do)."""
+        vae_spatial = (getattr(pipe, "vae_scale_factor_spatial", None)
+                       or getattr(pipe, "vae_scale_factor", None))
+        return cls.facts(getattr(pipe, "vae_scale_factor_temporal", None), vae_spatial,
+                         dict(getattr(denoiser_of(pipe), "config", None) or {}))
 
     @classmethod
-    def temporal_factor(cls, pipe) -> int:
-        """Frames per latent frame; k*factor+1 frames render exactly (1: any count)."""
-        return int(getattr(pipe, "vae_scale_factor_temporal", None) or 1)
+    def facts_from_configs(cls, configs: Mapping[str, Mapping]) -> ShapeFacts:
+        """The same facts from the model's component configs (``vae``, ``transformer`` or
+        ``unet``: their config.json), computed as the pipeline's ``__init__`` computes them.
+        The UNet pipelines (ModelScope, SVD, I2VGenXL): ``2 ** (len(vae.block_out_channels)
+        - 1)``, no temporal factor."""
+        vae = with_defaults(configs["vae"], cls.vae_defaults)
+        return cls.facts(1, 2 ** (len(vae["block_out_channels"]) - 1), cls.denoiser(configs))
 
     @classmethod
-    def spatial_multiple(cls, pipe) -> int:
-        """Pixels per latent cell (the VAE's downscale) times the denoiser's patch size."""
-        vae_factor = (getattr(pipe, "vae_scale_factor_spatial", None)
-                      or getattr(pipe, "vae_scale_factor", None) or 1)
-        patch = getattr(getattr(denoiser_of(pipe), "config", None), "patch_size", None) or 1
+    def denoiser(cls, configs: Mapping[str, Mapping]) -> dict:
+        return with_defaults(denoiser_config(configs), cls.denoiser_defaults)
+
+    @classmethod
+    def facts(cls, temporal: int | None, vae_spatial: int | None,
+              denoiser: Mapping) -> ShapeFacts:
+        """k*temporal+1 frames; sides a multiple of the VAE's downscale times the denoiser's
+        patch size."""
+        patch = denoiser.get("patch_size") or 1
         if isinstance(patch, (tuple, list)):
             patch = patch[-1]
-        return int(vae_factor) * int(patch)
+        return ShapeFacts(cls.pipeline, frame_period=int(temporal or 1), frame_residues=(1,),
+                          min_frames=cls.min_frames,
+                          side_multiple=int(vae_spatial or 1) * int(patch))
 
     @classmethod
     def call_kwargs(cls, tasks: list[Task], media: list[dict], generators: list) -> dict:
@@ -121,12 +137,3 @@ class Adapter:
 def denoiser_of(pipe):
     """The model the sampler calls every step: a DiT's transformer or a UNet."""
     return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-
-
-def _round(value: int, multiple: int) -> int:
-    return max(multiple, (value + multiple // 2) // multiple * multiple)  # halves round up
-
-
-def nearest(below: int, above: int) -> str:
-    """The valid values either side of a refused one, for a message."""
-    return f"{below} or {above} is" if below != above else f"{above} is"

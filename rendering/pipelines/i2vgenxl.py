@@ -30,16 +30,24 @@ class I2VGenXL(Adapter):
 ADAPTERS = (I2VGenXL,)
 
 
+# The tiny twin's UNet config: the builder uses it, and ``reelfarm plan`` reads its shape facts
+# from it and the VAE's without building anything.
+_UNET = dict(
+    block_out_channels=(8, 16), layers_per_block=1, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+    attention_head_dim=4, num_attention_heads=None, norm_num_groups=2)
+# What of tiny_parts.sd_vae's config the shape rule reads: four blocks, 8x downscale
+# (tests/test_plan_shapes.py checks it against the built VAE).
+_SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
+
+
 def _image_to_video():
     from diffusers import DDIMScheduler, I2VGenXLPipeline, I2VGenXLUNet
 
     tokenizer = tiny_parts.clip_tokenizer()
     image_encoder, feature_extractor = tiny_parts.clip_vision_encoder()
-    unet = I2VGenXLUNet(
-        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
-        attention_head_dim=4, num_attention_heads=None, norm_num_groups=2)
+    unet = I2VGenXLUNet(**_UNET)
     vae = tiny_parts.sd_vae(sample_size=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False)
@@ -49,3 +57,4 @@ def _image_to_video():
 
 
 TINY = {"i2vgenxl": _image_to_video}
+TINY_CONFIGS = {"i2vgenxl": ("I2VGenXLPipeline", {"vae": _SD_VAE_SHAPE, "unet": _UNET})}

@@ -7,8 +7,10 @@ never run.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import tempfile
 
 import numpy as np
 import torch
@@ -49,16 +51,11 @@ def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = Optimiz
                                   f"can drive; supported: {', '.join(sorted(ADAPTERS))}")
     cls = getattr(diffusers, spec.pipeline) if spec.pipeline else diffusers.DiffusionPipeline
     if tiny.is_tiny(spec.path):
-        pipe = tiny.build_tiny_pipeline(tiny.tiny_kind(spec.path))
-        if spec.pipeline and type(pipe).__name__ != spec.pipeline:
-            pipe = cls(**pipe.components)
-        if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
+        pipe = _tiny_pipeline(tiny.tiny_kind(spec.path), cls, dtype)
     else:
         # A URL or hub id is fetched once per node into the node-local cache, then loaded.
-        pipe = cls.from_pretrained(
-            model_cache.resolve(spec), revision=spec.revision, variant=spec.variant,
-            torch_dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        pipe = from_pretrained(cls, model_cache.resolve(spec), dtype, revision=spec.revision,
+                               variant=spec.variant)
     adapter_for(pipe)  # refuse a pipeline no adapter drives before anything else
     if spec.scheduler:
         apply_scheduler(pipe, spec.scheduler, dict(spec.scheduler_config))
@@ -66,6 +63,65 @@ def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = Optimiz
     pipe.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s as %s", spec.path, type(pipe).__name__, device, spec.dtype)
     return pipe
+
+
+def from_pretrained(cls, folder: str, dtype: torch.dtype, **kwargs):
+    """``cls.from_pretrained`` from safetensors only, no remote code, in ``dtype``, with no
+    progress bars and none of diffusers' deprecation warnings about the dtype keyword."""
+    kwargs[dtype_keyword()] = dtype
+    with quiet_progress_bars():
+        return cls.from_pretrained(folder, use_safetensors=True, trust_remote_code=False, **kwargs)
+
+
+def dtype_keyword() -> str:
+    """The keyword ``from_pretrained`` takes the dtype by.
+
+    diffusers 0.40 added ``dtype=`` and deprecated ``torch_dtype=`` (a FutureWarning on every
+    load); up to 0.39 only ``torch_dtype=`` works, and ``dtype=`` is ignored with a logged
+    warning, so the weights would load in float32 (read in the wheels of 0.35.2 to 0.42.1).
+    """
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
+
+
+def _tiny_pipeline(kind: str, cls, dtype: torch.dtype):
+    """A tiny pipeline as ``cls`` in ``dtype``.
+
+    In float32 it is built in memory. In another dtype it goes through save_pretrained and
+    from_pretrained, as a published model would (well under a second at this size): only that
+    keeps the modules a model declares float32-only (``_keep_in_fp32_modules``, diffusers' and
+    transformers' rules) in float32; ``pipe.to(dtype)`` casts them too, and diffusers warns.
+    """
+    import diffusers
+
+    pipe = tiny.build_tiny_pipeline(kind)
+    if dtype == torch.float32:
+        same = cls is diffusers.DiffusionPipeline or type(pipe) is cls
+        return pipe if same else cls(**pipe.components)
+    with tempfile.TemporaryDirectory(prefix="reelfarm-tiny-") as folder:
+        with quiet_progress_bars():
+            pipe.save_pretrained(folder, safe_serialization=True)
+        return from_pretrained(cls, folder, dtype)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """No progress bars from diffusers and transformers (loading components, writing shards)
+    for the block; they are as they were after it."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging)
+                 if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
 
 
 def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:

@@ -35,15 +35,23 @@ class VideoToVideoSD(Adapter):
 ADAPTERS = (TextToVideoSD, VideoToVideoSD)
 
 
+# The tiny twins' UNet config: the builder uses it, and ``reelfarm plan`` reads their shape
+# facts from it and the VAE's without building anything.
+_UNET = dict(
+    block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+    out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+    attention_head_dim=4, norm_num_groups=2)
+# What of tiny_parts.sd_vae's config the shape rule reads: four blocks, 8x downscale
+# (tests/test_plan_shapes.py checks it against the built VAE).
+_SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
+
+
 def _components() -> dict:
     from diffusers import DDIMScheduler, UNet3DConditionModel
 
     tokenizer = tiny_parts.clip_tokenizer()
-    unet = UNet3DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
-        out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=2)
+    unet = UNet3DConditionModel(**_UNET)
     vae = tiny_parts.sd_vae(sample_size=64)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                               clip_sample=False, set_alpha_to_one=False)
@@ -64,3 +72,6 @@ def _video_to_video():
 
 
 TINY = {"modelscope": _text_to_video, "modelscope-v2v": _video_to_video}
+_TINY_CONFIGS = {"vae": _SD_VAE_SHAPE, "unet": _UNET}
+TINY_CONFIGS = {"modelscope": ("TextToVideoSDPipeline", _TINY_CONFIGS),
+                "modelscope-v2v": ("VideoToVideoSDPipeline", _TINY_CONFIGS)}

@@ -21,13 +21,7 @@ class StableVideoDiffusion(Adapter):
     takes_prompt = False
     takes_negative_prompt = False
     requires = ("image",)
-
-    @classmethod
-    def shape_problem(cls, pipe, num_frames: int, height: int, width: int) -> str | None:
-        if num_frames < 2:
-            return (f"{cls.pipeline} renders at least 2 frames; num_frames={num_frames} is "
-                    "too few (nearest: 2)")
-        return super().shape_problem(pipe, num_frames, height, width)
+    min_frames = 2
 
     @classmethod
     def call_kwargs(cls, tasks: list[Task], media: list[dict], generators: list) -> dict:
@@ -49,23 +43,28 @@ def _image_encoder():
     return encoder, CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
 
 
+# The tiny twin's UNet and VAE configs: the builder uses them, and ``reelfarm plan`` reads
+# their shape facts from them without building anything. Its blocks normalise in groups of 32
+# channels, so 32 is the narrowest width.
+_UNET = dict(
+    block_out_channels=(32, 32), layers_per_block=1, in_channels=8, out_channels=4,
+    down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    cross_attention_dim=32, num_attention_heads=2, addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=3 * 8)
+# Four blocks give the real model's 8x spatial downsampling, which keeps latents small; 64
+# channels, as its encoder normalises groups of 32 and a 1x1 latent (8-pixel sides) needs two
+# values a group.
+_VAE = dict(block_out_channels=(64, 64, 64, 64), down_block_types=["DownEncoderBlock2D"] * 4,
+            latent_channels=4, layers_per_block=1)
+
+
 def _image_to_video():
     from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler,
                            StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel)
 
-    # Its blocks normalise in groups of 32 channels, so 32 is the narrowest width.
-    unet = UNetSpatioTemporalConditionModel(
-        block_out_channels=(32, 32), layers_per_block=1, in_channels=8, out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        cross_attention_dim=32, num_attention_heads=2, addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=3 * 8)
-    # Four blocks give the real model's 8x spatial downsampling, which keeps latents small; 64
-    # channels, as its encoder normalises groups of 32 and a 1x1 latent (8-pixel sides) needs
-    # two values a group.
-    vae = AutoencoderKLTemporalDecoder(
-        block_out_channels=(64, 64, 64, 64), down_block_types=["DownEncoderBlock2D"] * 4,
-        latent_channels=4, layers_per_block=1)
+    unet = UNetSpatioTemporalConditionModel(**_UNET)
+    vae = AutoencoderKLTemporalDecoder(**_VAE)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         interpolation_type="linear", prediction_type="v_prediction", sigma_max=700.0,
@@ -77,3 +76,4 @@ def _image_to_video():
 
 
 TINY = {"svd": _image_to_video}
+TINY_CONFIGS = {"svd": ("StableVideoDiffusionPipeline", {"vae": _VAE, "unet": _UNET})}

@@ -26,7 +26,9 @@ import sys
 
 from bench.common import OUT, machine, median, python, run_process, save, steady_rate
 
-SYSTEMS = ("handloop", "reelfarm", "raydata")
+SYSTEMS = ("handloop", "reelfarm", "raydata", "reelfarm-wds")
+# reelfarm-wds: reelfarm packing WebDataset shards of 8 rows as it runs (it must not slow rendering)
+_PACKING = ["output.webdataset={rows_per_shard: 8}"]
 DEMO_CONFIG = "configs/demo.yaml"
 QUICK_OVERRIDES = ["render.num_frames=8", "render.height=32", "render.width=32",
                    "render.num_inference_steps=2", "encode.preset=ultrafast"]
@@ -57,9 +59,10 @@ def write_prompts(path: str, n: int) -> str:
 
 def _argv(system: str, prompts: str, out: str, overrides: list[str]) -> list[str]:
     sets = [a for o in overrides for a in ("--set", o)]
-    if system == "reelfarm":
+    if system.startswith("reelfarm"):
+        packing = [a for o in _PACKING for a in ("--set", o)] if system == "reelfarm-wds" else []
         return [python(), "-m", "jobs.cli", "render", DEMO_CONFIG, "--input", prompts,
-                "--output", out, "--quiet", *sets]
+                "--output", out, "--quiet", *sets, *packing]
     return [python(), "-m", "bench.cpu_side_by_side", "--child", system, "--prompts", prompts,
             "--out", out, *sets]
 

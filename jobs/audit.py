@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs import layout, manifest
+from jobs import layout, manifest, pack
 from jobs.hashset import HashSet, key_hashes, row_hash
 from jobs.output import OutputError, read_job
 from rendering import storage
@@ -39,18 +39,19 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     rows = ok = 0
     seen_rows, listed_videos = HashSet(), HashSet()
     repeats: Counter = Counter()  # (id, occurrence) -> extra commits
-    columns = ["row_index", "id", "occurrence", "status", "artifacts"]
+    packed = _packed(output_uri)
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for table in manifest.iter_shards(output_uri, columns=columns):
+        for table in manifest.iter_shards(output_uri, columns=_ARTIFACT_COLUMNS):
             rows += table.num_rows
             _count_repeats(table, seen_rows, repeats)
             ok_rows = table.filter(pc.equal(table["status"], "ok")).to_pylist()
             ok += len(ok_rows)
-            artifacts = [(r["id"], storage.join(root, a["path"]), a) for r in ok_rows
-                         for a in r["artifacts"]]
-            listed_videos.add(_path_hashes(path for _, path, _ in artifacts))
-            problems += [p for p in pool.map(lambda a: _check_artifact(fs, *a, check_hashes),
-                                             artifacts) if p]
+            listed_videos.add(_path_hashes(storage.join(root, a["path"])
+                                           for r in ok_rows for a in r["artifacts"]))
+            problems += [p for found in _artifact_problems(fs, root, ok_rows, check_hashes,
+                                                           packed, pool) for p in found]
+    if packed is not None:
+        problems += pack.check_shards(output_uri)
     if rows == 0:
         problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
@@ -73,21 +74,44 @@ def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, floa
     commit to replace."""
     fs, root = storage.filesystem(output_uri)
     redo: dict[int, float] = {}
-    columns = ["id", "occurrence", "status", "committed_at", "artifacts"]
+    packed = _packed(output_uri) if damaged else None
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for table in manifest.iter_shards(output_uri, columns=columns):
+        for table in manifest.iter_shards(output_uri, columns=[*_ARTIFACT_COLUMNS, "committed_at"]):
             rows = table.to_pylist()
             if failed:
                 redo.update((row_hash(r["id"], r["occurrence"]), r["committed_at"])
                             for r in rows if r["status"] == "failed")
             if damaged:
                 ok = [r for r in rows if r["status"] == "ok"]
-                checks = pool.map(lambda r: any(
-                    _check_artifact(fs, r["id"], storage.join(root, a["path"]), a, True)
-                    for a in r["artifacts"]), ok)
+                found = _artifact_problems(fs, root, ok, True, packed, pool)
                 redo.update((row_hash(r["id"], r["occurrence"]), r["committed_at"])
-                            for r, bad in zip(ok, checks) if bad)
+                            for r, problems in zip(ok, found) if problems)
     return redo
+
+
+_ARTIFACT_COLUMNS = ["row_index", "id", "occurrence", "status", "sha256", "artifacts"]
+
+
+def _packed(output_uri: str) -> HashSet | None:
+    """The samples of the output's WebDataset shards, or None when it has none."""
+    return pack.packed_samples(output_uri) if pack.read_markers(output_uri) else None
+
+
+def _artifact_problems(fs, root: str, ok_rows: list[dict], check_hashes: bool,
+                       packed: HashSet | None, pool) -> list[list[str]]:
+    """Each ok row's artifact problems. A loose object that is gone is no problem when the row
+    is packed in a shard (``output.keep_videos: false`` drops them; the shard check covers it)."""
+    def check(row: dict) -> list[str]:
+        problems = [_check_artifact(fs, row["id"], storage.join(root, a["path"]), a, check_hashes)
+                    for a in row["artifacts"]]
+        problems = [p for p in problems if p]
+        if problems and packed is not None and all(" is missing: " in p for p in problems) \
+                and packed.contains([pack.sample_hash(row["id"], row["occurrence"],
+                                                      row["sha256"])])[0]:
+            return []
+        return problems
+
+    return list(pool.map(check, ok_rows))
 
 
 def failed_rows(output_uri: str):

@@ -160,9 +160,30 @@ class OptimizeConfig(_Section):
         None, gt=0, description="DiTs: reuse the transformer's output while its first block barely changes")
 
 
+class WebDatasetConfig(_Section):
+    rows_per_shard: int = Field(1000, ge=1, description="rows of the input per tar shard (failed rows are listed, not packed)")
+
+
 class OutputConfig(_Section):
     uri: str = Field(description="output prefix on any fsspec URL")
     shard_size: int = Field(64, ge=1, description="rows per shard: the unit of scheduling and commit")
+    webdataset: WebDatasetConfig | None = Field(
+        None, description="pack rows into WebDataset tar shards: true, or a mapping of options")
+    keep_videos: bool = Field(True, description="false: drop the loose videos once packed into shards")
+
+    @field_validator("webdataset", mode="before")
+    @classmethod
+    def _switch(cls, value):
+        if value is True:
+            return {}
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def _packing_before_dropping(self) -> "OutputConfig":
+        if not self.keep_videos and self.webdataset is None:
+            raise ValueError("output.keep_videos: false drops videos once they are packed, so it "
+                             "needs output.webdataset")
+        return self
 
     _uri = field_validator("uri")(_check_uri)
 

@@ -8,6 +8,7 @@ in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -21,6 +22,7 @@ from jobs.config import JobConfig
 from jobs.dataset import open_dataset
 from jobs.media_inputs import media_roots
 from jobs.lease import acquire as acquire_lease
+from jobs.pack import Packer, PackSpec
 from jobs.output_checks import check_output_is_folder
 from jobs.output import check_resumable, finish_job, read_job, start_job, unwritable
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
@@ -103,11 +105,13 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     shards = _while_held(lease, _shards(plan_rows(dataset, cfg, committed, counts, redo=to_redo),
                                         cfg.output.shard_size))
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
+    packer = _packer(cfg, dataset.num_rows)
     scheduler = Scheduler(lambda: _start_pool(cfg), cfg.output.uri, bar, receipts,
                           max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
-                          shards_per_worker=cfg.cluster.shards_in_flight_per_worker)
+                          shards_per_worker=cfg.cluster.shards_in_flight_per_worker,
+                          on_commit=packer.add if packer else None)
     try:
-        with _stop_on_sigterm():
+        with _stop_on_sigterm(), packer or contextlib.nullcontext():
             scheduler.run(shards)
     except (KeyboardInterrupt, Interrupted):
         if not lease.lost:
@@ -199,6 +203,17 @@ def _start_pool(cfg: JobConfig):
     logger.info("%d worker(s) on %d node(s), device %s, loaded the model in %.1f s", len(infos),
                 len(nodes), infos[0]["device"], time.monotonic() - started)
     return pool
+
+
+def _packer(cfg: JobConfig, input_rows: int) -> Packer | None:
+    """The WebDataset packer of this run, with what earlier runs committed taken in (shards
+    already complete are packed at once, off the scheduling loop)."""
+    if cfg.output.webdataset is None:
+        return None
+    packer = Packer(cfg.output.uri, PackSpec(cfg.output.webdataset.rows_per_shard,
+                                             cfg.output.keep_videos), input_rows)
+    packer.seed_from_output()
+    return packer
 
 
 def _while_held(lease, shards: Iterator[Shard]) -> Iterator[Shard]:

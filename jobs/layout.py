@@ -7,6 +7,7 @@
 <output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work)
 <output>/manifest.parquet    every committed row, in input order, written at the end of a run
 <output>/_SUCCESS            every input row is accounted for
+<output>/shards/NNNNN.tar, .parquet, .done   WebDataset shards, their indexes, their markers
 <output>/_lease/<generation>.json   the lease of the run writing the output (not in FOLDERS:
                              its temp files are its own to clean)
 ```
@@ -22,5 +23,6 @@ MANIFEST_FILE = "manifest.parquet"
 SUCCESS_FILE = "_SUCCESS"
 SHARD_PREFIX = "shard-"
 LEASE_DIR = "_lease"
-FOLDERS = (VIDEOS_DIR, MANIFESTS_DIR, RECEIPTS_DIR)  # every folder reelfarm writes objects into
+SHARDS_DIR = "shards"
+FOLDERS = (VIDEOS_DIR, MANIFESTS_DIR, RECEIPTS_DIR, SHARDS_DIR)  # every folder reelfarm writes objects into
 

@@ -26,10 +26,11 @@ in-flight state, so reruns, resumes and repairs all agree on what a shard holds:
 - **Deterministic**: samples in row order, members in name order, tar headers fixed (mtime 0,
   uid/gid 0, no user or group names, mode 0644), JSON with sorted keys. The same input and
   config give byte-identical tars, whether a shard was packed during the run or on a resume.
-- **Exactly once**: a shard is built in a local temp file and published whole (``storage.upload_file``),
-  then its index, then its marker, last. A crash leaves no partial tar (at most a whole tar
-  with no marker, which the next run packs again, to the same bytes). Readers use shards that
-  have a marker. A shard whose marker exists with the same content is never written again.
+- **Exactly once**: a shard is built in a local temp file and published whole
+  (``storage.upload_file``), then its index, then its marker, last. A crash leaves no partial
+  tar (at most a whole tar with no marker, which the next run packs again, to the same bytes).
+  Readers use shards that have a marker. A shard whose marker exists with the same content
+  (and whose tar and index are there) is never written again.
 - **Repairs and grown inputs**: the marker records a digest of the rows it was packed from
   (identity, status, artifact hashes). When a repair (``render --redo``) changes a row of a
   packed shard, or a grown input adds rows to the last shard's range, the shard is packed
@@ -47,7 +48,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
-import decimal
 import hashlib
 import io
 import json
@@ -65,11 +65,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs import manifest
+from jobs import layout, manifest
 from jobs.hashset import HashSet
 from jobs.output import read_job
 from jobs.rows import output_key
@@ -77,7 +78,6 @@ from rendering import storage
 
 logger = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"  # under the output; to move to jobs.layout
 FORMAT = "reelfarm-webdataset/1"  # in every marker: what wrote the shard and how to read it
 TAR_SUFFIX, INDEX_SUFFIX, MARKER_SUFFIX = ".tar", ".parquet", ".done"
 # Fields that describe a run, not the sample: two renders of the same row differ in them, so
@@ -222,14 +222,16 @@ class Packer:
         # Step 1: read the markers; a shard counts as packed if its range is still its range
         # (a grown input widens the last one, which is then packed again once complete).
         markers = read_markers(self.output_uri)
+        listing = {p.rsplit("/", 1)[-1] for p in _listing(self._fs, self._root)}
         for n, marker in sorted(markers.items()):
             if marker.get("rows_per_shard") != spec.rows_per_shard:
                 raise PackError(
-                    f"{self.output_uri}/{SHARDS_DIR} was packed with rows_per_shard="
+                    f"{self.output_uri}/{layout.SHARDS_DIR} was packed with rows_per_shard="
                     f"{marker.get('rows_per_shard')}, this job asks for {spec.rows_per_shard}: "
                     f"keep {marker.get('rows_per_shard')}, or render to a new output")
         done = {n: m for n, m in markers.items() if n < self.num_shards
-                and (m["first_row"], m["end_row"]) == self._range(n)}
+                and (m["first_row"], m["end_row"]) == self._range(n)
+                and {m["tar"], m["index"]} <= listing}  # a deleted tar is packed again
         contents = {n: _Content() for n in done}
         last_artifact: dict[int, tuple[int, str]] = {}  # shard -> (row_index, path), for step 4
 
@@ -292,6 +294,11 @@ class Packer:
                 touched.add(n)
         for n in sorted(touched):
             self._pack_if_complete(n)
+
+    @property
+    def pending_rows(self) -> int:
+        """Records held for shards not complete yet (the packer's memory)."""
+        return sum(len(rows) for rows in self._pending.values())
 
     def flush(self) -> None:
         """Wait until every shard queued so far is packed (or failed)."""
@@ -403,7 +410,7 @@ def pack_shard(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
     written, False if a marker with this content was already there."""
     fs, root = storage.filesystem(output_uri)
     name = shard_name(n)
-    tar_path, index_path, marker_path = (storage.join(root, SHARDS_DIR, name + suffix)
+    tar_path, index_path, marker_path = (storage.join(root, layout.SHARDS_DIR, name + suffix)
                                          for suffix in (TAR_SUFFIX, INDEX_SUFFIX, MARKER_SUFFIX))
     first, end = rows
     if [r["row_index"] for r in records] != list(range(first, end)):
@@ -415,7 +422,8 @@ def pack_shard(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
     # Step 1: exactly once. A marker with this content: nothing to write. A marker with other
     # content (a repaired row, a grown range) goes first, so the shard reads as not packed.
     marker = _read_marker(fs, marker_path)
-    if marker is not None and marker.get("content") == content:
+    if marker is not None and marker.get("content") == content \
+            and fs.exists(tar_path) and fs.exists(index_path):
         if not spec.keep_videos:
             _drop_loose(fs, root, ok)
         return False
@@ -430,7 +438,7 @@ def pack_shard(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
         index = {f.name: [] for f in INDEX_SCHEMA}
         fetched = _prefetch(sources.fetch_row, ok, PREFETCH)
         # Step 3: write the tar: samples in row order, members in name order, fixed headers.
-        with contextlib.closing(fetched), \
+        with contextlib.closing(sources), contextlib.closing(fetched), \
                 tarfile.open(local_tar, "w", format=tarfile.PAX_FORMAT) as tar:
             for rec in records:
                 video_member = offset = None
@@ -492,6 +500,10 @@ class _Sources:
         self._previous_missing = False
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        if self._previous is not None:
+            self._previous.close()
+
     def fetch_row(self, rec: dict) -> _Members:
         key = sample_key(rec["id"])
         members = _Members()
@@ -523,7 +535,8 @@ class _Sources:
         if path is None:
             raise PackError(f"row {rec['id']!r}: {artifact['path']} is missing and in no shard: "
                             f"`reelfarm render --redo damaged` renders it again")
-        if os.path.getsize(path) != artifact["bytes"] or storage.sha256_file(path) != artifact["sha256"]:
+        if os.path.getsize(path) != artifact["bytes"] \
+                or storage.sha256_file(path) != artifact["sha256"]:
             raise PackError(f"row {rec['id']!r}: {artifact['path']} does not match its manifest "
                             f"(size or sha256): `reelfarm render --redo damaged` renders it again")
         return path
@@ -568,17 +581,16 @@ def _add_member(tar: tarfile.TarFile, name: str, source: str | bytes) -> int:
 
 def _sample_json(rec: dict) -> bytes:
     fields = {k: v for k, v in rec.items() if k not in RUN_FIELDS}
-    return json.dumps(fields, sort_keys=True, ensure_ascii=False, default=_json_value).encode("utf-8")
+    text = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=_json_value)
+    return text.encode("utf-8")
 
 
 def _json_value(value):
-    """Carried columns may hold what JSON lacks: bytes (base64), dates, decimals."""
+    """Carried columns may hold what JSON lacks: bytes (base64), dates (ISO 8601), decimals."""
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
     return str(value)
 
 
@@ -704,7 +716,7 @@ def _read_marker(fs, path: str) -> dict | None:
 
 
 def _listing(fs, root: str) -> list[str]:
-    directory = storage.join(root, SHARDS_DIR)
+    directory = storage.join(root, layout.SHARDS_DIR)
     fs.invalidate_cache(directory)
     if not fs.exists(directory):
         return []
@@ -724,7 +736,8 @@ def read_markers(output_uri: str) -> dict[int, dict]:
     paths = {n: p for p in _listing(fs, root)
              if (n := _shard_number(p, MARKER_SUFFIX)) is not None}
     markers = {}
-    for (n, path), data in zip(paths.items(), _map(lambda p: _read_marker(fs, p), list(paths.values()))):
+    read = _map(lambda p: _read_marker(fs, p), list(paths.values()))
+    for n, data in zip(paths, read):
         if data is not None:
             markers[n] = data
     return markers
@@ -736,10 +749,16 @@ def packed_samples(output_uri: str) -> HashSet:
     fs, root = storage.filesystem(output_uri)
     found = HashSet()
     for n in sorted(read_markers(output_uri)):
-        index = _read_index(fs, storage.join(root, SHARDS_DIR, shard_name(n) + INDEX_SUFFIX))
+        index = _read_index(fs, storage.join(root, layout.SHARDS_DIR, shard_name(n) + INDEX_SUFFIX))
         rows = [r for r in index.to_pylist() if r["status"] == "ok"]
         found.add([sample_hash(r["id"], r["occurrence"], r["sha256"]) for r in rows])
     return found
+
+
+def _state_hash(row: dict) -> int:
+    """A row as a shard lists it: ok with its video's sha256, or failed."""
+    return sample_hash(row["id"], row["occurrence"],
+                       row["sha256"] if row["status"] == "ok" else "failed")
 
 
 def _read_index(fs, path: str) -> pa.Table:
@@ -798,12 +817,13 @@ def check_shards(output_uri: str, total_rows: int | None = None) -> list[str]:
     except PackError as exc:
         return [str(exc)]
     listing = {p.rsplit("/", 1)[-1] for p in _listing(fs, root)}
-    seen_rows = HashSet()
-    packed = HashSet()
+    seen_rows = HashSet()  # every indexed row, to find one in two shards
+    listed = HashSet()  # every indexed row with its state (_state_hash)
     ranges: dict[int, tuple[int, int]] = {}
     rows_per_shard = {m.get("rows_per_shard") for m in markers.values()}
     if len(rows_per_shard) > 1:
-        problems.append(f"shards were packed with different rows_per_shard: {sorted(rows_per_shard)}")
+        problems.append(f"shards were packed with different rows_per_shard: "
+                        f"{sorted(rows_per_shard)}")
 
     # Step 1: each packed shard against its marker and its index.
     for n, marker in sorted(markers.items()):
@@ -815,7 +835,11 @@ def check_shards(output_uri: str, total_rows: int | None = None) -> list[str]:
             continue
         first, end = marker["first_row"], marker["end_row"]
         ranges[n] = (first, end)
-        members, size, digest = _tar_members(fs, storage.join(root, SHARDS_DIR, tar_name))
+        try:
+            members, size, digest = _tar_members(fs, storage.join(root, layout.SHARDS_DIR, tar_name))
+        except (tarfile.TarError, EOFError) as exc:
+            problems.append(f"shards/{tar_name} is not a readable tar ({exc})")
+            continue
         if (size, digest) != (marker["bytes"], marker["sha256"]):
             problems.append(f"shards/{tar_name}: {size} bytes, sha256 {digest[:12]}..., the "
                             f"marker says {marker['bytes']} bytes, {marker['sha256'][:12]}...")
@@ -823,44 +847,45 @@ def check_shards(output_uri: str, total_rows: int | None = None) -> list[str]:
         if len(keys) != marker["samples"]:
             problems.append(f"shards/{tar_name} holds {len(keys)} sample(s), the marker says "
                             f"{marker['samples']}")
-        index = _read_index(fs, storage.join(root, SHARDS_DIR, index_name)).to_pylist()
+        index = _read_index(fs, storage.join(root, layout.SHARDS_DIR, index_name)).to_pylist()
         if sorted(r["row_index"] for r in index) != list(range(first, end)):
             problems.append(f"shards/{index_name} does not list exactly rows {first}..{end - 1}")
-        indexed = set()
-        for row in index:
-            h = [sample_hash(row["id"], row["occurrence"], None)]
-            if seen_rows.contains(h)[0]:
-                problems.append(f"row {row['id']!r} is in more than one shard (again in {name})")
-            seen_rows.add(h)
-            if row["status"] != "ok":
-                continue
-            indexed.add(row["key"])
-            packed.add([sample_hash(row["id"], row["occurrence"], row["sha256"])])
+        rows = np.array([sample_hash(r["id"], r["occurrence"], None) for r in index], np.uint64)
+        problems += [f"row {r['id']!r} is in more than one shard (again in {name})"
+                     for r, again in zip(index, seen_rows.contains(rows)) if again]
+        seen_rows.add(rows)
+        listed.add([_state_hash(r) for r in index])
+        ok = [r for r in index if r["status"] == "ok"]
+        for row in ok:
             member = members.get(row["member"] or "")
             if member is None:
-                problems.append(f"row {row['id']!r} is in shards/{index_name} but not in {tar_name}")
+                problems.append(f"row {row['id']!r} is in shards/{index_name} but not in "
+                                f"{tar_name}")
             elif member != (row["offset"], row["sha256"]):
                 problems.append(f"row {row['id']!r}: its video in {tar_name} does not match the "
                                 f"index (offset or sha256)")
         problems += [f"sample {k!r} is in shards/{tar_name} but not in its index"
-                     for k in sorted(keys - indexed)]
+                     for k in sorted(keys - {r["key"] for r in ok})]
 
-    # Step 2: the committed rows against the shards.
+    # Step 2: the committed rows against the shards: each row of a packed range is listed in
+    # its index as it is committed now (ok with this video, or failed).
     if total_rows is None:
         job = read_job(output_uri) or {}
         total_rows = (job.get("last_run") or {}).get("input_rows")
     per_shard = next(iter(rows_per_shard)) if len(rows_per_shard) == 1 else None
-    committed: dict[int, int] = {}
-    for table in manifest.iter_shards(output_uri, columns=["id", "row_index", "occurrence",
-                                                           "status", "sha256"]):
-        for row in table.to_pylist():
-            n = row["row_index"] // per_shard if per_shard else None
+    committed: dict[int, int] = {}  # shard -> its committed rows
+    columns = ["id", "row_index", "occurrence", "status", "sha256"]
+    for table in manifest.iter_shards(output_uri, columns=columns) if per_shard else ():
+        rows = table.to_pylist()
+        for row in rows:
+            n = row["row_index"] // per_shard
             committed[n] = committed.get(n, 0) + 1
-            if n not in ranges or row["status"] != "ok":
-                continue
-            if not packed.contains([sample_hash(row["id"], row["occurrence"], row["sha256"])])[0]:
-                problems.append(f"row {row['id']!r} is ok but shard {shard_name(n)} does not hold "
-                                f"it as committed (a repair since? the next run packs it again)")
+        rows = [r for r in rows if r["row_index"] // per_shard in ranges]
+        found = listed.contains([_state_hash(r) for r in rows])
+        problems += [f"row {r['id']!r} is {r['status']} but shard "
+                     f"{shard_name(r['row_index'] // per_shard)} does not hold it as committed "
+                     f"(a repair since? the next run packs it again)"
+                     for r, there in zip(rows, found) if not there]
     if per_shard and total_rows is not None:
         for n in range(shard_count(total_rows, per_shard)):
             first, end = shard_range(n, per_shard, total_rows)

@@ -33,8 +33,10 @@ class Scheduler:
     """Submits shards to a pool started on first need, and commits each row exactly once."""
 
     def __init__(self, start_pool: Callable[[], Pool], output_uri: str, progress: Progress,
-                 receipts: Receipts, max_attempts: int, shard_size: int, shards_per_worker: int):
+                 receipts: Receipts, max_attempts: int, shard_size: int, shards_per_worker: int,
+                 on_commit: Callable[[list[dict]], None] | None = None):
         self._start_pool = start_pool
+        self._on_commit = on_commit  # products built from committed rows (WebDataset shards)
         self.output_uri = output_uri
         self.progress = progress
         self.receipts = receipts
@@ -143,5 +145,7 @@ class Scheduler:
         storage.with_retries("commit of a shard manifest", manifest.write_shard,
                              self.output_uri, records)
         self.receipts.remove([r["key"] for r in records if r["status"] == "ok"])
+        if self._on_commit is not None:
+            self._on_commit(records)
         ok = sum(r["status"] == "ok" for r in records)
         self.progress.advance(ok, len(records) - ok)

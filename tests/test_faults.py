@@ -60,7 +60,9 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     out = tmp_path / "out"
     src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(out), output={"shard_size": 2})))
+    # WebDataset shards of 5 rows are packed as the job runs: they too must come out whole.
+    config.write_text(yaml.safe_dump(tiny_config(src, str(out), output={
+        "shard_size": 2, "webdataset": {"rows_per_shard": 5}})))
     driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -88,7 +90,8 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     for row_id, mtime in mtimes.items():  # committed videos were not rendered again
         assert os.path.getmtime(stored(out, committed[row_id])) == mtime
     assert f"; {len(committed)} row(s) were already done" in result.stdout
-    assert run_cli("verify", str(out)).returncode == 0
+    assert run_cli("verify", str(out)).returncode == 0  # the shards' check included
+    assert _packed_ids(out) == sorted(r["id"] for r in rows)  # every row once, in 5 shards
     job = json.loads((out / "job.json").read_text())["last_run"]
     print(f"driver SIGKILL: {len(committed)} rows committed before the kill; the rerun took "
           f"{rerun_s:.1f} s, rendered {job['rendered']} and recovered {job['recovered']} from receipts")
@@ -98,6 +101,14 @@ def _read_shards(out) -> list[dict]:
     from jobs.manifest import iter_shards
 
     return [row for table in iter_shards(str(out)) for row in table.to_pylist()]
+
+
+def _packed_ids(out) -> list[str]:
+    """The row ids in the output's WebDataset shards, read back with the webdataset library."""
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    return sorted(json.loads(s["json"])["id"] for s in wds.WebDataset(tars, shardshuffle=False))
 
 
 def _worker_pids() -> list[int]:
@@ -132,7 +143,7 @@ def _render_in_background(cfg):
 def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path, ray_local, fault):
     out = tmp_path / "out"
     src = write_prompts(tmp_path / "prompts.parquet", prompts(32))
-    cfg = validate(tiny_config(src, str(out), output={"shard_size": 2},
+    cfg = validate(tiny_config(src, str(out), output={"shard_size": 2, "webdataset": True},
                                render={"num_inference_steps": 6, "batch_size": 1},
                                cluster={"shard_timeout_s": 15 if fault == "hang" else 120}))
     thread, outcome = _render_in_background(cfg)
@@ -151,7 +162,8 @@ def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path
     rows = _manifest(out)
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(32)]
     assert max(r["attempts"] for r in rows) >= 2  # the lost shard's rows were tried again
-    assert verify(str(out)).problems == []
+    assert verify(str(out)).problems == []  # the WebDataset shard's check included
+    assert _packed_ids(out) == [f"row-{i:03d}" for i in range(32)]
     print(f"worker {fault}: job finished {time.monotonic() - started:.1f} s after the fault")
 
 

@@ -56,7 +56,8 @@ def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_se
     client.create_bucket(Bucket=BUCKET)
     src = _put_prompts(client, "in/prompts.parquet", prompts(5))
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, f"s3://{BUCKET}/out/run-1")))
+    config.write_text(yaml.safe_dump(tiny_config(src, f"s3://{BUCKET}/out/run-1",
+                                                 output={"webdataset": {"rows_per_shard": 2}})))
 
     result = run_cli("render", str(config), "--quiet", env=env)
     assert result.returncode == 0, result.stderr
@@ -74,6 +75,9 @@ def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_se
         assert probe(str(local))["frames"] == row["num_frames"]
     assert "_SUCCESS" in {k.rsplit("/", 1)[-1] for k in _objects(client, "out/run-1/")}
     assert not _objects(client, "out/run-1/receipts/")
+    shards = _objects(client, "out/run-1/shards/")  # rows 0-1, 2-3, 4: packed as the job ran
+    assert sorted(k.rsplit("/", 1)[-1] for k in shards) == sorted(
+        f"{n:05d}.{ext}" for n in range(3) for ext in ("tar", "parquet", "done"))
     check = run_cli("verify", f"s3://{BUCKET}/out/run-1", env=env)
     assert check.returncode == 0, check.stdout + check.stderr
     client.put_object(Bucket=BUCKET, Key="out/run-1/videos/stranger.mp4", Body=b"x")

@@ -142,6 +142,28 @@ class EncodeConfig(_Section):
     crf: int = Field(18, ge=0, le=51, description="x264 quality: lower is better and larger")
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                     "slower", "veryslow"] = "medium"
+    previews: list[Literal["gif", "webp", "poster"]] = Field(
+        default_factory=list, description="small previews stored beside each video: gif, webp, poster (JPEG)")
+    preview_max_side: int = Field(256, ge=16, description="previews are scaled down to this longer side")
+
+
+class QualityConfig(_Section):
+    """CLIP scores of every rendered frame against the prompt, and a gate on them."""
+
+    clip_model: str | None = Field(
+        None, description="a CLIP model: hub id, local folder, URL, or tiny:clip (none: no scores)")
+    revision: str | None = None
+    drift_threshold: float = Field(20.0, ge=0, le=100, description="a frame scoring under this (0-100) has drifted")
+    min_score: float | None = Field(None, ge=0, le=100, description="the gate: a video's clip_score must reach this")
+    on_fail: Literal["keep", "fail", "retry"] = Field(
+        "keep", description="below min_score: keep it (marked), fail the row, or render it again with new seeds")
+    max_tries: int = Field(3, ge=1, le=20, description="retry: renders per row at most; the best is kept")
+
+    @model_validator(mode="after")
+    def _gate_needs_scores(self) -> "QualityConfig":
+        if self.min_score is not None and self.clip_model is None:
+            raise ValueError("quality.min_score needs quality.clip_model to score the videos")
+        return self
 
 
 class OptimizeConfig(_Section):
@@ -206,6 +228,7 @@ class JobConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     output: OutputConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -237,7 +260,7 @@ class JobConfig(_Section):
 
 
 # The sections whose values change what a video looks like: a resumed output must match them.
-OUTPUT_SECTIONS = ("model", "render", "optimize", "encode")
+OUTPUT_SECTIONS = ("model", "render", "optimize", "encode", "quality")
 # Settings within those sections that change speed, not pixels.
 _NOT_FINGERPRINTED = {"render": {"batch_size"}}
 # Settings elsewhere that change what the output holds: the carried columns are manifest

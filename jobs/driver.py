@@ -20,18 +20,20 @@ from jobs import layout, manifest
 from jobs.audit import rows_to_redo
 from jobs.config import JobConfig
 from jobs.dataset import open_dataset
-from jobs.media_inputs import media_roots
 from jobs.lease import acquire as acquire_lease
-from jobs.pack import Packer, PackSpec
-from jobs.output_checks import check_output_is_folder
+from jobs.media_inputs import media_roots
 from jobs.output import check_resumable, finish_job, read_job, start_job, unwritable
+from jobs.output_checks import check_output_is_folder
+from jobs.pack import Packer, PackSpec
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
 from jobs.progress import Progress
 from jobs.receipts import Receipts
 from jobs.rows import RowFailure
 from jobs.schedule import Scheduler, Shard
 from rendering import storage
-from rendering.contract import EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, WorkerSpec
+from rendering.contract import (EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, ScoringSpec,
+                                WorkerSpec)
+from rendering.quality import GateSpec
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +171,8 @@ def worker_spec(cfg: JobConfig) -> WorkerSpec:
                         model.scheduler, tuple(sorted(model.scheduler_config.items()))),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
         output_uri=cfg.output.uri, videos_dir=layout.VIDEOS_DIR, receipts_dir=layout.RECEIPTS_DIR,
+        previews_dir=layout.PREVIEWS_DIR, previews=tuple(cfg.encode.previews),
+        preview_max_side=cfg.encode.preview_max_side, scoring=_scoring(cfg), gate=_gate(cfg),
         batch_size=cfg.render.batch_size,
         torch_threads=cfg.cluster.cpus_per_worker,
         optimize=OptimizeSpec(**cfg.optimize.model_dump()),
@@ -176,6 +180,18 @@ def worker_spec(cfg: JobConfig) -> WorkerSpec:
                         max_bytes=limits.max_media_bytes, max_pixels=limits.max_media_pixels,
                         max_video_frames=limits.max_media_frames,
                         decode_timeout_s=limits.media_decode_timeout_s))
+
+
+def _scoring(cfg: JobConfig) -> ScoringSpec | None:
+    q = cfg.quality
+    if q.clip_model is None:
+        return None
+    return ScoringSpec(q.clip_model, q.revision, q.drift_threshold, dtype=cfg.model.dtype)
+
+
+def _gate(cfg: JobConfig) -> GateSpec | None:
+    q = cfg.quality
+    return None if q.min_score is None else GateSpec(q.min_score, q.on_fail, q.max_tries)
 
 
 def _start_pool(cfg: JobConfig):

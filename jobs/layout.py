@@ -3,6 +3,7 @@
 ```
 <output>/job.json            what made the output (config, fingerprint, versions, runs)
 <output>/videos/<key>.mp4    one object per rendered row
+<output>/previews/<key>.gif|.webp|.jpg   its previews, when encode.previews asks for them
 <output>/manifests/shard-*.parquet   committed shards (a shard is committed when this exists)
 <output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work)
 <output>/manifest.parquet    every committed row, in input order, written at the end of a run
@@ -24,5 +25,6 @@ SUCCESS_FILE = "_SUCCESS"
 SHARD_PREFIX = "shard-"
 LEASE_DIR = "_lease"
 SHARDS_DIR = "shards"
-FOLDERS = (VIDEOS_DIR, MANIFESTS_DIR, RECEIPTS_DIR, SHARDS_DIR)  # every folder reelfarm writes objects into
+PREVIEWS_DIR = "previews"
+FOLDERS = (VIDEOS_DIR, PREVIEWS_DIR, MANIFESTS_DIR, RECEIPTS_DIR, SHARDS_DIR)  # every folder reelfarm writes objects into
 

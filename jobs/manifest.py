@@ -39,6 +39,19 @@ ARTIFACT = pa.struct([("name", pa.string()), ("path", pa.string()), ("bytes", pa
 # Prefixed, so an input video never collides with the output's own video columns.
 INPUT_COLUMNS = [(f"input_{role}_{what}", pa.string()) for role in MEDIA_ROLES
                  for what in ("uri", "sha256")]
+# What a worker measured of a row (Result.metrics), one column each; null when not measured.
+METRIC_COLUMNS = [
+    ("prompt_truncated", pa.bool_()),  # the text encoder read only the prompt's first tokens
+    ("clip_scores", pa.list_(pa.float64())),  # per frame: max(100 * cos(image, text), 0)
+    ("clip_score", pa.float64()),  # their mean
+    ("clip_score_min", pa.float64()),
+    ("clip_worst_frame", pa.int32()),
+    ("clip_temporal_consistency", pa.float64()),  # mean cos of consecutive frames' embeddings
+    ("clip_drift_frames", pa.int32()),  # frames under quality.drift_threshold
+    ("quality_passed", pa.bool_()),  # clip_score reached quality.min_score
+    ("quality_tries", pa.list_(pa.struct([("seed", pa.int64()), ("clip_score", pa.float64())]))),
+    ("quality_kept_try", pa.int32()),  # the index in quality_tries of the video kept
+]
 SCHEMA = pa.schema([
     ("id", pa.string()),
     ("row_index", pa.int64()),
@@ -55,7 +68,7 @@ SCHEMA = pa.schema([
     *((p.name, p.arrow) for p in params.PARAMS),
     *INPUT_COLUMNS,
     ("artifacts", pa.list_(ARTIFACT)),  # every object the row stored
-    ("prompt_truncated", pa.bool_()),  # null when the row never reached a worker
+    *METRIC_COLUMNS,
     ("attempts", pa.int32()),
     ("render_s", pa.float64()),
     ("committed_at", pa.float64()),
@@ -75,8 +88,8 @@ def record(row: PlannedRow, result: Result | None, attempts: int) -> dict:
            "id": row.id, "row_index": row.index, "occurrence": row.occurrence,
            "prompt": row.prompt, **{p: values.get(p) for p in params.NAMES},
            "attempts": attempts, "video_uri": None, "bytes": None, "sha256": None,
-           "artifacts": [], "render_s": None, "prompt_truncated": metrics.get("prompt_truncated"),
-           "redo_of": row.redo_of}
+           "artifacts": [], "render_s": None, "redo_of": row.redo_of,
+           **{name: metrics.get(name) for name, _ in METRIC_COLUMNS}}
     if isinstance(outcome, Task):
         for role, media in outcome.inputs.items():
             rec[f"input_{role}_uri"] = media.uri

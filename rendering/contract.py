@@ -36,6 +36,17 @@ class MediaSpec:
 
 
 @dataclass(frozen=True)
+class ScoringSpec:
+    """The CLIP model that scores every rendered video (see rendering.scoring)."""
+
+    model: str  # a hub id, a local folder, an fsspec URL of a folder, or tiny:clip
+    revision: str | None = None
+    drift_threshold: float = 20.0  # a frame scoring below this (0-100 scale) has drifted
+    batch_frames: int = 64  # frames through the image encoder at once
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
 class OptimizeSpec:
     """Speed and memory options applied to a loaded pipeline (see jobs.config.OptimizeConfig)."""
 
@@ -61,10 +72,15 @@ class WorkerSpec:
     output_uri: str  # the job's output prefix; artifacts are named relative to it
     videos_dir: str  # where videos go under the output
     receipts_dir: str  # where a receipt goes once a row's artifacts are durable
+    previews_dir: str  # where previews (gif, webp, poster) go under the output
     batch_size: int = 1
     torch_threads: int | None = None  # CPU workers: the CPUs the worker holds
     optimize: OptimizeSpec = field(default_factory=OptimizeSpec)
     media: MediaSpec = field(default_factory=MediaSpec)
+    previews: tuple[str, ...] = ()  # preview kinds: gif, webp, poster
+    preview_max_side: int = 256
+    scoring: ScoringSpec | None = None  # CLIP scores of every video
+    gate: object | None = None  # a rendering.quality.GateSpec: what a low score does
 
 
 MEDIA_ROLES = ("image", "video")  # conditioning inputs a row may carry, by role

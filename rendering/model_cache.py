@@ -73,16 +73,19 @@ def cached_path(url: str) -> str:
     return os.path.join(hf_home(), _CACHE_SUBDIR, f"{name}-{digest}")
 
 
-def fetch_url(url: str) -> str:
-    """Copy the model folder at ``url`` into this node's cache once; return the local folder."""
+def fetch_url(url: str, marker: str = "model_index.json", key: str = "model.path") -> str:
+    """Copy the model folder at ``url`` into this node's cache once; return the local folder.
+
+    ``marker`` is the file that makes it a model folder: a diffusers pipeline's model_index.json,
+    a transformers model's config.json; ``key`` names the setting in messages."""
     target = cached_path(url)
     if os.path.isdir(target):
         return target
-    with _node_lock(os.path.basename(target)):
+    with node_lock(os.path.basename(target)):
         if os.path.isdir(target):  # another worker on this node copied it while we waited
             return target
         started = time.monotonic()
-        count, size = _copy_tree(url, target)
+        count, size = _copy_tree(url, target, marker, key)
     logger.info("copied %s (%d files, %.1f MB) to %s in %.1f s", url, count, size / 1e6, target,
                 time.monotonic() - started)
     return target
@@ -94,7 +97,7 @@ def fetch_hub(spec: ModelSpec) -> str:
 
     options = dict(revision=spec.revision, variant=spec.variant, use_safetensors=True,
                    trust_remote_code=False)
-    with _node_lock(_UNSAFE.sub("_", f"hub-{spec.path}-{spec.revision or 'main'}")):
+    with node_lock(hub_lock_name(spec.path, spec.revision)):
         try:
             return DiffusionPipeline.download(spec.path, local_files_only=True, **options)
         except (OSError, ValueError) as exc:  # not (fully) cached on this node yet
@@ -107,17 +110,21 @@ def fetch_hub(spec: ModelSpec) -> str:
         return DiffusionPipeline.download(spec.path, **options)
 
 
-def _copy_tree(url: str, target: str) -> tuple[int, int]:
+def hub_lock_name(repo: str, revision: str | None) -> str:
+    return _UNSAFE.sub("_", f"hub-{repo}-{revision or 'main'}")
+
+
+def _copy_tree(url: str, target: str, marker: str, key: str) -> tuple[int, int]:
     """Copy every file under ``url`` into a temp folder beside ``target``, then rename it in."""
     fs, root = storage.filesystem(url)
     root = root.rstrip("/")
     if not fs.isdir(root):
-        raise ModelCacheError(f"model.path {url} is not a folder: point it at a diffusers "
-                              f"pipeline folder (the one holding model_index.json)")
+        raise ModelCacheError(f"{key} {url} is not a folder: point it at a model folder (the "
+                              f"one holding {marker})")
     files = [p for p in fs.find(root) if not fs.isdir(p)]
-    if not any(p.rsplit("/", 1)[-1] == "model_index.json" for p in files):
-        raise ModelCacheError(f"model.path {url} holds no model_index.json: point it at a "
-                              f"diffusers pipeline folder")
+    if not any(p[len(root) + 1:] == marker for p in files):
+        raise ModelCacheError(f"{key} {url} holds no {marker}: point it at a model folder (the "
+                              f"one holding {marker})")
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{storage.TEMP_MARKER}", dir=parent)
@@ -126,7 +133,7 @@ def _copy_tree(url: str, target: str) -> tuple[int, int]:
         for path in files:
             relative = path[len(root) + 1:]
             if not relative or ".." in relative.split("/"):
-                raise ModelCacheError(f"model.path {url}: refusing to copy odd object name {path!r}")
+                raise ModelCacheError(f"{key} {url}: refusing to copy odd object name {path!r}")
             local = os.path.join(temp, *relative.split("/"))
             os.makedirs(os.path.dirname(local), exist_ok=True)
             fs.get_file(path, local)
@@ -139,7 +146,7 @@ def _copy_tree(url: str, target: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _node_lock(name: str):
+def node_lock(name: str):
     """An exclusive lock shared by every process on this node (the cache is node-local)."""
     directory = os.path.join(hf_home(), _LOCK_SUBDIR)
     os.makedirs(directory, exist_ok=True)

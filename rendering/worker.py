@@ -24,7 +24,7 @@ from itertools import groupby
 
 import numpy as np
 
-from rendering import media, storage
+from rendering import media, quality, storage
 from rendering.contract import Artifact, Result, Task, WorkerSpec, receipt_json
 from rendering.encode import encode_video, to_uint8
 
@@ -42,6 +42,7 @@ class ShardRenderer:
         self.spec = spec
         self._pipe = None
         self._adapter = None
+        self._scorer = None  # a ClipScorer when the job scores its videos
         self._render_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._load_info: dict | None = None
@@ -66,6 +67,10 @@ class ShardRenderer:
                 started = time.monotonic()
                 self._pipe = load_pipeline(self.spec.model, device, self.spec.optimize)
                 self._adapter = adapter_for(self._pipe)
+                if self.spec.scoring is not None:
+                    from rendering.scoring import ClipScorer
+
+                    self._scorer = ClipScorer(self.spec.scoring, device)
                 self._load_info = {"device": device, "pid": os.getpid(),
                                    "pipeline": type(self._pipe).__name__,
                                    "load_s": round(time.monotonic() - started, 3)}
@@ -81,7 +86,11 @@ class ShardRenderer:
                 if self._adapter.takes_prompt else [None] * len(tasks)
         pending: list[tuple[Task, Future | Result]] = []
         for batch in self._batches(tasks):
-            for task, outcome in zip(batch, self._render(batch)):
+            outcomes = self._render(batch)
+            if self._scorer is not None:
+                outcomes = [self._judge(task, outcome) for task, outcome in
+                            zip(batch, self._scored(batch, outcomes))]
+            for task, outcome in zip(batch, outcomes):
                 if isinstance(outcome, Result):
                     pending.append((task, outcome))
                 else:
@@ -146,6 +155,46 @@ class ShardRenderer:
                     outcomes[task.id] = (frames[i], render_s / len(tasks), metrics)
         return [outcomes[t.id] for t in batch]
 
+    def _scored(self, batch: list[Task], outcomes: list) -> list:
+        """Each rendered row's CLIP scores (of the pixels that will be encoded) in its metrics."""
+        rendered = [i for i, o in enumerate(outcomes) if not isinstance(o, Result)]
+        if not rendered:
+            return outcomes
+        with self._render_lock:  # the scorer shares the device with the pipeline
+            scores = self._scorer.score([batch[i].prompt for i in rendered],
+                                        [to_uint8(outcomes[i][0]) for i in rendered])
+        outcomes = list(outcomes)
+        for i, score in zip(rendered, scores):
+            frames, render_s, metrics = outcomes[i]
+            outcomes[i] = (frames, render_s, {**metrics, **score})
+        return outcomes
+
+    def _judge(self, task: Task, outcome):
+        """Apply the quality gate: keep a low-scoring row (marked), fail it, or render it again
+        with new seeds, up to max_tries, keeping the best try. Every try is recorded."""
+        gate = self.spec.gate
+        if gate is None or isinstance(outcome, Result) or outcome[2]["clip_score"] is None:
+            return outcome
+        tries = [outcome]
+        seeds = [task.seed]
+        while gate.on_fail == "retry" and len(tries) < gate.max_tries \
+                and not quality.passes(tries[quality.kept_try(_scores(tries))][2]["clip_score"], gate):
+            seeds.append(quality.retry_seed(task.seed, len(tries) + 1))
+            retry = dataclasses.replace(task, seed=seeds[-1])
+            tries.append(self._scored([retry], self._render([retry]))[0])
+        kept = quality.kept_try(_scores(tries))
+        frames, _, metrics = tries[kept]
+        passed = quality.passes(metrics["clip_score"], gate)
+        metrics = {**metrics, "quality_passed": passed, "quality_kept_try": kept,
+                   "quality_tries": [{"seed": s, "clip_score": c} for s, c in zip(seeds, _scores(tries))]}
+        render_s = sum(t[1] for t in tries if not isinstance(t, Result))
+        if not passed and gate.on_fail == "fail":
+            return Result.failure(task.id, "below_min_score",
+                                  f"clip_score {metrics['clip_score']:.2f} is under "
+                                  f"quality.min_score = {gate.min_score:g}", retryable=False,
+                                  metrics=metrics)
+        return frames, render_s, metrics
+
     def _inputs(self, task: Task) -> tuple[dict, dict] | Result:
         """The task's conditioning media, decoded at its shape, and each one's sha256."""
         problem = self._adapter.task_problem(task)
@@ -170,31 +219,44 @@ class ShardRenderer:
     def _store(self, task: Task, frames: np.ndarray, render_s: float, metrics: dict) -> Result:
         """Encode to a local temp file, check it, and publish it atomically."""
         timings = {"render_s": render_s}
-        relative = f"{self.spec.videos_dir}/{task.key}.mp4"
-        path = storage.join(self._root, relative)
         # A failed clean-up of the temp folder must not fail a video that is already stored.
         with tempfile.TemporaryDirectory(prefix="reelfarm-", ignore_cleanup_errors=True) as tmp:
+            pixels = to_uint8(frames)  # what is encoded, previewed and was scored
             local = os.path.join(tmp, "video.mp4")
             started = time.monotonic()
             try:
-                encode_video(to_uint8(frames), local, task.params["fps"], self.spec.encode)
+                encode_video(pixels, local, task.params["fps"], self.spec.encode)
+                files = {"video": (local, f"{self.spec.videos_dir}/{task.key}.mp4")}
+                files.update(self._previews(task, pixels, tmp))
             except Exception as exc:  # noqa: BLE001
                 return Result.failure(task.id, "encode_error", str(exc), retryable=True)
             timings["encode_s"] = time.monotonic() - started
-            size = os.path.getsize(local)
-            digest = storage.sha256_file(local)
             started = time.monotonic()
+            artifacts = []
             try:
-                storage.with_retries(f"upload of {task.key}", storage.upload_file, local,
-                                     self._fs, path)
+                for name, (path, relative) in files.items():
+                    storage.with_retries(f"upload of {relative}", storage.upload_file, path,
+                                         self._fs, storage.join(self._root, relative))
+                    artifacts.append(Artifact(name, relative, os.path.getsize(path),
+                                              storage.sha256_file(path)))
             except Exception as exc:  # noqa: BLE001
                 return Result.failure(task.id, "upload_error", f"{type(exc).__name__}: {exc}",
                                       retryable=True)
             timings["upload_s"] = time.monotonic() - started
-        video = Artifact("video", relative, size, digest)
-        result = Result(id=task.id, ok=True, artifacts=[video], metrics=metrics, timings_s=timings)
+        result = Result(id=task.id, ok=True, artifacts=artifacts, metrics=metrics, timings_s=timings)
         self._write_receipt(task, result)
         return result
+
+    def _previews(self, task: Task, pixels: np.ndarray, folder: str) -> dict[str, tuple[str, str]]:
+        """The previews the job asks for, written locally: {kind: (local path, output path)}."""
+        if not self.spec.previews:
+            return {}
+        from rendering.previews import PreviewSpec, extension, write_previews
+
+        spec = PreviewSpec(kinds=self.spec.previews, max_side=self.spec.preview_max_side)
+        written = write_previews(pixels, task.params["fps"], spec, folder)
+        return {kind: (path, f"{self.spec.previews_dir}/{task.key}.{extension(kind)}")
+                for kind, path in written.items()}
 
     def _write_receipt(self, task: Task, result: Result) -> None:
         """Leave proof that the row's artifacts are durable, so a crash before the shard
@@ -204,6 +266,10 @@ class ShardRenderer:
             storage.write_bytes(self._fs, path, receipt_json(task, result))
         except Exception as exc:  # noqa: BLE001
             logger.warning("could not write the receipt of %s: %s", task.key, exc)
+
+
+def _scores(tries: list) -> list[float | None]:
+    return [None if isinstance(t, Result) else t[2]["clip_score"] for t in tries]
 
 
 def _stored(task: Task, outcome: Future | Result) -> Result:

@@ -76,7 +76,7 @@ def test_workers_on_one_node_copy_the_model_once_while_the_others_wait(tiny_fold
     url = f"file://{tiny_folder}"
     env = {**os.environ, "HF_HOME": str(hf_home)}
     # Hold the node's lock for this model so that every worker queues up on it at once.
-    with model_cache._node_lock(os.path.basename(cached_path(url))):
+    with model_cache.node_lock(os.path.basename(cached_path(url))):
         workers = [subprocess.Popen([sys.executable, "-c", _FETCH, url], cwd=REPO, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for _ in range(4)]

@@ -35,6 +35,7 @@ from rendering.contract import EncodeSpec, ModelSpec, WorkerSpec
 resources = connect(sys.argv[1])
 num_workers, use_gpu = default_num_workers(resources, 1)
 spec = WorkerSpec(ModelSpec(sys.argv[2]), EncodeSpec(), output_uri=sys.argv[3], videos_dir="videos",
+                  previews_dir="previews",
                   receipts_dir="receipts")
 pool = WorkerPool(spec, num_workers, use_gpu, 1, shard_timeout_s=120)
 infos = pool.start()

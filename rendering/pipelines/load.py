@@ -98,8 +98,12 @@ def _tiny_pipeline(kind: str, cls, dtype: torch.dtype):
 
     pipe = tiny.build_tiny_pipeline(kind)
     if dtype == torch.float32:
-        same = cls is diffusers.DiffusionPipeline or type(pipe) is cls
-        return pipe if same else cls(**pipe.components)
+        if cls is diffusers.DiffusionPipeline or type(pipe) is cls:
+            return pipe
+        # As from_pretrained does: the components cls takes (WanPipeline's optional
+        # transformer_2 is not one of WanVideoToVideoPipeline's).
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in pipe.components.items() if k in accepted})
     with tempfile.TemporaryDirectory(prefix="reelfarm-tiny-") as folder:
         with quiet_progress_bars():
             pipe.save_pretrained(folder, safe_serialization=True)

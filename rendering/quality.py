@@ -1,0 +1,44 @@
+"""The quality gate: whether a rendered row's CLIP score passes, the seeds of its retries, and
+which try is kept.
+
+A retry renders the row again with a seed derived from the row's seed and the try number, so
+the same config and input keep the same videos. The tries happen inside one attempt at the row:
+it is committed (and its receipt written) only once its kept try is stored, so a crash between
+tries loses no committed work, only that row's tries in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+SEED_LIMIT = 2**63  # as the driver's row seeds: torch.Generator takes signed 64-bit values
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    min_score: float  # on the 0-100 clip_score scale
+    on_fail: str  # keep (mark it) | fail (the row fails as below_min_score) | retry
+    max_tries: int  # renders per row at most, the first included
+
+
+def retry_seed(seed: int, try_number: int) -> int:
+    """The seed of a row's try ``try_number`` (1 is the row's own render)."""
+    if try_number == 1:
+        return seed
+    digest = hashlib.sha256(f"{seed}\x00try\x00{try_number}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_LIMIT
+
+
+def passes(score: float | None, gate: GateSpec) -> bool | None:
+    """Whether a video's clip_score reaches the gate; None when it has no score (no prompt)."""
+    return None if score is None else score >= gate.min_score
+
+
+def kept_try(scores: list[float | None]) -> int:
+    """The index of the try to keep: the highest score, the earliest of equals."""
+    best = 0
+    for i, score in enumerate(scores):
+        if score is not None and (scores[best] is None or score > scores[best]):
+            best = i
+    return best

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import cpu_side_by_side, driver_throughput, gpu, options, plan_scale
+from bench import cpu_side_by_side, driver_throughput, gpu, options, plan_scale, products
 
 
 # In the order they run. The options on the CPU's tiny models come last (on a GPU the gpu step
 # measures them at full size): they set this process's torch threads.
 STEPS = {"plan": plan_scale.main, "driver": driver_throughput.main, "cpu": cpu_side_by_side.main,
-         "gpu": gpu.main, "options": lambda flags: options.main(flags + ["--device", "cpu"])}
+         "products": products.main, "gpu": gpu.main, "options": lambda flags: options.main(flags + ["--device", "cpu"])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import pytest
 from helpers import REPO
 
 
-@pytest.mark.parametrize("name", ["plan_scale", "driver_throughput", "cpu_side_by_side", "gpu"])
+@pytest.mark.parametrize("name", ["plan_scale", "driver_throughput", "cpu_side_by_side", "gpu",
+                                  "products"])
 def test_quick_mode_runs_and_saves_its_results(name):
     result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)

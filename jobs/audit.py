@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from jobs import layout, manifest, pack
 from jobs.hashset import HashSet, key_hashes, row_hash
-from jobs.output import OutputError, read_job
+from jobs.output import read_job, require_output
 from rendering import storage
 
 _HASH_THREADS = 8  # hashing is I/O bound on object stores
@@ -165,10 +165,8 @@ def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
     """Counts by status, the most common errors, and the last run's figures. ``must_exist``:
     a path that holds no output is an error (a typo), not an output of zero rows."""
     fs, root = storage.filesystem(output_uri)
-    if must_exist and not fs.exists(storage.join(root, layout.JOB_FILE)) \
-            and not manifest.shard_paths(output_uri):
-        raise OutputError(f"{output_uri} holds no reelfarm output (no {layout.JOB_FILE}, no "
-                          f"{layout.MANIFESTS_DIR}/): check the path")
+    if must_exist:
+        require_output(output_uri)
     counts = manifest.tally(output_uri)
     job = read_job(output_uri) or {}
     return {"rows": counts.rows, "by_status": dict(counts.by_status),

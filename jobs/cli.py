@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--failed", action="store_true", help="list every failed row: id and error")
     cmd.set_defaults(func=_status)
 
+    cmd = sub.add_parser("report", parents=[common], help="write report.html: summary, plots, gallery, failures")
+    cmd.add_argument("output", help="output URI")
+    cmd.set_defaults(func=_report)
+
     cmd = sub.add_parser("make-tiny-model", parents=[common], help="write a random-weight pipeline, built offline")
     cmd.add_argument("directory")
     cmd.add_argument("--kind", choices=TINY_KINDS, default="modelscope",
@@ -134,6 +138,7 @@ def _render(args) -> int:
         print(f"  {count} failed with {code}")
     print(f"videos:   {out}/videos/")
     print(f"manifest: {out}/manifest.parquet")
+    print(f"report:   {out}/report.html")
     if not summary.complete:
         print("the output is not complete: rerun the same command to finish it", file=sys.stderr)
         return EXIT_ERROR
@@ -238,6 +243,13 @@ def _status(args) -> int:
         rate = run.get("videos_per_hour")
         print(f"last run: {run.get('status')}, {run.get('rendered', 0)} rendered in "
               f"{run.get('seconds', 0)} s" + (f" ({rate} videos/hour)" if rate is not None else ""))
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from jobs.report import write_report
+
+    print(f"report: {write_report(args.output)}")
     return EXIT_OK
 
 

@@ -28,6 +28,7 @@ from jobs.pack import Packer, PackSpec
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
 from jobs.progress import Progress
 from jobs.receipts import Receipts
+from jobs.report import write_report
 from jobs.rows import RowFailure
 from jobs.schedule import Scheduler, Shard
 from rendering import storage
@@ -127,9 +128,10 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
         bar.close()
         scheduler.close()
 
-    # Step 4: consolidate the manifest and record how the run ended.
+    # Step 4: consolidate the manifest, record how the run ended, and write the report.
     lease.check()
     tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler)
+    _write_report(cfg.output.uri)
     return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,
                          scheduler.rendered, counts.done, receipts.recovered,
                          scheduler.workers_replaced, time.monotonic() - started,
@@ -152,6 +154,15 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
                 "startup_s": round(scheduler.startup_s, 3),
                 "rendering_s": round(scheduler.rendering_s, 3)}, complete)
     return tally
+
+
+def _write_report(output_uri: str) -> None:
+    """Write report.html; a report that cannot be written never fails a finished job."""
+    try:
+        write_report(output_uri)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("could not write the report (reelfarm report %s retries it): %s",
+                       output_uri, exc)
 
 
 def _finish_quietly(cfg: JobConfig, job: dict, status: str, input_rows: int,

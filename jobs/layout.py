@@ -8,6 +8,7 @@
 <output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work)
 <output>/manifest.parquet    every committed row, in input order, written at the end of a run
 <output>/_SUCCESS            every input row is accounted for
+<output>/report.html         the run's visual report (summary, plots, gallery, failures)
 <output>/shards/NNNNN.tar, .parquet, .done   WebDataset shards, their indexes, their markers
 <output>/_lease/<generation>.json   the lease of the run writing the output (not in FOLDERS:
                              its temp files are its own to clean)
@@ -25,6 +26,7 @@ SUCCESS_FILE = "_SUCCESS"
 SHARD_PREFIX = "shard-"
 LEASE_DIR = "_lease"
 SHARDS_DIR = "shards"
+REPORT_FILE = "report.html"
 PREVIEWS_DIR = "previews"
 FOLDERS = (VIDEOS_DIR, PREVIEWS_DIR, MANIFESTS_DIR, RECEIPTS_DIR, SHARDS_DIR)  # every folder reelfarm writes objects into
 

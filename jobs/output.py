@@ -11,7 +11,7 @@ import time
 from importlib import metadata
 
 from jobs.config import JobConfig, fingerprint, fingerprint_fields
-from jobs.layout import JOB_FILE, SUCCESS_FILE
+from jobs.layout import JOB_FILE, MANIFESTS_DIR, SUCCESS_FILE
 from rendering import storage
 
 _VERSIONED = ("reelfarm", "diffusers", "torch", "transformers", "ray", "pyarrow", "fsspec")
@@ -46,6 +46,16 @@ def read_json(output_uri: str, name: str) -> dict | None:
     except ValueError as exc:
         raise OutputError(f"{storage.to_uri(fs, path)} is not valid JSON ({exc}): "
                           f"it was not written by reelfarm, or was edited") from None
+
+
+def require_output(output_uri: str) -> None:
+    """Refuse a path that holds no reelfarm output: a typo is an error, not an empty output."""
+    from jobs.manifest import shard_paths
+
+    fs, root = storage.filesystem(output_uri)
+    if not fs.exists(storage.join(root, JOB_FILE)) and not shard_paths(output_uri):
+        raise OutputError(f"{output_uri} holds no reelfarm output (no {JOB_FILE}, no "
+                          f"{MANIFESTS_DIR}/): check the path")
 
 
 def check_resumable(cfg: JobConfig, job: dict | None) -> None:

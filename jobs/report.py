@@ -36,10 +36,9 @@ import pyarrow.parquet as pq
 
 from jobs import layout, manifest, params
 from jobs.hashset import key_hashes, row_hash
-from jobs.output import OutputError, read_job
+from jobs.output import read_job, require_output
 from rendering import storage
 
-REPORT_FILE = "report.html"
 SCORE_COLUMN = "clip_score"
 LOWEST_ROWS = 12  # lowest-scoring rows listed
 ERROR_EXAMPLES = 3  # example rows shown per error code
@@ -136,10 +135,10 @@ class Gathered:
         self.rows += table.num_rows
         status = table["status"]
         self.by_status.update({s: n for s, n in zip(*_value_counts(status)) if s is not None})
-        times = table["committed_at"].to_numpy(zero_copy_only=False)
-        if len(times):
-            self.first_commit = min(np.nanmin(times), self.first_commit or math.inf)
-            self.last_commit = max(np.nanmax(times), self.last_commit or -math.inf)
+        times = pc.min_max(table["committed_at"]).as_py()
+        if times["min"] is not None:
+            self.first_commit = min(times["min"], self.first_commit or times["min"])
+            self.last_commit = max(times["max"], self.last_commit or times["max"])
         self._add_failures(table.filter(pc.fill_null(pc.equal(status, "failed"), False)))
         ok = table.filter(pc.fill_null(pc.equal(status, "ok"), False))
         self.ok += ok.num_rows
@@ -212,10 +211,10 @@ class Gathered:
 def _row_hashes(table: pa.Table) -> np.ndarray:
     """``row_hash`` of every row: first occurrences (nearly all) at once, repeats one by one."""
     ids, occurrences = table["id"].to_pylist(), table["occurrence"].to_pylist()
-    hashes = key_hashes([i.encode("utf-8", "surrogatepass") for i in ids])
+    hashes = key_hashes([(i or "").encode("utf-8", "surrogatepass") for i in ids])
     for index, occurrence in enumerate(occurrences):
         if occurrence:
-            hashes[index] = row_hash(ids[index], occurrence)
+            hashes[index] = row_hash(ids[index] or "", occurrence)
     return hashes
 
 
@@ -286,8 +285,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 def _cut(text, limit: int):
     if not isinstance(text, str):
         return text
-    text = _CONTROL.sub("\ufffd", text)  # lone surrogates and control characters
-    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+    if len(text) > limit:
+        text = text[:limit - 1] + "\u2026"
+    return _CONTROL.sub("\ufffd", text)  # lone surrogates and control characters
 
 
 _READ = ("status", "committed_at", SCORE_COLUMN, *_ROW_COLUMNS)
@@ -318,15 +318,13 @@ def _columns(output_uri: str) -> list[str] | None:
 def write_report(output_uri: str, sample_size: int = 48) -> str:
     """Write ``report.html`` under the output, atomically; return its URI."""
     fs, root = storage.filesystem(output_uri)
+    require_output(output_uri)
     job = read_job(output_uri)
-    if job is None and not manifest.shard_paths(output_uri):
-        raise OutputError(f"{output_uri} holds no reelfarm output (no {layout.JOB_FILE}, no "
-                          f"{layout.MANIFESTS_DIR}/): check the path")
     gathered = gather(output_uri, sample_size)
     complete = fs.exists(storage.join(root, layout.SUCCESS_FILE))
     page = render_html(gathered, job or {}, name=output_uri.rstrip("/").rsplit("/", 1)[-1],
                        complete=complete)
-    path = storage.join(root, REPORT_FILE)
+    path = storage.join(root, layout.REPORT_FILE)
     storage.write_bytes(fs, path, page.encode("utf-8"))
     return storage.to_uri(fs, path)
 
@@ -349,8 +347,8 @@ fill:#4a5468}
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:12px}
 .card{margin:0;background:#fff;border:1px solid #e3e7ee;padding:8px;overflow-wrap:anywhere}
 .card video{width:100%;aspect-ratio:1;background:#111;image-rendering:pixelated}
-.card p{margin:.3em 0}.card dl{margin:.3em 0;display:grid;grid-template-columns:auto 1fr;
-gap:0 .6em;font-size:.88em}.card dt{color:#6b7588}.card dd{margin:0}
+.card p{margin:.3em 0}.params{list-style:none;margin:.3em 0;padding:0;font-size:.86em}
+.params li{display:inline-block;margin-right:.8em}.params .k{color:#6b7588}
 .prompt{white-space:pre-wrap}.err{white-space:pre-wrap;max-width:60em}
 button{font:inherit;margin-right:.4em}button[aria-pressed=true]{font-weight:700}
 details{margin:.4em 0}summary{cursor:pointer}
@@ -460,8 +458,8 @@ def render_html(g: Gathered, job: dict, name: str = "", complete: bool = False) 
         _lowest(g),
         _failures(g),
         "<p class=\"muted\">Written by reelfarm from the committed manifests and "
-        f"{_e(layout.JOB_FILE)}. Links are relative to this page: keep it beside "
-        f"{_e(layout.VIDEOS_DIR)}/.</p>\n",
+        f"{_e(layout.JOB_FILE)}. Links are relative to this page: it works wherever the "
+        "output is copied, as long as it stays at the output's root.</p>\n",
         f"<script>{_SCRIPT}</script>\n</body>\n</html>\n",
     ]
     return "".join(parts)
@@ -576,23 +574,26 @@ def _score_section(g: Gathered) -> str:
             + "</section>\n")
 
 
-def _params_dl(row: dict) -> str:
+def _params_list(row: dict) -> str:
     items = [("id", f"<code>{_e(row.get('id'))}</code>")]
     if row.get("score") is not None:
-        items.append(("score", _e(_num(row["score"]))))
+        items.append(("score", f"<b>{_e(_num(row['score']))}</b>"))
     for name in params.NAMES:
         value = row.get(name)
         if value is not None:
             items.append((name, _e(value if name in ("seed", "negative_prompt")
                                    else _num(value))))
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"
+    return ("<ul class=\"params\">"
+            + "".join(f"<li><span class=\"k\">{_e(k)}</span> {v}</li>" for k, v in items)
+            + "</ul>")
 
 
 def _gallery(g: Gathered) -> str:
     rows = g.sample()
     head = "<section id=\"gallery\"><h2>Gallery</h2>\n"
     if not rows:
-        return head + "<p class=\"muted\">No videos.</p></section>\n"
+        why = "No videos." if not g.ok else "No sample asked for (sample size 0)."
+        return head + f"<p class=\"muted\">{why}</p></section>\n"
     shown = (f"all {g.ok:,} videos" if len(rows) == g.ok else
              f"{len(rows):,} of {g.ok:,} videos, a fixed sample (the rows with the smallest "
              f"hash of their id)")
@@ -619,7 +620,7 @@ def _gallery(g: Gathered) -> str:
         cards.append(f"<figure class=\"card\" data-row=\"{int(row['row_index'])}\" "
                      f"data-score=\"{_e(score)}\">{video}<figcaption>"
                      f"<p class=\"prompt\"><bdi>{_e(row.get('prompt'))}</bdi></p>"
-                     f"{_params_dl(row)}</figcaption></figure>\n")
+                     f"{_params_list(row)}</figcaption></figure>\n")
     return (head + f"<p>{shown}. Click a video to play it.</p>\n{buttons}<div id=\"grid\">\n"
             + "".join(cards) + "</div></section>\n")
 

@@ -57,7 +57,7 @@ def test_hostile_ids_render_inside_the_output_under_safe_names(corpus):
     made = {p.relative_to(corpus.root).parts[0] for p in corpus.root.rglob("*")}
     assert made == {"in", "bin", "job.yaml", "ffmpeg-argv.log", "out"}
     assert {p.name for p in corpus.output.iterdir()} == {"videos", "manifests", "manifest.parquet",
-                                                         "job.json", "_SUCCESS", "_lease"}
+                                                         "job.json", "_SUCCESS", "_lease", "report.html"}
     assert not (corpus.root.parent / "x").exists() and not (corpus.root.parent / "b").exists()
     assert not Path("/abs").exists() and not Path("/abs.mp4").exists()
 

@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"reelfarm: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except BaseException as exc:  # the driver's Interrupted (SIGTERM): a clean stop, exit 1
+        if isinstance(exc, SystemExit) or args.debug:
+            raise
+        print(f"reelfarm: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -38,8 +38,10 @@ from rendering.quality import GateSpec
 
 logger = logging.getLogger(__name__)
 
-class Interrupted(Exception):
-    """The driver was asked to stop (Ctrl-C or SIGTERM)."""
+class Interrupted(BaseException):
+    """The driver was asked to stop (Ctrl-C or SIGTERM). A BaseException, like
+    KeyboardInterrupt: raised by the signal handler wherever the driver is, it must not be taken
+    for a storage error and retried by an ``except Exception``."""
 
 
 @dataclass

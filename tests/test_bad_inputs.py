@@ -141,8 +141,8 @@ JOB_CASES = [
                                                         "c.parquet": prompts(2, "c")}), 1,
      ["in/b.parquet is not a readable Parquet file"]),
     # --- the output ---
-    ("output not writable", _output_under_a_file, 1,
-     ["cannot write to output", "a-file/out", "choose a writable output.uri"]),
+    ("output under a file", _output_under_a_file, 1,
+     ["a-file/out is inside", "a-file, which is a file, not a folder", "choose another output.uri"]),
     ("job.json not JSON", _existing_output(b"{not json"), 1, ["job.json is not valid JSON"]),
     ("output made with other settings", _existing_output(OTHER_FINGERPRINT.encode()), 1,
      ["was rendered with other settings", "render.num_frames: 99 -> 8"]),

@@ -56,17 +56,25 @@ def encode_video(frames: np.ndarray, path: str, fps: int, spec: EncodeSpec) -> N
         raise EncodeError(f"expected RGB frames, got {channels} channels")
     if height % 2 or width % 2:
         raise EncodeError(f"H.264 yuv420p needs even sizes, got {width}x{height}")
-    argv = encode_argv(ffmpeg_exe(), path, width, height, fps, spec)
-    try:
-        proc = subprocess.run(argv, input=frames.tobytes(), capture_output=True,
-                              timeout=spec.timeout_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise EncodeError(f"ffmpeg did not finish in {spec.timeout_s:g} s") from exc
-    if proc.returncode != 0:
-        raise EncodeError(f"ffmpeg exited {proc.returncode}: {_tail(proc.stderr)}")
+    run_ffmpeg(encode_argv(ffmpeg_exe(), path, width, height, fps, spec), frames.tobytes(),
+               spec.timeout_s)
     decoded = count_frames(path)
     if decoded != num_frames:
         raise EncodeError(f"encoded video has {decoded} frames, expected {num_frames}")
+
+
+def run_ffmpeg(argv: list[str], stdin: bytes, timeout_s: float) -> None:
+    """Run ffmpeg with ``stdin`` fed and stderr drained by one ``communicate`` (it is killed at
+    ``timeout_s``); an ``EncodeError`` with the end of its stderr when it fails."""
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout_s,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise EncodeError(f"ffmpeg did not finish in {timeout_s:g} s") from exc
+    except OSError as exc:
+        raise EncodeError(f"cannot run ffmpeg: {exc}") from exc
+    if proc.returncode != 0:
+        raise EncodeError(f"ffmpeg exited {proc.returncode}: {_tail(proc.stderr)}")
 
 
 _FRAME_RE = re.compile(rb"frame=\s*(\d+)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -257,20 +256,14 @@ class _Scaled:
 
 def _write_gif(frames: np.ndarray, fps: int, path: str, timeout_s: float) -> None:
     """Run ffmpeg's palette graph over ``frames`` and check a GIF with every frame came out."""
-    from rendering.encode import ffmpeg_exe
+    from rendering.encode import EncodeError, ffmpeg_exe, run_ffmpeg
 
     num_frames, height, width, _ = frames.shape
     argv = gif_argv(ffmpeg_exe(), path, width, height, fps)
     try:
-        # run() feeds stdin and drains stderr in one communicate(), and kills ffmpeg on timeout.
-        proc = subprocess.run(argv, input=frames.tobytes(), capture_output=True,
-                              timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise PreviewError(f"gif: ffmpeg did not finish in {timeout_s:g} s") from exc
-    except OSError as exc:
-        raise PreviewError(f"gif: cannot run ffmpeg: {_one_line(str(exc))}") from exc
-    if proc.returncode != 0:
-        raise PreviewError(f"gif: ffmpeg exited {proc.returncode}: {_one_line(proc.stderr)}")
+        run_ffmpeg(argv, frames.tobytes(), timeout_s)
+    except EncodeError as exc:
+        raise PreviewError(f"gif: {_one_line(str(exc))}") from exc
     written = _count_gif_frames(path)
     if written != num_frames:
         raise PreviewError(f"gif: ffmpeg wrote {written} frames, expected {num_frames}")

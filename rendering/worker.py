@@ -175,18 +175,22 @@ class ShardRenderer:
         gate = self.spec.gate
         if gate is None or isinstance(outcome, Result) or outcome[2]["clip_score"] is None:
             return outcome
-        tries = [outcome]
-        seeds = [task.seed]
+        tries, seeds = [outcome], [task.seed]
+
+        def best() -> int:
+            return quality.kept_try(_scores(tries))
+
         while gate.on_fail == "retry" and len(tries) < gate.max_tries \
-                and not quality.passes(tries[quality.kept_try(_scores(tries))][2]["clip_score"], gate):
+                and not quality.passes(tries[best()][2]["clip_score"], gate):
             seeds.append(quality.retry_seed(task.seed, len(tries) + 1))
             retry = dataclasses.replace(task, seed=seeds[-1])
             tries.append(self._scored([retry], self._render([retry]))[0])
-        kept = quality.kept_try(_scores(tries))
+        kept = best()
         frames, _, metrics = tries[kept]
         passed = quality.passes(metrics["clip_score"], gate)
         metrics = {**metrics, "quality_passed": passed, "quality_kept_try": kept,
-                   "quality_tries": [{"seed": s, "clip_score": c} for s, c in zip(seeds, _scores(tries))]}
+                   "quality_tries": [{"seed": s, "clip_score": c}
+                                     for s, c in zip(seeds, _scores(tries))]}
         render_s = sum(t[1] for t in tries if not isinstance(t, Result))
         if not passed and gate.on_fail == "fail":
             return Result.failure(task.id, "below_min_score",

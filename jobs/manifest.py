@@ -159,6 +159,8 @@ def superseded(output_uri: str) -> set[tuple[int, float]]:
     fs, _ = storage.filesystem(output_uri)
     replaced = set()
     for path in shard_paths(output_uri):
+        if not _has_values(fs, path, "redo_of"):  # the footer says so: no repair in this shard
+            continue
         table = _read(fs, path, columns=["id", "occurrence", "redo_of"])
         table = table.filter(pc.is_valid(table["redo_of"]))
         replaced.update(zip(_hashes(table), table["redo_of"].to_pylist()))
@@ -247,11 +249,31 @@ def _in_input_order(fs, paths: list[str]) -> list[str]:
     def first_row(path: str) -> int:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        index = meta.schema.to_arrow_schema().get_field_index("row_index")
+        index = _leaf(meta, "row_index")
         stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
         return min((s.min for s in stats if s is not None and s.has_min_max), default=0)
 
     return sorted(paths, key=first_row)
+
+
+def _has_values(fs, path: str, column: str) -> bool:
+    """Whether ``column`` holds any non-null value, from the file's footer statistics alone."""
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+    index = _leaf(meta, column)
+    if index is None:
+        return False
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(index).statistics
+        if stats is None or not stats.has_null_count or stats.null_count < meta.row_group(g).num_rows:
+            return True
+    return False
+
+
+def _leaf(meta: pq.FileMetaData, column: str) -> int | None:
+    """The Parquet column chunk of a top-level ``column`` (nested columns take several chunks,
+    so it is not the Arrow field's index)."""
+    return next((i for i in range(meta.num_columns) if meta.schema.column(i).path == column), None)
 
 
 def _hashes(table: pa.Table) -> list[int]:

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/reelfarm render configs/demo.yaml
-	@echo "next: open out/demo/videos/*.mp4 in a browser (H.264, they play there);"
+	@echo "next: open out/demo/report.html in a browser (summary, gallery; the videos play there);"
 	@echo "      $(BIN)/reelfarm status out/demo     counts, errors and the run's figures"
 	@echo "      $(BIN)/reelfarm verify out/demo     every video checked against the manifest"
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs import params
 from jobs.params import MAX_FPS
 from rendering import tiny
-from rendering.pipelines import ADAPTERS
+from rendering.pipelines import adapter_named
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
 # A password may hold '/' and '+' (AWS secret keys do), so after a ':' anything up to '@' counts.
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@\s:]+|[^/@\s:]*:[^@\s]*?)@")
@@ -86,9 +86,8 @@ class ModelConfig(_Section):
     @field_validator("pipeline")
     @classmethod
     def _supported_pipeline(cls, value: str | None) -> str | None:
-        if value is not None and value not in ADAPTERS:
-            raise ValueError(f"{value} is not a pipeline reelfarm can drive; supported: "
-                             f"{', '.join(sorted(ADAPTERS))}")
+        if value is not None:
+            adapter_named(value)  # raises UnsupportedPipeline, a ValueError naming the supported
         return value
 
     @field_validator("path")

@@ -154,19 +154,6 @@ def committed_hashes(output_uri: str, redo: dict[int, float] | None = None) -> H
     return committed
 
 
-def superseded(output_uri: str) -> set[tuple[int, float]]:
-    """(row hash, committed_at) of every commit a repair replaced (few: one per redone row)."""
-    fs, _ = storage.filesystem(output_uri)
-    replaced = set()
-    for path in shard_paths(output_uri):
-        if not _has_values(fs, path, "redo_of"):  # the footer says so: no repair in this shard
-            continue
-        table = _read(fs, path, columns=["id", "occurrence", "redo_of"])
-        table = table.filter(pc.is_valid(table["redo_of"]))
-        replaced.update(zip(_hashes(table), table["redo_of"].to_pylist()))
-    return replaced
-
-
 @dataclass
 class Tally:
     """Counts over committed rows, gathered one shard at a time."""
@@ -197,11 +184,12 @@ def iter_shards(output_uri: str, columns: list[str] | None = None,
     """Committed rows one shard at a time, in input order (memory: one shard). ``current``:
     without the commits a repair replaced."""
     fs, _ = storage.filesystem(output_uri)
-    replaced = superseded(output_uri) if current else set()
+    footers = _footers(fs, shard_paths(output_uri))
+    replaced = _superseded(fs, footers) if current else set()
     keys = ["id", "occurrence", "committed_at", "row_index"]
-    for path in _in_input_order(fs, shard_paths(output_uri)):
+    for footer in footers:
         wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
-        table = _read(fs, path, wanted)
+        table = _read(fs, footer.path, wanted)
         if replaced:
             keep = [(h, t) not in replaced
                     for h, t in zip(_hashes(table), table["committed_at"].to_pylist())]
@@ -244,36 +232,47 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _in_input_order(fs, paths: list[str]) -> list[str]:
-    """Shards sorted by their first row, read from each footer's statistics (no data read)."""
-    def first_row(path: str) -> int:
+@dataclass(frozen=True)
+class _Footer:
+    path: str
+    first_row: int  # the shard's smallest row_index: shards are read in input order
+    repairs: bool  # its redo_of column holds a value: some row in it replaces an earlier commit
+
+
+def _footers(fs, paths: list[str]) -> list[_Footer]:
+    """What each shard's footer statistics say, one footer read per shard, no data read."""
+    found = []
+    for path in paths:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        index = _leaf(meta, "row_index")
-        stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
-        return min((s.min for s in stats if s is not None and s.has_min_max), default=0)
+        starts = [stats for stats, _ in _stats(meta, "row_index")]
+        first_row = min((s.min for s in starts if s is not None and s.has_min_max), default=0)
+        repairs = any(stats is None or not stats.has_null_count or stats.null_count < rows
+                      for stats, rows in _stats(meta, "redo_of"))
+        found.append(_Footer(path, first_row, repairs))
+    return sorted(found, key=lambda footer: footer.first_row)
 
-    return sorted(paths, key=first_row)
 
-
-def _has_values(fs, path: str, column: str) -> bool:
-    """Whether ``column`` holds any non-null value, from the file's footer statistics alone."""
-    with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-    index = _leaf(meta, column)
+def _stats(meta: pq.FileMetaData, column: str) -> list[tuple]:
+    """(statistics, rows) of each row group's chunk of a top-level ``column`` (none if absent).
+    Nested columns take several chunks, so the chunk is found by its path, not the field index."""
+    index = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == column), None)
     if index is None:
-        return False
-    for g in range(meta.num_row_groups):
-        stats = meta.row_group(g).column(index).statistics
-        if stats is None or not stats.has_null_count or stats.null_count < meta.row_group(g).num_rows:
-            return True
-    return False
+        return []
+    return [(meta.row_group(g).column(index).statistics, meta.row_group(g).num_rows)
+            for g in range(meta.num_row_groups)]
 
 
-def _leaf(meta: pq.FileMetaData, column: str) -> int | None:
-    """The Parquet column chunk of a top-level ``column`` (nested columns take several chunks,
-    so it is not the Arrow field's index)."""
-    return next((i for i in range(meta.num_columns) if meta.schema.column(i).path == column), None)
+def _superseded(fs, footers: list[_Footer]) -> set[tuple[int, float]]:
+    """(row hash, committed_at) of every commit a repair replaced (few: one per redone row),
+    read only from the shards whose footer says they hold repairs."""
+    replaced = set()
+    for footer in footers:
+        if footer.repairs:
+            table = _read(fs, footer.path, columns=["id", "occurrence", "redo_of"])
+            table = table.filter(pc.is_valid(table["redo_of"]))
+            replaced.update(zip(_hashes(table), table["redo_of"].to_pylist()))
+    return replaced
 
 
 def _hashes(table: pa.Table) -> list[int]:

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from rendering.quality import GateSpec
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -80,7 +82,7 @@ class WorkerSpec:
     previews: tuple[str, ...] = ()  # preview kinds: gif, webp, poster
     preview_max_side: int = 256
     scoring: ScoringSpec | None = None  # CLIP scores of every video
-    gate: object | None = None  # a rendering.quality.GateSpec: what a low score does
+    gate: GateSpec | None = None  # what a video under quality.min_score does
 
 
 MEDIA_ROLES = ("image", "video")  # conditioning inputs a row may carry, by role

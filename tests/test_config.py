@@ -84,3 +84,21 @@ def test_unreadable_and_malformed_configs(tmp_path):
 def test_usage_errors_exit_2():
     assert run_cli("render").returncode == 2
     assert run_cli("frobnicate").returncode == 2
+
+
+def test_a_pipeline_class_no_adapter_drives_is_refused_naming_the_supported_ones():
+    with pytest.raises(ConfigError) as refused:
+        load_config(base={**BASE, "model": {"path": "tiny:wan", "pipeline": "FluxPipeline"}})
+    message = str(refused.value)
+    assert message.startswith("model.pipeline: FluxPipeline is not a pipeline reelfarm can "
+                              "drive; supported: CogVideoXImageToVideoPipeline, ")
+    assert "WanVideoToVideoPipeline" in message
+
+
+def test_a_loaded_pipeline_of_an_unknown_class_is_refused():
+    from rendering.pipelines import UnsupportedPipeline, adapter_for
+
+    FluxPipeline = type("FluxPipeline", (), {})
+    with pytest.raises(UnsupportedPipeline, match="FluxPipeline is not a pipeline reelfarm can "
+                                                  "drive; supported: "):
+        adapter_for(FluxPipeline())

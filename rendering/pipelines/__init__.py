@@ -19,14 +19,18 @@ TINY_CONFIGS = {kind: configs for f in FAMILIES for kind, configs in f.TINY_CONF
 assert TINY_CONFIGS.keys() == TINY_BUILDERS.keys(), "every tiny kind declares its configs"
 
 
-class UnsupportedPipeline(TypeError):
+class UnsupportedPipeline(ValueError):
     """The model loads as a pipeline class no adapter drives."""
 
 
-def adapter_for(pipe) -> type[Adapter]:
-    name = type(pipe).__name__
+def adapter_named(name: str) -> type[Adapter]:
+    """The adapter of the pipeline class ``name``, or a refusal naming the supported ones."""
     adapter = ADAPTERS.get(name)
     if adapter is None:
         raise UnsupportedPipeline(f"{name} is not a pipeline reelfarm can drive; supported: "
                                   f"{', '.join(sorted(ADAPTERS))}")
     return adapter
+
+
+def adapter_for(pipe) -> type[Adapter]:
+    return adapter_named(type(pipe).__name__)

@@ -17,7 +17,7 @@ import torch
 
 from rendering import model_cache, tiny
 from rendering.contract import ModelSpec, OptimizeSpec, Task
-from rendering.pipelines import ADAPTERS, UnsupportedPipeline, adapter_for
+from rendering.pipelines import adapter_for, adapter_named
 from rendering.pipelines.base import Adapter, denoiser_of
 from rendering.pipelines.schedulers import apply_scheduler
 
@@ -46,9 +46,8 @@ def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = Optimiz
     import diffusers
 
     dtype = DTYPES[spec.dtype]
-    if spec.pipeline is not None and spec.pipeline not in ADAPTERS:
-        raise UnsupportedPipeline(f"model.pipeline: {spec.pipeline} is not a pipeline reelfarm "
-                                  f"can drive; supported: {', '.join(sorted(ADAPTERS))}")
+    if spec.pipeline is not None:
+        adapter_named(spec.pipeline)  # only a class an adapter drives is looked up in diffusers
     cls = getattr(diffusers, spec.pipeline) if spec.pipeline else diffusers.DiffusionPipeline
     if tiny.is_tiny(spec.path):
         pipe = _tiny_pipeline(tiny.tiny_kind(spec.path), cls, dtype)

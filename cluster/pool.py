@@ -1,9 +1,12 @@
-"""A supervised pool of render actors: one pinned GPU (or a few CPUs) and one pipeline each.
+"""A supervised pool of render actors: one pinned GPU (or a share of one, or a few CPUs) and
+one pipeline each. A multi-stage job has one pool per stage.
 
 The pool carries shards; it does not decide what they hold. It keeps each actor's queue short
 (the driver decides how many shards an actor may hold), notices dead actors (their calls raise)
 and hung ones (their oldest shard outlives ``shard_timeout_s``), kills and replaces them, and
-hands their unfinished shards back as lost so the driver can retry them elsewhere.
+hands their unfinished shards back as lost so the driver can retry them elsewhere. It grows and
+shrinks when the driver moves workers between stages: a retired worker first finishes the
+shards it holds.
 """
 
 from __future__ import annotations
@@ -54,12 +57,13 @@ class _Worker:
     # another can take them: after a node is lost, a replacement may wait for a GPU that never
     # comes back, and shards queued on it would only time out.
     setup_ref: Any = None
+    retiring: bool = False  # takes no new shards; stopped once those it holds are done
 
 
 class WorkerPool:
-    def __init__(self, spec: WorkerSpec, num_workers: int, use_gpu: bool, cpus_per_worker: int,
+    def __init__(self, spec: WorkerSpec, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                  shard_timeout_s: float, setup_timeout_s: float = 1800.0,
-                 worker_class: type | None = None):
+                 worker_class: type | None = None, gpus_per_worker: float = 1.0):
         self.spec = spec
         # A stand-in for ShardRenderer with the same methods (the benchmarks' do-nothing one).
         self._actor_class = (RenderActor if worker_class is None
@@ -67,7 +71,7 @@ class WorkerPool:
         self.num_workers = num_workers
         self.shard_timeout_s = shard_timeout_s
         self.setup_timeout_s = setup_timeout_s
-        self._options = dict(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_worker,
+        self._options = dict(num_gpus=gpus_per_worker if use_gpu else 0, num_cpus=cpus_per_worker,
                              scheduling_strategy="SPREAD")
         self._workers: list[_Worker] = []
         self._next_index = 0
@@ -77,18 +81,26 @@ class WorkerPool:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> list[dict]:
-        """Start every worker and load the model on all of them in parallel.
+        """Start every worker and load the model on all of them in parallel."""
+        return start_pools([self])[0]
 
-        On failure the workers are killed: the caller never holds a pool that did not start,
-        so nothing else would free their GPUs.
-        """
+    def launch(self) -> list:
+        """Create the workers and ask each to load the model; the setup calls' refs."""
         self._workers = [self._spawn() for _ in range(self.num_workers)]
-        refs = [w.actor.setup.remote() for w in self._workers]
-        try:
-            return ray.get(refs, timeout=self.setup_timeout_s)
-        except BaseException as exc:
-            self.shutdown()
-            raise _start_error(exc, self.num_workers, self.setup_timeout_s) from None
+        return [w.actor.setup.remote() for w in self._workers]
+
+    def resize(self, num_workers: int) -> None:
+        """Grow to ``num_workers`` (new workers load the model, then take shards) or shrink
+        (the least busy workers retire: they finish what they hold, then stop)."""
+        self.num_workers = num_workers
+        active = [w for w in self._workers if not w.retiring]
+        for _ in range(num_workers - len(active)):
+            fresh = self._spawn()
+            fresh.setup_ref = fresh.actor.setup.remote()
+            self._workers.append(fresh)
+        for worker in sorted(active, key=lambda w: len(w.inflight))[:max(0, len(active) - num_workers)]:
+            worker.retiring = True
+        self._stop_drained()
 
     def placements(self) -> list[dict]:
         """Where each worker runs: its node id and the GPU ids Ray pinned it to."""
@@ -102,7 +114,8 @@ class WorkerPool:
     # --- work ------------------------------------------------------------------------------
     def submit(self, token: Any, tasks: list[Task], max_per_worker: int) -> bool:
         """Queue a shard on the least loaded worker; False when every worker is full."""
-        ready = [w for w in self._workers if w.setup_ref is None] or self._workers
+        serving = [w for w in self._workers if not w.retiring]
+        ready = [w for w in serving if w.setup_ref is None] or serving
         worker = min(ready, key=lambda w: len(w.inflight))
         if len(worker.inflight) >= max_per_worker:
             return False
@@ -143,6 +156,7 @@ class WorkerPool:
                 logger.warning("worker %d has been on one shard for over %g s: killing it",
                                worker.index, self.shard_timeout_s)
                 outcomes += self._replace(worker, f"hung: no result within {self.shard_timeout_s:g} s")
+        self._stop_drained()
         return outcomes
 
     # --- internals -------------------------------------------------------------------------
@@ -170,12 +184,21 @@ class WorkerPool:
         ray.kill(worker.actor, no_restart=True)
         lost = [ShardOutcome(token, None, f"worker {reason}") for _, token in worker.inflight]
         position = self._workers.index(worker)
+        if worker.retiring:  # it was leaving anyway: no one takes its place
+            del self._workers[position]
+            return lost
         fresh = self._spawn()
         fresh.setup_ref = fresh.actor.setup.remote()  # load at once, placed wherever a GPU is free
         self._workers[position] = fresh
         logger.warning("worker %d %s; started worker %d, %d shard(s) to retry",
                        worker.index, reason, fresh.index, len(lost))
         return lost
+
+    def _stop_drained(self) -> None:
+        """Stop the retiring workers that hold no shard any more."""
+        for worker in [w for w in self._workers if w.retiring and not w.inflight]:
+            ray.kill(worker.actor, no_restart=True)
+            self._workers.remove(worker)
 
     def _settle_setup(self, worker: _Worker, ref) -> list[ShardOutcome]:
         """A replacement finished loading: it may take shards now, or it failed and is replaced."""
@@ -187,6 +210,25 @@ class WorkerPool:
             return self._replace(worker, f"failed to load the model: {_first_line(exc)}")
         worker.setup_ref = None
         return []
+
+
+def start_pools(pools: list[WorkerPool]) -> list[list[dict]]:
+    """Start the workers of every pool (every stage) and load their models, all at once, so
+    the stages' loads overlap. On failure every worker is killed: the caller never holds a pool
+    that did not start, so nothing else would free their GPUs."""
+    refs = [pool.launch() for pool in pools]
+    timeout_s = max(pool.setup_timeout_s for pool in pools)
+    try:
+        infos = ray.get([ref for group in refs for ref in group], timeout=timeout_s)
+    except BaseException as exc:
+        for pool in pools:
+            pool.shutdown()
+        raise _start_error(exc, sum(p.num_workers for p in pools), timeout_s) from None
+    out, at = [], 0
+    for group in refs:
+        out.append(infos[at:at + len(group)])
+        at += len(group)
+    return out
 
 
 def _start_error(exc: BaseException, num_workers: int, timeout_s: float) -> BaseException:

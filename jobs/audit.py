@@ -171,6 +171,7 @@ def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
     job = read_job(output_uri) or {}
     return {"rows": counts.rows, "by_status": dict(counts.by_status),
             "top_errors": counts.top_errors(top),
+            "by_stage": {name: dict(c) for name, c in counts.by_stage.items()},
             "expected_rows": job.get("counts", {}).get("rows"),
             "last_run": job.get("last_run"),
             "complete": fs.exists(storage.join(root, layout.SUCCESS_FILE))}

@@ -239,6 +239,14 @@ def _status(args) -> int:
           f"committed{' (complete)' if report['complete'] else ''}")
     for name, count in sorted(report["by_status"].items()):
         print(f"  {name}: {count}")
+    run = report["last_run"] or {}
+    if len(report["by_stage"]) > 1:
+        print("stages (rows made, failed; the last run's rate):")
+        for name, counts in report["by_stage"].items():
+            figures = run.get("stages", {}).get(name, {})
+            rate = f", {figures['rows_per_s']:.2f} rows/s with {figures['workers']} worker(s)" \
+                if figures.get("rows_per_s") is not None else ""
+            print(f"  {name}: {counts.get('ok', 0)} made, {counts.get('failed', 0)} failed{rate}")
     if report["top_errors"]:
         print("most common errors:")
         for code, count, example in report["top_errors"]:

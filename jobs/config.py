@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs import params
 from jobs.params import MAX_FPS
 from rendering import tiny
-from rendering.pipelines import adapter_named
+from rendering.pipelines import adapter_named, final_stage_problem
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
 # A password may hold '/' and '+' (AWS secret keys do), so after a ':' anything up to '@' counts.
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@\s:]+|[^/@\s:]*:[^@\s]*?)@")
@@ -45,6 +45,12 @@ def _check_uri(uri: str) -> str:
                          f"them and set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
                          f"AWS_SECRET_ACCESS_KEY) or the filesystem's own config")
     return uri
+
+
+def _check_finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
 
 
 class _Section(BaseModel):
@@ -113,12 +119,7 @@ class RenderConfig(_Section):
         "crop", description="an input image/video of another size: scale and centre-crop, "
                             "scale and pad, or fail the row")
 
-    @field_validator("guidance_scale")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+    _finite = field_validator("guidance_scale")(lambda value: _check_finite(value))
 
 
 class LimitsConfig(_Section):
@@ -209,6 +210,46 @@ class OutputConfig(_Section):
     _uri = field_validator("uri")(_check_uri)
 
 
+class ResourcesConfig(_Section):
+    """What one worker of a stage holds, and how many workers the stage gets."""
+
+    gpus: float = Field(1.0, gt=0, le=64, description="GPUs per worker on a GPU cluster; a fraction shares one (0.5: two workers a GPU)")
+    cpus: float = Field(1.0, gt=0, description="CPUs per worker (on a CPU cluster: its torch threads, at least 1)")
+    workers: int | None = Field(None, ge=1, description="a fixed number of workers, never rebalanced")
+    weight: float = Field(1.0, gt=0, description="the stage's share of the cluster until seconds per row are measured")
+
+
+class StageRenderConfig(_Section):
+    """The render settings a stage fixes for itself; the rest come from each row (its column,
+    or the job's render section). Size, frames, seed and fps are the row's in every stage, so a
+    keyframe is made at the size of the video that animates it."""
+
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    strength: float | None = Field(None, ge=0, le=1)
+    batch_size: int | None = Field(None, ge=1, description="rows of equal shape in one call of this stage's model")
+
+    _finite = field_validator("guidance_scale")(lambda value: _check_finite(value))
+
+    def overrides(self) -> dict[str, Any]:
+        """The per-row parameters this stage fixes."""
+        return {k: v for k, v in self.model_dump(exclude={"batch_size"}).items() if v is not None}
+
+
+# Artifact names a stage may not take: the final video's and its previews'.
+_RESERVED_STAGE_NAMES = ("video", "gif", "webp", "poster")
+
+
+class StageConfig(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$",
+                      description="names the stage in logs, the manifest and stages/<name>/ under the output")
+    model: ModelConfig
+    render: StageRenderConfig = Field(default_factory=StageRenderConfig)
+    optimize: OptimizeConfig | None = Field(None, description="default: the job's optimize section")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
 class ClusterConfig(_Section):
     backend: Literal["ray", "inline"] = Field(
         "ray", description="inline: render in the driver process without Ray (debugging, tests)")
@@ -218,11 +259,19 @@ class ClusterConfig(_Section):
     max_attempts: int = Field(3, ge=1, description="attempts per row before it is recorded as failed")
     shard_timeout_s: float = Field(3600.0, gt=0, description="a shard running longer is a hung worker")
     shards_in_flight_per_worker: int = Field(2, ge=1, description="queued shards keep workers fed")
+    stage_backlog_rows: int | None = Field(
+        None, ge=1, description="stages: rows a stage may hold done but not yet taken up by the "
+                                "next (default: two rounds of shards for the next stage's workers)")
+    balance: Literal["auto", "fixed"] = Field(
+        "auto", description="stages: move workers to the slowest stage once seconds per row are measured")
+    rebalance_every_s: float = Field(300.0, gt=0, description="stages: how often the split of workers is reconsidered")
 
 
 class JobConfig(_Section):
     input: InputConfig
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="the model of a single-stage job")
+    stages: list[StageConfig] | None = Field(
+        None, description="a multi-stage job (text -> image -> video): each stage with its own model and workers")
     render: RenderConfig = Field(default_factory=RenderConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
@@ -230,6 +279,40 @@ class JobConfig(_Section):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     output: OutputConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _one_model_or_stages(self) -> "JobConfig":
+        if self.model is None and self.stages is None:
+            raise ValueError("model: required key is missing (a multi-stage job gives stages: "
+                             "instead)")
+        if self.model is not None and self.stages is not None:
+            raise ValueError("give either model (a single-stage job) or stages (a multi-stage "
+                             "job), not both")
+        if self.stages is not None:
+            names = [stage.name for stage in self.stages]
+            if not names:
+                raise ValueError("stages: list at least one stage")
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"stages: names must differ; {', '.join(repeated)} is used twice")
+            reserved = [n for n in names[:-1] if n in _RESERVED_STAGE_NAMES]
+            if reserved:
+                raise ValueError(f"stages: {reserved[0]!r} names an artifact of the final video; "
+                                 f"name the stage otherwise (e.g. keyframe)")
+        return self
+
+    @model_validator(mode="after")
+    def _last_model_makes_videos(self) -> "JobConfig":
+        """An image model can only make keyframes for a later stage; refused here when its
+        class is known without loading it (a tiny kind, or model.pipeline), else by the worker."""
+        key, model = (("model", self.model) if self.model is not None
+                      else (f"stages.{self.stages[-1].name}.model", self.stages[-1].model))
+        name = model.pipeline or (tiny.tiny_configs(tiny.tiny_kind(model.path)).pipeline
+                                  if tiny.is_tiny(model.path) else None)
+        problem = final_stage_problem(adapter_named(name)) if name is not None else None
+        if problem:
+            raise ValueError(f"{key}: {problem}")
+        return self
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "JobConfig":
@@ -247,14 +330,17 @@ class JobConfig(_Section):
         Only explicit local paths are checked, and only for a cluster this machine starts: a
         joined cluster's workers may see folders the driver does not.
         """
-        path = self.model.path
         local_cluster = self.cluster.address is None and not os.environ.get("RAY_ADDRESS")
-        if local_cluster and path.startswith(("/", "./", "../", "~")):
-            folder = Path(path).expanduser()
-            if not (folder / "model_index.json").is_file():
-                raise ValueError(f"model.path: {path} is not a diffusers model folder (no "
-                                 f"model_index.json there): check the path, or give a hub id "
-                                 f"or tiny:modelscope")
+        models = ([("model", self.model)] if self.model is not None else
+                  [(f"stages.{s.name}.model", s.model) for s in self.stages])
+        for key, model in models:
+            path = model.path
+            if local_cluster and path.startswith(("/", "./", "../", "~")):
+                folder = Path(path).expanduser()
+                if not (folder / "model_index.json").is_file():
+                    raise ValueError(f"{key}.path: {path} is not a diffusers model folder (no "
+                                     f"model_index.json there): check the path, or give a hub "
+                                     f"id or tiny:modelscope")
         return self
 
 
@@ -292,13 +378,25 @@ def validate(data: dict) -> JobConfig:
 
 
 def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
-    """The flattened settings that decide what every video looks like."""
+    """The flattened settings that decide what every video looks like: with stages, every
+    stage's model, fixed render settings and optimize options, under its name and in order (a
+    keyframe made for one video model is not silently reused for another)."""
     fields = {}
     for section in OUTPUT_SECTIONS:
+        values = getattr(cfg, section)
+        if values is None:  # model, in a multi-stage job
+            continue
         skip = _NOT_FINGERPRINTED.get(section, set())
-        for key, value in getattr(cfg, section).model_dump().items():
+        for key, value in values.model_dump().items():
             if key not in skip:
                 fields[f"{section}.{key}"] = value
+    for i, stage in enumerate(cfg.stages or []):
+        optimize = stage.optimize or cfg.optimize
+        for section, values in (("model", stage.model.model_dump()),
+                                ("render", stage.render.overrides()),
+                                ("optimize", optimize.model_dump())):
+            for key, value in values.items():
+                fields[f"stages.{i}.{stage.name}.{section}.{key}"] = value
     for section, key in _ALSO_FINGERPRINTED:
         fields[f"{section}.{key}"] = getattr(getattr(cfg, section), key)
     return fields
@@ -324,12 +422,18 @@ def _relative_to(data: dict, folder: Path) -> dict:
             return value
         return os.path.abspath(os.path.join(folder, value))
 
+    stages = data.get("stages")
+    stage_models = [(stage, "model") for stage in stages if isinstance(stage, dict)] \
+        if isinstance(stages, list) else []
     for (section, key), bare in _PATH_KEYS.items():
-        values = data.get(section)
-        if not isinstance(values, dict) or values.get(key) is None:
-            continue
-        value = values[key]
-        values[key] = [resolve(v, bare) for v in value] if isinstance(value, list) else resolve(value, bare)
+        holders = [data] + ([s for s, _ in stage_models] if section == "model" else [])
+        for holder in holders:
+            values = holder.get(section)
+            if not isinstance(values, dict) or values.get(key) is None:
+                continue
+            value = values[key]
+            values[key] = [resolve(v, bare) for v in value] if isinstance(value, list) \
+                else resolve(value, bare)
     return data
 
 

@@ -18,6 +18,7 @@ from typing import Iterator
 
 from jobs import layout, manifest
 from jobs.audit import rows_to_redo
+from jobs.balance import Balancer, StageNeed
 from jobs.config import JobConfig
 from jobs.dataset import open_dataset
 from jobs.lease import acquire as acquire_lease
@@ -30,10 +31,11 @@ from jobs.progress import Progress
 from jobs.receipts import Receipts
 from jobs.report import write_report
 from jobs.rows import RowFailure
-from jobs.schedule import Scheduler, Shard
+from jobs.schedule import Lane, Scheduler, Shard
+from jobs.stages import Stage, job_stages, main_artifact, stage_media_root, stage_task
 from rendering import storage
 from rendering.contract import (EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, ScoringSpec,
-                                WorkerSpec)
+                                Task, WorkerSpec)
 from rendering.quality import GateSpec
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,9 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     removed = storage.remove_temp_objects(fs, root, layout.FOLDERS)
     if removed:
         logger.info("removed %d temporary object(s) left by an interrupted run", removed)
-    receipts = Receipts(cfg.output.uri)
+    stages = job_stages(cfg)
+    lanes = [Lane(stage.name, Receipts(cfg.output.uri, stage.receipts_folder, stage.artifact),
+                  _task_of(stages, stage, cfg.output.uri)) for stage in stages]
 
     # Step 3: stream the rows not yet committed, cut them into shards, and render them,
     # starting the cluster only if there is something to render.
@@ -111,7 +115,7 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
                                         cfg.output.shard_size))
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
     packer = _packer(cfg, dataset.num_rows)
-    scheduler = Scheduler(lambda: _start_pool(cfg), cfg.output.uri, bar, receipts,
+    scheduler = Scheduler(lambda: _start_pools(cfg, stages, scheduler), lanes, cfg.output.uri, bar,
                           max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
                           shards_per_worker=cfg.cluster.shards_in_flight_per_worker,
                           on_commit=packer.add if packer else None)
@@ -135,7 +139,7 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler)
     _write_report(cfg.output.uri)
     return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,
-                         scheduler.rendered, counts.done, receipts.recovered,
+                         scheduler.rendered, counts.done, scheduler.recovered,
                          scheduler.workers_replaced, time.monotonic() - started,
                          scheduler.startup_s, scheduler.rendering_s,
                          tally.rows == dataset.num_rows,
@@ -148,14 +152,32 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
     tally = manifest.consolidate(cfg.output.uri)
     complete = status == "finished" and tally.rows == input_rows
     if complete:
-        scheduler.receipts.remove_all()
+        Receipts(cfg.output.uri).remove_all()
+    figures = {"rendered": scheduler.rendered, "recovered": scheduler.recovered,
+               "workers_replaced": scheduler.workers_replaced,
+               "startup_s": round(scheduler.startup_s, 3),
+               "rendering_s": round(scheduler.rendering_s, 3)}
+    if len(scheduler.stages) > 1:
+        figures["stages"] = _stage_figures(scheduler)
+        figures["workers_moved"] = scheduler.balancer.moves if scheduler.balancer else 0
     finish_job(cfg, job, status, {"rows": input_rows, "ok": tally.ok,
                                   "failed": tally.rows - tally.ok, "committed": tally.rows},
-               {"rendered": scheduler.rendered, "recovered": scheduler.receipts.recovered,
-                "workers_replaced": scheduler.workers_replaced,
-                "startup_s": round(scheduler.startup_s, 3),
-                "rendering_s": round(scheduler.rendering_s, 3)}, complete)
+               figures, complete)
     return tally
+
+
+def _stage_figures(scheduler: Scheduler) -> dict:
+    """Per stage, for job.json: rows made and failed by this run, rows recovered from an
+    interrupted run, worker seconds per row and rows per second while rendering, workers."""
+    out = {}
+    for stage in scheduler.stages:
+        rendering_s = scheduler.rendering_s
+        out[stage.lane.name] = {
+            "made": stage.ok, "failed": stage.failed, "recovered": stage.lane.receipts.recovered,
+            "seconds_per_row": round(stage.seconds / stage.ok, 4) if stage.ok else None,
+            "rows_per_s": round(stage.ok / rendering_s, 4) if rendering_s > 0 else None,
+            "workers": getattr(stage.pool, "num_workers", 1) if stage.pool is not None else 0}
+    return out
 
 
 def _write_report(output_uri: str) -> None:
@@ -176,30 +198,48 @@ def _finish_quietly(cfg: JobConfig, job: dict, status: str, input_rows: int,
         logger.warning("could not record the end of the run in job.json: %s", exc)
 
 
-def worker_spec(cfg: JobConfig) -> WorkerSpec:
-    """What every worker of this job is built from."""
-    model, limits = cfg.model, cfg.limits
+def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
+    """What every worker of ``stage`` (default: the last, the video stage) is built from. Only
+    the last stage scores and previews; later stages may read what earlier ones stored."""
+    stage = stage or job_stages(cfg)[-1]
+    model, limits = stage.model, cfg.limits
+    roots = media_roots(cfg) + ((stage_media_root(cfg.output.uri),) if stage.index else ())
     return WorkerSpec(
         model=ModelSpec(model.path, model.revision, model.variant, model.dtype, model.pipeline,
                         model.scheduler, tuple(sorted(model.scheduler_config.items()))),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
-        output_uri=cfg.output.uri, videos_dir=layout.VIDEOS_DIR, receipts_dir=layout.RECEIPTS_DIR,
-        previews_dir=layout.PREVIEWS_DIR, previews=tuple(cfg.encode.previews),
-        preview_max_side=cfg.encode.preview_max_side, scoring=_scoring(cfg), gate=_gate(cfg),
-        batch_size=cfg.render.batch_size,
-        torch_threads=cfg.cluster.cpus_per_worker,
-        optimize=OptimizeSpec(**cfg.optimize.model_dump()),
-        media=MediaSpec(roots=media_roots(cfg), resize=cfg.render.media_resize,
+        output_uri=cfg.output.uri, artifact_dir=stage.folder, receipts_dir=stage.receipts_folder,
+        artifact_name=stage.artifact, final=stage.final,
+        previews_dir=layout.PREVIEWS_DIR, previews=tuple(cfg.encode.previews) if stage.final else (),
+        preview_max_side=cfg.encode.preview_max_side,
+        scoring=_scoring(cfg, stage) if stage.final else None,
+        gate=_gate(cfg) if stage.final else None,
+        batch_size=stage.batch_size,
+        torch_threads=max(1, int(stage.resources.cpus)),
+        optimize=OptimizeSpec(**stage.optimize.model_dump()),
+        media=MediaSpec(roots=roots, resize=cfg.render.media_resize,
                         max_bytes=limits.max_media_bytes, max_pixels=limits.max_media_pixels,
                         max_video_frames=limits.max_media_frames,
                         decode_timeout_s=limits.media_decode_timeout_s))
 
 
-def _scoring(cfg: JobConfig) -> ScoringSpec | None:
+def _task_of(stages: list[Stage], stage: Stage, output_uri: str):
+    """How a planned row becomes ``stage``'s task: from the row's own task and the artifact
+    the stage before stored for it."""
+    def task_of(row: PlannedRow) -> Task:
+        previous = None
+        if stage.index:
+            previous = main_artifact(stages[stage.index - 1], row.results[stage.index - 1])
+        return stage_task(stage, row.outcome, previous, output_uri)
+
+    return task_of
+
+
+def _scoring(cfg: JobConfig, stage: Stage) -> ScoringSpec | None:
     q = cfg.quality
     if q.clip_model is None:
         return None
-    return ScoringSpec(q.clip_model, q.revision, q.drift_threshold, dtype=cfg.model.dtype)
+    return ScoringSpec(q.clip_model, q.revision, q.drift_threshold, dtype=stage.model.dtype)
 
 
 def _gate(cfg: JobConfig) -> GateSpec | None:
@@ -207,31 +247,65 @@ def _gate(cfg: JobConfig) -> GateSpec | None:
     return None if q.min_score is None else GateSpec(q.min_score, q.on_fail, q.max_tries)
 
 
-def _start_pool(cfg: JobConfig):
-    """Start the workers: Ray actors across the cluster, or one renderer in this process."""
-    spec = worker_spec(cfg)
+def _start_pools(cfg: JobConfig, stages: list[Stage], scheduler: Scheduler) -> list:
+    """Start every stage's workers: Ray actors across the cluster, split between the stages
+    (and a balancer to move them later), or one renderer per stage in this process."""
+    specs = [worker_spec(cfg, stage) for stage in stages]
     started = time.monotonic()
     if cfg.cluster.backend == "inline":
         from cluster.inline import InlinePool
 
-        pool = InlinePool(spec)
+        pools = [InlinePool(spec) for spec in specs]
+        start = lambda: [pool.start() for pool in pools]  # noqa: E731
     else:
         from cluster.connect import connect, default_num_workers
-        from cluster.pool import WorkerPool
+        from cluster.pool import WorkerPool, start_pools
 
         resources = connect(cfg.cluster.address)
         default_workers, use_gpu = default_num_workers(resources, cfg.cluster.cpus_per_worker)
-        if use_gpu:
-            spec = replace(spec, torch_threads=None)
-        pool = WorkerPool(spec, cfg.cluster.num_workers or default_workers, use_gpu,
-                          cfg.cluster.cpus_per_worker, cfg.cluster.shard_timeout_s)
-    logger.info("starting %s worker(s) and loading %s", getattr(pool, "num_workers", 1),
-                cfg.model.path)
-    infos = pool.start()
-    nodes = {p["node_id"] for p in pool.placements()}
-    logger.info("%d worker(s) on %d node(s), device %s, loaded the model in %.1f s", len(infos),
-                len(nodes), infos[0]["device"], time.monotonic() - started)
-    return pool
+        if len(stages) == 1:
+            split = [cfg.cluster.num_workers or default_workers]
+        else:
+            split = _split_stages(cfg, stages, resources, use_gpu, scheduler)
+        pools = [WorkerPool(replace(spec, torch_threads=None) if use_gpu else spec, workers,
+                            use_gpu, stage.resources.cpus, cfg.cluster.shard_timeout_s,
+                            gpus_per_worker=stage.resources.gpus)
+                 for stage, spec, workers in zip(stages, specs, split)]
+        start = lambda: start_pools(pools)  # noqa: E731
+    for stage, pool in zip(stages, pools):
+        named = f" for stage {stage.name}" if len(stages) > 1 else ""
+        logger.info("starting %s worker(s)%s and loading %s", getattr(pool, "num_workers", 1),
+                    named, stage.model.path)
+    infos = start()
+    for stage, pool, info in zip(stages, pools, infos):
+        nodes = {p["node_id"] for p in pool.placements()}
+        named = f"{stage.name}: " if len(stages) > 1 else ""
+        logger.info("%s%d worker(s) on %d node(s), device %s, pid(s) %s", named, len(info),
+                    len(nodes), info[0]["device"], " ".join(str(i["pid"]) for i in info))
+    logger.info("workers loaded their models in %.1f s", time.monotonic() - started)
+    return pools
+
+
+def _split_stages(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool,
+                  scheduler: Scheduler) -> list[int]:
+    """Workers per stage, from the stages' resources and weights; the balancer that moves them
+    later (cluster.balance: auto) and each stage's backlog bound are set on the scheduler."""
+    balancer = _balancer(cfg, stages, resources, use_gpu)
+    split = balancer.initial()
+    scheduler.balancer = balancer if cfg.cluster.balance == "auto" else None
+    for lane, workers in zip(scheduler.lanes[:-1], split[1:]):
+        lane.backlog_rows = cfg.cluster.stage_backlog_rows or (
+            2 * cfg.cluster.shards_in_flight_per_worker * cfg.output.shard_size * workers)
+    return split
+
+
+def _balancer(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool) -> Balancer:
+    """What the stages need of the cluster: GPUs on a GPU cluster, else CPUs."""
+    capacity = float(resources.get("GPU" if use_gpu else "CPU", 1))
+    needs = [StageNeed(s.name, s.resources.gpus if use_gpu else s.resources.cpus,
+                       s.resources.workers, s.resources.weight) for s in stages]
+    return Balancer(capacity, needs, cfg.cluster.rebalance_every_s, cfg.cluster.num_workers,
+                    unit="GPUs" if use_gpu else "CPUs")
 
 
 def _packer(cfg: JobConfig, input_rows: int) -> Packer | None:
@@ -257,7 +331,7 @@ def _shards(rows: Iterator[PlannedRow], shard_size: int) -> Iterator[Shard]:
     shard = Shard([])
     for row in rows:
         if isinstance(row.outcome, RowFailure):
-            shard.records.append(manifest.record(row, None, 0))
+            shard.records.append(manifest.record(row))
         else:
             shard.rows.append(row)
         if len(shard.rows) + len(shard.records) >= shard_size:

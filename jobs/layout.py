@@ -4,8 +4,10 @@
 <output>/job.json            what made the output (config, fingerprint, versions, runs)
 <output>/videos/<key>.mp4    one object per rendered row
 <output>/previews/<key>.gif|.webp|.jpg   its previews, when encode.previews asks for them
+<output>/stages/<stage>/<key>.png|.mp4   what an earlier stage made for a row (its keyframe)
 <output>/manifests/shard-*.parquet   committed shards (a shard is committed when this exists)
-<output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work)
+<output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work);
+                             a multi-stage job's under receipts/<stage>/, one per stage done
 <output>/manifest.parquet    every committed row, in input order, written at the end of a run
 <output>/_SUCCESS            every input row is accounted for
 <output>/report.html         the run's visual report (summary, plots, gallery, failures)
@@ -28,5 +30,6 @@ LEASE_DIR = "_lease"
 SHARDS_DIR = "shards"
 REPORT_FILE = "report.html"
 PREVIEWS_DIR = "previews"
-FOLDERS = (VIDEOS_DIR, PREVIEWS_DIR, MANIFESTS_DIR, RECEIPTS_DIR, SHARDS_DIR)  # every folder reelfarm writes objects into
+STAGES_DIR = "stages"
+FOLDERS = (VIDEOS_DIR, PREVIEWS_DIR, STAGES_DIR, MANIFESTS_DIR, RECEIPTS_DIR, SHARDS_DIR)  # every folder reelfarm writes objects into
 

@@ -35,6 +35,9 @@ from rendering.contract import MEDIA_ROLES, Result, Task
 
 ARTIFACT = pa.struct([("name", pa.string()), ("path", pa.string()), ("bytes", pa.int64()),
                       ("sha256", pa.string())])
+# What each stage did with a row, in order (a single-stage job has one: "video").
+STAGE = pa.struct([("name", pa.string()), ("status", pa.string()), ("attempts", pa.int32()),
+                   ("seconds", pa.float64())])
 # Each conditioning input's identity: where it was read from, and the hash of what was read.
 # Prefixed, so an input video never collides with the output's own video columns.
 INPUT_COLUMNS = [(f"input_{role}_{what}", pa.string()) for role in MEDIA_ROLES
@@ -67,7 +70,9 @@ SCHEMA = pa.schema([
     ("sha256", pa.string()),
     *((p.name, p.arrow) for p in params.PARAMS),
     *INPUT_COLUMNS,
-    ("artifacts", pa.list_(ARTIFACT)),  # every object the row stored
+    ("artifacts", pa.list_(ARTIFACT)),  # every object the row stored, every stage's
+    ("stages", pa.list_(STAGE)),
+    ("failed_stage", pa.string()),  # the stage that failed the row (null: ok, or invalid input)
     *METRIC_COLUMNS,
     ("attempts", pa.int32()),
     ("render_s", pa.float64()),
@@ -76,9 +81,11 @@ SCHEMA = pa.schema([
 ])
 
 
-def record(row: PlannedRow, result: Result | None, attempts: int) -> dict:
-    """One manifest row: the planned row's parameters with what became of it."""
+def record(row: PlannedRow) -> dict:
+    """One manifest row: the planned row's parameters with what became of it (the result of
+    the last stage it reached decides; the artifacts of every stage are kept)."""
     outcome = row.outcome
+    result: Result | None = row.results[-1] if row.results else None
     if isinstance(outcome, Task):
         values = {**outcome.params, "seed": outcome.seed}
     else:
@@ -87,8 +94,9 @@ def record(row: PlannedRow, result: Result | None, attempts: int) -> dict:
     rec = {"key": outcome.key if isinstance(outcome, Task) else None,  # not stored
            "id": row.id, "row_index": row.index, "occurrence": row.occurrence,
            "prompt": row.prompt, **{p: values.get(p) for p in params.NAMES},
-           "attempts": attempts, "video_uri": None, "bytes": None, "sha256": None,
-           "artifacts": [], "render_s": None, "redo_of": row.redo_of,
+           "attempts": sum(s["attempts"] for s in row.stages), "video_uri": None,
+           "bytes": None, "sha256": None, "artifacts": [], "render_s": None,
+           "redo_of": row.redo_of, "stages": list(row.stages), "failed_stage": None,
            **{name: metrics.get(name) for name, _ in METRIC_COLUMNS}}
     if isinstance(outcome, Task):
         for role, media in outcome.inputs.items():
@@ -99,12 +107,16 @@ def record(row: PlannedRow, result: Result | None, attempts: int) -> dict:
     elif result is not None and result.ok:
         video = result.artifact("video")
         rec.update(status="ok", error_code=None, error=None,
-                   artifacts=[dataclasses.asdict(a) for a in result.artifacts],
+                   artifacts=[dataclasses.asdict(a) for r in row.results for a in r.artifacts],
                    video_uri=video.path, bytes=video.bytes, sha256=video.sha256,
                    render_s=result.timings_s.get("render_s"))
     else:
+        # What earlier stages stored stays recorded (and verified): a keyframe is kept.
         rec.update(status="failed", error_code=result.error_code if result else "unknown",
-                   error=result.error if result else "unknown: no result")
+                   error=result.error if result else "unknown: no result",
+                   failed_stage=row.stages[-1]["name"] if row.stages else None,
+                   artifacts=[dataclasses.asdict(a) for r in row.results if r.ok
+                              for a in r.artifacts])
     rec.update({f"carry.{k}": v for k, v in row.carry.items()})
     return rec
 
@@ -162,6 +174,7 @@ class Tally:
     by_status: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)  # error_code -> failed rows
     examples: dict = field(default_factory=dict)  # error_code -> its first error message
+    by_stage: dict = field(default_factory=dict)  # stage -> Counter of what it did with rows
 
     @property
     def ok(self) -> int:
@@ -170,6 +183,10 @@ class Tally:
     def add(self, table: pa.Table) -> None:
         self.rows += table.num_rows
         self.by_status.update(table["status"].to_pylist())
+        if "stages" in table.column_names:
+            for stages in table["stages"].to_pylist():
+                for stage in stages or ():
+                    self.by_stage.setdefault(stage["name"], Counter())[stage["status"]] += 1
         failed = table.filter(pc.equal(table["status"], "failed"))
         for code, error in zip(failed["error_code"].to_pylist(), failed["error"].to_pylist()):
             self.errors[code] += 1
@@ -189,7 +206,12 @@ def iter_shards(output_uri: str, columns: list[str] | None = None,
     keys = ["id", "occurrence", "committed_at", "row_index"]
     for footer in footers:
         wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
-        table = _read(fs, footer.path, wanted)
+        # A shard written before a column existed reads it as nulls.
+        table = _read(fs, footer.path, wanted and [c for c in wanted if c in footer.columns])
+        for name in wanted or ():
+            if name not in footer.columns:
+                table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows,
+                                                                         SCHEMA.field(name).type))
         if replaced:
             keep = [(h, t) not in replaced
                     for h, t in zip(_hashes(table), table["committed_at"].to_pylist())]
@@ -201,7 +223,7 @@ def iter_shards(output_uri: str, columns: list[str] | None = None,
 def tally(output_uri: str) -> Tally:
     counts = Tally()
     for table in iter_shards(output_uri, columns=["row_index", "occurrence", "status",
-                                                  "error_code", "error"]):
+                                                  "error_code", "error", "stages"]):
         counts.add(table)
     return counts
 
@@ -237,6 +259,7 @@ class _Footer:
     path: str
     first_row: int  # the shard's smallest row_index: shards are read in input order
     repairs: bool  # its redo_of column holds a value: some row in it replaces an earlier commit
+    columns: frozenset  # its top-level columns
 
 
 def _footers(fs, paths: list[str]) -> list[_Footer]:
@@ -249,7 +272,7 @@ def _footers(fs, paths: list[str]) -> list[_Footer]:
         first_row = min((s.min for s in starts if s is not None and s.has_min_max), default=0)
         repairs = any(stats is None or not stats.has_null_count or stats.null_count < rows
                       for stats, rows in _stats(meta, "redo_of"))
-        found.append(_Footer(path, first_row, repairs))
+        found.append(_Footer(path, first_row, repairs, frozenset(meta.schema.to_arrow_schema().names)))
     return sorted(found, key=lambda footer: footer.first_row)
 
 

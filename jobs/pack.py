@@ -20,9 +20,10 @@ in-flight state, so reruns, resumes and repairs all agree on what a shard holds:
   unique through the hash of the full id they end with (``-<12 hex>``), which the replacement
   leaves alone, so sample keys are unique too.
 - **Members**: ``{key}.json`` holds every manifest field of the row (carried columns under
-  their own names) except the four that describe a run rather than the sample (``attempts``,
-  ``render_s``, ``committed_at``, ``redo_of``); ``{key}.txt`` the prompt; ``{key}.mp4`` the video;
-  any other artifact ``{key}.{name}.{ext}`` (its name and its file's extension).
+  their own names) except the five that describe a run rather than the sample (``attempts``,
+  ``render_s``, ``committed_at``, ``redo_of``, ``stages``); ``{key}.txt`` the prompt;
+  ``{key}.mp4`` the video; any other artifact ``{key}.{name}.{ext}`` (its name and its file's
+  extension: a stage's keyframe is ``{key}.keyframe.png``).
 - **Deterministic**: samples in row order, members in name order, tar headers fixed (mtime 0,
   uid/gid 0, no user or group names, mode 0644), JSON with sorted keys. The same input and
   config give byte-identical tars, whether a shard was packed during the run or on a resume.
@@ -82,7 +83,7 @@ FORMAT = "reelfarm-webdataset/1"  # in every marker: what wrote the shard and ho
 TAR_SUFFIX, INDEX_SUFFIX, MARKER_SUFFIX = ".tar", ".parquet", ".done"
 # Fields that describe a run, not the sample: two renders of the same row differ in them, so
 # they stay out of the sample's JSON (the manifests keep them).
-RUN_FIELDS = frozenset({"attempts", "render_s", "committed_at", "redo_of"})
+RUN_FIELDS = frozenset({"attempts", "render_s", "committed_at", "redo_of", "stages"})
 VIDEO = "video"  # the artifact that becomes {key}.<its extension>
 RESERVED_EXTENSIONS = frozenset({"json", "txt"})
 # Completed shards waiting for the packing thread: enough to ride out one slow upload without

@@ -30,7 +30,9 @@ class PlannedRow:
     prompt: str | None
     carry: dict
     outcome: Task | RowFailure | None = None  # None when only counting
-    attempts: int = 0  # render attempts spent on it in this run
+    attempts: int = 0  # render attempts spent on it in this run, in its current stage
+    results: list = field(default_factory=list)  # a Result per stage it went through
+    stages: list = field(default_factory=list)  # per stage: name, status, attempts, seconds
     redo_of: float | None = None  # a repair: the committed_at of the commit it replaces
 
     @property

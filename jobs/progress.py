@@ -25,6 +25,7 @@ class Progress:
         self._last_log = clock()
         self._bar = None
         self._enabled = enabled
+        self.stages: dict[str, list[int]] = {}  # stage -> [rows it made, rows it failed]
 
     def rendering_started(self) -> None:
         """The workers are loaded: from now on the rate means rendering."""
@@ -42,10 +43,28 @@ class Progress:
         self.failed += failed
         if self._bar is not None:
             self._bar.update(ok + failed)
-            self._bar.set_postfix(failed=self.failed, refresh=False)
+            self._bar.set_postfix_str(f"failed={self.failed}" + (
+                f" | {self.stage_line()}" if len(self.stages) > 1 else ""), refresh=False)
         elif self._enabled and self._clock() - self._last_log >= LOG_EVERY_S:
             self._last_log = self._clock()
             logger.info(self.line())
+            if self.stages and len(self.stages) > 1:
+                logger.info("stages: %s", self.stage_line())
+
+    def stage_advance(self, stage: str, ok: bool) -> None:
+        """A stage finished a row (it made it, or failed it for good)."""
+        self.stages.setdefault(stage, [0, 0])[0 if ok else 1] += 1
+
+    def stage_line(self) -> str:
+        """Per stage: rows made, failed, and the rate since rendering began ("" for one stage)."""
+        if len(self.stages) < 2:
+            return ""
+        elapsed = self._clock() - self._rendering_since if self._rendering_since else 0.0
+        parts = []
+        for name, (ok, failed) in self.stages.items():
+            rate = f", {ok / elapsed:.2f}/s" if elapsed > 0 else ""
+            parts.append(f"{name} {ok} made{f', {failed} failed' if failed else ''}{rate}")
+        return "; ".join(parts)
 
     def line(self) -> str:
         done = self.ok + self.failed

@@ -3,6 +3,9 @@
 A worker writes ``receipts/<key>.json`` right after a row's artifacts are stored. On resume, a
 row with a receipt that matches its task, and whose every artifact still has the recorded size
 and sha256, is committed without being rendered again. Receipts are removed once their rows are committed.
+
+In a multi-stage job each stage keeps its own (``receipts/<stage>/``): they are the stage's
+commit, so a row whose keyframe is stored goes straight to the video stage on resume.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ from rendering.contract import Result, Task, read_receipt
 
 
 class Receipts:
-    def __init__(self, output_uri: str):
+    def __init__(self, output_uri: str, folder: str = RECEIPTS_DIR, artifact: str = "video"):
         self._fs, self._root = storage.filesystem(output_uri)
-        self._dir = storage.join(self._root, RECEIPTS_DIR)
+        self._dir = storage.join(self._root, folder)
+        self._artifact = artifact  # what a receipt must hold to prove the row's stage done
         # Only uncommitted work leaves receipts, so this listing is bounded by work in flight.
+        # Another stage's receipts live in folders below this one: they are not this stage's.
         found = self._fs.find(self._dir) if self._fs.exists(self._dir) else []
-        self._paths = {p.rsplit("/", 1)[-1][:-len(".json")]: p for p in found if p.endswith(".json")}
+        self._paths = {p.rsplit("/", 1)[-1][:-len(".json")]: p for p in found
+                       if p.endswith(".json") and p.rsplit("/", 1)[0].rstrip("/") == self._dir.rstrip("/")}
         self.recovered = 0
 
     def __len__(self) -> int:
@@ -30,7 +36,7 @@ class Receipts:
         if path is None:
             return None
         result = read_receipt(self._fs.cat_file(path), task)
-        if result is None or result.artifact("video") is None:
+        if result is None or result.artifact(self._artifact) is None:
             return None
         for artifact in result.artifacts:
             stored = storage.join(self._root, artifact.path)

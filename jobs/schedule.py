@@ -1,4 +1,13 @@
-"""The scheduler: keeps workers fed with shards, retries what failed, commits what is final.
+"""The scheduler: keeps every stage's workers fed with shards, retries what failed, commits
+what is final.
+
+Shards flow through the stages in order: a shard's rows that a stage made are handed, as one
+shard, to the next stage; rows it failed for good are committed at once, with the name of the
+stage that failed them, and go no further. A single-stage job is the degenerate case. A stage
+may start a new shard only while the rows it has made and the next stage has not finished stay
+under a bound, so a fast stage never runs far ahead of a slow one: driver memory and the
+storage of unconsumed keyframes stay bounded, and the freed workers can be moved to the slow
+stage (``jobs.balance``).
 
 It talks to workers only through the small ``Pool`` protocol (Ray actors, the in-process
 inline pool, or a test's fake), so its retry and commit policy is tested without a cluster.
@@ -18,125 +27,239 @@ from jobs.plan import PlannedRow
 from jobs.progress import Progress
 from jobs.receipts import Receipts
 from rendering import storage
-from rendering.contract import Result
+from rendering.contract import Result, Task
 
 WAIT_SLICE_S = 5.0  # how long one wait for results may block before progress is reported
+POLL_S = 0.05  # with several stages at work, each pool is asked in turn this often
 
 
 @dataclass
 class Shard:
-    rows: list[PlannedRow]  # rows to render (their outcome is a Task)
+    rows: list[PlannedRow]  # rows to render in the stage that holds the shard
     records: list[dict] = field(default_factory=list)  # rows already final (invalid rows)
 
 
-class Scheduler:
-    """Submits shards to a pool started on first need, and commits each row exactly once."""
+@dataclass
+class Lane:
+    """One stage as the scheduler sees it."""
 
-    def __init__(self, start_pool: Callable[[], Pool], output_uri: str, progress: Progress,
-                 receipts: Receipts, max_attempts: int, shard_size: int, shards_per_worker: int,
-                 on_commit: Callable[[list[dict]], None] | None = None):
-        self._start_pool = start_pool
+    name: str
+    receipts: Receipts  # the stage's receipts: rows it stored but that are not yet committed
+    task_of: Callable[[PlannedRow], Task]  # the row's task in this stage, given earlier results
+    backlog_rows: int | None = None  # rows made and not yet finished by the next stage, at most
+
+
+@dataclass
+class _StageState:
+    lane: Lane
+    pool: Pool | None = None
+    waiting: deque = field(default_factory=deque)  # shards handed over, not yet submitted
+    retries: deque = field(default_factory=deque)
+    inflight: dict = field(default_factory=dict)  # token -> Shard
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0  # worker seconds of the rows it made (render, encode, upload)
+
+    def rows_inflight(self) -> int:
+        return sum(len(s.rows) for s in self.inflight.values())
+
+    def rows_held(self) -> int:
+        """Rows this stage has taken and not finished."""
+        return (self.rows_inflight() + sum(len(s.rows) for s in self.waiting)
+                + sum(len(s.rows) for s in self.retries))
+
+    def idle(self) -> bool:
+        return not (self.inflight or self.waiting or self.retries)
+
+
+class Scheduler:
+    """Submits shards to each stage's pool (all started together on first need), and commits
+    each row exactly once."""
+
+    def __init__(self, start_pools: Callable[[], list[Pool]], lanes: list[Lane], output_uri: str,
+                 progress: Progress, max_attempts: int, shard_size: int, shards_per_worker: int,
+                 on_commit: Callable[[list[dict]], None] | None = None,
+                 balancer=None):
+        self._start_pools = start_pools
         self._on_commit = on_commit  # products built from committed rows (WebDataset shards)
+        self.balancer = balancer  # moves workers between stages (jobs.balance), or None
+        self.lanes = lanes
+        self.stages = [_StageState(lane) for lane in lanes]
         self.output_uri = output_uri
         self.progress = progress
-        self.receipts = receipts
         self.max_attempts = max_attempts
         self.shard_size = shard_size
         self.shards_per_worker = shards_per_worker
-        self.pool: Pool | None = None
-        self.startup_s = 0.0  # starting the workers and loading the model
+        self.started = False
+        self.startup_s = 0.0  # starting the workers and loading the models
         self.rendering_since: float | None = None
         self.rendering_s = 0.0  # from the workers being ready to the last commit
         self.rendered = 0
-        self._retries: deque[Shard] = deque()
-        self._inflight: dict[int, Shard] = {}
+        self.recovered = 0  # rows whose every stage an interrupted run had stored
         self._tokens = itertools.count()
 
     def run(self, shards: Iterator[Shard]) -> None:
+        first = self.stages[0]
         source_done = False
         while True:
-            # Fill every worker's queue: retries first, then new shards from the input.
-            while True:
-                if self._retries:
-                    shard = self._retries.popleft()
-                elif not source_done:
-                    shard = next(shards, None)
-                    if shard is None:
-                        source_done = True
-                        continue
+            self._feed_all()
+            # Read input only as fast as the first stage takes it: a shard waits at most.
+            while not source_done and not first.waiting and not first.retries:
+                shard = next(shards, None)
+                if shard is None:
+                    source_done = True
                 else:
-                    break
-                if self.receipts:
-                    shard = self._recover(shard)
-                if not shard.rows:
-                    self._commit(shard.records)
-                    continue
-                if not self._submit(shard):
-                    self._retries.appendleft(shard)
-                    break
-            if not self._inflight:
-                if source_done and not self._retries:
+                    self._admit(shard)
+                    self._feed_all()
+            busy = [s for s in self.stages if s.inflight]
+            if not busy:
+                if source_done and all(s.idle() for s in self.stages):
                     if self.rendering_since is not None:
                         self.rendering_s = time.monotonic() - self.rendering_since
                     return
                 continue
-            for outcome in self.pool.wait(WAIT_SLICE_S):
-                self._settle(self._inflight.pop(outcome.token), outcome.results, outcome.error)
+            slice_s = WAIT_SLICE_S if len(busy) == 1 else POLL_S
+            for stage in busy:
+                for outcome in stage.pool.wait(slice_s):
+                    self._settle(stage, stage.inflight.pop(outcome.token), outcome.results,
+                                 outcome.error)
+            if self.balancer is not None:
+                self.balancer.consider(self.stages)
 
     @property
     def workers_replaced(self) -> int:
-        return self.pool.replaced if self.pool is not None else 0
+        return sum(s.pool.replaced for s in self.stages if s.pool is not None)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        for stage in self.stages:
+            if stage.pool is not None:
+                stage.pool.shutdown()
 
-    def _recover(self, shard: Shard) -> Shard:
-        """Take out the rows whose outputs an interrupted run already stored."""
-        left = []
+    # --- moving shards ---------------------------------------------------------------------
+    def _admit(self, shard: Shard) -> None:
+        """Take a shard from the input: each row goes to the first stage an interrupted run
+        did not finish for it (its receipts say), or straight to its commit."""
+        by_stage: dict[int, list[PlannedRow]] = {}
+        records = list(shard.records)
         for row in shard.rows:
-            result = self.receipts.recover(row.outcome)
-            if result is None:
-                left.append(row)
+            index = self._recover(row)
+            if index == len(self.stages):
+                self.recovered += 1
+                records.append(manifest.record(row))
             else:
-                row.attempts += 1
-                shard.records.append(manifest.record(row, result, row.attempts))
-        return Shard(left, shard.records)
+                by_stage.setdefault(index, []).append(row)
+        if not by_stage:
+            self._commit(records)
+            return
+        for position, (index, rows) in enumerate(sorted(by_stage.items())):
+            self.stages[index].waiting.append(Shard(rows, records if position == 0 else []))
 
-    def _submit(self, shard: Shard) -> bool:
-        if self.pool is None:
-            started = time.monotonic()
-            self.pool = self._start_pool()
-            self.rendering_since = time.monotonic()
-            self.startup_s = self.rendering_since - started
-            self.progress.rendering_started()
+    def _recover(self, row: PlannedRow) -> int:
+        """How many stages of ``row`` an interrupted run already stored (their results are
+        added to the row)."""
+        for index, stage in enumerate(self.stages):
+            if not stage.lane.receipts:
+                return index
+            result = stage.lane.receipts.recover(stage.lane.task_of(row))
+            if result is None:
+                return index
+            row.attempts += 1
+            self._advance(stage, row, result)
+        return len(self.stages)
+
+    def _feed_all(self) -> None:
+        """Feed the stages from the last: shards close to done go first."""
+        for index in reversed(range(len(self.stages))):
+            self._feed(index)
+
+    def _feed(self, index: int) -> None:
+        """Submit the stage's retries, then its waiting shards while the next stage keeps up."""
+        stage = self.stages[index]
+        while stage.retries or (stage.waiting and self._may_start(index)):
+            queue = stage.retries if stage.retries else stage.waiting
+            shard = queue.popleft()
+            if not shard.rows:
+                self._commit(shard.records)
+                continue
+            if not self._submit(stage, shard):
+                queue.appendleft(shard)
+                return
+
+    def _may_start(self, index: int) -> bool:
+        """Whether stage ``index`` may take a new shard: the rows it holds and the next stage
+        has not finished stay under the next stage's backlog bound."""
+        if index + 1 == len(self.stages):
+            return True
+        bound = self.stages[index].lane.backlog_rows
+        if bound is None:
+            return True
+        return self.stages[index].rows_inflight() + self.stages[index + 1].rows_held() < bound
+
+    def _submit(self, stage: _StageState, shard: Shard) -> bool:
+        if not self.started:
+            self._start()
         token = next(self._tokens)
-        tasks = [row.outcome for row in shard.rows]
-        if not self.pool.submit(token, tasks, self.shards_per_worker):
+        tasks = [stage.lane.task_of(row) for row in shard.rows]
+        if not stage.pool.submit(token, tasks, self.shards_per_worker):
             return False
-        self._inflight[token] = shard
+        stage.inflight[token] = shard
         return True
 
-    def _settle(self, shard: Shard, results: list[Result] | None, error: str | None) -> None:
-        """Record each row's attempt; commit what is final and queue retries."""
+    def _start(self) -> None:
+        started = time.monotonic()
+        pools = self._start_pools()
+        for stage, pool in zip(self.stages, pools):
+            stage.pool = pool
+        self.started = True
+        self.rendering_since = time.monotonic()
+        self.startup_s = self.rendering_since - started
+        self.progress.rendering_started()
+
+    def _settle(self, stage: _StageState, shard: Shard, results: list[Result] | None,
+                error: str | None) -> None:
+        """Record each row's attempt; hand on what the stage made, commit what is final, and
+        queue retries."""
         records = list(shard.records)
         retry: list[PlannedRow] = []
+        onward: list[PlannedRow] = []
+        final = stage is self.stages[-1]
         for i, row in enumerate(shard.rows):
             row.attempts += 1
             result = results[i] if results is not None else Result.failure(
                 row.id, "worker_lost", error or "worker lost", retryable=True)
             if not result.ok and result.retryable and row.attempts < self.max_attempts:
                 retry.append(row)
+                continue
+            self._advance(stage, row, result)
+            if result.ok and not final:
+                onward.append(row)
             else:
-                records.append(manifest.record(row, result, row.attempts))
+                records.append(manifest.record(row))
                 self.rendered += result.ok
+        if onward:
+            self.stages[self.stages.index(stage) + 1].waiting.append(Shard(onward))
         self._commit(records)
         if retry:
             # After a lost worker, retry rows one per shard: a row that kills its worker every
             # time then takes only itself down.
             size = 1 if results is None else self.shard_size
             for i in range(0, len(retry), size):
-                self._retries.append(Shard(retry[i:i + size]))
+                stage.retries.append(Shard(retry[i:i + size]))
+
+    def _advance(self, stage: _StageState, row: PlannedRow, result: Result) -> None:
+        """Close the row's account with ``stage``: its log entry, its result, a fresh count of
+        attempts for the next stage."""
+        seconds = sum(result.timings_s.values())
+        row.stages.append({"name": stage.lane.name, "status": "ok" if result.ok else "failed",
+                           "attempts": row.attempts, "seconds": seconds})
+        row.results.append(result)
+        row.attempts = 0
+        if result.ok:
+            stage.ok += 1
+            stage.seconds += seconds
+        else:
+            stage.failed += 1
+        self.progress.stage_advance(stage.lane.name, result.ok)
 
     def _commit(self, records: list[dict]) -> None:
         """Write the shard's manifest (the commit), then drop the receipts it makes redundant."""
@@ -144,7 +267,9 @@ class Scheduler:
             return
         storage.with_retries("commit of a shard manifest", manifest.write_shard,
                              self.output_uri, records)
-        self.receipts.remove([r["key"] for r in records if r["status"] == "ok"])
+        for stage in self.stages:  # each stage's receipts of the rows it made
+            stage.lane.receipts.remove([r["key"] for r in records for s in r["stages"]
+                                        if s["name"] == stage.lane.name and s["status"] == "ok"])
         if self._on_commit is not None:
             self._on_commit(records)
         ok = sum(r["status"] == "ok" for r in records)

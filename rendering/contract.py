@@ -72,7 +72,7 @@ class WorkerSpec:
     model: ModelSpec
     encode: EncodeSpec
     output_uri: str  # the job's output prefix; artifacts are named relative to it
-    videos_dir: str  # where videos go under the output
+    artifact_dir: str  # where the stage's artifact (the video, or a keyframe) goes under the output
     receipts_dir: str  # where a receipt goes once a row's artifacts are durable
     previews_dir: str  # where previews (gif, webp, poster) go under the output
     batch_size: int = 1
@@ -83,6 +83,8 @@ class WorkerSpec:
     preview_max_side: int = 256
     scoring: ScoringSpec | None = None  # CLIP scores of every video
     gate: GateSpec | None = None  # what a video under quality.min_score does
+    artifact_name: str = "video"  # the name the stage's artifact has among the row's artifacts
+    final: bool = True  # the job's last stage: it must make videos
 
 
 MEDIA_ROLES = ("image", "video")  # conditioning inputs a row may carry, by role

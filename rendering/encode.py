@@ -1,4 +1,5 @@
-"""Encode frames to a browser-playable MP4 (H.264, yuv420p, +faststart) with ffmpeg.
+"""Encode frames to a browser-playable MP4 (H.264, yuv420p, +faststart) with ffmpeg, and a
+keyframe to a PNG.
 
 The argv is built by a pure function and run without a shell. Encoding goes to a local temp
 file because +faststart rewrites the file and needs a seekable output. stdin is fed and stderr
@@ -61,6 +62,15 @@ def encode_video(frames: np.ndarray, path: str, fps: int, spec: EncodeSpec) -> N
     decoded = count_frames(path)
     if decoded != num_frames:
         raise EncodeError(f"encoded video has {decoded} frames, expected {num_frames}")
+
+
+def encode_image(pixels: np.ndarray, path: str) -> None:
+    """Write one (H, W, 3) uint8 picture as a PNG: lossless, so the stage that animates it reads
+    exactly what was rendered, and free of metadata, so the same pixels give the same bytes."""
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(pixels), "RGB").save(path, format="PNG", optimize=False,
+                                                                compress_level=6)
 
 
 def run_ffmpeg(argv: list[str], stdin: bytes, timeout_s: float) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from rendering import media, quality, storage
 from rendering.contract import Artifact, Result, Task, WorkerSpec, receipt_json
-from rendering.encode import encode_video, to_uint8
+from rendering.encode import encode_image, encode_video, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ShardRenderer:
             if self._load_info is None:
                 import torch
 
-                from rendering.pipelines import adapter_for
+                from rendering.pipelines import adapter_for, final_stage_problem
                 from rendering.pipelines.load import load_pipeline, pick_device
 
                 if self.spec.torch_threads:
@@ -67,6 +67,9 @@ class ShardRenderer:
                 started = time.monotonic()
                 self._pipe = load_pipeline(self.spec.model, device, self.spec.optimize)
                 self._adapter = adapter_for(self._pipe)
+                problem = final_stage_problem(self._adapter) if self.spec.final else None
+                if problem:
+                    raise ValueError(problem)
                 if self.spec.scoring is not None:
                     from rendering.scoring import ClipScorer
 
@@ -226,11 +229,16 @@ class ShardRenderer:
         # A failed clean-up of the temp folder must not fail a video that is already stored.
         with tempfile.TemporaryDirectory(prefix="reelfarm-", ignore_cleanup_errors=True) as tmp:
             pixels = to_uint8(frames)  # what is encoded, previewed and was scored
-            local = os.path.join(tmp, "video.mp4")
             started = time.monotonic()
             try:
-                encode_video(pixels, local, task.params["fps"], self.spec.encode)
-                files = {"video": (local, f"{self.spec.videos_dir}/{task.key}.mp4")}
+                if self._adapter.makes == "image":
+                    local = os.path.join(tmp, "image.png")
+                    encode_image(pixels[0], local)
+                    files = {self.spec.artifact_name: (local, f"{self.spec.artifact_dir}/{task.key}.png")}
+                else:
+                    local = os.path.join(tmp, "video.mp4")
+                    encode_video(pixels, local, task.params["fps"], self.spec.encode)
+                    files = {self.spec.artifact_name: (local, f"{self.spec.artifact_dir}/{task.key}.mp4")}
                 files.update(self._previews(task, pixels, tmp))
             except Exception as exc:  # noqa: BLE001
                 return Result.failure(task.id, "encode_error", str(exc), retryable=True)

@@ -88,9 +88,9 @@ def test_usage_errors_exit_2():
 
 def test_a_pipeline_class_no_adapter_drives_is_refused_naming_the_supported_ones():
     with pytest.raises(ConfigError) as refused:
-        load_config(base={**BASE, "model": {"path": "tiny:wan", "pipeline": "FluxPipeline"}})
+        load_config(base={**BASE, "model": {"path": "tiny:wan", "pipeline": "MochiPipeline"}})
     message = str(refused.value)
-    assert message.startswith("model.pipeline: FluxPipeline is not a pipeline reelfarm can "
+    assert message.startswith("model.pipeline: MochiPipeline is not a pipeline reelfarm can "
                               "drive; supported: CogVideoXImageToVideoPipeline, ")
     assert "WanVideoToVideoPipeline" in message
 
@@ -98,7 +98,7 @@ def test_a_pipeline_class_no_adapter_drives_is_refused_naming_the_supported_ones
 def test_a_loaded_pipeline_of_an_unknown_class_is_refused():
     from rendering.pipelines import UnsupportedPipeline, adapter_for
 
-    FluxPipeline = type("FluxPipeline", (), {})
-    with pytest.raises(UnsupportedPipeline, match="FluxPipeline is not a pipeline reelfarm can "
+    MochiPipeline = type("MochiPipeline", (), {})
+    with pytest.raises(UnsupportedPipeline, match="MochiPipeline is not a pipeline reelfarm can "
                                                   "drive; supported: "):
-        adapter_for(FluxPipeline())
+        adapter_for(MochiPipeline())

@@ -6,6 +6,7 @@ Each row's script says what every attempt at it does: "ok", "retry" (a retryable
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 
 import pytest
@@ -13,9 +14,10 @@ import pytest
 from cluster.protocol import ShardOutcome
 from jobs import manifest
 from jobs.plan import PlannedRow
+from jobs.rows import RowFailure
 from jobs.progress import Progress
 from jobs.receipts import Receipts
-from jobs.schedule import Scheduler, Shard
+from jobs.schedule import Lane, Scheduler, Shard
 from rendering.contract import Artifact, Result, Task
 
 
@@ -73,9 +75,10 @@ def _run(tmp_path, scripts: dict[str, list[str]], shard_size: int = 2, max_attem
     pool = ScriptedPool(scripts, capacity)
     started = []
     output = str(tmp_path / "out")
-    scheduler = Scheduler(lambda: started.append(1) or pool, output, Progress(0, enabled=False),
-                          Receipts(output), max_attempts=max_attempts, shard_size=shard_size,
-                          shards_per_worker=2)
+    lanes = [Lane("video", Receipts(output), lambda row: row.outcome)]
+    scheduler = Scheduler(lambda: started.append(1) or [pool], lanes, output,
+                          Progress(0, enabled=False), max_attempts=max_attempts,
+                          shard_size=shard_size, shards_per_worker=2)
     rows = _rows(list(scripts))
     if shards is None:
         shards = [Shard(rows[i:i + shard_size]) for i in range(0, len(rows), shard_size)]
@@ -122,8 +125,8 @@ def test_a_row_that_kills_its_worker_is_isolated_and_fails_alone(tmp_path):
 
 
 def test_rows_already_final_commit_without_starting_any_worker(tmp_path):
-    invalid = {"id": "x", "row_index": 0, "occurrence": 0, "prompt": None, "status": "failed",
-               "error_code": "invalid_prompt", "error": "invalid_prompt: blank", "key": None}
+    invalid = manifest.record(PlannedRow(0, "x", 0, None, {}, RowFailure(
+        "x", "invalid_prompt", "invalid_prompt: blank", {})))
     _, _, by_id, n, starts = _run(tmp_path, {}, shards=[Shard([], [invalid])])
     assert (n, starts) == (1, 0)
     assert by_id["x"]["error_code"] == "invalid_prompt"
@@ -135,3 +138,84 @@ def test_commits_match_the_input_whatever_the_pool_capacity(tmp_path, capacity):
     _, _, by_id, n, _ = _run(tmp_path, scripts, capacity=capacity)
     assert n == 9 and all(r["status"] == "ok" for r in by_id.values())
     assert sorted(r["attempts"] for r in by_id.values()) == [1] * 6 + [2] * 3
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+def _run_stages(tmp_path, scripts: list[dict[str, list[str]]], capacities: list[int],
+                backlog_rows: int | None = None, shard_size: int = 2, watch=None):
+    """Run rows through one scripted pool per stage ("k", "v", ...); ``watch(scheduler)`` is
+    called at every submission to the first stage."""
+    pools = [ScriptedPool(s, c) for s, c in zip(scripts, capacities)]
+    output = str(tmp_path / "out")
+    names = ["k", "v", "w"][:len(pools)]
+    lanes = [Lane(name, Receipts(output, f"receipts/{name}", name), lambda row: row.outcome,
+                  backlog_rows) for name in names]
+    scheduler = Scheduler(lambda: pools, lanes, output, Progress(0, enabled=False),
+                          max_attempts=3, shard_size=shard_size, shards_per_worker=2)
+    if watch is not None:
+        submit = pools[0].submit
+        pools[0].submit = lambda *a: (watch(scheduler), submit(*a))[1]
+    rows = _rows(list(scripts[0]))
+    scheduler.run(iter([Shard(rows[i:i + shard_size]) for i in range(0, len(rows), shard_size)]))
+    committed = [r for t in manifest.iter_shards(output) for r in t.to_pylist()]
+    return scheduler, pools, {r["id"]: r for r in committed}, len(committed)
+
+
+def test_rows_flow_through_the_stages_and_a_row_failed_in_one_never_reaches_the_next(tmp_path):
+    first = {"a": ["ok"], "bad": ["fail"], "flaky": ["retry", "ok"], "lost": ["lose", "ok"]}
+    second = {"a": ["ok"], "flaky": ["ok"], "lost": ["retry", "ok"]}
+    scheduler, pools, by_id, n = _run_stages(tmp_path, [first, second], [2, 2])
+    assert n == 4 and scheduler.rendered == 3
+    assert "bad" not in {i for shard in pools[1].submitted for i in shard}
+    bad = by_id["bad"]
+    assert (bad["status"], bad["failed_stage"], bad["error"]) == ("failed", "k", "render_error: fail")
+    assert [s["name"] for s in bad["stages"]] == ["k"]
+
+    def attempts(row_id):
+        return [(s["name"], s["status"], s["attempts"]) for s in by_id[row_id]["stages"]]
+
+    assert attempts("a") == [("k", "ok", 1), ("v", "ok", 1)]
+    assert attempts("flaky") == [("k", "ok", 2), ("v", "ok", 1)]
+    assert attempts("lost") == [("k", "ok", 2), ("v", "ok", 2)]  # retries counted per stage
+    assert by_id["lost"]["attempts"] == 4 and by_id["lost"]["failed_stage"] is None
+    # Every stage's artifact is kept: the keyframe's then the video's.
+    assert [a["name"] for a in by_id["a"]["artifacts"]] == ["video", "video"]
+
+
+@pytest.mark.parametrize("backlog", [2, 6])
+def test_a_stage_runs_ahead_of_the_next_by_at_most_its_backlog(tmp_path, backlog):
+    ids = [f"r{i}" for i in range(20)]
+    ahead = []
+
+    def watch(scheduler):
+        fast, slow = scheduler.stages
+        ahead.append(fast.rows_inflight() + slow.rows_held())
+
+    _, pools, by_id, n = _run_stages(tmp_path, [{i: ["ok"] for i in ids}, {i: ["ok"] for i in ids}],
+                                     [8, 1], backlog_rows=backlog, watch=watch)
+    assert n == 20 and all(r["status"] == "ok" for r in by_id.values())
+    # A shard starts only while fewer than ``backlog`` rows are ahead, and the fast stage kept
+    # going up to the bound.
+    assert backlog - 2 <= max(ahead) < backlog
+
+
+def test_rows_whose_first_stage_an_interrupted_run_stored_start_at_the_second(tmp_path):
+    from rendering.contract import receipt_json
+
+    output = tmp_path / "out"
+    done = _rows(["done"])[0].outcome
+    (output / "stages").mkdir(parents=True)
+    (output / "stages" / "done.png").write_bytes(b"keyframe")
+    stored = Result(done.id, True, [Artifact("k", "stages/done.png", 8,
+                                             hashlib.sha256(b"keyframe").hexdigest())])
+    (output / "receipts" / "k").mkdir(parents=True)
+    (output / "receipts" / "k" / "done.json").write_bytes(receipt_json(done, stored))
+
+    _, pools, by_id, n = _run_stages(tmp_path, [{"done": [], "todo": ["ok"]},
+                                                {"done": ["ok"], "todo": ["ok"]}], [2, 2])
+    assert n == 2 and pools[0].submitted == [["todo"]]
+    assert sorted(i for shard in pools[1].submitted for i in shard) == ["done", "todo"]
+    assert by_id["done"]["stages"][0]["attempts"] == 1 and by_id["done"]["status"] == "ok"
+    assert not (output / "receipts" / "k" / "done.json").exists()  # removed once committed

@@ -8,10 +8,10 @@ family is adding its module to ``FAMILIES``. Nothing here imports torch or diffu
 
 from __future__ import annotations
 
-from rendering.pipelines import cogvideox, i2vgenxl, ltx, modelscope, svd, wan
+from rendering.pipelines import cogvideox, i2vgenxl, ltx, modelscope, svd, text_to_image, wan
 from rendering.pipelines.base import Adapter
 
-FAMILIES = (modelscope, wan, cogvideox, ltx, svd, i2vgenxl)
+FAMILIES = (modelscope, wan, cogvideox, ltx, svd, i2vgenxl, text_to_image)
 ADAPTERS: dict[str, type[Adapter]] = {a.pipeline: a for f in FAMILIES for a in f.ADAPTERS}
 TINY_BUILDERS = {kind: build for f in FAMILIES for kind, build in f.TINY.items()}
 # kind -> (pipeline class, {"vae": config, "transformer" or "unet": config})
@@ -30,6 +30,14 @@ def adapter_named(name: str) -> type[Adapter]:
         raise UnsupportedPipeline(f"{name} is not a pipeline reelfarm can drive; supported: "
                                   f"{', '.join(sorted(ADAPTERS))}")
     return adapter
+
+
+def final_stage_problem(adapter: type[Adapter]) -> str | None:
+    """Why a pipeline cannot be a job's last stage: it makes no videos (a keyframe model)."""
+    if adapter.makes == "video":
+        return None
+    return (f"{adapter.pipeline} makes {adapter.makes}s, not videos: it can only be an earlier "
+            f"stage of a job with stages: (a keyframe stage before an image-to-video one)")
 
 
 def adapter_for(pipe) -> type[Adapter]:

@@ -9,6 +9,7 @@ loads, schedules or stores anything. Adding a family is one module of adapters b
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Mapping
 
 from rendering.contract import Task
@@ -20,6 +21,9 @@ class Adapter:
 
     pipeline: ClassVar[str]  # the diffusers pipeline class this adapter drives
     family: ClassVar[str]
+    # What one row becomes: "video" (frames, stored as an MP4), or "image" (one picture, stored
+    # as a PNG: a keyframe that a later stage animates).
+    makes: ClassVar[str] = "video"
     takes_prompt: ClassVar[bool] = True
     takes_negative_prompt: ClassVar[bool] = True
     takes_guidance: ClassVar[bool] = True
@@ -61,6 +65,9 @@ class Adapter:
 
     # The fewest frames it renders (SVD: 2; its guidance ramp needs two ends).
     min_frames: ClassVar[int] = 1
+    # What the pipeline's own check_inputs demands of the sides whatever the model (LTX: 32,
+    # SD: 8); the sides must be a multiple of it too.
+    checked_side_multiple: ClassVar[int] = 1
     # The class ``__init__`` defaults of the config keys ``facts_from_configs`` reads, for a
     # config file that leaves one out (tests check them against the installed diffusers).
     vae_defaults: ClassVar[dict] = {"block_out_channels": (64,)}  # AutoencoderKL
@@ -108,7 +115,8 @@ class Adapter:
             patch = patch[-1]
         return ShapeFacts(cls.pipeline, frame_period=int(temporal or 1), frame_residues=(1,),
                           min_frames=cls.min_frames,
-                          side_multiple=int(vae_spatial or 1) * int(patch))
+                          side_multiple=math.lcm(cls.checked_side_multiple,
+                                                 int(vae_spatial or 1) * int(patch)))
 
     @classmethod
     def call_kwargs(cls, tasks: list[Task], media: list[dict], generators: list) -> dict:

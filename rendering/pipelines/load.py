@@ -186,7 +186,8 @@ def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
 
 
 def render_batch(pipe, adapter: type[Adapter], tasks: list[Task], media: list[dict]) -> np.ndarray:
-    """Render tasks that share a batch key in one call; returns float frames (B, F, H, W, 3).
+    """Render tasks that share a batch key in one call; returns float frames (B, F, H, W, 3),
+    F = 1 for an image pipeline.
 
     Each video gets its own CPU generator seeded from its row, so a row's video does not
     depend on which GPU, or which worker, rendered it. A pipeline that draws from the global
@@ -199,11 +200,16 @@ def render_batch(pipe, adapter: type[Adapter], tasks: list[Task], media: list[di
         if adapter.global_rng:
             torch.manual_seed(tasks[0].seed)  # batch_limit keeps such batches to one row
         with torch.inference_mode():
-            frames = pipe(**kwargs).frames
+            output = pipe(**kwargs)
+    # An image pipeline's pictures are one-frame clips: (B, H, W, 3) -> (B, 1, H, W, 3).
+    frames = output.frames if adapter.makes == "video" else output.images
     if isinstance(frames, torch.Tensor):
         frames = frames.float().cpu().numpy()
     frames = np.asarray(frames)
-    expected = (len(tasks), params["num_frames"], params["height"], params["width"], 3)
+    if adapter.makes == "image":
+        frames = frames[:, None]
+    num_frames = params["num_frames"] if adapter.makes == "video" else 1
+    expected = (len(tasks), num_frames, params["height"], params["width"], 3)
     if frames.shape != expected:
         raise ValueError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
     return frames

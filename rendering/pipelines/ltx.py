@@ -10,16 +10,11 @@ which crashes on a list of generators, so it gets the row's generator alone.
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
 from typing import Mapping
 
 from rendering.pipelines import tiny_parts
 from rendering.pipelines.base import Adapter
 from rendering.pipelines.shapes import ShapeFacts, with_defaults
-
-_CHECKED_MULTIPLE = 32  # LTX's check_inputs refuses sides not divisible by 32
-
 
 class _LTX(Adapter):
     family = "ltx"
@@ -45,11 +40,7 @@ class _LTX(Adapter):
         temporal = vae["temporal_compression_ratio"] or vae["patch_size_t"] * scaling
         return cls.facts(temporal, spatial, cls.denoiser(configs))
 
-    @classmethod
-    def facts(cls, temporal: int | None, vae_spatial: int | None,
-              denoiser: Mapping) -> ShapeFacts:
-        facts = super().facts(temporal, vae_spatial, denoiser)
-        return replace(facts, side_multiple=math.lcm(_CHECKED_MULTIPLE, facts.side_multiple))
+    checked_side_multiple = 32  # LTX's check_inputs refuses sides not divisible by 32
 
 
 class LTXTextToVideo(_LTX):

@@ -1,0 +1,167 @@
+"""Multi-stage jobs end to end: a keyframe per prompt from a text-to-image stage, a video from it
+by an image-to-video stage, each stage on its own workers; per-stage failures, resume and
+fingerprints. Faults (killed drivers and workers) are in test_faults.py; the scheduler's flow
+between stages against fake pools in test_schedule.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from helpers import prompts, run_cli, stages_config, tiny_config, write_prompts
+from PIL import Image
+from videos import probe
+
+from jobs.audit import status, verify
+from jobs.config import ConfigError, validate
+from jobs.output import OutputError
+from jobs.driver import render
+
+# Flux's keyframes need sides divisible by 16, LTX's videos 8k+1 frames. (Parquet columns come
+# from the first row's keys.)
+ROWS = [{"id": "narrow", "prompt": "a narrow keyframe", "width": 40, "num_frames": None},
+        {"id": "short", "prompt": "a clip of 8 frames", "width": None, "num_frames": 8},
+        *prompts(4)]
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _manifest(out) -> dict[str, dict]:
+    return {r["id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+
+
+def _artifacts(row: dict) -> dict[str, dict]:
+    return {a["name"]: a for a in row["artifacts"]}
+
+
+def test_a_two_stage_job_on_ray_stores_keyframes_and_videos_and_reruns_byte_identical(tmp_path, ray_local):
+    src = write_prompts(tmp_path / "prompts.parquet", ROWS)
+    runs = {}
+    for name in ("first", "again"):
+        out = tmp_path / name
+        summary = render(validate(stages_config(src, str(out), keyframe="tiny:flux")),
+                         progress=False)
+        assert (summary.ok, summary.failed, summary.rendered) == (4, 2, 4)
+        runs[name] = _manifest(out)
+    out, rows = tmp_path / "first", runs["first"]
+
+    for row_id in [f"row-{i:03d}" for i in range(4)]:
+        row = rows[row_id]
+        assert row["status"] == "ok" and row["failed_stage"] is None
+        assert [(s["name"], s["status"], s["attempts"]) for s in row["stages"]] == [
+            ("keyframe", "ok", 1), ("video", "ok", 1)]
+        keyframe, video = _artifacts(row)["keyframe"], _artifacts(row)["video"]
+        assert keyframe["path"].startswith("stages/keyframe/") and keyframe["path"].endswith(".png")
+        with Image.open(out / keyframe["path"]) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (32, 32))
+        assert _sha256(out / keyframe["path"]) == keyframe["sha256"]
+        assert (video["path"], video["sha256"]) == (row["video_uri"], row["sha256"])
+        assert probe(str(out / video["path"])) == {"codec": "h264", "pix_fmt": "yuv420p",
+                                                   "size": (32, 32), "frames": 9, "faststart": True}
+    # A row the keyframe stage cannot make fails there and never reaches the video stage.
+    narrow = rows["narrow"]
+    assert (narrow["status"], narrow["error_code"], narrow["failed_stage"]) == (
+        "failed", "invalid_shape", "keyframe")
+    assert [s["name"] for s in narrow["stages"]] == ["keyframe"] and narrow["artifacts"] == []
+    # A row the video stage cannot make keeps its keyframe, recorded and stored.
+    short = rows["short"]
+    assert (short["status"], short["error_code"], short["failed_stage"]) == (
+        "failed", "invalid_shape", "video")
+    assert list(_artifacts(short)) == ["keyframe"]
+    assert _sha256(out / short["artifacts"][0]["path"]) == short["artifacts"][0]["sha256"]
+
+    assert verify(str(out)).problems == []
+    assert status(str(out))["by_stage"] == {"keyframe": {"ok": 5, "failed": 1},
+                                            "video": {"ok": 4, "failed": 1}}
+    figures = json.loads((out / "job.json").read_text())["last_run"]["stages"]
+    assert (figures["keyframe"]["made"], figures["video"]["made"]) == (5, 4)
+    assert figures["keyframe"]["workers"] == figures["video"]["workers"] == 1
+    # The same config and input give the same keyframes and videos, byte for byte.
+    assert {i: [a["sha256"] for a in r["artifacts"]] for i, r in runs["again"].items()} == \
+        {i: [a["sha256"] for a in r["artifacts"]] for i, r in rows.items()}
+
+
+def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path):
+    """The keyframe stage stored four keyframes (one since damaged), then everything died
+    before any video: the resumed run renders only the missing keyframes."""
+    from jobs.dataset import open_dataset
+    from jobs.driver import worker_spec
+    from jobs.hashset import HashSet
+    from jobs.plan import PlanCounts, plan_rows
+    from jobs.stages import job_stages, stage_task
+    from rendering.worker import ShardRenderer
+
+    out = tmp_path / "out"
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(6))
+    cfg = validate(stages_config(src, str(out), cluster={"backend": "inline"}))
+    keyframe = job_stages(cfg)[0]
+    planned = list(plan_rows(open_dataset(src, []), cfg, HashSet(), PlanCounts()))
+    early = ShardRenderer(worker_spec(cfg, keyframe)).render_shard(
+        [stage_task(keyframe, p.outcome, None, cfg.output.uri) for p in planned[:4]])
+    assert all(r.ok for r in early) and len(os.listdir(out / "receipts" / "keyframe")) == 4
+    with open(out / early[3].artifact("keyframe").path, "r+b") as f:
+        f.seek(60)
+        f.write(b"\xde\xad")
+    mtimes = {r.id: os.path.getmtime(out / r.artifact("keyframe").path) for r in early[:3]}
+
+    summary = render(cfg, progress=False)
+    assert (summary.ok, summary.rendered) == (6, 6)
+    figures = json.loads((out / "job.json").read_text())["last_run"]["stages"]
+    assert (figures["keyframe"]["recovered"], figures["keyframe"]["made"]) == (3, 6)
+    assert {r.id: os.path.getmtime(out / r.artifact("keyframe").path) for r in early[:3]} == mtimes
+    rows = _manifest(out)
+    assert [s["attempts"] for s in rows["row-000"]["stages"]] == [1, 1]
+    assert not (out / "receipts").exists()
+    assert verify(str(out)).problems == []
+
+
+def test_changing_a_stage_of_a_finished_job_is_refused_naming_the_stage(tmp_path):
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
+    out = tmp_path / "out"
+    base = stages_config(src, str(out), cluster={"backend": "inline"})
+    render(validate(base), progress=False)
+    changed = stages_config(src, str(out), cluster={"backend": "inline"}, video="tiny:svd")
+    changed["render"]["num_frames"] = 9
+    with pytest.raises(OutputError) as refused:
+        render(validate(changed), progress=False)
+    assert "stages.1.video.model.path: 'tiny:ltx-i2v' -> 'tiny:svd'" in str(refused.value)
+    assert "render to a new output.uri" in str(refused.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"path": "tiny:sd"}}, "model: StableDiffusionPipeline makes images, not videos"),
+    ({"stages": [{"name": "clip", "model": {"path": "tiny:ltx-i2v"}},
+                 {"name": "keyframe", "model": {"path": "tiny:sd"}}]},
+     "stages.keyframe.model: StableDiffusionPipeline makes images, not videos"),
+    ({"stages": [{"name": "a", "model": {"path": "tiny:sd"}},
+                 {"name": "a", "model": {"path": "tiny:svd"}}]}, "stages: names must differ"),
+    ({"stages": [{"name": "video", "model": {"path": "tiny:sd"}},
+                 {"name": "clip", "model": {"path": "tiny:svd"}}]},
+     "stages: 'video' names an artifact of the final video"),
+    ({"stages": [{"name": "k", "model": {"path": "tiny:sd"}, "render": {"height": 64}},
+                 {"name": "v", "model": {"path": "tiny:svd"}}]}, "stages.0.render.height: unknown key"),
+    ({"stages": []}, "stages: list at least one stage"),
+])
+def test_stage_configs_that_cannot_work_are_refused_in_one_line(tmp_path, change, message):
+    cfg = {"input": {"uri": "x.parquet"}, "output": {"uri": str(tmp_path / "out")}, **change}
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert str(refused.value).startswith(message)
+
+
+def test_an_image_model_as_the_last_stage_fails_the_cli_in_one_line(tmp_path):
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(1))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"))))
+    result = run_cli("render", str(config), "--set", "model.path=tiny:sdxl")
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("StableDiffusionXLPipeline makes images, not videos: it "
+                                          "can only be an earlier stage of a job with stages: (a "
+                                          "keyframe stage before an image-to-video one)")
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -36,6 +36,21 @@ def tiny_config(input_uri: str, output_uri: str, **sections) -> dict:
     return cfg
 
 
+def stages_config(input_uri: str, output_uri: str, keyframe: str = "tiny:sd",
+                  video: str = "tiny:ltx-i2v", **sections) -> dict:
+    """A two-stage config (a keyframe per prompt, then a video from it) on tiny models."""
+    cfg = tiny_config(input_uri, output_uri, **sections)
+    del cfg["model"]
+    cfg["render"].update(num_frames=9, batch_size=1)  # LTX: 8k+1 frames
+    cfg["stages"] = [{"name": "keyframe", "model": {"path": keyframe},
+                      "render": {"guidance_scale": 5.0}},
+                     {"name": "video", "model": {"path": video}}]
+    for stage in cfg["stages"]:
+        stage.update(sections.get(f"stage_{stage['name']}", {}))
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("stage_")}
+    return cfg
+
+
 def prompts(n: int, prefix: str = "row") -> list[dict]:
     return [{"id": f"{prefix}-{i:03d}", "prompt": f"a small test scene number {i}"} for i in range(n)]
 

@@ -173,7 +173,7 @@ def _stage_figures(scheduler: Scheduler) -> dict:
     for stage in scheduler.stages:
         rendering_s = scheduler.rendering_s
         out[stage.lane.name] = {
-            "made": stage.ok, "failed": stage.failed, "recovered": stage.lane.receipts.recovered,
+            "made": stage.ok, "failed": stage.failed, "recovered": stage.recovered,
             "seconds_per_row": round(stage.seconds / stage.ok, 4) if stage.ok else None,
             "rows_per_s": round(stage.ok / rendering_s, 4) if rendering_s > 0 else None,
             "workers": getattr(stage.pool, "num_workers", 1) if stage.pool is not None else 0}

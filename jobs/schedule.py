@@ -56,8 +56,9 @@ class _StageState:
     waiting: deque = field(default_factory=deque)  # shards handed over, not yet submitted
     retries: deque = field(default_factory=deque)
     inflight: dict = field(default_factory=dict)  # token -> Shard
-    ok: int = 0
+    ok: int = 0  # rows it made in this run
     failed: int = 0
+    recovered: int = 0  # rows an interrupted run had made (their receipts say)
     seconds: float = 0.0  # worker seconds of the rows it made (render, encode, upload)
 
     def rows_inflight(self) -> int:
@@ -164,7 +165,7 @@ class Scheduler:
             if result is None:
                 return index
             row.attempts += 1
-            self._advance(stage, row, result)
+            self._advance(stage, row, result, recovered=True)
         return len(self.stages)
 
     def _feed_all(self) -> None:
@@ -246,7 +247,8 @@ class Scheduler:
             for i in range(0, len(retry), size):
                 stage.retries.append(Shard(retry[i:i + size]))
 
-    def _advance(self, stage: _StageState, row: PlannedRow, result: Result) -> None:
+    def _advance(self, stage: _StageState, row: PlannedRow, result: Result,
+                 recovered: bool = False) -> None:
         """Close the row's account with ``stage``: its log entry, its result, a fresh count of
         attempts for the next stage."""
         seconds = sum(result.timings_s.values())
@@ -254,6 +256,9 @@ class Scheduler:
                            "attempts": row.attempts, "seconds": seconds})
         row.results.append(result)
         row.attempts = 0
+        if recovered:
+            stage.recovered += 1
+            return
         if result.ok:
             stage.ok += 1
             stage.seconds += seconds

@@ -4,7 +4,9 @@ uploads that break half way. Nothing committed is lost or rendered twice."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import REPO, prompts, run_cli, stored, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, stages_config, stored, tiny_config, write_prompts
 
 from jobs.audit import verify
 from jobs.config import validate
@@ -241,3 +243,93 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"{committed_before} row(s) were already done" in result.stdout
     assert [r["status"] for r in _manifest(out)] == ["ok"] * 24
+
+
+# --- multi-stage jobs ----------------------------------------------------------------------
+
+
+def _stage_pids(records) -> dict[str, list[int]]:
+    """Each stage's worker pids, from the driver's start-up log lines."""
+    pids = {}
+    for record in records:
+        found = re.match(r"(\w+): \d+ worker\(s\) on .* pid\(s\) ([\d ]+)$", record.getMessage())
+        if found:
+            pids[found.group(1)] = [int(p) for p in found.group(2).split()]
+    return pids
+
+
+@pytest.mark.parametrize("stage", ["keyframe", "video"])
+def test_a_worker_killed_in_either_stage_costs_only_that_stages_rows_in_flight(
+        tmp_path, ray_local, caplog, stage):
+    out = tmp_path / "out"
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
+    cfg = validate(stages_config(src, str(out), output={"shard_size": 2},
+                                 render={"num_inference_steps": 4}))
+    caplog.set_level(logging.INFO, logger="jobs.driver")
+    thread, outcome = _render_in_background(cfg)
+    _wait_for(lambda: _committed(out) >= 1, 120, "a committed shard")
+    os.kill(_stage_pids(caplog.records)[stage][0], signal.SIGKILL)
+    thread.join(300)
+    assert not thread.is_alive(), "the job did not finish"
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert (summary.ok, summary.failed) == (24, 0) and summary.workers_replaced >= 1
+    rows = _manifest(out)
+    assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(24)]
+    redone = {name: sum(s["attempts"] - 1 for r in rows for s in r["stages"] if s["name"] == name)
+              for name in ("keyframe", "video")}
+    assert redone[stage] >= 1  # the lost shard's rows were tried again, in that stage only
+    assert redone["video" if stage == "keyframe" else "keyframe"] == 0
+    assert verify(str(out)).problems == []
+    print(f"worker SIGKILL in the {stage} stage: rows re-done per stage {redone}")
+
+
+def test_sigkill_of_the_driver_between_stages_keeps_every_stored_keyframe(tmp_path):
+    out = tmp_path / "out"
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
+    config = tmp_path / "job.yaml"
+    # A slow video stage: keyframes wait for it, stored but not yet animated.
+    config.write_text(yaml.safe_dump(stages_config(
+        src, str(out), output={"shard_size": 2},
+        stage_video={"render": {"num_inference_steps": 8}})))
+    receipts = out / "receipts" / "keyframe"
+
+    def waiting_keyframes() -> set[str]:
+        return {p.stem for p in receipts.glob("*.json")} if receipts.exists() else set()
+
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: _committed(out) >= 1 and len(waiting_keyframes()) >= 2, 180,
+                  "a commit, and keyframes waiting for the video stage")
+        waiting = {key: os.path.getmtime(out / "stages" / "keyframe" / f"{key}.png")
+                   for key in waiting_keyframes()}
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    committed = {r["id"]: r for r in _read_shards(out)}
+    videos = {i: os.path.getmtime(stored(out, r)) for i, r in committed.items()}
+
+    result = run_cli("render", str(config), "--quiet")
+    assert result.returncode == 0, result.stderr
+    rows = _manifest(out)
+    assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(24)]
+    assert all(r["status"] == "ok" for r in rows)
+    assert {i: os.path.getmtime(stored(out, committed[i])) for i in committed} == videos
+    for key, mtime in waiting.items():  # a stored keyframe is animated, not made again
+        assert os.path.getmtime(out / "stages" / "keyframe" / f"{key}.png") == mtime
+    stages = json.loads((out / "job.json").read_text())["last_run"]["stages"]
+    left = 24 - len(committed)
+    assert stages["keyframe"]["recovered"] >= len(waiting)
+    assert stages["keyframe"]["recovered"] + stages["keyframe"]["made"] == left
+    assert stages["video"]["recovered"] + stages["video"]["made"] == left
+    assert run_cli("verify", str(out)).returncode == 0
+    print(f"driver SIGKILL between stages: {len(committed)} rows committed before the kill, "
+          f"{len(waiting)} keyframes waiting; the rerun made {stages['keyframe']['made']} "
+          f"keyframes (recovered {stages['keyframe']['recovered']}) and "
+          f"{stages['video']['made']} videos (recovered {stages['video']['recovered']})")

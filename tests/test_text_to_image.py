@@ -141,3 +141,13 @@ def test_published_vaes_give_what_their_pipelines_compute():
         facts = adapter.facts_from_configs({"vae": vae})
         assert facts == adapter.facts_from_pipe(pipe)
         assert facts.side_multiple == multiple, pipeline
+
+
+def test_a_flux_prompt_counts_as_cut_only_past_what_t5_reads(pipes):
+    from rendering.pipelines.load import prompts_truncated
+
+    words = lambda n: " ".join(["fox"] * n)  # noqa: E731 - at least a token a word
+    limit = inspect.signature(pipes["flux"].__call__).parameters["max_sequence_length"].default
+    # Past CLIP's 77 tokens but within T5's limit: the sequence the model attends to is whole.
+    assert prompts_truncated(pipes["flux"], [words(100), words(limit + 10)]) == [False, True]
+    assert prompts_truncated(pipes["sd"], [words(100)]) == [True]  # CLIP alone reads 77

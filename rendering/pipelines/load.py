@@ -175,10 +175,13 @@ def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
     The pipeline cuts prompts to its ``max_sequence_length`` (Wan, CogVideoX) or else to its
     tokenizer's ``model_max_length`` (CLIP-based models); a longer prompt still renders.
     """
-    tokenizer = getattr(pipe, "tokenizer", None)
+    param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    # Flux reads the prompt through CLIP (a pooled summary) and T5 (``tokenizer_2``, the
+    # sequence the model attends to): the limit that matters is T5's.
+    tokenizer = (param is not None and getattr(pipe, "tokenizer_2", None)) \
+        or getattr(pipe, "tokenizer", None)
     if tokenizer is None:
         return [False] * len(prompts)
-    param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
     limit = param.default if param is not None and isinstance(param.default, int) \
         else tokenizer.model_max_length
     ids = tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]

@@ -178,7 +178,7 @@ def _plan(args) -> int:
     from jobs.manifest import committed_hashes
     from jobs.output import check_resumable, read_job
     from jobs.output_checks import check_output_is_folder
-    from jobs.plan import count_plan, model_shapes
+    from jobs.plan import count_plan, known_facts, model_shapes
 
     started = time.monotonic()
     cfg = _load(args)
@@ -186,10 +186,13 @@ def _plan(args) -> int:
     dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
     check_resumable(cfg, read_job(cfg.output.uri))
     shapes = model_shapes(cfg)
-    counts = count_plan(dataset, cfg, committed_hashes(cfg.output.uri), shapes.facts)
+    counts = count_plan(dataset, cfg, committed_hashes(cfg.output.uri), known_facts(shapes))
     print(f"input:      {cfg.input.uri} ({len(dataset.files)} file(s))")
     print(f"output:     {cfg.output.uri} (fingerprint {fingerprint(cfg)})")
-    print(f"model:      {cfg.model.path} " + _shape_source(shapes))
+    if cfg.stages is None:
+        print(f"model:      {cfg.model.path} " + _shape_source(*shapes.values()))
+    for stage in cfg.stages or ():
+        print(f"stage:      {stage.name}: {stage.model.path} " + _shape_source(shapes[stage.name]))
     print(f"rows:       {counts.rows}")
     print(f"done:       {counts.done}")
     print(f"to do:      {counts.todo} ({counts.invalid} invalid, of which {counts.duplicates} "

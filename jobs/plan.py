@@ -18,6 +18,7 @@ from jobs.dataset import InputDataset, iter_batches
 from jobs.hashset import HashSet, key_hashes, row_hash
 from jobs import params
 from jobs.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
+from jobs.stages import job_stages
 from rendering.contract import MEDIA_ROLES, Task
 from rendering.pipelines.shapes import KnownShapes, ShapeFacts, known_shapes
 
@@ -144,15 +145,33 @@ def _text(value) -> str | None:
     return value
 
 
-def model_shapes(cfg: JobConfig) -> KnownShapes:
-    """The shape facts of the config's model, from its config files alone (no torch, no
-    weights, no network): a tiny kind, a diffusers folder (local or fsspec), or a hub id already
-    in this machine's hub cache; otherwise unknown, saying why."""
-    return known_shapes(cfg.model.path, cfg.model.pipeline, cfg.model.revision)
+def model_shapes(cfg: JobConfig) -> dict[str, KnownShapes]:
+    """The shape facts of each stage's model (a single-stage job's one), from its config files
+    alone (no torch, no weights, no network): a tiny kind, a diffusers folder (local or fsspec),
+    or a hub id already in this machine's hub cache; otherwise unknown, saying why."""
+    return {stage.name: known_shapes(stage.model.path, stage.model.pipeline, stage.model.revision)
+            for stage in job_stages(cfg)}
+
+
+@dataclass(frozen=True)
+class StagesShapes:
+    """The known shape facts of every stage: a row fails in the first that cannot render it."""
+
+    stages: tuple[ShapeFacts, ...]
+
+    def problem(self, num_frames: int, height: int, width: int) -> str | None:
+        return next(filter(None, (facts.problem(num_frames, height, width)
+                                  for facts in self.stages)), None)
+
+
+def known_facts(shapes: dict[str, KnownShapes]) -> StagesShapes | None:
+    """What ``count_plan`` checks rows against: the stages whose shape rules are known."""
+    known = tuple(s.facts for s in shapes.values() if s.facts is not None)
+    return StagesShapes(known) if known else None
 
 
 def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
-               shapes: ShapeFacts | None = None) -> PlanCounts:
+               shapes: ShapeFacts | StagesShapes | None = None) -> PlanCounts:
     """The counts ``plan_rows`` would reach, in a fraction of its time: for ``reelfarm plan``.
 
     Given the model's ``shapes``, a row that resolves to a task of a shape the model cannot

@@ -15,7 +15,8 @@ import os
 import shutil
 
 import pytest
-from helpers import run_cli, tiny_config, write_prompts
+import pyarrow.parquet as pq
+from helpers import run_cli, stages_config, tiny_config, write_prompts
 
 from jobs import driver, manifest
 from jobs.config import validate
@@ -24,7 +25,7 @@ from jobs.driver import render
 from jobs.hashset import HashSet
 from jobs.output import OutputError
 from jobs.output_checks import check_output_is_folder
-from jobs.plan import count_plan, model_shapes
+from jobs.plan import count_plan, known_facts, model_shapes
 from rendering.pipelines import ADAPTERS, adapter_for
 from rendering.pipelines.shapes import ShapeFacts, folder_configs, known_shapes
 from rendering.tiny import TINY_KINDS, build_tiny_pipeline, tiny_configs
@@ -228,7 +229,7 @@ def test_a_saved_model_folder_and_a_hub_cache_give_the_same_rules(tmp_path, monk
     # Loaded as another class of the family, the rules are that class's.
     v2v = known_shapes("someone/tiny-wan", pipeline="WanVideoToVideoPipeline").facts
     assert v2v.pipeline == "WanVideoToVideoPipeline"
-    counts = count_plan(open_dataset(src, []), cfg, HashSet(), model_shapes(cfg).facts)
+    counts = count_plan(open_dataset(src, []), cfg, HashSet(), known_facts(model_shapes(cfg)))
     assert (counts.invalid, counts.invalid_shape) == (5, 5)
 
 
@@ -238,9 +239,9 @@ def test_unknown_rules_are_said_and_nothing_is_counted(tmp_path):
                       render={"num_frames": 16})
     cfg = validate(raw)
     shapes = model_shapes(cfg)
-    assert shapes.facts is None
-    assert "not in this machine's hub cache" in shapes.source
-    assert count_plan(open_dataset(src, []), cfg, HashSet(), shapes.facts).invalid == 0
+    assert shapes["video"].facts is None and known_facts(shapes) is None
+    assert "not in this machine's hub cache" in shapes["video"].source
+    assert count_plan(open_dataset(src, []), cfg, HashSet(), known_facts(shapes)).invalid == 0
 
 
 def test_plan_imports_neither_torch_nor_diffusers(tmp_path):
@@ -296,3 +297,19 @@ def test_render_refuses_an_output_that_is_a_file_in_the_same_line(tmp_path):
     assert result.stderr.strip() == (f"reelfarm: output {afile} is a file, not a folder: "
                                      f"choose another output.uri (or --output)")
     assert afile.read_bytes() == b"not a folder"
+
+
+def test_plan_counts_rows_any_stage_cannot_render_as_render_fails_them(tmp_path, ray_local):
+    """A keyframe stage (Flux: sides divisible by 16) into a video stage (LTX: 8k+1 frames,
+    sides divisible by 32): plan counts exactly the rows render fails as invalid_shape."""
+    rows = [{"prompt": "fits", "num_frames": 9, "width": 32},
+            {"prompt": "flux refuses", "num_frames": 9, "width": 40},
+            {"prompt": "ltx refuses the frames", "num_frames": 8, "width": 32},
+            {"prompt": "ltx refuses the side", "num_frames": 9, "width": 48}]
+    src = write_prompts(tmp_path / "in.parquet", rows)
+    cfg = validate(stages_config(src, str(tmp_path / "out"), keyframe="tiny:flux"))
+    counts = count_plan(open_dataset(src, []), cfg, HashSet(), known_facts(model_shapes(cfg)))
+    summary = render(cfg, progress=False)
+    failed = [r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+              if r["error_code"] == "invalid_shape"]
+    assert counts.invalid_shape == len(failed) == summary.failed == 3

@@ -471,6 +471,20 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{body}</table>\n"
 
 
+def _model_row(config: dict, run: dict) -> tuple[str, str]:
+    """The model, or each stage's model with what the last run's workers made of it."""
+    if not config.get("stages"):
+        return "Model", f"<code>{_e((config.get('model') or {}).get('path') or DASH)}</code>"
+    figures = run.get("stages") or {}
+    parts = []
+    for stage in config["stages"]:
+        made = figures.get(stage["name"]) or {}
+        rate = (f" ({_num(made.get('made'))} made, {_num(made.get('rows_per_s'))} rows/s, "
+                f"{_num(made.get('workers'))} worker(s))" if made else "")
+        parts.append(f"{_e(stage['name'])}: <code>{_e(stage['model']['path'])}</code>{rate}")
+    return "Stages", " \u2192 ".join(parts)
+
+
 def _summary(g: Gathered, job: dict, complete: bool) -> str:
     run = job.get("last_run") or {}
     config = job.get("config") or {}
@@ -502,7 +516,7 @@ def _summary(g: Gathered, job: dict, complete: bool) -> str:
                  f"; {_num(run.get('rendered'))} rendered"),
         ("Last run", f"{_when(run.get('started_at'))} \u2192 {_when(run.get('finished_at'))}"),
         ("Commits", f"{_when(g.first_commit)} \u2192 {_when(g.last_commit)}"),
-        ("Model", f"<code>{_e((config.get('model') or {}).get('path') or DASH)}</code>"),
+        _model_row(config, run),
         ("Shape", _e(shape)),
         ("Fingerprint", f"<code>{_e(job.get('fingerprint') or DASH)}</code>"),
     ]

@@ -37,25 +37,26 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
         return Audit(0, 0, [f"output {output_uri} does not exist"])
     problems: list[str] = []
     rows = ok = 0
-    seen_rows, listed_videos = HashSet(), HashSet()
+    seen_rows, listed = HashSet(), HashSet()
     repeats: Counter = Counter()  # (id, occurrence) -> extra commits
     packed = _packed(output_uri)
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         for table in manifest.iter_shards(output_uri, columns=_ARTIFACT_COLUMNS):
             rows += table.num_rows
             _count_repeats(table, seen_rows, repeats)
-            ok_rows = table.filter(pc.equal(table["status"], "ok")).to_pylist()
-            ok += len(ok_rows)
-            listed_videos.add(_path_hashes(storage.join(root, a["path"])
-                                           for r in ok_rows for a in r["artifacts"]))
-            problems += [p for found in _artifact_problems(fs, root, ok_rows, check_hashes,
+            # Failed rows may list artifacts too: what an earlier stage made (a keyframe).
+            stored_rows = [r for r in table.to_pylist() if r["artifacts"]]
+            ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+            listed.add(_path_hashes(storage.join(root, a["path"])
+                                    for r in stored_rows for a in r["artifacts"]))
+            problems += [p for found in _artifact_problems(fs, root, stored_rows, check_hashes,
                                                            packed, pool) for p in found]
     if packed is not None:
         problems += pack.check_shards(output_uri)
     if rows == 0:
         problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
-    problems += sorted(_stray_objects(fs, root, listed_videos))
+    problems += sorted(_stray_objects(fs, root, listed))
 
     success = fs.exists(storage.join(root, layout.SUCCESS_FILE))
     job = read_job(output_uri) or {}
@@ -97,21 +98,22 @@ def _packed(output_uri: str) -> HashSet | None:
     return pack.packed_samples(output_uri) if pack.read_markers(output_uri) else None
 
 
-def _artifact_problems(fs, root: str, ok_rows: list[dict], check_hashes: bool,
+def _artifact_problems(fs, root: str, rows: list[dict], check_hashes: bool,
                        packed: HashSet | None, pool) -> list[list[str]]:
-    """Each ok row's artifact problems. A loose object that is gone is no problem when the row
-    is packed in a shard (``output.keep_videos: false`` drops them; the shard check covers it)."""
+    """Each row's artifact problems. A loose object that is gone is no problem when the row is
+    packed in a shard (``output.keep_videos: false`` drops them; the shard check covers it)."""
     def check(row: dict) -> list[str]:
         problems = [_check_artifact(fs, row["id"], storage.join(root, a["path"]), a, check_hashes)
                     for a in row["artifacts"]]
         problems = [p for p in problems if p]
-        if problems and packed is not None and all(" is missing: " in p for p in problems) \
+        if problems and packed is not None and row["status"] == "ok" \
+                and all(" is missing: " in p for p in problems) \
                 and packed.contains([pack.sample_hash(row["id"], row["occurrence"],
                                                       row["sha256"])])[0]:
             return []
         return problems
 
-    return list(pool.map(check, ok_rows))
+    return list(pool.map(check, rows))
 
 
 def failed_rows(output_uri: str):
@@ -133,23 +135,28 @@ def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
     seen.add(hashes)
 
 
-def _stray_objects(fs, root: str, listed_videos: HashSet):
-    """Videos no manifest row lists, and temp objects anywhere under the output.
+def _stray_objects(fs, root: str, listed: HashSet):
+    """Videos (and earlier stages' keyframes) no manifest row lists, and temp objects anywhere
+    under the output.
 
-    The videos folder is flat and may hold millions of objects: its names alone are listed
-    (``find`` would hold a dict of details per object) and looked up a chunk at a time.
+    The videos folder, and each stage's, is flat and may hold millions of objects: their names
+    alone are listed (``find`` would hold a dict of details per object) and looked up a chunk at
+    a time.
     """
-    videos_dir = storage.join(root, layout.VIDEOS_DIR)
-    videos = fs.ls(videos_dir, detail=False) if fs.exists(videos_dir) else []
-    for start in range(0, len(videos), _LISTING_CHUNK):
-        chunk = videos[start:start + _LISTING_CHUNK]
-        for path, listed in zip(chunk, listed_videos.contains(_path_hashes(chunk))):
-            if _is_temp(path):
-                yield f"leftover temporary object {path}"
-            elif not listed:
-                yield f"video {path} is not in any manifest"
+    stages_dir = storage.join(root, layout.STAGES_DIR)
+    stages = fs.ls(stages_dir, detail=False) if fs.exists(stages_dir) else []
+    for folder, what in [(storage.join(root, layout.VIDEOS_DIR), "video"),
+                         *((stage, "object") for stage in stages)]:
+        names = fs.ls(folder, detail=False) if fs.exists(folder) else []
+        for start in range(0, len(names), _LISTING_CHUNK):
+            chunk = names[start:start + _LISTING_CHUNK]
+            for path, known in zip(chunk, listed.contains(_path_hashes(chunk))):
+                if _is_temp(path):
+                    yield f"leftover temporary object {path}"
+                elif not known:
+                    yield f"{what} {path} is not in any manifest"
     for entry in fs.ls(root, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] != layout.VIDEOS_DIR:
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in (layout.VIDEOS_DIR, layout.STAGES_DIR):
             yield from (f"leftover temporary object {p}" for p in fs.find(entry) if _is_temp(p))
 
 

@@ -48,7 +48,7 @@ class Progress:
         elif self._enabled and self._clock() - self._last_log >= LOG_EVERY_S:
             self._last_log = self._clock()
             logger.info(self.line())
-            if self.stages and len(self.stages) > 1:
+            if len(self.stages) > 1:
                 logger.info("stages: %s", self.stage_line())
 
     def stage_advance(self, stage: str, ok: bool) -> None:

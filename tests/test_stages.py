@@ -131,6 +131,13 @@ def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path
     assert [s["attempts"] for s in rows["row-000"]["stages"]] == [1, 1]
     assert not (out / "receipts").exists()
     assert verify(str(out)).problems == []
+    # verify checks keyframes as it checks videos: each one listed, and nothing unlisted.
+    gone = out / _artifacts(rows["row-001"])["keyframe"]["path"]
+    gone.unlink()
+    (out / "stages" / "keyframe" / "stray.png").write_bytes(b"not a keyframe")
+    assert verify(str(out)).problems == [
+        f"keyframe of row 'row-001' is missing: {gone}",
+        f"object {out / 'stages' / 'keyframe' / 'stray.png'} is not in any manifest"]
 
 
 def test_changing_a_stage_of_a_finished_job_is_refused_naming_the_stage(tmp_path):

@@ -101,10 +101,12 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
 
     # Step 2: clear what an interrupted run left half-written; find what it left complete.
     fs, root = storage.filesystem(cfg.output.uri)
-    removed = storage.remove_temp_objects(fs, root, layout.FOLDERS)
+    stages = job_stages(cfg)
+    folders = dict.fromkeys([*layout.FOLDERS, *(s.folder for s in stages),
+                             *(s.receipts_folder for s in stages)])
+    removed = storage.remove_temp_objects(fs, root, tuple(folders))
     if removed:
         logger.info("removed %d temporary object(s) left by an interrupted run", removed)
-    stages = job_stages(cfg)
     lanes = [Lane(stage.name, Receipts(cfg.output.uri, stage.receipts_folder, stage.artifact),
                   _task_of(stages, stage, cfg.output.uri)) for stage in stages]
 

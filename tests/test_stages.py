@@ -121,8 +121,11 @@ def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path
         f.seek(60)
         f.write(b"\xde\xad")
     mtimes = {r.id: os.path.getmtime(out / r.artifact("keyframe").path) for r in early[:3]}
+    half_written = out / "stages" / "keyframe" / ".row-005.png.tmp-1234"  # a write cut short
+    half_written.write_bytes(b"half a keyframe")
 
     summary = render(cfg, progress=False)
+    assert not half_written.exists()
     assert (summary.ok, summary.rendered) == (6, 6)
     figures = json.loads((out / "job.json").read_text())["last_run"]["stages"]
     assert (figures["keyframe"]["recovered"], figures["keyframe"]["made"]) == (3, 3)

@@ -187,3 +187,19 @@ def test_an_image_model_as_the_last_stage_fails_the_cli_in_one_line(tmp_path):
                                           "can only be an earlier stage of a job with stages: (a "
                                           "keyframe stage before an image-to-video one)")
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_webdataset_samples_of_a_two_stage_job_carry_the_keyframe(tmp_path):
+    import tarfile
+
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(3))
+    out = tmp_path / "out"
+    render(validate(stages_config(src, str(out), cluster={"backend": "inline"},
+                                  output={"webdataset": True})), progress=False)
+    with tarfile.open(out / "shards" / "00000.tar") as tar:
+        members = tar.getnames()
+    keys = sorted({name.split(".", 1)[0] for name in members})
+    assert len(keys) == 3
+    assert sorted(members) == sorted(f"{k}.{ext}" for k in keys
+                                     for ext in ("json", "txt", "mp4", "keyframe.png"))
+    assert verify(str(out)).problems == []

@@ -120,7 +120,8 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     scheduler = Scheduler(lambda: _start_pools(cfg, stages, scheduler), lanes, cfg.output.uri, bar,
                           max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
                           shards_per_worker=cfg.cluster.shards_in_flight_per_worker,
-                          on_commit=packer.add if packer else None)
+                          on_commit=packer.add if packer else None,
+                          backlog_rows=cfg.cluster.stage_backlog_rows)
     try:
         with _stop_on_sigterm(), packer or contextlib.nullcontext():
             scheduler.run(shards)
@@ -291,14 +292,10 @@ def _start_pools(cfg: JobConfig, stages: list[Stage], scheduler: Scheduler) -> l
 def _split_stages(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool,
                   scheduler: Scheduler) -> list[int]:
     """Workers per stage, from the stages' resources and weights; the balancer that moves them
-    later (cluster.balance: auto) and each stage's backlog bound are set on the scheduler."""
+    later (cluster.balance: auto) is set on the scheduler."""
     balancer = _balancer(cfg, stages, resources, use_gpu)
-    split = balancer.initial()
     scheduler.balancer = balancer if cfg.cluster.balance == "auto" else None
-    for lane, workers in zip(scheduler.lanes[:-1], split[1:]):
-        lane.backlog_rows = cfg.cluster.stage_backlog_rows or (
-            2 * cfg.cluster.shards_in_flight_per_worker * cfg.output.shard_size * workers)
-    return split
+    return balancer.initial()
 
 
 def _balancer(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool) -> Balancer:

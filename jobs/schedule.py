@@ -46,7 +46,6 @@ class Lane:
     name: str
     receipts: Receipts  # the stage's receipts: rows it stored but that are not yet committed
     task_of: Callable[[PlannedRow], Task]  # the row's task in this stage, given earlier results
-    backlog_rows: int | None = None  # rows made and not yet finished by the next stage, at most
 
 
 @dataclass
@@ -80,17 +79,17 @@ class Scheduler:
     def __init__(self, start_pools: Callable[[], list[Pool]], lanes: list[Lane], output_uri: str,
                  progress: Progress, max_attempts: int, shard_size: int, shards_per_worker: int,
                  on_commit: Callable[[list[dict]], None] | None = None,
-                 balancer=None):
+                 balancer=None, backlog_rows: int | None = None):
         self._start_pools = start_pools
         self._on_commit = on_commit  # products built from committed rows (WebDataset shards)
         self.balancer = balancer  # moves workers between stages (jobs.balance), or None
-        self.lanes = lanes
         self.stages = [_StageState(lane) for lane in lanes]
         self.output_uri = output_uri
         self.progress = progress
         self.max_attempts = max_attempts
         self.shard_size = shard_size
         self.shards_per_worker = shards_per_worker
+        self.backlog_rows = backlog_rows  # None: two rounds of shards for the next stage's workers
         self.started = False
         self.startup_s = 0.0  # starting the workers and loading the models
         self.rendering_since: float | None = None
@@ -188,13 +187,14 @@ class Scheduler:
 
     def _may_start(self, index: int) -> bool:
         """Whether stage ``index`` may take a new shard: the rows it holds and the next stage
-        has not finished stay under the next stage's backlog bound."""
+        has not finished stay under the backlog bound, by default two rounds of shards for the
+        next stage's workers as it has them now (a rebalance changes it)."""
         if index + 1 == len(self.stages):
             return True
-        bound = self.stages[index].lane.backlog_rows
-        if bound is None:
-            return True
-        return self.stages[index].rows_inflight() + self.stages[index + 1].rows_held() < bound
+        following = self.stages[index + 1]
+        bound = self.backlog_rows or (2 * self.shards_per_worker * self.shard_size
+                                      * getattr(following.pool, "num_workers", 1))
+        return self.stages[index].rows_inflight() + following.rows_held() < bound
 
     def _submit(self, stage: _StageState, shard: Shard) -> bool:
         if not self.started:

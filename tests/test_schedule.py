@@ -24,9 +24,10 @@ from rendering.contract import Artifact, Result, Task
 class ScriptedPool:
     """A pool whose workers do what each row's script says, one step per attempt."""
 
-    def __init__(self, scripts: dict[str, list[str]], capacity: int = 2):
+    def __init__(self, scripts: dict[str, list[str]], capacity: int = 2, per_wait: int = 1):
         self.scripts = {k: deque(v) for k, v in scripts.items()}
         self.capacity = capacity
+        self.per_wait = per_wait  # shards finished by one wait: how fast its workers are
         self.queue: deque = deque()
         self.replaced = 0
         self.submitted: list[list[str]] = []  # row ids of each accepted shard
@@ -47,12 +48,15 @@ class ScriptedPool:
         return True
 
     def wait(self, timeout_s: float) -> list[ShardOutcome]:
-        token, tasks = self.queue.popleft()
+        return [self._finish(*self.queue.popleft())
+                for _ in range(min(self.per_wait, len(self.queue)))]
+
+    def _finish(self, token, tasks: list[Task]) -> ShardOutcome:
         steps = [self.scripts[t.id].popleft() for t in tasks]
         if "lose" in steps:
             self.replaced += 1
-            return [ShardOutcome(token, None, "worker died: killed")]
-        return [ShardOutcome(token, [_result(t, step) for t, step in zip(tasks, steps)])]
+            return ShardOutcome(token, None, "worker died: killed")
+        return ShardOutcome(token, [_result(t, step) for t, step in zip(tasks, steps)])
 
     def shutdown(self) -> None:
         self.queue.clear()
@@ -144,16 +148,18 @@ def test_commits_match_the_input_whatever_the_pool_capacity(tmp_path, capacity):
 
 
 def _run_stages(tmp_path, scripts: list[dict[str, list[str]]], capacities: list[int],
-                backlog_rows: int | None = None, shard_size: int = 2, watch=None):
-    """Run rows through one scripted pool per stage ("k", "v", ...); ``watch(scheduler)`` is
-    called at every submission to the first stage."""
-    pools = [ScriptedPool(s, c) for s, c in zip(scripts, capacities)]
+                backlog_rows: int | None = None, shard_size: int = 2, watch=None,
+                speeds: list[int] | None = None):
+    """Run rows through one scripted pool per stage ("k", "v", ...) finishing ``speeds``
+    shards a wait; ``watch(scheduler)`` is called at every submission to the first stage."""
+    pools = [ScriptedPool(s, c, n) for s, c, n in zip(scripts, capacities, speeds or [1] * 3)]
     output = str(tmp_path / "out")
     names = ["k", "v", "w"][:len(pools)]
-    lanes = [Lane(name, Receipts(output, f"receipts/{name}", name), lambda row: row.outcome,
-                  backlog_rows) for name in names]
+    lanes = [Lane(name, Receipts(output, f"receipts/{name}", name), lambda row: row.outcome)
+             for name in names]
     scheduler = Scheduler(lambda: pools, lanes, output, Progress(0, enabled=False),
-                          max_attempts=3, shard_size=shard_size, shards_per_worker=2)
+                          max_attempts=3, shard_size=shard_size, shards_per_worker=2,
+                          backlog_rows=backlog_rows)
     if watch is not None:
         submit = pools[0].submit
         pools[0].submit = lambda *a: (watch(scheduler), submit(*a))[1]
@@ -184,21 +190,26 @@ def test_rows_flow_through_the_stages_and_a_row_failed_in_one_never_reaches_the_
     assert [a["name"] for a in by_id["a"]["artifacts"]] == ["video", "video"]
 
 
-@pytest.mark.parametrize("backlog", [2, 6])
-def test_a_stage_runs_ahead_of_the_next_by_at_most_its_backlog(tmp_path, backlog):
-    ids = [f"r{i}" for i in range(20)]
+@pytest.mark.parametrize("backlog, workers, bound", [
+    (2, 1, 2), (6, 1, 6),
+    # By default two rounds of shards (2 a worker, of 2 rows) for the next stage's workers as
+    # it has them at the time: a rebalance that gives it more lets the first run further ahead.
+    (None, 1, 8), (None, 3, 24)])
+def test_a_stage_runs_ahead_of_the_next_by_at_most_its_backlog(tmp_path, backlog, workers, bound):
+    ids = [f"r{i}" for i in range(40)]
     ahead = []
 
     def watch(scheduler):
         fast, slow = scheduler.stages
+        slow.pool.num_workers = workers
         ahead.append(fast.rows_inflight() + slow.rows_held())
 
     _, pools, by_id, n = _run_stages(tmp_path, [{i: ["ok"] for i in ids}, {i: ["ok"] for i in ids}],
-                                     [8, 1], backlog_rows=backlog, watch=watch)
-    assert n == 20 and all(r["status"] == "ok" for r in by_id.values())
-    # A shard starts only while fewer than ``backlog`` rows are ahead, and the fast stage kept
+                                     [2, 1], backlog_rows=backlog, watch=watch, speeds=[2, 1])
+    assert n == 40 and all(r["status"] == "ok" for r in by_id.values())
+    # A shard starts only while fewer than ``bound`` rows are ahead, and the fast stage kept
     # going up to the bound.
-    assert backlog - 2 <= max(ahead) < backlog
+    assert bound - 2 <= max(ahead) < bound
 
 
 def test_rows_whose_first_stage_an_interrupted_run_stored_start_at_the_second(tmp_path):

@@ -172,9 +172,8 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
 def _stage_figures(scheduler: Scheduler) -> dict:
     """Per stage, for job.json: rows made and failed by this run, rows recovered from an
     interrupted run, worker seconds per row and rows per second while rendering, workers."""
-    out = {}
+    out, rendering_s = {}, scheduler.rendering_s
     for stage in scheduler.stages:
-        rendering_s = scheduler.rendering_s
         out[stage.lane.name] = {
             "made": stage.ok, "failed": stage.failed, "recovered": stage.recovered,
             "seconds_per_row": round(stage.seconds / stage.ok, 4) if stage.ok else None,

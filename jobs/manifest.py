@@ -308,8 +308,11 @@ def _schema(fs, path: str) -> pa.Schema:
 
 
 def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """A shard manifest (a few rows), decoded on this thread. Arrow's decoding threads reading
+    through a Python file object can abort the process at exit ("terminate called without an
+    active exception", apache/arrow#34314, #50482): seen here as a rare SIGABRT of `status`."""
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        return pq.read_table(f, columns=columns, use_threads=False)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

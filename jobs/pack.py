@@ -764,7 +764,7 @@ def _state_hash(row: dict) -> int:
 
 def _read_index(fs, path: str) -> pa.Table:
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, use_threads=False)  # as manifest._read: no decoding threads
 
 
 class _HashingReader:

@@ -25,7 +25,6 @@ class Receipts:
         found = self._fs.find(self._dir) if self._fs.exists(self._dir) else []
         self._paths = {p.rsplit("/", 1)[-1][:-len(".json")]: p for p in found
                        if p.endswith(".json") and p.rsplit("/", 1)[0].rstrip("/") == self._dir.rstrip("/")}
-        self.recovered = 0
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -43,7 +42,6 @@ class Receipts:
             if not self._fs.exists(stored) or self._fs.size(stored) != artifact.bytes \
                     or storage.sha256_object(self._fs, stored) != artifact.sha256:
                 return None
-        self.recovered += 1
         return result
 
     def remove(self, keys: list[str]) -> None:

@@ -32,7 +32,7 @@ from jobs.receipts import Receipts
 from jobs.report import write_report
 from jobs.rows import RowFailure
 from jobs.schedule import Lane, Scheduler, Shard
-from jobs.stages import Stage, job_stages, main_artifact, stage_media_root, stage_task
+from jobs.stages import Stage, job_stages, stage_media_root, stage_task
 from rendering import storage
 from rendering.contract import (EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, ScoringSpec,
                                 Task, WorkerSpec)
@@ -231,7 +231,7 @@ def _task_of(stages: list[Stage], stage: Stage, output_uri: str):
     def task_of(row: PlannedRow) -> Task:
         previous = None
         if stage.index:
-            previous = main_artifact(stages[stage.index - 1], row.results[stage.index - 1])
+            previous = row.results[stage.index - 1].artifact(stages[stage.index - 1].artifact)
         return stage_task(stage, row.outcome, previous, output_uri)
 
     return task_of

@@ -56,9 +56,7 @@ class Progress:
         self.stages.setdefault(stage, [0, 0])[0 if ok else 1] += 1
 
     def stage_line(self) -> str:
-        """Per stage: rows made, failed, and the rate since rendering began ("" for one stage)."""
-        if len(self.stages) < 2:
-            return ""
+        """Per stage: rows made, failed, and the rate since rendering began."""
         elapsed = self._clock() - self._rendering_since if self._rendering_since else 0.0
         parts = []
         for name, (ok, failed) in self.stages.items():

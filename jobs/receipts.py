@@ -21,10 +21,8 @@ class Receipts:
         self._dir = storage.join(self._root, folder)
         self._artifact = artifact  # what a receipt must hold to prove the row's stage done
         # Only uncommitted work leaves receipts, so this listing is bounded by work in flight.
-        # Another stage's receipts live in folders below this one: they are not this stage's.
         found = self._fs.find(self._dir) if self._fs.exists(self._dir) else []
-        self._paths = {p.rsplit("/", 1)[-1][:-len(".json")]: p for p in found
-                       if p.endswith(".json") and p.rsplit("/", 1)[0].rstrip("/") == self._dir.rstrip("/")}
+        self._paths = {p.rsplit("/", 1)[-1][:-len(".json")]: p for p in found if p.endswith(".json")}
 
     def __len__(self) -> int:
         return len(self._paths)

@@ -90,7 +90,6 @@ class Scheduler:
         self.shard_size = shard_size
         self.shards_per_worker = shards_per_worker
         self.backlog_rows = backlog_rows  # None: two rounds of shards for the next stage's workers
-        self.started = False
         self.startup_s = 0.0  # starting the workers and loading the models
         self.rendering_since: float | None = None
         self.rendering_s = 0.0  # from the workers being ready to the last commit
@@ -197,7 +196,7 @@ class Scheduler:
         return self.stages[index].rows_inflight() + following.rows_held() < bound
 
     def _submit(self, stage: _StageState, shard: Shard) -> bool:
-        if not self.started:
+        if stage.pool is None:
             self._start()
         token = next(self._tokens)
         tasks = [stage.lane.task_of(row) for row in shard.rows]
@@ -211,7 +210,6 @@ class Scheduler:
         pools = self._start_pools()
         for stage, pool in zip(self.stages, pools):
             stage.pool = pool
-        self.started = True
         self.rendering_since = time.monotonic()
         self.startup_s = self.rendering_since - started
         self.progress.rendering_started()

@@ -17,7 +17,7 @@ from jobs import params as P
 from jobs.config import JobConfig, ModelConfig, OptimizeConfig, ResourcesConfig
 from jobs.media_inputs import absolute
 from rendering import storage
-from rendering.contract import Artifact, MediaInput, Result, Task
+from rendering.contract import Artifact, MediaInput, Task
 
 FINAL_ARTIFACT = "video"  # the last stage's artifact: the row's video, under videos/
 
@@ -80,6 +80,3 @@ def stage_media_root(output_uri: str) -> str:
     """Where later stages read earlier stages' artifacts from: a media root of their workers."""
     return storage.join(absolute(output_uri), layout.STAGES_DIR)
 
-
-def main_artifact(stage: Stage, result: Result) -> Artifact | None:
-    return result.artifact(stage.artifact)

@@ -65,19 +65,7 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     # WebDataset shards of 5 rows are packed as the job runs: they too must come out whole.
     config.write_text(yaml.safe_dump(tiny_config(src, str(out), output={
         "shard_size": 2, "webdataset": {"rows_per_shard": 5}})))
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        _wait_for(lambda: _committed(out) >= 3, 180, "three committed shards")
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        # The killed driver's local Ray cluster lives in its session: stop what is left of it.
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _sigkill_driver(config, lambda: _committed(out) >= 3, "three committed shards")
     committed = {r["id"]: r for r in _read_shards(out)}
     mtimes = {i: os.path.getmtime(stored(out, r)) for i, r in committed.items()}
     assert len(committed) >= 6
@@ -97,6 +85,26 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     job = json.loads((out / "job.json").read_text())["last_run"]
     print(f"driver SIGKILL: {len(committed)} rows committed before the kill; the rerun took "
           f"{rerun_s:.1f} s, rendered {job['rendered']} and recovered {job['recovered']} from receipts")
+
+
+def _sigkill_driver(config, until, what: str, at_kill=lambda: None):
+    """Run ``reelfarm render config`` until ``until()``, then SIGKILL it; what ``at_kill()``
+    saw just before the kill."""
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait_for(until, 180, what)
+        seen = at_kill()
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        # The killed driver's local Ray cluster lives in its session: stop what is left of it.
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return seen
 
 
 def _read_shards(out) -> list[dict]:
@@ -297,21 +305,11 @@ def test_sigkill_of_the_driver_between_stages_keeps_every_stored_keyframe(tmp_pa
     def waiting_keyframes() -> set[str]:
         return {p.stem for p in receipts.glob("*.json")} if receipts.exists() else set()
 
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        _wait_for(lambda: _committed(out) >= 1 and len(waiting_keyframes()) >= 2, 180,
-                  "a commit, and keyframes waiting for the video stage")
-        waiting = {key: os.path.getmtime(out / "stages" / "keyframe" / f"{key}.png")
-                   for key in waiting_keyframes()}
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    waiting = _sigkill_driver(
+        config, lambda: _committed(out) >= 1 and len(waiting_keyframes()) >= 2,
+        "a commit, and keyframes waiting for the video stage",
+        at_kill=lambda: {key: os.path.getmtime(out / "stages" / "keyframe" / f"{key}.png")
+                         for key in waiting_keyframes()})
     committed = {r["id"]: r for r in _read_shards(out)}
     videos = {i: os.path.getmtime(stored(out, r)) for i, r in committed.items()}
 

@@ -29,6 +29,19 @@ def test_rate_and_eta_leave_out_start_up_and_rows_done_before_rendering():
     assert progress.line() == "30/100 rows (30%), 10 failed, 2.00 rows/s, ETA 0m35s"
 
 
+def test_each_stage_shows_what_it_made_and_failed_and_its_rate_since_rendering_began():
+    clock = Clock()
+    progress = Progress(10, enabled=False, clock=clock)
+    progress.rendering_started()
+    clock.now += 4
+    for _ in range(8):
+        progress.stage_advance("keyframe", ok=True)
+    progress.stage_advance("keyframe", ok=False)
+    for _ in range(2):
+        progress.stage_advance("video", ok=True)
+    assert progress.stage_line() == "keyframe 8 made, 1 failed, 2.00/s; video 2 made, 0.50/s"
+
+
 def test_a_cli_render_reports_start_up_apart_from_the_rendering_rate(tmp_path):
     import yaml
     from helpers import prompts, run_cli, tiny_config, write_prompts

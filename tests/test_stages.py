@@ -19,6 +19,7 @@ from videos import probe
 from jobs.audit import status, verify
 from jobs.config import ConfigError, validate
 from jobs.output import OutputError
+from rendering.contract import MediaInput
 from jobs.driver import render
 
 # Flux's keyframes need sides divisible by 16, LTX's videos 8k+1 frames. (Parquet columns come
@@ -78,6 +79,33 @@ def test_a_two_stage_job_on_ray_keeps_keyframes_and_records_the_stage_that_faile
     figures = json.loads((out / "job.json").read_text())["last_run"]["stages"]
     assert (figures["keyframe"]["made"], figures["video"]["made"]) == (5, 4)
     assert figures["keyframe"]["workers"] == figures["video"]["workers"] == 1
+    # The failed row's kept keyframe is checked like any artifact.
+    kept = out / short["artifacts"][0]["path"]
+    kept.unlink()
+    assert verify(str(out)).problems == [f"keyframe of row 'short' is missing: {kept}"]
+
+
+def test_a_stage_task_fixes_the_stage_settings_and_takes_the_previous_artifact_by_hash():
+    from jobs import params as P
+    from jobs.stages import job_stages, stage_task
+    from rendering.contract import Artifact, Task
+
+    cfg = validate(stages_config("x.parquet", "/out"))
+    keyframe, video = job_stages(cfg)
+    params = {"guidance_scale": 7.5, "num_frames": 9}
+    task = Task("r", "r-key", 7, "a fox", params, {}, P.batch_key(params))
+    assert stage_task(video, task, None, "/out") is task  # nothing to fix, nothing handed on
+    first = stage_task(keyframe, task, None, "/out")
+    assert first.params == {"guidance_scale": 5.0, "num_frames": 9} and first.seed == 7
+    # Rows batch by the settings the stage uses, not the row's.
+    assert first.batch_key == P.batch_key(first.params) != task.batch_key
+    png = Artifact("keyframe", "stages/keyframe/r-key.png", 10, "ab" * 32)
+    second = stage_task(video, task, png, "/out")
+    assert second.params == task.params
+    assert second.inputs["image"] == MediaInput(uri="/out/stages/keyframe/r-key.png",
+                                                sha256="ab" * 32)
+    clip = Artifact("clip", "stages/clip/r-key.mp4", 10, "cd" * 32)
+    assert set(stage_task(video, task, clip, "/out").inputs) == {"video"}
 
 
 def test_the_shipped_tiny_two_stage_config_renders_on_ray_byte_identical_on_rerun(tmp_path):

@@ -6,16 +6,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
+# Where torch comes from. pip's default index gives Linux the multi-gigabyte CUDA build, so the
+# default is PyTorch's own CPU wheel index, unless pip is configured with an index or find-links
+# of its own (a mirror, trusted to serve the build wanted), which is then left to choose.
+# Override: TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA build), TORCH_INDEX= (pip's).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+PIP_HAS_INDEX = $(shell [ -n "$$PIP_INDEX_URL$$PIP_EXTRA_INDEX_URL$$PIP_FIND_LINKS" ] \
+    || $(PYTHON) -m pip config list 2>/dev/null | grep -qE '(index-url|find-links)=' && echo yes)
+TORCH_INDEX ?= $(if $(PIP_HAS_INDEX),,$(TORCH_CPU_INDEX))
+TORCH_FROM = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
-# torch is installed first and pinned (constraints.txt): the CPU build of 2.13.0 satisfies every
-# later requirement, so nothing pulls the multi-gigabyte CUDA wheels.
+# torch is installed first and pinned (constraints.txt), from TORCH_INDEX: the build installed
+# satisfies every later requirement, so nothing pulls another one.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 $(TORCH_FROM)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import sys
 import time
 
 from bench.common import OUT, machine, save
+from rendering import storage
 from rendering.contract import Artifact, Result, Task
 from rendering.worker import ShardRenderer
 
@@ -40,8 +42,19 @@ class NoopRenderer(ShardRenderer):
         return {"node_id": None, "gpu_ids": []}
 
     def render_shard(self, tasks: list[Task]) -> list[Result]:
-        return [Result(id=t.id, ok=True, artifacts=[Artifact("video", f"{self.spec.artifact_dir}/{t.key}.mp4",
-                                                             0, "0" * 64)]) for t in tasks]
+        return [Result(id=t.id, ok=True, artifacts=[stored_empty(self, "video", t.key, "mp4")])
+                for t in tasks]
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def stored_empty(renderer: ShardRenderer, name: str, key: str, ext: str) -> Artifact:
+    """An empty object stored where the renderer's real artifact would go: the driver lists
+    every committed artifact before it calls an output complete, as it does for real ones."""
+    relative = f"{renderer.spec.artifact_dir}/{key}.{ext}"
+    storage.write_bytes(renderer._fs, storage.join(renderer._root, relative), b"")
+    return Artifact(name, relative, 0, EMPTY_SHA256)
 
 
 def write_prompts(path: str, rows: int) -> str:

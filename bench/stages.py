@@ -43,8 +43,8 @@ import threading
 import time
 
 from bench.common import OUT, machine, median, python, run_process, save
-from bench.driver_throughput import write_prompts
-from rendering.contract import Artifact, Result, Task
+from bench.driver_throughput import stored_empty, write_prompts
+from rendering.contract import Result, Task
 from rendering.worker import ShardRenderer
 
 STAGES = ("keyframe", "video")
@@ -101,8 +101,7 @@ class SleepRenderer(ShardRenderer):
             self._log.busy(start, time.time(), len(tasks))
         ext = "mp4" if self.spec.final else "png"
         return [Result(id=t.id, ok=True, timings_s={"render_s": per_row},
-                       artifacts=[Artifact(self.spec.artifact_name,
-                                           f"{self.spec.artifact_dir}/{t.key}.{ext}", 0, "0" * 64)])
+                       artifacts=[stored_empty(self, self.spec.artifact_name, t.key, ext)])
                 for t in tasks]
 
 

@@ -71,6 +71,12 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict:
                 logger.info("started a local Ray cluster on 127.0.0.1")
             else:
                 _join(address)
+        except SystemExit as exc:
+            # Ray's own handler, in force while ray.init runs, made a SIGTERM an exit: hand the
+            # signal to the driver's handler, so it stops as cleanly here as anywhere else.
+            if exc.code == signal.SIGTERM and callable(previous_sigterm):
+                previous_sigterm(signal.SIGTERM, None)
+            raise
         finally:
             # ray.init makes SIGTERM exit the driver at once; give it back to the handler the
             # driver set, so a scheduler's stop still records the run and keeps its committed work.

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs import layout, manifest, pack
+from jobs import layout, lease, manifest, pack
 from jobs.hashset import HashSet, key_hashes, row_hash
-from jobs.output import read_job, require_output
+from jobs.output import OutputError, read_job, require_output
 from rendering import storage
 
 _HASH_THREADS = 8  # hashing is I/O bound on object stores
@@ -23,6 +23,7 @@ class Audit:
     rows: int
     ok: int  # rows whose video was checked
     problems: list[str]
+    strays: list[str] = field(default_factory=list)  # paths of the objects no manifest lists
 
 
 def verify(output_uri: str, check_hashes: bool = True) -> Audit:
@@ -56,7 +57,8 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     if rows == 0:
         problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
-    problems += sorted(_stray_objects(fs, root, listed))
+    strays = sorted(_stray_objects(fs, root, listed), key=lambda stray: stray[1])
+    problems += [problem for _, problem in strays]
 
     success = fs.exists(storage.join(root, layout.SUCCESS_FILE))
     job = read_job(output_uri) or {}
@@ -66,7 +68,34 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     consolidated = storage.join(root, layout.MANIFEST_FILE)
     if success and not fs.exists(consolidated):
         problems.append(f"_SUCCESS is present but {layout.MANIFEST_FILE} is missing")
-    return Audit(rows, ok, problems)
+    return Audit(rows, ok, problems, [path for path, _ in strays])
+
+
+def hold_for_removal(output_uri: str) -> lease.Lease:
+    """Hold the output as a run does, so that no run stores objects while strays are found and
+    removed: a running job's stored but uncommitted videos look like strays."""
+    require_output(output_uri)
+    return lease.acquire(output_uri)
+
+
+def check_strays_removable(output_uri: str) -> None:
+    """Refuse while receipts hold rows an interrupted run stored but did not commit: their
+    objects look like strays, and the next run of the job commits them without rendering."""
+    fs, root = storage.filesystem(output_uri)
+    receipts = storage.join(root, layout.RECEIPTS_DIR)
+    if fs.exists(receipts) and fs.find(receipts):
+        raise OutputError(f"{output_uri} holds rows an interrupted run stored but did not commit "
+                          f"({layout.RECEIPTS_DIR}/): rerun the job to commit them, then remove "
+                          f"strays")
+
+
+def remove_strays(output_uri: str, strays: list[str]) -> None:
+    """Delete the objects ``verify`` found that no manifest lists (``Audit.strays``); call it
+    holding ``hold_for_removal``'s lease, after a ``verify`` made under it."""
+    check_strays_removable(output_uri)
+    fs, _ = storage.filesystem(output_uri)
+    for start in range(0, len(strays), _LISTING_CHUNK):
+        fs.rm(strays[start:start + _LISTING_CHUNK])
 
 
 def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, float]:
@@ -106,14 +135,47 @@ def _artifact_problems(fs, root: str, rows: list[dict], check_hashes: bool,
         problems = [_check_artifact(fs, row["id"], storage.join(root, a["path"]), a, check_hashes)
                     for a in row["artifacts"]]
         problems = [p for p in problems if p]
-        if problems and packed is not None and row["status"] == "ok" \
-                and all(" is missing: " in p for p in problems) \
-                and packed.contains([pack.sample_hash(row["id"], row["occurrence"],
-                                                      row["sha256"])])[0]:
+        if problems and all(" is missing: " in p for p in problems) and _in_shards(packed, row):
             return []
         return problems
 
     return list(pool.map(check, rows))
+
+
+def _in_shards(packed: HashSet | None, row: dict) -> bool:
+    """The ok row is packed in a WebDataset shard (its loose objects may be dropped)."""
+    return packed is not None and row["status"] == "ok" and bool(packed.contains(
+        [pack.sample_hash(row["id"], row["occurrence"], row["sha256"])])[0])
+
+
+def unlisted_artifacts(output_uri: str, examples: int = 3) -> tuple[int, list[str]]:
+    """Committed artifacts that a listing of their folders does not show at their recorded
+    size: how many, and the first few. ``_SUCCESS`` is written only when there are none, so an
+    output whose workers stored elsewhere is never reported complete. One listing per folder
+    and one read of the consolidated manifest, not a request per row."""
+    fs, root = storage.filesystem(output_uri)
+    fs.invalidate_cache()
+    present = HashSet()
+    stages_dir = storage.join(root, layout.STAGES_DIR)
+    folders = [storage.join(root, layout.VIDEOS_DIR), storage.join(root, layout.PREVIEWS_DIR),
+               *(fs.ls(stages_dir, detail=False) if fs.exists(stages_dir) else [])]
+    for folder in folders:
+        if fs.exists(folder):
+            present.add(_path_hashes(f"{o['name']}\0{o['size']}"
+                                     for o in fs.ls(folder, detail=True) if o["type"] == "file"))
+    packed = _packed(output_uri)
+    count, first = 0, []
+    for table in manifest.iter_consolidated(output_uri, _ARTIFACT_COLUMNS):
+        stored = [(r, a) for r in table.to_pylist() for a in r["artifacts"] or ()]
+        shown = present.contains(_path_hashes(f"{storage.join(root, a['path'])}\0{a['bytes']}"
+                                              for _, a in stored))
+        for (row, artifact), ok in zip(stored, shown):
+            if not ok and not _in_shards(packed, row):
+                count += 1
+                if len(first) < examples:
+                    first.append(f"{artifact['name']} of row {row['id']!r} at "
+                                 f"{storage.to_uri(fs, storage.join(root, artifact['path']))}")
+    return count, first
 
 
 def failed_rows(output_uri: str):
@@ -136,8 +198,8 @@ def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
 
 
 def _stray_objects(fs, root: str, listed: HashSet):
-    """Videos (and earlier stages' keyframes) no manifest row lists, and temp objects anywhere
-    under the output.
+    """(path, problem) of the videos (and earlier stages' keyframes) no manifest row lists, and
+    of temp objects anywhere under the output but the lease's (it cleans its own).
 
     The videos folder, and each stage's, is flat and may hold millions of objects: their names
     alone are listed (``find`` would hold a dict of details per object) and looked up a chunk at
@@ -152,12 +214,14 @@ def _stray_objects(fs, root: str, listed: HashSet):
             chunk = names[start:start + _LISTING_CHUNK]
             for path, known in zip(chunk, listed.contains(_path_hashes(chunk))):
                 if _is_temp(path):
-                    yield f"leftover temporary object {path}"
+                    yield path, f"leftover temporary object {path}"
                 elif not known:
-                    yield f"{what} {path} is not in any manifest"
+                    yield path, f"{what} {path} is not in any manifest"
+    skip = (layout.VIDEOS_DIR, layout.STAGES_DIR, layout.LEASE_DIR)  # above, or the lease's
     for entry in fs.ls(root, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] not in (layout.VIDEOS_DIR, layout.STAGES_DIR):
-            yield from (f"leftover temporary object {p}" for p in fs.find(entry) if _is_temp(p))
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in skip:
+            yield from ((p, f"leftover temporary object {p}") for p in fs.find(entry)
+                        if _is_temp(p))
 
 
 def _is_temp(path: str) -> bool:
@@ -169,8 +233,9 @@ def _path_hashes(paths) -> np.ndarray:
 
 
 def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
-    """Counts by status, the most common errors, and the last run's figures. ``must_exist``:
-    a path that holds no output is an error (a typo), not an output of zero rows."""
+    """Counts by status, the most common errors, the ok rows the quality gate kept below its
+    ``min_score``, and the last run's figures. ``must_exist``: a path that holds no output is an
+    error (a typo), not an output of zero rows."""
     fs, root = storage.filesystem(output_uri)
     if must_exist:
         require_output(output_uri)
@@ -179,6 +244,8 @@ def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
     return {"rows": counts.rows, "by_status": dict(counts.by_status),
             "top_errors": counts.top_errors(top),
             "by_stage": {name: dict(c) for name, c in counts.by_stage.items()},
+            "kept_below": dict(counts.kept_below),
+            "min_score": (job.get("config", {}).get("quality") or {}).get("min_score"),
             "expected_rows": job.get("counts", {}).get("rows"),
             "last_run": job.get("last_run"),
             "complete": fs.exists(storage.join(root, layout.SUCCESS_FILE))}

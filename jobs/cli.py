@@ -1,13 +1,14 @@
 """The ``reelfarm`` command line.
 
 Exit codes of ``render``: 0 every row ok; 3 the job finished but some rows failed (each is in
-the manifest with its error); 1 the job could not run (one line on stderr says what and how to
-fix it; ``--debug`` adds the traceback); 2 usage.
+the manifest with its error; ``--ok-if-rows-failed`` makes it 0); 1 the job could not run (one
+line on stderr says what and how to fix it; ``--debug`` adds the traceback); 2 usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -38,17 +39,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(f"{library}_VERBOSITY", "error")
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or the driver's Interrupted (SIGTERM): a clean stop
         print("reelfarm: interrupted; committed work is kept: rerun the same command to resume",
               file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         if args.debug:
-            raise
-        print(f"reelfarm: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except BaseException as exc:  # the driver's Interrupted (SIGTERM): a clean stop, exit 1
-        if isinstance(exc, SystemExit) or args.debug:
             raise
         print(f"reelfarm: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
@@ -76,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, e.g. --set render.num_frames=16")
         cmd.add_argument("--quiet", action="store_true", help="no progress output")
+        if name != "plan":
+            cmd.add_argument("--ok-if-rows-failed", action="store_true",
+                             help="exit 0, not 3, when the job finished but some rows failed "
+                                  "(they are still listed and in the manifest): for schedulers "
+                                  "that count any other exit as a failed job")
         if name == "render":
             cmd.add_argument("--redo", action="append", choices=("failed", "damaged"), default=[],
                              help="repair: render committed rows again that failed, or whose "
@@ -85,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("verify", parents=[common], help="check every manifest row against its stored video")
     cmd.add_argument("output", help="output URI")
     cmd.add_argument("--no-hash", action="store_true", help="check sizes only, skip sha256")
+    cmd.add_argument("--remove-strays", action="store_true",
+                     help="list the objects no manifest lists (and leftover temp objects) that "
+                          "--yes would delete")
+    cmd.add_argument("--yes", action="store_true", help="with --remove-strays: delete them")
     cmd.set_defaults(func=_verify)
 
     cmd = sub.add_parser("status", parents=[common], help="counts by status and the most common errors")
@@ -116,7 +121,9 @@ def _version() -> str:
 
 
 def _load(args):
-    from jobs.config import load_config
+    """The job's config, its local paths made absolute here: the driver's folder is the one
+    the user meant, whatever folder the workers run in."""
+    from jobs.config import load_config, with_absolute_paths
 
     overrides = list(args.set)
     for flag, key in (("input", "input.uri"), ("output", "output.uri"),
@@ -124,7 +131,7 @@ def _load(args):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
+    return with_absolute_paths(load_config(args.config, overrides))
 
 
 def _render(args) -> int:
@@ -138,7 +145,8 @@ def _render(args) -> int:
     print(f"rendered {summary.rendered} video(s) in {summary.seconds:.1f} s "
           f"({summary.videos_per_s:.2f} videos/s while rendering{startup}); "
           f"{summary.skipped} row(s) were already done")
-    print(f"rows: {summary.total_rows}  ok: {summary.ok}  failed: {summary.failed}")
+    ok = _ok(summary.ok, summary.kept_below, cfg.quality.min_score)
+    print(f"rows: {summary.total_rows}  ok: {ok}  failed: {summary.failed}")
     for code, count in summary.top_errors:
         print(f"  {count} failed with {code}")
     print(f"videos:   {out}/videos/")
@@ -147,7 +155,16 @@ def _render(args) -> int:
     if not summary.complete:
         print("the output is not complete: rerun the same command to finish it", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+    return _finished(summary.failed, args)
+
+
+def _ok(count: int, kept_below: dict[int, int], min_score: float | None) -> str:
+    """The ok count, with the rows in it the quality gate kept below its threshold: they exit 0
+    like any ok row, so the summary must say so."""
+    from rendering.quality import kept_below_text
+
+    kept = kept_below_text(kept_below, min_score)
+    return f"{count} ({kept})" if kept else str(count)
 
 
 def _nightly(args) -> int:
@@ -169,7 +186,12 @@ def _nightly(args) -> int:
     if summary["status"] == "incomplete":
         print("the night is not complete: rerun the same command to resume it", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_ROWS_FAILED if summary["failed"] else EXIT_OK
+    return _finished(summary["failed"], args)
+
+
+def _finished(failed: int, args) -> int:
+    """The exit code of a job that finished: 3 when rows failed, unless the caller asked for 0."""
+    return EXIT_ROWS_FAILED if failed and not args.ok_if_rows_failed else EXIT_OK
 
 
 def _plan(args) -> int:
@@ -198,6 +220,10 @@ def _plan(args) -> int:
     print(f"to do:      {counts.todo} ({counts.invalid} invalid, of which {counts.duplicates} "
           f"duplicate ids and {counts.invalid_shape} of a shape the model cannot render; they "
           f"are recorded as failed without rendering)")
+    for row_id, error in counts.invalid_examples:
+        print(f"invalid:    {row_id!r}: {error}")
+    if counts.invalid > len(counts.invalid_examples):
+        print(f"            ... and {counts.invalid - len(counts.invalid_examples)} more")
     if counts.invalid_shape:
         others = len(counts.shape_reasons) - 1
         print(f"shapes:     {counts.invalid_shape} row(s) will fail as invalid_shape, e.g. "
@@ -217,16 +243,43 @@ def _shape_source(shapes) -> str:
 
 
 def _verify(args) -> int:
-    from jobs.audit import verify
+    from jobs.audit import hold_for_removal, verify
 
-    audit = verify(args.output, check_hashes=not args.no_hash)
-    for problem in audit.problems[:50]:
-        print(f"FAIL {problem}")
-    if len(audit.problems) > 50:
-        print(f"... and {len(audit.problems) - 50} more problems")
-    verdict = "consistent" if not audit.problems else f"{len(audit.problems)} problem(s)"
+    if args.yes and not args.remove_strays:
+        print("reelfarm verify: --yes deletes strays: give it with --remove-strays",
+              file=sys.stderr)
+        return EXIT_USAGE
+    with hold_for_removal(args.output) if args.yes else contextlib.nullcontext():
+        audit = verify(args.output, check_hashes=not args.no_hash)
+        for problem in audit.problems[:50]:
+            print(f"FAIL {problem}")
+        if len(audit.problems) > 50:
+            print(f"... and {len(audit.problems) - 50} more problems")
+        removed = _strays(args, audit.strays) if args.remove_strays else 0
+    problems = len(audit.problems) - removed
+    verdict = "consistent" if not problems else f"{problems} problem(s)"
     print(f"{args.output}: {audit.rows} rows, {audit.ok} videos checked: {verdict}")
-    return EXIT_OK if not audit.problems else EXIT_ERROR
+    return EXIT_OK if not problems else EXIT_ERROR
+
+
+def _strays(args, strays: list[str]) -> int:
+    """List the stray objects verify found, or with --yes delete them; return how many went."""
+    from jobs.audit import check_strays_removable, remove_strays
+
+    if not strays:
+        print("no stray objects to remove")
+        return 0
+    if args.yes:
+        remove_strays(args.output, strays)
+        print(f"removed {len(strays)} stray object(s)")
+        return len(strays)
+    check_strays_removable(args.output)
+    for path in strays[:50]:
+        print(f"would remove {path}")
+    if len(strays) > 50:
+        print(f"... and {len(strays) - 50} more")
+    print(f"{len(strays)} stray object(s) would be removed: add --yes to remove them")
+    return 0
 
 
 def _status(args) -> int:
@@ -234,13 +287,18 @@ def _status(args) -> int:
 
     report = status(args.output)
     if args.failed:
-        for row_id, error in failed_rows(args.output):
+        listed = 0
+        for listed, (row_id, error) in enumerate(failed_rows(args.output), 1):
             print(f"{row_id}\t{error}")
+        if not listed:  # on stderr: stdout stays the list, empty, for scripts that read it
+            print(f"{args.output}: no failed rows", file=sys.stderr)
         return EXIT_OK
     expected = report["expected_rows"]
     print(f"{args.output}: {report['rows']} of {expected if expected is not None else '?'} rows "
           f"committed{' (complete)' if report['complete'] else ''}")
     for name, count in sorted(report["by_status"].items()):
+        if name == "ok":
+            count = _ok(count, report["kept_below"], report["min_score"])
         print(f"  {name}: {count}")
     run = report["last_run"] or {}
     if len(report["by_stage"]) > 1:
@@ -256,9 +314,11 @@ def _status(args) -> int:
             print(f"  {count:>6}  {code}  e.g. {example}")
     run = report["last_run"]
     if run:
-        rate = run.get("videos_per_hour")
+        rate, startup = run.get("videos_per_hour"), run.get("startup_s")
+        left_out = f"start-up of {startup:.1f} s left out" if startup else "start-up left out"
         print(f"last run: {run.get('status')}, {run.get('rendered', 0)} rendered in "
-              f"{run.get('seconds', 0)} s" + (f" ({rate} videos/hour)" if rate is not None else ""))
+              f"{run.get('seconds', 0)} s" + (f" ({rate} videos/hour, rendering time only: "
+                                             f"{left_out})" if rate is not None else ""))
     return EXIT_OK
 
 

@@ -7,21 +7,23 @@ line that names the key, e.g. ``render.num_frames: must be >= 1 (got 0)``.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs import params
 from jobs.params import MAX_FPS
-from rendering import tiny
+from rendering import storage, tiny
 from rendering.pipelines import adapter_named, final_stage_problem
+from rendering.pipelines.schedulers import declared_scheduler_names, unknown_scheduler
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
 # A password may hold '/' and '+' (AWS secret keys do), so after a ':' anything up to '@' counts.
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@\s:]+|[^/@\s:]*:[^@\s]*?)@")
@@ -94,6 +96,17 @@ class ModelConfig(_Section):
     def _supported_pipeline(cls, value: str | None) -> str | None:
         if value is not None:
             adapter_named(value)  # raises UnsupportedPipeline, a ValueError naming the supported
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        """An unknown class is refused here, before a cluster starts and a model loads (its
+        settings are checked by the worker, before the weights load)."""
+        known = declared_scheduler_names()
+        problem = unknown_scheduler(value, known) if value is not None and known else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("path")
@@ -377,6 +390,18 @@ def validate(data: dict) -> JobConfig:
         raise ConfigError(redact(_first_error(exc))) from None
 
 
+def with_absolute_paths(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with its local input, output and media-root paths made absolute against this
+    process's folder. The driver hands workers one absolute output: a relative one would be
+    resolved in each worker's own folder and split the output between machines and folders."""
+    out = cfg.model_copy(deep=True)
+    out.input.uri = storage.absolute(out.input.uri)
+    out.output.uri = storage.absolute(out.output.uri)
+    if out.input.media_roots is not None:
+        out.input.media_roots = [storage.absolute(root) for root in out.input.media_roots]
+    return out
+
+
 def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
     """The flattened settings that decide what every video looks like: with stages, every
     stage's model, fixed render settings and optimize options, under its name and in order (a
@@ -484,7 +509,7 @@ def _first_error(exc: ValidationError) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{key}: unknown key"
+        return f"{key}: unknown key{_did_you_mean(err['loc'])}"
     if kind == "missing":
         return f"{key}: required key is missing"
     message = err["msg"]
@@ -495,3 +520,23 @@ def _first_error(exc: ValidationError) -> str:
     count = exc.error_count()
     more = f" [and {count - 1} more problem{'s' if count > 2 else ''}]" if count > 1 else ""
     return f"{key}: {message}{shown}{more}" if key else f"{message}{more}"
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """``; did you mean render.num_frames?`` for an unknown key close to a key of its section."""
+    section: Any = JobConfig
+    for part in loc[:-1]:
+        if not isinstance(part, int):  # a list index (stages.0) stays in the same model
+            field = section.model_fields.get(part)
+            section = _section_of(field.annotation) if field is not None else None
+            if section is None:
+                return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
+
+
+def _section_of(annotation) -> type[BaseModel] | None:
+    """The config section a field holds (``ModelConfig | None``, ``list[StageConfig]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_section_of, get_args(annotation))), None)

@@ -15,6 +15,8 @@ bad bytes replaced (carried columns), never as a decode error that would stop th
 
 from __future__ import annotations
 
+import difflib
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,6 +26,9 @@ import pyarrow.parquet as pq
 from jobs import params
 from jobs.rows import STRING_COLUMNS
 from rendering import storage
+
+logger = logging.getLogger(__name__)
+_IGNORED_SHOWN = 10  # ignored columns named in the warning; the rest are counted
 
 
 class InputError(ValueError):
@@ -41,6 +46,7 @@ class InputDataset:
     uri: str
     files: tuple[InputFile, ...]
     columns: tuple[str, ...]  # the columns to read: prompt, the known optional ones, carried ones
+    ignored: tuple[str, ...] = ()  # the other columns: neither read nor carried
 
     @property
     def num_rows(self) -> int:
@@ -51,17 +57,35 @@ def open_dataset(uri: str, carry_columns: list[str]) -> InputDataset:
     """List the input's files and check each one's footer and schema."""
     fs, path = storage.filesystem(uri)
     paths = _list_files(fs, path, uri)
-    files, columns = [], None
+    files, columns, ignored = [], None, ()
     for file_path in paths:
         schema, num_rows = _read_footer(fs, file_path)
         file_columns = _check_schema(schema, carry_columns, file_path)
         if columns is None:
             columns = file_columns
+            ignored = tuple(name for name in schema.names if name not in columns)
         elif set(file_columns) != set(columns):
             raise InputError(f"input file {file_path} has columns {sorted(file_columns)} but "
                              f"{paths[0]} has {sorted(columns)}: all files must share one schema")
         files.append(InputFile(file_path, num_rows))
-    return InputDataset(uri, tuple(files), tuple(columns))
+    return InputDataset(uri, tuple(files), tuple(columns), ignored)
+
+
+def warn_ignored(dataset: InputDataset) -> None:
+    """Name the input columns that are neither read nor carried: a misspelled per-row column
+    (``num_frame``) would otherwise leave every row at the config's default, silently. Called
+    once a job's checks have passed, so that a refused job says only why."""
+    if not dataset.ignored:
+        return
+    known = list(_expectations())
+    shown = []
+    for name in dataset.ignored[:_IGNORED_SHOWN]:
+        close = difflib.get_close_matches(name, known, n=1)
+        shown.append(f"{name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    more = len(dataset.ignored) - len(shown)
+    logger.warning("input column(s) %s%s ignored: not a column reelfarm reads, and not in "
+                   "input.carry_columns (list a column there to copy it into the manifest)",
+                   ", ".join(shown), f" and {more} more" if more else "")
 
 
 def iter_batches(dataset: InputDataset, batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -137,11 +161,8 @@ def _read_footer(fs, path: str) -> tuple[pa.Schema, int]:
                          f"or not Parquet: {exc}): rewrite it, or remove it from the input") from exc
 
 
-def _check_schema(schema: pa.Schema, carry_columns: list[str], path: str) -> tuple[str, ...]:
-    names = set(schema.names)
-    if "prompt" not in names:
-        raise InputError(f"input file {path} has no 'prompt' column (columns: "
-                         f"{', '.join(schema.names) or 'none'})")
+def _expectations() -> dict:
+    """Every column reelfarm reads: its name, what types it accepts, and their description."""
     expectations = {"prompt": (_is_text, "text"),
                     "id": (lambda t: _is_text(t) or pa.types.is_integer(t), "text or integers"),
                     "image": (lambda t: _is_text(t) or _is_media_struct(t),
@@ -149,6 +170,15 @@ def _check_schema(schema: pa.Schema, carry_columns: list[str], path: str) -> tup
                     "video": (_is_text, "URIs or bytes")}
     expectations.update({p.name: (_is_text, "text") if p.kind is str else (_is_number, "numbers")
                          for p in params.PARAMS})
+    return expectations
+
+
+def _check_schema(schema: pa.Schema, carry_columns: list[str], path: str) -> tuple[str, ...]:
+    names = set(schema.names)
+    if "prompt" not in names:
+        raise InputError(f"input file {path} has no 'prompt' column (columns: "
+                         f"{', '.join(schema.names) or 'none'})")
+    expectations = _expectations()
     for name, (accepts, wanted) in expectations.items():
         kind = schema.field(name).type if name in names else None
         if kind is not None and not (accepts(kind) or pa.types.is_null(kind)):

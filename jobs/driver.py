@@ -17,13 +17,14 @@ from typing import Iterator
 
 
 from jobs import layout, manifest
-from jobs.audit import rows_to_redo
+from jobs.audit import rows_to_redo, unlisted_artifacts
 from jobs.balance import Balancer, StageNeed
-from jobs.config import JobConfig
+from jobs.config import JobConfig, with_absolute_paths
 from jobs.dataset import open_dataset
 from jobs.lease import acquire as acquire_lease
 from jobs.media_inputs import media_roots
-from jobs.output import check_resumable, finish_job, read_job, start_job, unwritable
+from jobs.output import (OutputError, check_resumable, finish_job, read_job, start_job,
+                         unwritable)
 from jobs.output_checks import check_output_is_folder
 from jobs.pack import Packer, PackSpec
 from jobs.plan import PlanCounts, PlannedRow, plan_rows
@@ -40,10 +41,11 @@ from rendering.quality import GateSpec
 
 logger = logging.getLogger(__name__)
 
-class Interrupted(BaseException):
-    """The driver was asked to stop (Ctrl-C or SIGTERM). A BaseException, like
-    KeyboardInterrupt: raised by the signal handler wherever the driver is, it must not be taken
-    for a storage error and retried by an ``except Exception``."""
+class Interrupted(KeyboardInterrupt):
+    """The driver was asked to stop (Ctrl-C or SIGTERM). A KeyboardInterrupt: raised by the
+    signal handler wherever the driver is, it must not be taken for a storage error and retried
+    by an ``except Exception``, and Ray's blocking calls pass on only a KeyboardInterrupt
+    raised inside them (any other exception comes out as a SystemError)."""
 
 
 @dataclass
@@ -61,6 +63,7 @@ class RenderSummary:
     rendering_s: float  # of ``seconds``: from the workers being ready to the last commit
     complete: bool
     top_errors: list[tuple[str, int]]
+    kept_below: dict[int, int]  # tries -> ok rows the quality gate kept below quality.min_score
 
     @property
     def videos_per_s(self) -> float:
@@ -76,17 +79,19 @@ def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozens
     once, and this one stops if it ever loses the lease (it stalled past the lease's ttl and
     another run took over)."""
     started = time.monotonic()
-    # Step 1: check the input and the output before anything expensive starts.
-    check_output_is_folder(cfg.output.uri)
-    dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
-    try:
-        lease = acquire_lease(cfg.output.uri)
-    except OSError as exc:
-        raise unwritable(cfg.output.uri, exc) from exc
-    try:
-        return _render_holding(cfg, dataset, lease, progress, redo, started)
-    finally:
-        lease.release()
+    with _stop_on_sigterm():
+        # Step 1: check the input and the output before anything expensive starts.
+        cfg = with_absolute_paths(cfg)
+        check_output_is_folder(cfg.output.uri)
+        dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
+        try:
+            lease = acquire_lease(cfg.output.uri)
+        except OSError as exc:
+            raise unwritable(cfg.output.uri, exc) from exc
+        try:
+            return _render_holding(cfg, dataset, lease, progress, redo, started)
+        finally:
+            lease.release()
 
 
 def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozenset[str],
@@ -123,9 +128,9 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
                           on_commit=packer.add if packer else None,
                           backlog_rows=cfg.cluster.stage_backlog_rows)
     try:
-        with _stop_on_sigterm(), packer or contextlib.nullcontext():
+        with packer or contextlib.nullcontext():
             scheduler.run(shards)
-    except (KeyboardInterrupt, Interrupted):
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Interrupted)
         if not lease.lost:
             _finish_quietly(cfg, job, "interrupted", dataset.num_rows, scheduler)
         raise Interrupted("stopped: committed work is kept; rerun the same command to resume") from None
@@ -146,7 +151,8 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
                          scheduler.workers_replaced, time.monotonic() - started,
                          scheduler.startup_s, scheduler.rendering_s,
                          tally.rows == dataset.num_rows,
-                         [(code, n) for code, n, _ in tally.top_errors()])
+                         [(code, n) for code, n, _ in tally.top_errors()],
+                         dict(tally.kept_below))
 
 
 def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
@@ -154,8 +160,11 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
     """Write manifest.parquet and job.json; mark the output complete when it is."""
     tally = manifest.consolidate(cfg.output.uri)
     complete = status == "finished" and tally.rows == input_rows
+    unlisted, examples = unlisted_artifacts(cfg.output.uri) if complete else (0, [])
+    complete = complete and not unlisted
     if complete:
         Receipts(cfg.output.uri).remove_all()
+    _remove_probes(cfg.output.uri)
     figures = {"rendered": scheduler.rendered, "recovered": scheduler.recovered,
                "workers_replaced": scheduler.workers_replaced,
                "startup_s": round(scheduler.startup_s, 3),
@@ -163,9 +172,17 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
     if len(scheduler.stages) > 1:
         figures["stages"] = _stage_figures(scheduler)
         figures["workers_moved"] = scheduler.balancer.moves if scheduler.balancer else 0
+    gate = tally.gate_counts() if cfg.quality.min_score is not None else {}
     finish_job(cfg, job, status, {"rows": input_rows, "ok": tally.ok,
-                                  "failed": tally.rows - tally.ok, "committed": tally.rows},
+                                  "failed": tally.rows - tally.ok, "committed": tally.rows, **gate},
                figures, complete)
+    if unlisted:
+        fs, root = storage.filesystem(cfg.output.uri)
+        storage.remove_quietly(fs, storage.join(root, layout.SUCCESS_FILE))  # an earlier run's
+        raise OutputError(f"{unlisted} committed object(s) are not in the output where its "
+                          f"manifests say ({'; '.join(examples)}), so it is not marked complete: "
+                          f"run reelfarm verify {cfg.output.uri}, and check that every worker "
+                          f"writes to the output this driver reads")
     return tally
 
 
@@ -211,6 +228,7 @@ def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
                         model.scheduler, tuple(sorted(model.scheduler_config.items()))),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
         output_uri=cfg.output.uri, artifact_dir=stage.folder, receipts_dir=stage.receipts_folder,
+        probes_dir=layout.PROBES_DIR,
         artifact_name=stage.artifact, final=stage.final,
         previews_dir=layout.PREVIEWS_DIR, previews=tuple(cfg.encode.previews) if stage.final else (),
         preview_max_side=cfg.encode.preview_max_side,
@@ -279,6 +297,12 @@ def _start_pools(cfg: JobConfig, stages: list[Stage], scheduler: Scheduler) -> l
         logger.info("starting %s worker(s)%s and loading %s", getattr(pool, "num_workers", 1),
                     named, stage.model.path)
     infos = start()
+    try:
+        _check_probes(cfg.output.uri, infos)
+    except BaseException:
+        for pool in pools:
+            pool.shutdown()
+        raise
     for stage, pool, info in zip(stages, pools, infos):
         nodes = {p["node_id"] for p in pool.placements()}
         named = f"{stage.name}: " if len(stages) > 1 else ""
@@ -286,6 +310,29 @@ def _start_pools(cfg: JobConfig, stages: list[Stage], scheduler: Scheduler) -> l
                     len(nodes), info[0]["device"], " ".join(str(i["pid"]) for i in info))
     logger.info("workers loaded their models in %.1f s", time.monotonic() - started)
     return pools
+
+
+def _check_probes(output_uri: str, infos: list[list[dict]]) -> None:
+    """Read back the object every worker stored at start: a worker that stores where this
+    driver cannot read (a local path on another machine, memory://) would write a whole job
+    nowhere the manifests point."""
+    fs, root = storage.filesystem(output_uri)
+    fs.invalidate_cache()
+    for info in (worker for pool in infos for worker in pool):
+        probe = info.get("probe")  # None: a stand-in renderer (benchmarks) stores none
+        if probe and not fs.exists(storage.join(root, probe)):
+            raise OutputError(
+                f"output {output_uri}: a worker (pid {info['pid']}) stored a test object there "
+                f"that this driver cannot read back: the workers do not share this storage with "
+                f"the driver. Use an object-store URI (s3://, gs://, ...) or a folder mounted at "
+                f"the same path on every node")
+    _remove_probes(output_uri)
+
+
+def _remove_probes(output_uri: str) -> None:
+    """The workers' start-up probes have been read (replacements store theirs later)."""
+    fs, root = storage.filesystem(output_uri)
+    storage.remove_quietly(fs, storage.join(root, layout.PROBES_DIR), recursive=True)
 
 
 def _split_stages(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool,

@@ -14,6 +14,8 @@
 <output>/shards/NNNNN.tar, .parquet, .done   WebDataset shards, their indexes, their markers
 <output>/_lease/<generation>.json   the lease of the run writing the output (not in FOLDERS:
                              its temp files are its own to clean)
+<output>/_probes/<token>.json   what each worker stored at start for the driver to read back
+                             (that they see one output); removed once read
 ```
 """
 
@@ -27,6 +29,7 @@ MANIFEST_FILE = "manifest.parquet"
 SUCCESS_FILE = "_SUCCESS"
 SHARD_PREFIX = "shard-"
 LEASE_DIR = "_lease"
+PROBES_DIR = "_probes"
 SHARDS_DIR = "shards"
 REPORT_FILE = "report.html"
 PREVIEWS_DIR = "previews"

@@ -175,6 +175,7 @@ class Tally:
     errors: Counter = field(default_factory=Counter)  # error_code -> failed rows
     examples: dict = field(default_factory=dict)  # error_code -> its first error message
     by_stage: dict = field(default_factory=dict)  # stage -> Counter of what it did with rows
+    kept_below: Counter = field(default_factory=Counter)  # tries -> ok rows kept under the gate
 
     @property
     def ok(self) -> int:
@@ -191,6 +192,24 @@ class Tally:
         for code, error in zip(failed["error_code"].to_pylist(), failed["error"].to_pylist()):
             self.errors[code] += 1
             self.examples.setdefault(code, error)
+        self.add_gate(table)
+
+    def add_gate(self, table: pa.Table) -> pa.Table | None:
+        """Count the ok rows the quality gate kept below ``quality.min_score`` (they pass as ok,
+        so only this makes them visible), by their tries, and return them. None: the rows
+        predate the gate's columns."""
+        if "quality_passed" not in table.column_names:
+            return None
+        kept = table.filter(pc.and_(pc.equal(table["status"], "ok"),
+                                    pc.equal(table["quality_passed"], False)))
+        self.kept_below.update(len(tries) for tries in kept["quality_tries"].to_pylist())
+        return kept
+
+    def gate_counts(self) -> dict:
+        """The gate's counts as ``job.json`` keeps them."""
+        by_tries = {str(tries): rows for tries, rows in sorted(self.kept_below.items())}
+        return {"kept_below_min_score": sum(self.kept_below.values()),
+                "kept_below_min_score_tries": by_tries}
 
     def top_errors(self, limit: int = 5) -> list[tuple[str, int, str]]:
         return [(code, n, self.examples[code]) for code, n in self.errors.most_common(limit)]
@@ -223,7 +242,8 @@ def iter_shards(output_uri: str, columns: list[str] | None = None,
 def tally(output_uri: str) -> Tally:
     counts = Tally()
     for table in iter_shards(output_uri, columns=["row_index", "occurrence", "status",
-                                                  "error_code", "error", "stages"]):
+                                                  "error_code", "error", "stages",
+                                                  "quality_passed", "quality_tries"]):
         counts.add(table)
     return counts
 
@@ -243,6 +263,16 @@ def consolidate(output_uri: str) -> Tally:
                 writer.write_table(_conform(table, schema))
         storage.upload_file(local, fs, storage.join(root, layout.MANIFEST_FILE))
     return counts
+
+
+def iter_consolidated(output_uri: str, columns: list[str],
+                      batch_rows: int = 65536) -> Iterator[pa.Table]:
+    """``manifest.parquet`` a batch at a time: one object to read, where the shards are many."""
+    fs, root = storage.filesystem(output_uri)
+    with fs.open(storage.join(root, layout.MANIFEST_FILE), "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns,
+                                                    use_threads=False):
+            yield pa.Table.from_batches([batch])
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

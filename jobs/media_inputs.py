@@ -9,7 +9,6 @@ again before reading).
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 
 from rendering import storage
@@ -59,7 +58,7 @@ def media_roots(cfg) -> tuple[str, ...]:
     """``input.media_roots``, or by default the folder that holds the input dataset. Local
     roots are made absolute here: workers may run in another directory."""
     if cfg.input.media_roots is not None:
-        return tuple(absolute(root) for root in cfg.input.media_roots)
+        return tuple(storage.absolute(root) for root in cfg.input.media_roots)
     return (input_folder(cfg.input.uri),)
 
 
@@ -68,12 +67,7 @@ def input_folder(input_uri: str) -> str:
     head = input_uri.rstrip("/")
     while any(ch in head for ch in _GLOB_CHARS) or head.endswith(".parquet"):
         head = posixpath.dirname(head)
-    return absolute(head or ".")
-
-
-def absolute(uri: str) -> str:
-    """A local path made absolute (workers may run elsewhere); URLs as they are."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    return storage.absolute(head or ".")
 
 
 def absolute_uri(value: str, input_uri: str) -> str:

@@ -21,7 +21,7 @@ import time
 from jobs import layout
 from jobs.audit import status as output_status
 from jobs.config import ConfigError, JobConfig, redact
-from jobs.driver import Interrupted, render
+from jobs.driver import render
 from jobs.output import read_job, read_json
 from rendering import storage
 
@@ -67,7 +67,7 @@ def run(cfg: JobConfig, night: dt.date, progress: bool = True) -> dict:
     try:
         result = render(cfg, progress=progress)
     except BaseException as exc:
-        attempt.update(status="interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt))
+        attempt.update(status="interrupted" if isinstance(exc, KeyboardInterrupt)
                        else "failed", error=redact(" ".join(str(exc).split())) or type(exc).__name__)
         _finish_attempt(attempt, started, cfg.output.uri)
         _write_quietly(cfg, night, attempts + [attempt])

@@ -7,12 +7,20 @@ output-affecting config is kept in ``job.json`` and a mismatch is refused, namin
 from __future__ import annotations
 
 import json
+import logging
 import time
 from importlib import metadata
 
 from jobs.config import JobConfig, fingerprint, fingerprint_fields
-from jobs.layout import JOB_FILE, MANIFESTS_DIR, SUCCESS_FILE
+from jobs.layout import JOB_FILE, MANIFESTS_DIR, RECEIPTS_DIR, SUCCESS_FILE
 from rendering import storage
+
+logger = logging.getLogger(__name__)
+
+# The version of the output's layout and manifests. Outputs written before it was recorded are
+# version 1. A change of format raises it and migrates older outputs explicitly; tests/golden/
+# holds outputs of earlier versions that must keep resuming, verifying and repairing.
+FORMAT_VERSION = 1
 
 _VERSIONED = ("reelfarm", "diffusers", "torch", "transformers", "ray", "pyarrow", "fsspec")
 
@@ -32,7 +40,14 @@ def versions() -> dict[str, str | None]:
 
 
 def read_job(output_uri: str) -> dict | None:
-    return read_json(output_uri, JOB_FILE)
+    """``job.json``, refused when a newer reelfarm wrote the output in a format this one does
+    not know (reading it as an older one would misread it)."""
+    job = read_json(output_uri, JOB_FILE)
+    version = (job or {}).get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise OutputError(f"output {output_uri} is in format {version!r}, newer than this "
+                          f"reelfarm reads (up to {FORMAT_VERSION}): upgrade reelfarm to use it")
+    return job
 
 
 def read_json(output_uri: str, name: str) -> dict | None:
@@ -59,23 +74,40 @@ def require_output(output_uri: str) -> None:
 
 
 def check_resumable(cfg: JobConfig, job: dict | None) -> None:
-    """Refuse an output made with different output-affecting settings."""
+    """Refuse an output made with different output-affecting settings, unless it holds no work
+    of them: a run that failed before committing or storing a row (a typo in a setting found at
+    model load) does not claim the output for its settings."""
     if job is None or job.get("fingerprint") == fingerprint(cfg):
         return
     before = job.get("settings", {})
     now = fingerprint_fields(cfg)
     changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
                for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if not _holds_work(cfg.output.uri):
+        logger.warning("output %s holds no committed or stored row of the settings it was started "
+                       "with; it is taken over by these (%s)", cfg.output.uri,
+                       "; ".join(changed) or "fingerprint differs")
+        return
     raise OutputError(f"output {cfg.output.uri} was rendered with other settings "
                       f"({'; '.join(changed) or 'fingerprint differs'}): render to a new "
                       f"output.uri, or restore the settings to resume it")
+
+
+def _holds_work(output_uri: str) -> bool:
+    """A shard manifest is committed, or a receipt says a row's objects are stored."""
+    from jobs.manifest import shard_paths
+
+    fs, root = storage.filesystem(output_uri)
+    receipts = storage.join(root, RECEIPTS_DIR)
+    return bool(shard_paths(output_uri)) or (fs.isdir(receipts) and bool(fs.find(receipts)))
 
 
 def start_job(cfg: JobConfig, job: dict | None, planned_rows: int) -> dict:
     """Write (or update) ``job.json`` at the start of a run; this also proves we can write."""
     now = time.time()
     job = dict(job or {"created_at": now})
-    job.update(fingerprint=fingerprint(cfg), settings=fingerprint_fields(cfg),
+    job.update(format_version=FORMAT_VERSION, fingerprint=fingerprint(cfg),
+               settings=fingerprint_fields(cfg),
                config=cfg.model_dump(mode="json"), versions=versions(),
                last_run={"started_at": now, "status": "running", "input_rows": planned_rows})
     try:

@@ -14,13 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import JobConfig
-from jobs.dataset import InputDataset, iter_batches
+from jobs.dataset import InputDataset, iter_batches, warn_ignored
 from jobs.hashset import HashSet, key_hashes, row_hash
 from jobs import params
 from jobs.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
 from jobs.stages import job_stages
 from rendering.contract import MEDIA_ROLES, Task
 from rendering.pipelines.shapes import KnownShapes, ShapeFacts, known_shapes
+
+INVALID_EXAMPLES = 5  # invalid rows ``reelfarm plan`` shows with their errors, first in input order
 
 
 @dataclass
@@ -52,6 +54,12 @@ class PlanCounts:
     # invalid_shape); counted by ``count_plan`` given the model's shape facts.
     invalid_shape: int = 0
     shape_reasons: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    invalid_examples: list[tuple[str, str]] = field(default_factory=list)  # (id, error), first few
+
+    def add_examples(self, examples) -> None:
+        """Keep the first ``INVALID_EXAMPLES`` of the (id, error) pairs given, in input order."""
+        room = INVALID_EXAMPLES - len(self.invalid_examples)
+        self.invalid_examples += [(_shortened(i), e) for i, e in list(examples)[:room]]
 
     @property
     def shape_example(self) -> str | None:
@@ -64,6 +72,7 @@ def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts:
               redo: dict[int, float] | None = None) -> Iterator[PlannedRow]:
     """Yield every input row not yet committed, in input order; ``counts`` is kept up to date.
     ``redo``: committed rows to render again (row hash: committed_at of the commit replaced)."""
+    warn_ignored(dataset)
     seen = HashSet()
     repeats: dict[int, int] = {}  # ids seen more than once: first-occurrence hash -> repeats
     index = 0
@@ -87,7 +96,9 @@ def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts:
                                  redo_of=redo.get(h) if redo else None)
             if resolve_rows:
                 planned.outcome = _outcome(row, planned, id_error, cfg)
-                counts.invalid += isinstance(planned.outcome, RowFailure)
+                if isinstance(planned.outcome, RowFailure):
+                    counts.invalid += 1
+                    counts.add_examples([(planned.id, planned.outcome.error)])
             counts.duplicates += occurrence > 0
             counts.todo += 1
             yield planned
@@ -184,6 +195,7 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
     id or prompt, a per-row override, a repeated id) is decided by the same code as
     ``plan_rows`` (``_row_id``, ``_occurrences``, ``_outcome``), so the counts are the same.
     """
+    warn_ignored(dataset)
     counts = PlanCounts()
     seen = HashSet()
     repeats: dict[int, int] = {}
@@ -245,9 +257,18 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
             plain[list(slow_ids)] = False
         vouched = _vouched_rows(batch, cfg) if defaults_ok else np.zeros(n, dtype=bool)
         counts.invalid += int((todo & repeated).sum())
+        examples = []  # (row in batch, id, error) of this batch's first invalid rows
+        wanted = INVALID_EXAMPLES if len(counts.invalid_examples) < INVALID_EXAMPLES else 0
+        for i in np.flatnonzero(todo & repeated)[:wanted].tolist():
+            row_id, error = slow_ids.get(i) or (keys[i].decode("utf-8"), None)
+            outcome = _outcome({}, PlannedRow(i, row_id, occurrences[i], None, {}), error, cfg)
+            examples.append((i, row_id, outcome.error))
         # Vouched rows render at the config's shape.
         if default_problem:
             shape_failures(int((plain & vouched).sum()), default_problem)
+            examples += [(i, keys[i].decode("utf-8"), f"invalid_shape: {default_problem}")
+                         for i in np.flatnonzero(plain & vouched)[:wanted].tolist()]
+        resolved_examples = []  # rows come in input order here: the first few are enough
         for i in np.flatnonzero(todo & ~repeated & ~(plain & vouched)).tolist():
             row = _row(batch, i)
             row_id, error = slow_ids.get(i) or (keys[i].decode("utf-8"), None)
@@ -255,9 +276,16 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
             outcome = _outcome(row, planned, error, cfg)
             if isinstance(outcome, RowFailure):
                 counts.invalid += 1
+                failure = outcome.error
             else:
                 p = outcome.params
-                shape_failures(1, shape_problem(p["num_frames"], p["height"], p["width"]))
+                problem = shape_problem(p["num_frames"], p["height"], p["width"])
+                shape_failures(1, problem)
+                failure = problem and f"invalid_shape: {problem}"
+            if failure and len(resolved_examples) < wanted:
+                resolved_examples.append((i, row_id, failure))
+        counts.add_examples((row_id, error) for _, row_id, error
+                            in sorted(examples + resolved_examples))
         seen.add(ordered[~later & ~seen_before], checked=True)
     return counts
 

@@ -1,12 +1,13 @@
 """``report.html``: one self-contained static page that says what an output holds.
 
 The page is built from the committed manifests (never from in-flight state) and ``job.json``:
-a run summary, throughput over time, the score distribution, a gallery of a sample of the
-videos, the lowest-scoring rows and the failures grouped by error code. It has no external
-assets and makes no network request: plots are inline SVG, the one script and the style are
-inline and pinned by hash in a Content-Security-Policy that allows media from the output
-itself only, and every link is relative to the output root, where the page lives, so the page
-works from local disk, from an object store, and after the output is copied.
+a run summary, throughput over time, the score distribution, the ok rows the quality gate kept
+below its threshold, a gallery of a sample of the videos, the lowest-scoring rows and the
+failures grouped by error code. It has no external assets and makes no network request: plots
+are inline SVG, the one script and the style are inline and pinned by hash in a
+Content-Security-Policy that allows media from the output itself only, and every link is
+relative to the output root, where the page lives, so the page works from local disk, from an
+object store, and after the output is copied.
 
 Bounded at any size: the manifests are read a shard at a time, and what is kept is fixed in
 size. The gallery is a deterministic sample (the ok rows whose ``row_hash`` is smallest, so the
@@ -21,11 +22,13 @@ import base64
 import hashlib
 import heapq
 import html
+import io
 import itertools
 import math
 import re
 import urllib.parse
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -33,20 +36,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from jobs import layout, manifest, params
+from jobs.config import InputConfig, JobConfig, LimitsConfig
 from jobs.hashset import key_hashes, row_hash
+from jobs.media_inputs import media_roots
 from jobs.output import read_job, require_output
 from rendering import storage
+from rendering.contract import MediaInput, MediaSpec
+from rendering.media import MediaError, load_image
+from rendering.quality import kept_below_text
 
 SCORE_COLUMN = "clip_score"
 LOWEST_ROWS = 12  # lowest-scoring rows listed
+KEPT_ROWS = 100  # rows kept below quality.min_score listed (all are counted)
 ERROR_EXAMPLES = 3  # example rows shown per error code
 MAX_ERROR_CODES = 50  # codes kept apart; more are counted together (codes are a small vocabulary)
 PROMPT_CHARS = 300  # prompts and errors are cut here: the page stays small at any prompt size
 ERROR_CHARS = 400
 ID_CHARS = 120
 PREVIEW_ARTIFACTS = ("poster", "webp", "gif")  # shown before the video plays, best first
+THUMB_PX = 128  # longest side of a row's input image, inlined beside its video in the gallery
+_THUMB_THREADS = 8  # input images are read from storage: I/O bound
 # Histograms keep at most this many bins: past it, bins widen to the next width (an exact
 # multiple of the last, so merged counts stay exact).
 TIME_BINS = 120
@@ -126,6 +138,8 @@ class Gathered:
     score_sum: float = 0.0
     score_min: float = math.inf
     score_max: float = -math.inf
+    gate: manifest.Tally = field(default_factory=manifest.Tally)  # its kept_below counts only
+    kept: list = field(default_factory=list)  # the first KEPT_ROWS rows kept below the gate
     _sample: list = field(default_factory=list)  # max-heap of (-hash, seq, row)
     _lowest: list = field(default_factory=list)  # max-heap of (-score, -hash, seq, row)
     _seq: itertools.count = field(default_factory=itertools.count)
@@ -145,6 +159,7 @@ class Gathered:
         if ok.num_rows == 0:
             return
         self.throughput.add(ok["committed_at"].to_numpy(zero_copy_only=False))
+        self._add_kept(self.gate.add_gate(ok))
         scores = _scores(ok)
         hashes = _row_hashes(ok)
         self._add_sample(ok, hashes, scores)
@@ -163,6 +178,12 @@ class Gathered:
                 wanted.append((code, index))
         for (code, _), row in zip(wanted, _rows(failed, [i for _, i in wanted])):
             self.examples.setdefault(code, []).append(row)
+
+    def _add_kept(self, kept: pa.Table | None) -> None:
+        if kept is None or len(self.kept) >= KEPT_ROWS:
+            return
+        head = kept.slice(0, KEPT_ROWS - len(self.kept))
+        self.kept += _rows(head, list(range(head.num_rows)), _scores(head))
 
     def _add_sample(self, ok: pa.Table, hashes: np.ndarray, scores: np.ndarray | None) -> None:
         if self.sample_size <= 0:
@@ -235,7 +256,8 @@ def _scores(table: pa.Table) -> np.ndarray | None:
 
 
 _ROW_COLUMNS = ("id", "row_index", "occurrence", "prompt", "error_code", "error", "video_uri",
-                "artifacts", *params.NAMES)
+                "artifacts", "input_image_uri", "input_image_sha256", "quality_tries",
+                "quality_kept_try", *params.NAMES)
 
 
 def _rows(table: pa.Table, indices: list[int], scores: np.ndarray | None = None) -> list[dict]:
@@ -258,12 +280,63 @@ def _rows(table: pa.Table, indices: list[int], scores: np.ndarray | None = None)
 
 
 def _media(row: dict) -> dict:
-    """The row's video and preview as links relative to the output root (unsafe ones dropped)."""
+    """The row's video, preview and an earlier stage's keyframe (the last one: it fed the
+    video) as links relative to the output root (unsafe ones dropped). ``input_image``, the
+    row's own conditioning image, is filled in by ``_add_input_images`` for the gallery."""
     artifacts = {a["name"]: a["path"] for a in row.get("artifacts") or [] if a}
     video = _relative_href(artifacts.get("video") or row.get("video_uri"))
     preview = next((href for href in (_relative_href(artifacts.get(name))
                                       for name in PREVIEW_ARTIFACTS) if href), None)
-    return {"video": video, "preview": preview}
+    keyframes = [(name, _relative_href(path)) for name, path in artifacts.items()
+                 if name != "video" and name not in PREVIEW_ARTIFACTS]  # earlier stages' own
+    keyframe = next(((name, href) for name, href in reversed(keyframes) if href), None)
+    return {"video": video, "preview": preview, "keyframe": keyframe, "input_image": None}
+
+
+def _add_input_images(rows: list[dict], job: dict) -> None:
+    """Give each gallery row its input image as a small inline JPEG. The image lies outside
+    the output: a link would break the page's promises (no network, works when copied). It is
+    read as the job's workers read it (under its media roots, within its limits, its sha256
+    checked); one that cannot be read is left out."""
+    wanted = [r for r in rows if r.get("input_image_uri") and r.get("input_image_sha256")]
+    spec = _media_spec(job) if wanted else None
+    if spec is None:
+        return
+    with ThreadPoolExecutor(_THUMB_THREADS) as pool:
+        for row, image in zip(wanted, pool.map(lambda r: _thumbnail(r, spec), wanted)):
+            row["media"]["input_image"] = image
+
+
+def _media_spec(job: dict) -> MediaSpec | None:
+    """How the job's workers read media, from ``job.json``; None without a usable config."""
+    config = job.get("config") or {}
+    try:
+        section = InputConfig.model_validate(config.get("input"))
+        limits = LimitsConfig.model_validate(config.get("limits") or {})
+    except ValidationError:
+        return None
+    # Under "error" every rendered row's image had the row's shape: scaling it down to a
+    # thumbnail of that shape crops nothing.
+    resize = (config.get("render") or {}).get("media_resize", "crop")
+    return MediaSpec(roots=media_roots(JobConfig.model_construct(input=section)),
+                     resize="crop" if resize == "error" else resize,
+                     max_bytes=limits.max_media_bytes, max_pixels=limits.max_media_pixels)
+
+
+def _thumbnail(row: dict, spec: MediaSpec) -> str | None:
+    """The row's input image as the model saw it (fitted to the row's shape), scaled down to
+    ``THUMB_PX``, as a data URI; None when it cannot be read or no longer matches its sha256."""
+    width, height = row.get("width") or THUMB_PX, row.get("height") or THUMB_PX
+    scale = THUMB_PX / max(width, height)
+    media = MediaInput(uri=row["input_image_uri"], sha256=row["input_image_sha256"])
+    try:
+        image, _ = load_image(media, spec, max(1, round(width * scale)),
+                              max(1, round(height * scale)))
+    except MediaError:
+        return None
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 _UNSAFE_PATH = re.compile(r"[\x00-\x1f\x7f\\:]")
@@ -290,7 +363,7 @@ def _cut(text, limit: int):
     return _CONTROL.sub("\ufffd", text)  # lone surrogates and control characters
 
 
-_READ = ("status", "committed_at", SCORE_COLUMN, *_ROW_COLUMNS)
+_READ = ("status", "committed_at", SCORE_COLUMN, "quality_passed", *_ROW_COLUMNS)
 
 
 def gather(output_uri: str, sample_size: int = 48) -> Gathered:
@@ -321,6 +394,7 @@ def write_report(output_uri: str, sample_size: int = 48) -> str:
     require_output(output_uri)
     job = read_job(output_uri)
     gathered = gather(output_uri, sample_size)
+    _add_input_images(gathered.sample(), job or {})
     complete = fs.exists(storage.join(root, layout.SUCCESS_FILE))
     page = render_html(gathered, job or {}, name=output_uri.rstrip("/").rsplit("/", 1)[-1],
                        complete=complete)
@@ -347,6 +421,9 @@ fill:#4a5468}
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:12px}
 .card{margin:0;background:#fff;border:1px solid #e3e7ee;padding:8px;overflow-wrap:anywhere}
 .card video{width:100%;aspect-ratio:1;background:#111;image-rendering:pixelated}
+.pair{display:flex;gap:4px;align-items:flex-start}.pair>*{flex:1;min-width:0}
+.still{margin:0}.still img{width:100%;display:block;background:#111}
+.still figcaption{font-size:.8em}
 .card p{margin:.3em 0}.params{list-style:none;margin:.3em 0;padding:0;font-size:.86em}
 .params li{display:inline-block;margin-right:.8em}.params .k{color:#6b7588}
 .prompt{white-space:pre-wrap}.err{white-space:pre-wrap;max-width:60em}
@@ -454,6 +531,7 @@ def render_html(g: Gathered, job: dict, name: str = "", complete: bool = False) 
         _summary(g, job, complete),
         _throughput(g),
         _score_section(g),
+        _gate(g, job),
         _gallery(g),
         _lowest(g),
         _failures(g),
@@ -504,7 +582,7 @@ def _summary(g: Gathered, job: dict, complete: bool) -> str:
          + (f", last run {_e(run.get('status'))}" if run.get("status") else "")),
         ("Rows", f"{g.rows:,} committed" + (f" of {expected:,}" if isinstance(expected, int)
                                             else "")),
-        ("OK", f"<span class=\"good\">{g.ok:,}</span>"),
+        ("OK", f"<span class=\"good\">{g.ok:,}</span>" + _kept_note(g, job)),
         ("Failed", f"<span class=\"{'bad' if failed else 'good'}\">{failed:,}</span>{share}"),
     ]
     if others:
@@ -626,17 +704,27 @@ def _gallery(g: Gathered) -> str:
         if media["video"]:
             poster = f" poster=\"{_e(media['preview'])}\"" if media["preview"] else ""
             preload = "none" if media["preview"] else "metadata"
-            video = (f"<video controls loop muted playsinline preload=\"{preload}\"{poster} "
-                     f"src=\"{_e(media['video'])}\"></video>"
-                     f"<p><a href=\"{_e(media['video'])}\">open video</a></p>")
+            player = (f"<video controls loop muted playsinline preload=\"{preload}\"{poster} "
+                      f"src=\"{_e(media['video'])}\"></video>")
+            link = f"<p><a href=\"{_e(media['video'])}\">open video</a></p>"
         else:
-            video = "<p class=\"muted\">(no playable link)</p>"
+            player, link = "<p class=\"muted\">(no playable link)</p>", ""
+        stills = _stills(media)
+        video = (f"<div class=\"pair\">{stills}{player}</div>" if stills else player) + link
         cards.append(f"<figure class=\"card\" data-row=\"{int(row['row_index'])}\" "
                      f"data-score=\"{_e(score)}\">{video}<figcaption>"
                      f"<p class=\"prompt\"><bdi>{_e(row.get('prompt'))}</bdi></p>"
                      f"{_params_list(row)}</figcaption></figure>\n")
     return (head + f"<p>{shown}. Click a video to play it.</p>\n{buttons}<div id=\"grid\">\n"
             + "".join(cards) + "</div></section>\n")
+
+
+def _stills(media: dict) -> str:
+    """The row's input image and keyframe, each named, to show beside its video."""
+    pairs = (("input image", media.get("input_image")), media.get("keyframe") or (None, None))
+    return "".join(f"<figure class=\"still\"><img src=\"{_e(src)}\" alt=\"{_e(name)}\">"
+                   f"<figcaption class=\"muted\">{_e(name)}</figcaption></figure>"
+                   for name, src in pairs if src)
 
 
 def _code(value) -> str:
@@ -660,6 +748,45 @@ def _lowest(g: Gathered) -> str:
     return (head + f"<p>The {len(rows)} ok rows with the lowest "
             f"<code>{_e(SCORE_COLUMN)}</code>.</p>\n<table><tr><th>score</th><th>id</th>"
             f"<th>prompt</th><th>seed</th></tr>\n{body}</table></section>\n")
+
+
+def _min_score(job: dict):
+    return ((job.get("config") or {}).get("quality") or {}).get("min_score")
+
+
+def _kept_note(g: Gathered, job: dict) -> str:
+    text = kept_below_text(g.gate.kept_below, _min_score(job))
+    return f" (<span class=\"bad\">{_e(text)}</span>)" if text else ""
+
+
+def _tries(row: dict) -> str:
+    """Each try's score, the kept one in bold."""
+    tries, kept = row.get("quality_tries") or [], row.get("quality_kept_try")
+    scores = [f"<b>{_e(_num(t['clip_score']))}</b>" if i == kept else _e(_num(t["clip_score"]))
+              for i, t in enumerate(tries)]
+    return f"{len(tries)}: " + ", ".join(scores)
+
+
+def _gate(g: Gathered, job: dict) -> str:
+    """The ok rows kept below quality.min_score: ok by status and exit code, so only this
+    section (and the counts) shows them. Nothing for an output rendered without a gate."""
+    min_score = _min_score(job)
+    if min_score is None and not g.gate.kept_below:
+        return ""
+    head = "<section id=\"gate\"><h2>Quality gate</h2>\n"
+    count = sum(g.gate.kept_below.values())
+    if not count:
+        return (head + f"<p class=\"good\">Every scored ok row reached "
+                f"<code>quality.min_score</code> {_e(_num(min_score))}.</p></section>\n")
+    body = "".join(
+        f"<tr><td>{_link(r, _code(r.get('id')))}</td><td>{_e(_num(r['score']))}</td>"
+        f"<td class=\"mono\">{_tries(r)}</td>"
+        f"<td class=\"prompt\"><bdi>{_e(r.get('prompt'))}</bdi></td></tr>\n" for r in g.kept)
+    shown = "" if len(g.kept) == count else f" The first {len(g.kept):,} are listed."
+    return (head + f"<p>{_e(kept_below_text(g.gate.kept_below, min_score))}: ok rows whose "
+            f"best try is below the gate (<code>quality_passed</code> false).{shown}</p>\n"
+            f"<table><tr><th>id</th><th>score</th><th>tries (kept in bold)</th><th>prompt</th>"
+            f"</tr>\n{body}</table></section>\n")
 
 
 def _failures(g: Gathered) -> str:

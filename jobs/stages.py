@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from jobs import layout
 from jobs import params as P
 from jobs.config import JobConfig, ModelConfig, OptimizeConfig, ResourcesConfig
-from jobs.media_inputs import absolute
 from rendering import storage
 from rendering.contract import Artifact, MediaInput, Task
 
@@ -70,7 +69,7 @@ def stage_task(stage: Stage, task: Task, previous: Artifact | None, output_uri: 
     inputs = dict(task.inputs)
     if previous is not None:
         role = "image" if previous.path.endswith(".png") else "video"
-        inputs[role] = MediaInput(uri=storage.join(absolute(output_uri), previous.path),
+        inputs[role] = MediaInput(uri=storage.join(storage.absolute(output_uri), previous.path),
                                   sha256=previous.sha256)
     return Task(id=task.id, key=task.key, seed=task.seed, prompt=task.prompt, params=params,
                 inputs=inputs, batch_key=P.batch_key(params))
@@ -78,5 +77,5 @@ def stage_task(stage: Stage, task: Task, previous: Artifact | None, output_uri: 
 
 def stage_media_root(output_uri: str) -> str:
     """Where later stages read earlier stages' artifacts from: a media root of their workers."""
-    return storage.join(absolute(output_uri), layout.STAGES_DIR)
+    return storage.join(storage.absolute(output_uri), layout.STAGES_DIR)
 

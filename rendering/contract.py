@@ -85,6 +85,9 @@ class WorkerSpec:
     gate: GateSpec | None = None  # what a video under quality.min_score does
     artifact_name: str = "video"  # the name the stage's artifact has among the row's artifacts
     final: bool = True  # the job's last stage: it must make videos
+    # Where the worker stores a probe object at start (None: none): the driver reads it back
+    # to prove that it and the worker see one output.
+    probes_dir: str | None = None
 
 
 MEDIA_ROLES = ("image", "video")  # conditioning inputs a row may carry, by role

@@ -107,7 +107,41 @@ def fetch_hub(spec: ModelSpec) -> str:
                     f"HF_HUB_OFFLINE is set: pre-fetch it into the cache, or copy the folder to "
                     f"object storage and set model.path to its URL") from exc
         logger.info("downloading %s from the hub into %s", spec.path, hf_home())
-        return DiffusionPipeline.download(spec.path, **options)
+        try:
+            return DiffusionPipeline.download(spec.path, **options)
+        except OSError as exc:  # the hub's errors, and diffusers' wrapping of them
+            raise ModelCacheError(_hub_failure(spec, exc)) from exc
+
+
+def _hub_failure(spec: ModelSpec, exc: OSError) -> str:
+    """Why a hub model could not be fetched and what to do, in one line. diffusers' own message
+    ends "see the stacktrace above", and the command line shows none without --debug: its cause
+    (the hub's answer) decides the message here."""
+    from huggingface_hub import errors
+
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    name = f"model {spec.path!r}"
+    if isinstance(cause, errors.GatedRepoError):
+        reason = (f"{name} is gated on the hub: accept its terms there, then set HF_TOKEN to a "
+                  f"token of that account")
+    elif isinstance(cause, errors.RevisionNotFoundError):
+        reason = f"{name} has no revision {spec.revision!r} on the hub: check model.revision"
+    elif isinstance(cause, errors.RepositoryNotFoundError):
+        reason = (f"{name} was not found on the hub: check model.path (a hub id is "
+                  f"'organisation/name'), or set HF_TOKEN if it is private or gated")
+    elif isinstance(cause, errors.HfHubHTTPError):
+        reason = f"the hub refused {name} ({_first_line(cause)}): check model.path and HF_TOKEN"
+    elif cause is exc:
+        reason = f"{name} could not be fetched from the hub ({_first_line(exc)})"
+    else:  # no answer: the network, a proxy, HF_ENDPOINT
+        reason = (f"{name} could not be fetched: the hub did not answer ({type(cause).__name__}: "
+                  f"{_first_line(cause)}): check the network (and HF_ENDPOINT), or pre-fetch the "
+                  f"model into the hub cache")
+    return f"{reason}; --debug shows the traceback"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def hub_lock_name(repo: str, revision: str | None) -> str:

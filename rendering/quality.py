@@ -1,5 +1,5 @@
-"""The quality gate: whether a rendered row's CLIP score passes, the seeds of its retries, and
-which try is kept.
+"""The quality gate: whether a rendered row's CLIP score passes, the seeds of its retries,
+which try is kept, and how summaries name the rows kept below it.
 
 A retry renders the row again with a seed derived from the row's seed and the try number, so
 the same config and input keep the same videos. The tries happen inside one attempt at the row:
@@ -42,3 +42,16 @@ def kept_try(scores: list[float | None]) -> int:
         if score is not None and (scores[best] is None or score > scores[best]):
             best = i
     return best
+
+
+def kept_below_text(kept_below: dict[int, int], min_score: float | None) -> str:
+    """What the summaries say of the ok rows kept under the gate (tries -> rows), such as "8 kept
+    below quality.min_score 30 after 3 tries"; empty when there are none."""
+    rows = sum(kept_below.values())
+    if not rows:
+        return ""
+    fewest, most = min(kept_below), max(kept_below)
+    tries = f"{most}" if fewest == most else f"{fewest} to {most}"
+    threshold = "" if min_score is None else f" {min_score:g}"
+    return (f"{rows} kept below quality.min_score{threshold} after {tries} "
+            f"{'try' if most == 1 else 'tries'}")

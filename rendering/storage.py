@@ -53,6 +53,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's folder; URLs as they are. Workers
+    run in folders of their own (on a joined cluster, where ``ray start`` ran), so a relative
+    path would name another place on each of them."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
@@ -133,6 +140,14 @@ def _abort_multipart_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
         sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
              UploadId=upload["UploadId"])
     return len(uploads)
+
+
+def remove_quietly(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    """Remove ``path`` if it is there: gone already is as good as removed."""
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -14,11 +14,14 @@ the actor accepts two calls at once) renders while the last one is encoded and s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import groupby
 
@@ -76,8 +79,21 @@ class ShardRenderer:
                     self._scorer = ClipScorer(self.spec.scoring, device)
                 self._load_info = {"device": device, "pid": os.getpid(),
                                    "pipeline": type(self._pipe).__name__,
-                                   "load_s": round(time.monotonic() - started, 3)}
+                                   "load_s": round(time.monotonic() - started, 3),
+                                   "probe": self._store_probe()}
             return self._load_info
+
+    def _store_probe(self) -> str | None:
+        """Store a small object under the output for the driver to read back, and return its
+        key: a local path that is not one shared folder (workers on other machines, or in
+        other folders) is found at start, not after a night of videos went elsewhere."""
+        if self.spec.probes_dir is None:
+            return None
+        key = f"{self.spec.probes_dir}/{uuid.uuid4().hex}.json"
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
+        storage.with_retries(f"store {key}", storage.write_bytes, self._fs,
+                             storage.join(self._root, key), body)
+        return key
 
     def render_shard(self, tasks: list[Task]) -> list[Result]:
         """Render, encode and upload every task; results come back in the order of ``tasks``."""

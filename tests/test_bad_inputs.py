@@ -78,6 +78,14 @@ def _existing_output(job: bytes):
     return setup
 
 
+def _stored_with_other_settings(tmp):
+    """An output whose earlier run stored a row (its receipt) with settings of its own."""
+    setup = _existing_output(OTHER_FINGERPRINT.encode())(tmp)
+    (tmp / "out" / "receipts").mkdir()
+    (tmp / "out" / "receipts" / "row-000.json").write_text("{}")
+    return setup
+
+
 def _output_under_a_file(tmp):
     (tmp / "a-file").write_text("not a folder")
     return [_config(tmp), "--output", str(tmp / "a-file" / "out")]
@@ -144,7 +152,7 @@ JOB_CASES = [
     ("output under a file", _output_under_a_file, 1,
      ["a-file/out is inside", "a-file, which is a file, not a folder", "choose another output.uri"]),
     ("job.json not JSON", _existing_output(b"{not json"), 1, ["job.json is not valid JSON"]),
-    ("output made with other settings", _existing_output(OTHER_FINGERPRINT.encode()), 1,
+    ("output made with other settings", _stored_with_other_settings, 1,
      ["was rendered with other settings", "render.num_frames: 99 -> 8"]),
 ]
 

@@ -117,4 +117,4 @@ def test_relative_paths_in_a_config_resolve_against_its_folder(tmp_path):
                             env={**__import__("os").environ, "PYTHONPATH": REPO}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"input:      {folder / 'prompts.parquet'} (1 file(s))" in result.stdout
-    assert "output:     here (fingerprint" in result.stdout  # the shell's directory
+    assert f"output:     {elsewhere / 'here'} (fingerprint" in result.stdout  # the shell's folder

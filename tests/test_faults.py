@@ -253,6 +253,33 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     assert [r["status"] for r in _manifest(out)] == ["ok"] * 24
 
 
+def test_sigterm_while_the_cluster_and_workers_start_is_a_clean_stop_too(tmp_path):
+    """The driver waits in Ray's own calls while the cluster starts and the workers load: a
+    signal handler's exception raised there came back as a SystemError (or, during ray.init, as
+    Ray's exit 15), recorded as a failed run."""
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(write_prompts(tmp_path / "prompts.parquet",
+                                                               prompts(4)), str(out))))
+    for delay_s in (0.5, 3.0):  # in ray.init, then while the workers start
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config)],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True)
+        try:
+            _wait_for(lambda: (out / "job.json").exists(), 60, "the run to start")
+            time.sleep(delay_s)
+            driver.send_signal(signal.SIGTERM)
+            _, stderr = driver.communicate(timeout=60)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        assert driver.returncode == 1, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1] == (
+            "reelfarm: interrupted; committed work is kept: rerun the same command to resume")
+        assert json.loads((out / "job.json").read_text())["last_run"]["status"] == "interrupted"
+        (out / "job.json").unlink()
+
+
 # --- multi-stage jobs ----------------------------------------------------------------------
 
 

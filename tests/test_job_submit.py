@@ -8,7 +8,10 @@ cluster and no other developer's.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -106,6 +109,60 @@ def test_a_driver_on_the_head_node_joins_with_address_auto(ray_head, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "joined the Ray cluster" in result.stderr
     assert pq.read_table(out / "manifest.parquet").num_rows == 2
+
+
+def test_a_relative_output_from_another_folder_is_one_output_where_the_driver_runs(ray_head,
+                                                                                   tmp_path):
+    # The head's workers run in its folder; the driver runs here and names the output relative
+    # to here: every object and manifest must land here, not split between the two.
+    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(4)), "unused",
+                      cluster={"num_workers": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([os.path.join(BIN, "reelfarm"), "render", str(tmp_path / "job.yaml"),
+                             "--output", "out/x", "--address", "auto", "--quiet"],
+                            capture_output=True, text=True, env=ray_head["env"], cwd=tmp_path,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out" / "x"
+    assert len(os.listdir(out / "videos")) == 4 and (out / "_SUCCESS").exists()
+    assert not os.path.exists(os.path.join(ray_head["tmp"], "out"))
+    assert json.loads((out / "job.json").read_text())["config"]["output"]["uri"] == str(out)
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_ray_job_stop_stops_the_driver_cleanly_and_the_same_command_resumes(ray_head, tmp_path):
+    rows, out = 40, tmp_path / "out"
+    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
+                      output={"shard_size": 2}, render={"num_inference_steps": 6},
+                      cluster={"num_workers": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    command = ["reelfarm", "render", str(tmp_path / "job.yaml"), "--quiet"]
+    submit = subprocess.run([RAY, "job", "submit", "--address", ray_head["url"], "--no-wait",
+                             "--", *command], capture_output=True, text=True,
+                            env=ray_head["env"], timeout=120)
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    job_id = re.search(r"'(raysubmit_\w+)'", submit.stdout + submit.stderr).group(1)
+    deadline = time.monotonic() + 180
+    while len(glob.glob(str(out / "manifests" / "shard-*.parquet"))) < 2:
+        assert time.monotonic() < deadline, "no shard committed within 180 s"
+        time.sleep(0.2)
+    stop = subprocess.run([RAY, "job", "stop", "--address", ray_head["url"], job_id],
+                          capture_output=True, text=True, env=ray_head["env"], timeout=120)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    logs = subprocess.run([RAY, "job", "logs", "--address", ray_head["url"], job_id],
+                          capture_output=True, text=True, env=ray_head["env"], timeout=60).stdout
+    assert "interrupted; committed work is kept: rerun the same command to resume" in logs, logs[-3000:]
+    assert "SystemError" not in logs and "exception set" not in logs
+    job = json.loads((out / "job.json").read_text())
+    assert job["last_run"]["status"] == "interrupted"
+    committed = job["counts"]["committed"]
+    assert 4 <= committed < rows
+
+    resumed = subprocess.run([RAY, "job", "submit", "--address", ray_head["url"], "--", *command],
+                             capture_output=True, text=True, env=ray_head["env"], timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{committed} row(s) were already done" in resumed.stdout
+    assert run_cli("verify", str(out)).returncode == 0
 
 
 def test_the_cluster_refuses_a_submission_without_the_token(ray_head, tmp_path):

@@ -267,6 +267,31 @@ def test_a_node_of_video_workers_lost_mid_job_keeps_committed_work_and_a_spare_g
     _assert_every_row_ok_once(out, rows)
 
 
+def test_nodes_in_other_folders_write_one_output_where_the_driver_names_it(cluster, tmp_path,
+                                                                         monkeypatch):
+    # Each node's raylet, and so its workers, runs in a folder of its own, as on machines where
+    # `ray start` ran in different places; the driver runs in a third.
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    driver_dir = tmp_path / "driver"
+    driver_dir.mkdir()
+    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(8)), "unused",
+                      cluster={"num_workers": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "render", str(tmp_path / "job.yaml"),
+                             "--output", "out/x", "--quiet", "--address", cluster.address],
+                            capture_output=True, text=True, cwd=driver_dir, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = driver_dir / "out" / "x"
+    assert len(os.listdir(out / "videos")) == 8 and (out / "_SUCCESS").exists()
+    assert not (tmp_path / "a" / "out").exists() and not (tmp_path / "b" / "out").exists()
+    assert not (out / "_probes").exists()  # read back, then removed
+    assert verify(str(out)).problems == []
+
+
 def _two_stage_job(tmp_path, rows: int, out) -> dict:
     """A keyframe stage of one worker and a video stage of three, one GPU each."""
     return stages_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),

@@ -11,7 +11,8 @@ import pytest
 from rendering.contract import ModelSpec, Task
 from rendering.pipelines import adapter_for
 from rendering.pipelines.load import load_pipeline, render_batch
-from rendering.pipelines.schedulers import apply_scheduler, check_scheduler
+from rendering.pipelines.schedulers import (apply_scheduler, check_scheduler,
+                                            declared_scheduler_names, scheduler_names)
 from rendering.tiny import build_tiny_pipeline
 
 FLOW = {"prediction_type": "flow_prediction", "use_flow_sigmas": True}
@@ -184,3 +185,38 @@ def test_a_job_renders_with_the_configured_scheduler_and_refuses_a_mismatch_in_o
     errors = [line for line in refused.stderr.splitlines() if line.startswith("reelfarm:")]
     assert len(errors) == 1 and "flow-matching model" in errors[0], refused.stderr
     assert "Traceback" not in refused.stderr
+
+    # The refused run committed and stored nothing: the corrected settings take the output
+    # over (and say so) instead of being refused as "rendered with other settings".
+    fixed = run_cli("render", str(config), "--output", str(tmp_path / "wan"),
+                    "--set", "model.path=tiny:wan", "--set", "render.num_frames=5",
+                    "--set", "model.scheduler=FlowMatchEulerDiscreteScheduler")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "holds no committed or stored row" in fixed.stderr
+    job = json.loads((tmp_path / "wan" / "job.json").read_text())
+    assert job["settings"]["model.scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    # Once it holds rows, other settings are refused again.
+    again = run_cli("render", str(config), "--output", str(tmp_path / "wan"),
+                    "--set", "model.path=tiny:wan", "--set", "render.num_frames=5")
+    assert again.returncode == 1 and "rendered with other settings" in again.stderr
+
+
+def test_the_names_read_without_torch_are_diffusers_own():
+    assert declared_scheduler_names() == set(scheduler_names())
+
+
+def test_plan_refuses_an_unknown_scheduler_before_any_worker_or_torch(tmp_path):
+    import yaml
+    from helpers import prompts, run_cli, tiny_config, write_prompts
+
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"))))
+    for command in ("plan", "render"):
+        result = run_cli(command, str(config), "--set", "model.scheduler=DPMSolverMultistepSchedular")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            "reelfarm: model.scheduler: 'DPMSolverMultistepSchedular' is not a diffusers scheduler "
+            "(did you mean DPMSolverMultistepScheduler?); list them with: python -m "
+            "rendering.pipelines.schedulers (got 'DPMSolverMultistepSchedular')")
+    assert not (tmp_path / "out").exists()  # refused before the output was touched

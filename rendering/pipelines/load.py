@@ -19,7 +19,7 @@ from rendering import model_cache, tiny
 from rendering.contract import ModelSpec, OptimizeSpec, Task
 from rendering.pipelines import adapter_for, adapter_named
 from rendering.pipelines.base import Adapter, denoiser_of
-from rendering.pipelines.schedulers import apply_scheduler
+from rendering.pipelines.schedulers import apply_scheduler, check_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = Optimiz
     if spec.pipeline is not None:
         adapter_named(spec.pipeline)  # only a class an adapter drives is looked up in diffusers
     cls = getattr(diffusers, spec.pipeline) if spec.pipeline else diffusers.DiffusionPipeline
+    if spec.scheduler:  # an unknown setting is refused before the weights load, not after
+        check_scheduler(spec.scheduler, dict(spec.scheduler_config))
     if tiny.is_tiny(spec.path):
         pipe = _tiny_pipeline(tiny.tiny_kind(spec.path), cls, dtype)
     else:

@@ -8,7 +8,9 @@ that says what to set instead; it becomes the job's start error.
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import importlib.util
 
 NOISE_PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -19,6 +21,39 @@ def scheduler_names() -> list[str]:
     import diffusers
 
     return sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
+
+
+@functools.cache
+def declared_scheduler_names() -> frozenset[str]:
+    """The scheduler classes diffusers declares, read from its package source without importing
+    it (importing diffusers imports torch, which the driver and ``plan`` never do). Empty when
+    diffusers is not installed or its source is laid out otherwise: workers still check."""
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or not spec.origin:
+        return frozenset()
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return frozenset()
+    names = set()
+    for node in ast.walk(tree):  # _import_structure["schedulers"].extend([...]) / .append(...)
+        target = node.func.value if isinstance(node, ast.Call) \
+            and isinstance(node.func, ast.Attribute) else None
+        if isinstance(target, ast.Subscript) and isinstance(target.slice, ast.Constant) \
+                and target.slice.value == "schedulers":
+            names.update(c.value for c in ast.walk(node) if isinstance(c, ast.Constant)
+                         and isinstance(c.value, str) and c.value.endswith("Scheduler"))
+    return frozenset(names)
+
+
+def unknown_scheduler(name: str, known) -> str | None:
+    """Why ``name`` is no scheduler of ``known`` (with the closest name), or None."""
+    if name in known:
+        return None
+    hint = _close(name, known, suffix="Scheduler")
+    return (f"{name!r} is not a diffusers scheduler{f' (did you mean {hint}?)' if hint else ''}; "
+            "list them with: python -m rendering.pipelines.schedulers")
 
 
 def check_scheduler(name: str, overrides: dict | None = None):
@@ -33,10 +68,7 @@ def check_scheduler(name: str, overrides: dict | None = None):
     cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
     if not (isinstance(cls, DummyObject)
             or isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        hint = _close(name, scheduler_names(), suffix="Scheduler")
-        raise ValueError(f"model.scheduler: {name!r} is not a diffusers scheduler"
-                         f"{f' (did you mean {hint}?)' if hint else ''}; "
-                         "list them with: python -m rendering.pipelines.schedulers")
+        raise ValueError(f"model.scheduler: {unknown_scheduler(name, scheduler_names())}")
     if isinstance(cls, DummyObject):
         return cls  # its settings are only known where its package is installed
     known = _settings(cls)

@@ -107,7 +107,7 @@ def hand_loop(cfg, prompts_path: str, out: str) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from jobs.rows import row_seed
+    from jobs.input.rows import row_seed
     from rendering.tiny import build_tiny_pipeline, tiny_kind
 
     torch.set_num_threads(os.cpu_count())
@@ -137,7 +137,7 @@ class _RayDataRenderer:
         self.pipe.set_progress_bar_config(disable=True)
 
     def __call__(self, batch: dict) -> dict:
-        from jobs.rows import row_seed
+        from jobs.input.rows import row_seed
 
         ids = [str(i) for i in batch["id"]]
         frames = _render(self.pipe, self.cfg, [str(p) for p in batch["prompt"]],

@@ -64,9 +64,9 @@ def write_config(path: str, input_uri: str, output_uri: str) -> str:
 _ROW_BY_ROW = """
 import sys, time
 from jobs.config import load_config
-from jobs.dataset import open_dataset
-from jobs.hashset import HashSet
-from jobs.plan import PlanCounts, plan_rows
+from jobs.input.dataset import open_dataset
+from jobs.store.hashset import HashSet
+from jobs.input.plan import PlanCounts, plan_rows
 cfg = load_config(sys.argv[1], [f"input.uri={sys.argv[2]}"])
 started = time.monotonic()
 counts = PlanCounts()

@@ -67,7 +67,7 @@ def packing(rounds: int, rows: int, rows_per_shard: int) -> dict:
 
     from jobs.config import validate
     from jobs.driver import render
-    from jobs.pack import Packer, PackSpec
+    from jobs.products.webdataset.packer import Packer, PackSpec
 
     root = os.path.join(OUT, "products")
     shutil.rmtree(root, ignore_errors=True)

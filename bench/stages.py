@@ -191,8 +191,8 @@ def reelfarm(workload: str, contender: str, prompts: str, out: str, busy: str) -
             if record.getMessage().startswith("rebalancing workers"):
                 moves.append(record.created)
 
-    logging.getLogger("jobs.balance").addHandler(Moves())
-    logging.getLogger("jobs.balance").setLevel(logging.INFO)
+    logging.getLogger("jobs.run.balancer").addHandler(Moves())
+    logging.getLogger("jobs.run.balancer").setLevel(logging.INFO)
     worker = SleepRenderer if workload == "sleep" else TimedRenderer
     real_pool = cluster.pool.WorkerPool
     cluster.pool.WorkerPool = functools.partial(real_pool, worker_class=worker)
@@ -251,7 +251,7 @@ class _TinyStage:
     def __call__(self, batch: dict) -> dict:
         from PIL import Image
 
-        from jobs.rows import resolve
+        from jobs.input.rows import resolve
         from jobs.stages import stage_task
         from rendering.encode import encode_image, encode_video, to_uint8
         from rendering.pipelines.load import render_batch

@@ -196,11 +196,11 @@ def _finished(failed: int, args) -> int:
 
 def _plan(args) -> int:
     from jobs.config import fingerprint
-    from jobs.dataset import open_dataset
-    from jobs.manifest import committed_hashes
-    from jobs.output import check_resumable, read_job
-    from jobs.output_checks import check_output_is_folder
-    from jobs.plan import count_plan, known_facts, model_shapes
+    from jobs.input.dataset import open_dataset
+    from jobs.store.manifest import committed_hashes
+    from jobs.store.job_file import check_resumable, read_job
+    from jobs.store.location import check_output_is_folder
+    from jobs.input.plan import count_plan, known_facts, model_shapes
 
     started = time.monotonic()
     cfg = _load(args)
@@ -243,7 +243,7 @@ def _shape_source(shapes) -> str:
 
 
 def _verify(args) -> int:
-    from jobs.audit import hold_for_removal, verify
+    from jobs.verify import hold_for_removal, verify
 
     if args.yes and not args.remove_strays:
         print("reelfarm verify: --yes deletes strays: give it with --remove-strays",
@@ -264,7 +264,7 @@ def _verify(args) -> int:
 
 def _strays(args, strays: list[str]) -> int:
     """List the stray objects verify found, or with --yes delete them; return how many went."""
-    from jobs.audit import check_strays_removable, remove_strays
+    from jobs.verify import check_strays_removable, remove_strays
 
     if not strays:
         print("no stray objects to remove")
@@ -283,7 +283,7 @@ def _strays(args, strays: list[str]) -> int:
 
 
 def _status(args) -> int:
-    from jobs.audit import failed_rows, status
+    from jobs.status import failed_rows, status
 
     report = status(args.output)
     if args.failed:
@@ -323,7 +323,7 @@ def _status(args) -> int:
 
 
 def _report(args) -> int:
-    from jobs.report import write_report
+    from jobs.products.report.page import write_report
 
     print(f"report: {write_report(args.output)}")
     return EXIT_OK

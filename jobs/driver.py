@@ -16,23 +16,24 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 
-from jobs import layout, manifest
-from jobs.audit import rows_to_redo, unlisted_artifacts
-from jobs.balance import Balancer, StageNeed
+from jobs.store import layout, manifest
+from jobs.verify import rows_to_redo, unlisted_artifacts
+from jobs.run.balancer import Balancer, StageNeed
 from jobs.config import JobConfig, with_absolute_paths
-from jobs.dataset import open_dataset
-from jobs.lease import acquire as acquire_lease
-from jobs.media_inputs import media_roots
-from jobs.output import (OutputError, check_resumable, finish_job, read_job, start_job,
-                         unwritable)
-from jobs.output_checks import check_output_is_folder
-from jobs.pack import Packer, PackSpec
-from jobs.plan import PlanCounts, PlannedRow, plan_rows
-from jobs.progress import Progress
-from jobs.receipts import Receipts
-from jobs.report import write_report
-from jobs.rows import RowFailure
-from jobs.schedule import Lane, Scheduler, Shard
+from jobs.input.dataset import open_dataset
+from jobs.store.lease import acquire as acquire_lease
+from jobs.input.media import media_roots
+from jobs.store.job_file import (OutputError, check_resumable, finish_job, read_job, start_job,
+                                 unwritable)
+from jobs.store.location import check_output_is_folder
+from jobs.products.webdataset.packer import Packer, PackSpec
+from jobs.input.plan import PlanCounts, PlannedRow, plan_rows
+from jobs.run.progress import Progress
+from jobs.store.receipts import Receipts
+from jobs.products.report.page import write_report
+from jobs.input.rows import RowFailure
+from jobs.run.records import record
+from jobs.run.scheduler import Lane, Scheduler, Shard
 from jobs.stages import Stage, job_stages, stage_media_root, stage_task
 from rendering import storage
 from rendering.contract import (EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, ScoringSpec,
@@ -376,7 +377,7 @@ def _shards(rows: Iterator[PlannedRow], shard_size: int) -> Iterator[Shard]:
     shard = Shard([])
     for row in rows:
         if isinstance(row.outcome, RowFailure):
-            shard.records.append(manifest.record(row))
+            shard.records.append(record(row))
         else:
             shard.rows.append(row)
         if len(shard.rows) + len(shard.records) >= shard_size:

@@ -18,11 +18,11 @@ import json
 import logging
 import time
 
-from jobs import layout
-from jobs.audit import status as output_status
+from jobs.store import layout
+from jobs.status import status as output_status
 from jobs.config import ConfigError, JobConfig, redact
 from jobs.driver import render
-from jobs.output import read_job, read_json
+from jobs.store.job_file import read_job, read_json
 from rendering import storage
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs import layout
+from jobs.store import layout
 from jobs import params as P
 from jobs.config import JobConfig, ModelConfig, OptimizeConfig, ResourcesConfig
 from rendering import storage

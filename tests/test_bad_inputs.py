@@ -19,7 +19,7 @@ import yaml
 from helpers import prompts, run_cli, stored, tiny_config, write_prompts
 from hostile_corpus import CASES, run_corpus
 
-from jobs.dataset import iter_batches, open_dataset
+from jobs.input.dataset import iter_batches, open_dataset
 
 
 def _config(tmp: Path, rows: list[dict] | None = None, **sections) -> str:

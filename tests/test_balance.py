@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from jobs.balance import Balancer, NotEnoughResources, StageNeed, split, throughput
+from jobs.run.balancer import Balancer, NotEnoughResources, StageNeed, split, throughput
 
 
 def _needs(*specs) -> list[StageNeed]:

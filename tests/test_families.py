@@ -15,7 +15,7 @@ import pytest
 from helpers import stored, tiny_config, write_prompts
 from videos import probe
 
-from jobs.audit import verify
+from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
 from rendering.pipelines import ADAPTERS

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from helpers import REPO, prompts, run_cli, stages_config, stored, tiny_config, write_prompts
 
-from jobs.audit import verify
+from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
 from rendering import storage
@@ -108,7 +108,7 @@ def _sigkill_driver(config, until, what: str, at_kill=lambda: None):
 
 
 def _read_shards(out) -> list[dict]:
-    from jobs.manifest import iter_shards
+    from jobs.store.manifest import iter_shards
 
     return [row for table in iter_shards(str(out)) for row in table.to_pylist()]
 
@@ -199,10 +199,10 @@ def test_a_poison_row_fails_alone_and_the_job_exits_3(tmp_path):
 
 def test_videos_stored_before_a_crash_are_committed_without_rendering_them_again(tmp_path):
     """A worker stored four videos, then everything died before the shard was committed."""
-    from jobs.dataset import open_dataset
+    from jobs.input.dataset import open_dataset
     from jobs.driver import worker_spec
-    from jobs.hashset import HashSet
-    from jobs.plan import PlanCounts, plan_rows
+    from jobs.store.hashset import HashSet
+    from jobs.input.plan import PlanCounts, plan_rows
     from rendering.worker import ShardRenderer
 
     out = tmp_path / "out"

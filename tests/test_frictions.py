@@ -21,16 +21,16 @@ import pytest
 import yaml
 from helpers import REPO, free_port, prompts, run_cli, stages_config, tiny_config, write_prompts
 
-from jobs import lease
-from jobs.audit import verify
+from jobs.store import lease
+from jobs.verify import verify
 from jobs.cli import main
 from jobs.config import ConfigError, validate
-from jobs.dataset import open_dataset
+from jobs.input.dataset import open_dataset
 from jobs.driver import render
-from jobs.hashset import HashSet
-from jobs.plan import INVALID_EXAMPLES, PlanCounts, count_plan, plan_rows
-from jobs.report import THUMB_PX, write_report
-from jobs.rows import RowFailure
+from jobs.store.hashset import HashSet
+from jobs.input.plan import INVALID_EXAMPLES, PlanCounts, count_plan, plan_rows
+from jobs.products.report.page import THUMB_PX, write_report
+from jobs.input.rows import RowFailure
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from helpers import prompts, run_cli, tiny_config, write_prompts
 
-from jobs import layout, manifest
-from jobs.report import write_report
+from jobs.store import layout, manifest
+from jobs.products.report.page import write_report
 
 ROWS = 3
 

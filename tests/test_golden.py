@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from golden.make_golden import HERE, job_config, write_prompts
 
-from jobs.audit import status, verify
+from jobs.status import status
+from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
-from jobs.output import FORMAT_VERSION, OutputError
-from jobs.report import write_report
+from jobs.store.job_file import FORMAT_VERSION, OutputError
+from jobs.products.report.page import write_report
 
 
 @pytest.fixture(params=["single", "stages"])

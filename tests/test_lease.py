@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from jobs import layout, lease
-from jobs.lease import LeaseError, acquire
+from jobs.store import layout, lease
+from jobs.store.lease import LeaseError, acquire
 from rendering import storage
 
 @pytest.fixture(params=["local", "s3"])
@@ -186,7 +186,7 @@ def test_a_killed_contenders_temp_file_is_cleaned_up(tmp_path):
 
 _HOLD = """
 import sys, time
-from jobs.lease import acquire
+from jobs.store.lease import acquire
 held = acquire(sys.argv[1], ttl_s=float(sys.argv[2]), heartbeat_s=0.1)
 print("held", flush=True)
 while not held.lost:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from helpers import REPO, prompts, run_cli, stages_config, tiny_config, write_prompts
 
-from jobs.audit import verify
+from jobs.verify import verify
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
 
-from jobs.audit import verify
+from jobs.verify import verify
 from jobs.config import ConfigError, validate
 from jobs.nightly import SUMMARY_FILE, for_night, night_of
 

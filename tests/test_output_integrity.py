@@ -16,8 +16,8 @@ import pytest
 import yaml
 from helpers import prompts, run_cli, tiny_config, write_prompts
 
-from jobs import manifest
-from jobs.rows import output_key
+from jobs.store import manifest
+from jobs.input.rows import output_key
 
 
 @pytest.fixture(params=["local", "s3"])

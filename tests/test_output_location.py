@@ -16,7 +16,7 @@ import sys
 import yaml
 from helpers import prompts, run_cli, tiny_config, write_prompts
 
-from jobs.audit import unlisted_artifacts
+from jobs.verify import unlisted_artifacts
 from jobs.config import validate
 from jobs.driver import render
 

@@ -15,10 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import prompts, tiny_config, write_prompts
 
-from jobs import layout, manifest, pack
+from jobs.store import layout, manifest
+from jobs.products.webdataset import packer as pack
 from jobs.config import validate
 from jobs.driver import render
-from jobs.pack import Packer, PackSpec, check_shards, packed_samples, sample_hash, sample_key
+from jobs.products.webdataset.packer import (Packer, PackSpec, check_shards, packed_samples,
+                                             sample_hash, sample_key)
 from rendering import storage
 
 ROWS = 11  # 9 prompts, an id with dots, a blank prompt (a failed row)
@@ -370,9 +372,9 @@ def _write(path: str, data: bytes) -> None:
 
 
 def _records(output: str) -> list[dict]:
-    """The output's committed rows as the scheduler hands them over: ``manifest.record`` dicts,
+    """The output's committed rows as the scheduler hands them over: ``jobs.run.records.record`` dicts,
     with the carried columns as ``carry.<name>`` and the in-memory key."""
-    from jobs.rows import output_key
+    from jobs.input.rows import output_key
 
     records = []
     for table in manifest.iter_shards(output):
@@ -395,7 +397,7 @@ def _live_output(rendered: str, folder) -> str:
 
 
 def test_a_job_packs_as_it_runs_and_without_loose_videos_still_verifies_and_resumes(tmp_path):
-    from jobs.audit import verify
+    from jobs.verify import verify
 
     src = write_prompts(tmp_path / "prompts.parquet", _rows())
     out = str(tmp_path / "out")

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.config import load_config
-from jobs.dataset import open_dataset
-from jobs.hashset import HashSet
-from jobs.plan import PlanCounts, count_plan, plan_rows
+from jobs.input.dataset import open_dataset
+from jobs.store.hashset import HashSet
+from jobs.input.plan import PlanCounts, count_plan, plan_rows
 
 _IDS = ["a", "b", "a", None, "  ", "\u3000", "c\u00e9", "a", "d\nx", "e", "f", "b", "g",
         "h" * 600, "i", "j", "k", "a", "l", "m"]

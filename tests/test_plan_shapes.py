@@ -18,14 +18,15 @@ import pytest
 import pyarrow.parquet as pq
 from helpers import run_cli, stages_config, tiny_config, write_prompts
 
-from jobs import driver, manifest
+from jobs import driver
+from jobs.store import manifest
 from jobs.config import validate
-from jobs.dataset import open_dataset
+from jobs.input.dataset import open_dataset
 from jobs.driver import render
-from jobs.hashset import HashSet
-from jobs.output import OutputError
-from jobs.output_checks import check_output_is_folder
-from jobs.plan import count_plan, known_facts, model_shapes
+from jobs.store.hashset import HashSet
+from jobs.store.job_file import OutputError
+from jobs.store.location import check_output_is_folder
+from jobs.input.plan import count_plan, known_facts, model_shapes
 from rendering.pipelines import ADAPTERS, adapter_for
 from rendering.pipelines.shapes import ShapeFacts, folder_configs, known_shapes
 from rendering.tiny import TINY_KINDS, build_tiny_pipeline, tiny_configs

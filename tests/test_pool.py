@@ -9,10 +9,10 @@ from helpers import prompts, tiny_config, write_prompts
 
 from cluster.pool import WorkerPool
 from jobs.config import validate
-from jobs.dataset import open_dataset
+from jobs.input.dataset import open_dataset
 from jobs.driver import worker_spec
-from jobs.hashset import HashSet
-from jobs.plan import PlanCounts, plan_rows
+from jobs.store.hashset import HashSet
+from jobs.input.plan import PlanCounts, plan_rows
 
 
 def _run(pool: WorkerPool, shards: dict[int, list], submitted: set[int] = frozenset(),

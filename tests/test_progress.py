@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.progress import Progress
+from jobs.run.progress import Progress
 
 
 class Clock:

@@ -13,7 +13,7 @@ import pytest
 from helpers import tiny_config, write_prompts
 from PIL import Image
 
-from jobs.audit import verify
+from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
 from rendering.quality import retry_seed

@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import prompts, tiny_config, write_prompts
 
-from jobs import layout, manifest, report
-from jobs.hashset import row_hash
-from jobs.output import OutputError
+from jobs.store import layout, manifest
+from jobs.products.report import page as report
+from jobs.store.hashset import row_hash
+from jobs.store.job_file import OutputError
 from rendering import storage
 
 HOSTILE_SCRIPT = "<script>document.title='pwned'</script>"

@@ -8,12 +8,13 @@ import hashlib
 
 import pytest
 
-from jobs import manifest, params
+from jobs.store import manifest
+from jobs import params
 from jobs.config import validate
-from jobs.dataset import open_dataset
-from jobs.hashset import HashSet, row_hash
-from jobs.plan import PlanCounts, plan_rows
-from jobs.rows import content_id, output_key, resolve, row_seed
+from jobs.input.dataset import open_dataset
+from jobs.store.hashset import HashSet, row_hash
+from jobs.input.plan import PlanCounts, plan_rows
+from jobs.input.rows import content_id, output_key, resolve, row_seed
 
 
 def test_content_ids_depend_on_what_is_rendered_only():

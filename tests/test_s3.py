@@ -15,7 +15,7 @@ from helpers import prompts, run_cli, s3_client, tiny_config
 from tcp_proxy import TcpProxy
 from videos import probe
 
-from jobs.audit import verify
+from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
 from rendering import storage

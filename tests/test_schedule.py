@@ -12,12 +12,13 @@ from collections import deque
 import pytest
 
 from cluster.protocol import ShardOutcome
-from jobs import manifest
-from jobs.plan import PlannedRow
-from jobs.rows import RowFailure
-from jobs.progress import Progress
-from jobs.receipts import Receipts
-from jobs.schedule import Lane, Scheduler, Shard
+from jobs.run.records import record
+from jobs.store import manifest
+from jobs.input.plan import PlannedRow
+from jobs.input.rows import RowFailure
+from jobs.run.progress import Progress
+from jobs.store.receipts import Receipts
+from jobs.run.scheduler import Lane, Scheduler, Shard
 from rendering.contract import Artifact, Result, Task
 
 
@@ -129,7 +130,7 @@ def test_a_row_that_kills_its_worker_is_isolated_and_fails_alone(tmp_path):
 
 
 def test_rows_already_final_commit_without_starting_any_worker(tmp_path):
-    invalid = manifest.record(PlannedRow(0, "x", 0, None, {}, RowFailure(
+    invalid = record(PlannedRow(0, "x", 0, None, {}, RowFailure(
         "x", "invalid_prompt", "invalid_prompt: blank", {})))
     _, _, by_id, n, starts = _run(tmp_path, {}, shards=[Shard([], [invalid])])
     assert (n, starts) == (1, 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from helpers import tiny_config, write_prompts
 
-from jobs import manifest
+from jobs.store import manifest
 from jobs.config import validate
 from jobs.driver import render
 from rendering.pipelines import adapter_for

@@ -16,9 +16,10 @@ from helpers import REPO, prompts, run_cli, stages_config, tiny_config, write_pr
 from PIL import Image
 from videos import probe
 
-from jobs.audit import status, verify
+from jobs.status import status
+from jobs.verify import verify
 from jobs.config import ConfigError, validate
-from jobs.output import OutputError
+from jobs.store.job_file import OutputError
 from rendering.contract import MediaInput
 from jobs.driver import render
 
@@ -130,10 +131,10 @@ def test_the_shipped_tiny_two_stage_config_renders_on_ray_byte_identical_on_reru
 def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path):
     """The keyframe stage stored four keyframes (one since damaged), then everything died
     before any video: the resumed run renders only the missing keyframes."""
-    from jobs.dataset import open_dataset
+    from jobs.input.dataset import open_dataset
     from jobs.driver import worker_spec
-    from jobs.hashset import HashSet
-    from jobs.plan import PlanCounts, plan_rows
+    from jobs.store.hashset import HashSet
+    from jobs.input.plan import PlanCounts, plan_rows
     from jobs.stages import job_stages, stage_task
     from rendering.worker import ShardRenderer
 

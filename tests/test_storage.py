@@ -5,7 +5,7 @@ from __future__ import annotations
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from jobs.layout import FOLDERS
+from jobs.store.layout import FOLDERS
 from rendering import storage
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import prompts, tiny_config, write_prompts
 
-from jobs.audit import verify
+from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
 

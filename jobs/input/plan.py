@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import JobConfig
-from jobs.dataset import InputDataset, iter_batches, warn_ignored
-from jobs.hashset import HashSet, key_hashes, row_hash
+from jobs.input.dataset import InputDataset, iter_batches, warn_ignored
+from jobs.store.hashset import HashSet, key_hashes, row_hash
 from jobs import params
-from jobs.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
+from jobs.input.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
 from jobs.stages import job_stages
 from rendering.contract import MEDIA_ROLES, Task
 from rendering.pipelines.shapes import KnownShapes, ShapeFacts, known_shapes

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import params
-from jobs.rows import STRING_COLUMNS
+from jobs.input.rows import STRING_COLUMNS
 from rendering import storage
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from jobs import params as P
 from jobs.config import JobConfig
-from jobs.media_inputs import media_identity, media_inputs
+from jobs.input.media import media_identity, media_inputs
 from rendering.contract import Task
 
 STRING_COLUMNS = ("prompt", "negative_prompt", "id")  # read as bytes when not valid UTF-8

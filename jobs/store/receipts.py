@@ -10,7 +10,7 @@ commit, so a row whose keyframe is stored goes straight to the video stage on re
 
 from __future__ import annotations
 
-from jobs.layout import RECEIPTS_DIR
+from jobs.store.layout import RECEIPTS_DIR
 from rendering import storage
 from rendering.contract import Result, Task, read_receipt
 

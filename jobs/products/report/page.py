@@ -38,11 +38,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from jobs import layout, manifest, params
+from jobs.store import layout, manifest
+from jobs import params
 from jobs.config import InputConfig, JobConfig, LimitsConfig
-from jobs.hashset import key_hashes, row_hash
-from jobs.media_inputs import media_roots
-from jobs.output import read_job, require_output
+from jobs.store.hashset import key_hashes, row_hash
+from jobs.input.media import media_roots
+from jobs.store.job_file import read_job, require_output
 from rendering import storage
 from rendering.contract import MediaInput, MediaSpec
 from rendering.media import MediaError, load_image

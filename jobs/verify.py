@@ -1,4 +1,5 @@
-"""``reelfarm verify`` and ``reelfarm status``: read an output back and say what is in it."""
+"""``reelfarm verify``: every committed object is where its manifest says, with its size and
+sha256, and nothing stored is unaccounted for; and what a repair must render again."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs import layout, lease, manifest, pack
-from jobs.hashset import HashSet, key_hashes, row_hash
-from jobs.output import OutputError, read_job, require_output
+from jobs.store import layout, lease, manifest
+from jobs.products.webdataset import packer as pack
+from jobs.store.hashset import HashSet, key_hashes, row_hash
+from jobs.store.job_file import OutputError, read_job, require_output
 from rendering import storage
 
 _HASH_THREADS = 8  # hashing is I/O bound on object stores
@@ -178,13 +180,6 @@ def unlisted_artifacts(output_uri: str, examples: int = 3) -> tuple[int, list[st
     return count, first
 
 
-def failed_rows(output_uri: str):
-    """(id, error) of every row whose current commit failed, in input order, streaming."""
-    for table in manifest.iter_shards(output_uri, columns=["id", "status", "error"]):
-        for row in table.filter(pc.equal(table["status"], "failed")).to_pylist():
-            yield row["id"], row["error"]
-
-
 def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
     """Count rows committed by an earlier shard, or earlier in this one, into ``repeats``."""
     keys = list(zip(table["id"].to_pylist(), table["occurrence"].to_pylist()))
@@ -230,25 +225,6 @@ def _is_temp(path: str) -> bool:
 
 def _path_hashes(paths) -> np.ndarray:
     return key_hashes([p.encode("utf-8", "surrogatepass") for p in paths])
-
-
-def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
-    """Counts by status, the most common errors, the ok rows the quality gate kept below its
-    ``min_score``, and the last run's figures. ``must_exist``: a path that holds no output is an
-    error (a typo), not an output of zero rows."""
-    fs, root = storage.filesystem(output_uri)
-    if must_exist:
-        require_output(output_uri)
-    counts = manifest.tally(output_uri)
-    job = read_job(output_uri) or {}
-    return {"rows": counts.rows, "by_status": dict(counts.by_status),
-            "top_errors": counts.top_errors(top),
-            "by_stage": {name: dict(c) for name, c in counts.by_stage.items()},
-            "kept_below": dict(counts.kept_below),
-            "min_score": (job.get("config", {}).get("quality") or {}).get("min_score"),
-            "expected_rows": job.get("counts", {}).get("rows"),
-            "last_run": job.get("last_run"),
-            "complete": fs.exists(storage.join(root, layout.SUCCESS_FILE))}
 
 
 def _check_artifact(fs, row_id: str, path: str, artifact: dict, check_hashes: bool) -> str | None:

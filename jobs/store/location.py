@@ -7,7 +7,7 @@ import posixpath
 
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs.output import OutputError
+from jobs.store.job_file import OutputError
 from rendering import storage
 
 

@@ -71,10 +71,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs import layout, manifest
-from jobs.hashset import HashSet
-from jobs.output import read_job
-from jobs.rows import output_key
+from jobs.store import layout, manifest
+from jobs.store.hashset import HashSet
+from jobs.store.job_file import read_job
+from jobs.input.rows import output_key
 from rendering import storage
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class Packer:
             self._recheck(stale | unpruned)
 
     def add(self, records: list[dict]) -> None:
-        """Take the records of a committed shard manifest (as ``manifest.record`` makes them);
+        """Take the records of a committed shard manifest (as ``jobs.run.records.record`` makes them);
         queue every pack-shard they complete. Returns at once unless packing is
         ``QUEUE_SHARDS`` shards behind."""
         if not self._seeded:

@@ -56,7 +56,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs import layout
+from jobs.store import layout
 from rendering import storage
 
 CLOCK_SKEW_S = 5.0  # how far hosts' wall clocks may disagree; others wait this long past expires_at

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from cluster.protocol import Pool
-from jobs import manifest
-from jobs.plan import PlannedRow
-from jobs.progress import Progress
-from jobs.receipts import Receipts
+from jobs.store import manifest
+from jobs.input.plan import PlannedRow
+from jobs.run.records import record
+from jobs.run.progress import Progress
+from jobs.store.receipts import Receipts
 from rendering import storage
 from rendering.contract import Result, Task
 
@@ -144,7 +145,7 @@ class Scheduler:
             index = self._recover(row)
             if index == len(self.stages):
                 self.recovered += 1
-                records.append(manifest.record(row))
+                records.append(record(row))
             else:
                 by_stage.setdefault(index, []).append(row)
         if not by_stage:
@@ -233,7 +234,7 @@ class Scheduler:
             if result.ok and not final:
                 onward.append(row)
             else:
-                records.append(manifest.record(row))
+                records.append(record(row))
                 self.rendered += result.ok
         if onward:
             self.stages[self.stages.index(stage) + 1].waiting.append(Shard(onward))

@@ -12,7 +12,7 @@ import time
 from importlib import metadata
 
 from jobs.config import JobConfig, fingerprint, fingerprint_fields
-from jobs.layout import JOB_FILE, MANIFESTS_DIR, RECEIPTS_DIR, SUCCESS_FILE
+from jobs.store.layout import JOB_FILE, MANIFESTS_DIR, RECEIPTS_DIR, SUCCESS_FILE
 from rendering import storage
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def read_json(output_uri: str, name: str) -> dict | None:
 
 def require_output(output_uri: str) -> None:
     """Refuse a path that holds no reelfarm output: a typo is an error, not an empty output."""
-    from jobs.manifest import shard_paths
+    from jobs.store.manifest import shard_paths
 
     fs, root = storage.filesystem(output_uri)
     if not fs.exists(storage.join(root, JOB_FILE)) and not shard_paths(output_uri):
@@ -95,7 +95,7 @@ def check_resumable(cfg: JobConfig, job: dict | None) -> None:
 
 def _holds_work(output_uri: str) -> bool:
     """A shard manifest is committed, or a receipt says a row's objects are stored."""
-    from jobs.manifest import shard_paths
+    from jobs.store.manifest import shard_paths
 
     fs, root = storage.filesystem(output_uri)
     receipts = storage.join(root, RECEIPTS_DIR)

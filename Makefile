@@ -35,8 +35,14 @@ demo: $(STAMP)
 	@echo "      $(BIN)/reelfarm status out/demo     counts, errors and the run's figures"
 	@echo "      $(BIN)/reelfarm verify out/demo     every video checked against the manifest"
 
+# The suite runs on TEST_WORKERS processes at once (pytest-xdist; 0 runs it in this one), a whole
+# test file per worker: each worker is a session of its own, with its own local Ray cluster, and a
+# file's module fixtures (a rendered output, a Ray head, a browser) are made once.
+TEST_WORKERS ?= 2
+# The layering first (pyproject.toml's import-linter contracts): seconds, and a broken one says where.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]'

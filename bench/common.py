@@ -123,3 +123,10 @@ def steady_rate(small: int, large: int, t_small: float, t_large: float) -> tuple
 
 def python() -> str:
     return sys.executable
+
+
+def has_pandas() -> bool:
+    """Ray Data, the contender, needs pandas; reelfarm does not (``make bench`` installs it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("pandas") is not None

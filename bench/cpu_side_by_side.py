@@ -24,7 +24,8 @@ import os
 import shutil
 import sys
 
-from bench.common import OUT, machine, median, python, run_process, save, steady_rate
+from bench.common import (OUT, has_pandas, machine, median, python, run_process, save,
+                          steady_rate)
 
 SYSTEMS = ("handloop", "reelfarm", "raydata", "reelfarm-wds")
 # reelfarm-wds: reelfarm packing WebDataset shards of 8 rows as it runs (it must not slow rendering)
@@ -92,8 +93,9 @@ def _encode(cfg, frames, path: str) -> int:
     """Plain ffmpeg, same argv and settings as reelfarm's encoder, no decode-back check."""
     import subprocess
 
-    from rendering.encode import encode_argv, ffmpeg_exe, to_uint8
     from rendering.contract import EncodeSpec
+    from rendering.encode import encode_argv, to_uint8
+    from rendering.ffmpeg_runner import ffmpeg_exe
 
     frames = to_uint8(frames)
     argv = encode_argv(ffmpeg_exe(), path, frames.shape[2], frames.shape[1], cfg.encode.fps,
@@ -108,7 +110,7 @@ def hand_loop(cfg, prompts_path: str, out: str) -> None:
     import torch
 
     from jobs.input.rows import row_seed
-    from rendering.tiny import build_tiny_pipeline, tiny_kind
+    from rendering.pipelines.tiny import build_tiny_pipeline, tiny_kind
 
     torch.set_num_threads(os.cpu_count())
     pipe = build_tiny_pipeline(tiny_kind(cfg.model.path))
@@ -129,7 +131,7 @@ class _RayDataRenderer:
     def __init__(self, cfg, out: str):
         import torch
 
-        from rendering.tiny import build_tiny_pipeline, tiny_kind
+        from rendering.pipelines.tiny import build_tiny_pipeline, tiny_kind
 
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
         self.cfg, self.out = cfg, out
@@ -224,12 +226,6 @@ def summarize(runs: list[dict], sizes: list[int], systems: list[str]) -> dict:
     return summary
 
 
-def _has_pandas() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("pandas") is not None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, handloop and reelfarm, 1 round")
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes, rounds, systems = args.sizes or [8, 40], args.rounds or 3, args.systems or list(SYSTEMS)
         overrides = args.set
-    if "raydata" in systems and not _has_pandas():
+    if "raydata" in systems and not has_pandas():
         print("raydata: skipped, Ray Data needs pandas: pip install -e '.[bench]' (make bench does)")
         systems = [s for s in systems if s != "raydata"]
     name = "cpu_side_by_side" + ("_quick" if args.quick else "")

@@ -54,7 +54,7 @@ def stored_empty(renderer: ShardRenderer, name: str, key: str, ext: str) -> Arti
     every committed artifact before it calls an output complete, as it does for real ones."""
     relative = f"{renderer.spec.artifact_dir}/{key}.{ext}"
     storage.write_bytes(renderer._fs, storage.join(renderer._root, relative), b"")
-    return Artifact(name, relative, 0, EMPTY_SHA256)
+    return Artifact(name, relative, 0, EMPTY_SHA256, "image" if ext == "png" else "video")
 
 
 def write_prompts(path: str, rows: int) -> str:

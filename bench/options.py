@@ -14,9 +14,9 @@ cost, not the speed-up a trained model would get.
 
 On the CPU the tiny models' pipelines stay loaded side by side and the rounds interleave them,
 so that load from other users of a shared machine falls on all of them alike. On CUDA the
-full-size models of bench/gpu.py are loaded one pipeline at a time (variants that differ only
-in batch size share one): a Wan pipeline takes about 14 GB (11 of them its UMT5-XXL text
-encoder), so a dozen do not fit at once, and peak memory is then the variant's own. A CUDA run
+full-size models of bench/full_size_models.py are loaded one pipeline at a time (variants that
+differ only in batch size share one): a Wan pipeline takes about 14 GB (11 of them its UMT5-XXL
+text encoder), so a dozen do not fit at once, and peak memory is then the variant's own. A CUDA run
 starts no variant once its time budget is spent, so variants come in order of interest, and
 the results are saved after each one.
 
@@ -90,7 +90,7 @@ def workload(kind: str, device: str, quick: bool, steps: int | None) -> tuple[st
     """The model path and render settings: the tiny model with configs/demo.yaml's settings
     on the CPU (Wan takes 4k+1 frames), the full-size random-weight model on CUDA."""
     if device == "cuda" and not quick:
-        from bench.gpu import SPECS, ensure_model
+        from bench.full_size_models import SPECS, ensure_model
 
         path, render = ensure_model(kind), dict(SPECS[kind]["render"])
     else:

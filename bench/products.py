@@ -1,8 +1,8 @@
 """What the per-row products cost: CLIP scoring and previews per video, WebDataset packing.
 
 Everything runs in this process on real code paths: rendering.scoring.ClipScorer on tiny:clip,
-rendering.previews.write_previews, and jobs.pack.pack_shard over an output rendered by a real
-tiny job. Each figure is the median of ``--rounds`` timings; torch uses one thread, as a
+rendering.previews.write_previews, and the WebDataset Packer over an output rendered by a
+real tiny job. Each figure is the median of ``--rounds`` timings; torch uses one thread, as a
 1-CPU worker does.
 """
 
@@ -67,7 +67,8 @@ def packing(rounds: int, rows: int, rows_per_shard: int) -> dict:
 
     from jobs.config import validate
     from jobs.driver import render
-    from jobs.products.webdataset.packer import Packer, PackSpec
+    from jobs.products.webdataset.packer import Packer
+    from jobs.products.webdataset.tars import PackSpec
 
     root = os.path.join(OUT, "products")
     shutil.rmtree(root, ignore_errors=True)

@@ -16,10 +16,16 @@ from rendering.worker import ShardRenderer
 
 
 class InlinePool:
+    num_workers = 1  # one renderer, in this process
+
     def __init__(self, spec: WorkerSpec):
         self._renderer = ShardRenderer(spec)
         self._queue: deque[tuple[Any, list[Task]]] = deque()
         self.replaced = 0
+
+    def resize(self, num_workers: int) -> None:
+        if num_workers != 1:
+            raise ValueError("the inline backend runs one renderer per stage in the driver")
 
     def start(self) -> list[dict]:
         return [self._renderer.setup()]

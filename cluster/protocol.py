@@ -21,6 +21,11 @@ class ShardOutcome:
 
 class Pool(Protocol):
     replaced: int  # workers replaced so far
+    num_workers: int  # workers it holds now, or is growing or shrinking to
+
+    def resize(self, num_workers: int) -> None:
+        """Grow to ``num_workers`` (new workers load the model, then take shards) or shrink
+        (retiring workers finish the shards they hold, then stop)."""
 
     def start(self) -> list[dict]:
         """Start the workers and load the model; what each loaded (device, load_s, ...)."""

@@ -17,7 +17,7 @@ import time
 
 import pyarrow as pa
 
-from rendering.tiny import TINY_KINDS
+from rendering.pipelines.tiny import TINY_KINDS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 1, 2, 3
 
@@ -332,7 +332,7 @@ def _report(args) -> int:
 def _make_tiny_model(args) -> int:
     import shutil
 
-    from rendering.tiny import save_tiny_pipeline
+    from rendering.pipelines.tiny import save_tiny_pipeline
 
     if os.path.isfile(args.directory):
         raise ValueError(f"{args.directory} is a file, not a folder")

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jobs import params
 from jobs.params import MAX_FPS
-from rendering import storage, tiny
-from rendering.pipelines import adapter_named, final_stage_problem
+from rendering import storage
+from rendering.pipelines import adapter_named, final_stage_problem, tiny
 from rendering.pipelines.schedulers import declared_scheduler_names, unknown_scheduler
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
 # A password may hold '/' and '+' (AWS secret keys do), so after a ':' anything up to '@' counts.

@@ -12,33 +12,30 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator
 
 
 from jobs.store import layout, manifest
 from jobs.verify import rows_to_redo, unlisted_artifacts
-from jobs.run.balancer import Balancer, StageNeed
 from jobs.config import JobConfig, with_absolute_paths
 from jobs.input.dataset import open_dataset
 from jobs.store.lease import acquire as acquire_lease
-from jobs.input.media import media_roots
 from jobs.store.job_file import (OutputError, check_resumable, finish_job, read_job, start_job,
                                  unwritable)
-from jobs.store.location import check_output_is_folder
-from jobs.products.webdataset.packer import Packer, PackSpec
+from jobs.store.location import check_output_is_folder, remove_probes
+from jobs.products.webdataset.packer import Packer
+from jobs.products.webdataset.tars import PackSpec
 from jobs.input.plan import PlanCounts, PlannedRow, plan_rows
+from jobs.run.workers import start_workers
 from jobs.run.progress import Progress
 from jobs.store.receipts import Receipts
 from jobs.products.report.page import write_report
 from jobs.input.rows import RowFailure
 from jobs.run.records import record
-from jobs.run.scheduler import Lane, Scheduler, Shard
-from jobs.stages import Stage, job_stages, stage_media_root, stage_task
+from jobs.run.scheduler import Scheduler, Shard
+from jobs.stages import job_stages
 from rendering import storage
-from rendering.contract import (EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, ScoringSpec,
-                                Task, WorkerSpec)
-from rendering.quality import GateSpec
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +110,6 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     removed = storage.remove_temp_objects(fs, root, tuple(folders))
     if removed:
         logger.info("removed %d temporary object(s) left by an interrupted run", removed)
-    lanes = [Lane(stage.name, Receipts(cfg.output.uri, stage.receipts_folder, stage.artifact),
-                  _task_of(stages, stage, cfg.output.uri)) for stage in stages]
 
     # Step 3: stream the rows not yet committed, cut them into shards, and render them,
     # starting the cluster only if there is something to render.
@@ -123,7 +118,7 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
                                         cfg.output.shard_size))
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
     packer = _packer(cfg, dataset.num_rows)
-    scheduler = Scheduler(lambda: _start_pools(cfg, stages, scheduler), lanes, cfg.output.uri, bar,
+    scheduler = Scheduler(stages, lambda: start_workers(cfg, stages), cfg.output.uri, bar,
                           max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
                           shards_per_worker=cfg.cluster.shards_in_flight_per_worker,
                           on_commit=packer.add if packer else None,
@@ -165,7 +160,7 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
     complete = complete and not unlisted
     if complete:
         Receipts(cfg.output.uri).remove_all()
-    _remove_probes(cfg.output.uri)
+    remove_probes(cfg.output.uri)
     figures = {"rendered": scheduler.rendered, "recovered": scheduler.recovered,
                "workers_replaced": scheduler.workers_replaced,
                "startup_s": round(scheduler.startup_s, 3),
@@ -192,11 +187,11 @@ def _stage_figures(scheduler: Scheduler) -> dict:
     interrupted run, worker seconds per row and rows per second while rendering, workers."""
     out, rendering_s = {}, scheduler.rendering_s
     for stage in scheduler.stages:
-        out[stage.lane.name] = {
+        out[stage.spec.name] = {
             "made": stage.ok, "failed": stage.failed, "recovered": stage.recovered,
             "seconds_per_row": round(stage.seconds / stage.ok, 4) if stage.ok else None,
             "rows_per_s": round(stage.ok / rendering_s, 4) if rendering_s > 0 else None,
-            "workers": getattr(stage.pool, "num_workers", 1) if stage.pool is not None else 0}
+            "workers": stage.pool.num_workers if stage.pool is not None else 0}
     return out
 
 
@@ -216,142 +211,6 @@ def _finish_quietly(cfg: JobConfig, job: dict, status: str, input_rows: int,
         _finish(cfg, job, status, input_rows, scheduler)
     except Exception as exc:  # noqa: BLE001
         logger.warning("could not record the end of the run in job.json: %s", exc)
-
-
-def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
-    """What every worker of ``stage`` (default: the last, the video stage) is built from. Only
-    the last stage scores and previews; later stages may read what earlier ones stored."""
-    stage = stage or job_stages(cfg)[-1]
-    model, limits = stage.model, cfg.limits
-    roots = media_roots(cfg) + ((stage_media_root(cfg.output.uri),) if stage.index else ())
-    return WorkerSpec(
-        model=ModelSpec(model.path, model.revision, model.variant, model.dtype, model.pipeline,
-                        model.scheduler, tuple(sorted(model.scheduler_config.items()))),
-        encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
-        output_uri=cfg.output.uri, artifact_dir=stage.folder, receipts_dir=stage.receipts_folder,
-        probes_dir=layout.PROBES_DIR,
-        artifact_name=stage.artifact, final=stage.final,
-        previews_dir=layout.PREVIEWS_DIR, previews=tuple(cfg.encode.previews) if stage.final else (),
-        preview_max_side=cfg.encode.preview_max_side,
-        scoring=_scoring(cfg, stage) if stage.final else None,
-        gate=_gate(cfg) if stage.final else None,
-        batch_size=stage.batch_size,
-        torch_threads=max(1, int(stage.resources.cpus)),
-        optimize=OptimizeSpec(**stage.optimize.model_dump()),
-        media=MediaSpec(roots=roots, resize=cfg.render.media_resize,
-                        max_bytes=limits.max_media_bytes, max_pixels=limits.max_media_pixels,
-                        max_video_frames=limits.max_media_frames,
-                        decode_timeout_s=limits.media_decode_timeout_s))
-
-
-def _task_of(stages: list[Stage], stage: Stage, output_uri: str):
-    """How a planned row becomes ``stage``'s task: from the row's own task and the artifact
-    the stage before stored for it."""
-    def task_of(row: PlannedRow) -> Task:
-        previous = None
-        if stage.index:
-            previous = row.results[stage.index - 1].artifact(stages[stage.index - 1].artifact)
-        return stage_task(stage, row.outcome, previous, output_uri)
-
-    return task_of
-
-
-def _scoring(cfg: JobConfig, stage: Stage) -> ScoringSpec | None:
-    q = cfg.quality
-    if q.clip_model is None:
-        return None
-    return ScoringSpec(q.clip_model, q.revision, q.drift_threshold, dtype=stage.model.dtype)
-
-
-def _gate(cfg: JobConfig) -> GateSpec | None:
-    q = cfg.quality
-    return None if q.min_score is None else GateSpec(q.min_score, q.on_fail, q.max_tries)
-
-
-def _start_pools(cfg: JobConfig, stages: list[Stage], scheduler: Scheduler) -> list:
-    """Start every stage's workers: Ray actors across the cluster, split between the stages
-    (and a balancer to move them later), or one renderer per stage in this process."""
-    specs = [worker_spec(cfg, stage) for stage in stages]
-    started = time.monotonic()
-    if cfg.cluster.backend == "inline":
-        from cluster.inline import InlinePool
-
-        pools = [InlinePool(spec) for spec in specs]
-        start = lambda: [pool.start() for pool in pools]  # noqa: E731
-    else:
-        from cluster.connect import connect, default_num_workers
-        from cluster.pool import WorkerPool, start_pools
-
-        resources = connect(cfg.cluster.address)
-        default_workers, use_gpu = default_num_workers(resources, cfg.cluster.cpus_per_worker)
-        if len(stages) == 1:
-            split = [cfg.cluster.num_workers or default_workers]
-        else:
-            split = _split_stages(cfg, stages, resources, use_gpu, scheduler)
-        pools = [WorkerPool(replace(spec, torch_threads=None) if use_gpu else spec, workers,
-                            use_gpu, stage.resources.cpus, cfg.cluster.shard_timeout_s,
-                            gpus_per_worker=stage.resources.gpus)
-                 for stage, spec, workers in zip(stages, specs, split)]
-        start = lambda: start_pools(pools)  # noqa: E731
-    for stage, pool in zip(stages, pools):
-        named = f" for stage {stage.name}" if len(stages) > 1 else ""
-        logger.info("starting %s worker(s)%s and loading %s", getattr(pool, "num_workers", 1),
-                    named, stage.model.path)
-    infos = start()
-    try:
-        _check_probes(cfg.output.uri, infos)
-    except BaseException:
-        for pool in pools:
-            pool.shutdown()
-        raise
-    for stage, pool, info in zip(stages, pools, infos):
-        nodes = {p["node_id"] for p in pool.placements()}
-        named = f"{stage.name}: " if len(stages) > 1 else ""
-        logger.info("%s%d worker(s) on %d node(s), device %s, pid(s) %s", named, len(info),
-                    len(nodes), info[0]["device"], " ".join(str(i["pid"]) for i in info))
-    logger.info("workers loaded their models in %.1f s", time.monotonic() - started)
-    return pools
-
-
-def _check_probes(output_uri: str, infos: list[list[dict]]) -> None:
-    """Read back the object every worker stored at start: a worker that stores where this
-    driver cannot read (a local path on another machine, memory://) would write a whole job
-    nowhere the manifests point."""
-    fs, root = storage.filesystem(output_uri)
-    fs.invalidate_cache()
-    for info in (worker for pool in infos for worker in pool):
-        probe = info.get("probe")  # None: a stand-in renderer (benchmarks) stores none
-        if probe and not fs.exists(storage.join(root, probe)):
-            raise OutputError(
-                f"output {output_uri}: a worker (pid {info['pid']}) stored a test object there "
-                f"that this driver cannot read back: the workers do not share this storage with "
-                f"the driver. Use an object-store URI (s3://, gs://, ...) or a folder mounted at "
-                f"the same path on every node")
-    _remove_probes(output_uri)
-
-
-def _remove_probes(output_uri: str) -> None:
-    """The workers' start-up probes have been read (replacements store theirs later)."""
-    fs, root = storage.filesystem(output_uri)
-    storage.remove_quietly(fs, storage.join(root, layout.PROBES_DIR), recursive=True)
-
-
-def _split_stages(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool,
-                  scheduler: Scheduler) -> list[int]:
-    """Workers per stage, from the stages' resources and weights; the balancer that moves them
-    later (cluster.balance: auto) is set on the scheduler."""
-    balancer = _balancer(cfg, stages, resources, use_gpu)
-    scheduler.balancer = balancer if cfg.cluster.balance == "auto" else None
-    return balancer.initial()
-
-
-def _balancer(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool) -> Balancer:
-    """What the stages need of the cluster: GPUs on a GPU cluster, else CPUs."""
-    capacity = float(resources.get("GPU" if use_gpu else "CPU", 1))
-    needs = [StageNeed(s.name, s.resources.gpus if use_gpu else s.resources.cpus,
-                       s.resources.workers, s.resources.weight) for s in stages]
-    return Balancer(capacity, needs, cfg.cluster.rebalance_every_s, cfg.cluster.num_workers,
-                    unit="GPUs" if use_gpu else "CPUs")
 
 
 def _packer(cfg: JobConfig, input_rows: int) -> Packer | None:

@@ -11,8 +11,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from jobs.store import layout, lease, manifest
-from jobs.products.webdataset import packer as pack
-from jobs.store.hashset import HashSet, key_hashes, row_hash
+from jobs.products.webdataset.check import check_tars
+from jobs.products.webdataset.tar_index import packed_samples, read_markers
+from jobs.products.webdataset.tars import sample_hash
+from jobs.store.hashset import HashSet, key_hashes, row_hash, row_hashes
 from jobs.store.job_file import OutputError, read_job, require_output
 from rendering import storage
 
@@ -55,7 +57,7 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
             problems += [p for found in _artifact_problems(fs, root, stored_rows, check_hashes,
                                                            packed, pool) for p in found]
     if packed is not None:
-        problems += pack.check_shards(output_uri)
+        problems += check_tars(output_uri)
     if rows == 0:
         problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
@@ -126,7 +128,7 @@ _ARTIFACT_COLUMNS = ["row_index", "id", "occurrence", "status", "sha256", "artif
 
 def _packed(output_uri: str) -> HashSet | None:
     """The samples of the output's WebDataset shards, or None when it has none."""
-    return pack.packed_samples(output_uri) if pack.read_markers(output_uri) else None
+    return packed_samples(output_uri) if read_markers(output_uri) else None
 
 
 def _artifact_problems(fs, root: str, rows: list[dict], check_hashes: bool,
@@ -147,7 +149,7 @@ def _artifact_problems(fs, root: str, rows: list[dict], check_hashes: bool,
 def _in_shards(packed: HashSet | None, row: dict) -> bool:
     """The ok row is packed in a WebDataset shard (its loose objects may be dropped)."""
     return packed is not None and row["status"] == "ok" and bool(packed.contains(
-        [pack.sample_hash(row["id"], row["occurrence"], row["sha256"])])[0])
+        [sample_hash(row["id"], row["occurrence"], row["sha256"])])[0])
 
 
 def unlisted_artifacts(output_uri: str, examples: int = 3) -> tuple[int, list[str]]:
@@ -183,7 +185,7 @@ def unlisted_artifacts(output_uri: str, examples: int = 3) -> tuple[int, list[st
 def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
     """Count rows committed by an earlier shard, or earlier in this one, into ``repeats``."""
     keys = list(zip(table["id"].to_pylist(), table["occurrence"].to_pylist()))
-    hashes = np.array([row_hash(i, n) for i, n in keys], dtype=np.uint64)
+    hashes = row_hashes(table)
     in_table: set[int] = set()
     for key, h, before in zip(keys, hashes.tolist(), seen.contains(hashes)):
         if before or h in in_table:
@@ -208,7 +210,7 @@ def _stray_objects(fs, root: str, listed: HashSet):
         for start in range(0, len(names), _LISTING_CHUNK):
             chunk = names[start:start + _LISTING_CHUNK]
             for path, known in zip(chunk, listed.contains(_path_hashes(chunk))):
-                if _is_temp(path):
+                if storage.is_temp(path):
                     yield path, f"leftover temporary object {path}"
                 elif not known:
                     yield path, f"{what} {path} is not in any manifest"
@@ -216,11 +218,7 @@ def _stray_objects(fs, root: str, listed: HashSet):
     for entry in fs.ls(root, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1] not in skip:
             yield from ((p, f"leftover temporary object {p}") for p in fs.find(entry)
-                        if _is_temp(p))
-
-
-def _is_temp(path: str) -> bool:
-    return storage.TEMP_MARKER in path.rsplit("/", 1)[-1]
+                        if storage.is_temp(p))
 
 
 def _path_hashes(paths) -> np.ndarray:

@@ -140,6 +140,7 @@ class Artifact:
     path: str  # relative to the output root, so a copied or synced output stays whole
     bytes: int
     sha256: str
+    kind: str  # "video", "image" or "preview": what the next stage may take it as
 
 
 @dataclass
@@ -172,7 +173,8 @@ def receipt_json(task: Task, result: Result) -> bytes:
 
 
 def read_receipt(data: bytes, task: Task) -> Result | None:
-    """The result a receipt records, if it answers exactly ``task``; else None."""
+    """The result a receipt records, if it answers exactly ``task``; else None (so is a
+    receipt written before artifacts carried their kind: its row is rendered again)."""
     try:
         receipt = json.loads(data)
         if receipt["task"] != json.loads(json.dumps(task.identity())):

@@ -1,37 +1,25 @@
 """Encode frames to a browser-playable MP4 (H.264, yuv420p, +faststart) with ffmpeg, and a
 keyframe to a PNG.
 
-The argv is built by a pure function and run without a shell. Encoding goes to a local temp
-file because +faststart rewrites the file and needs a seekable output. stdin is fed and stderr
-drained by one ``communicate`` call, so a long encode cannot deadlock on a full pipe.
+The argv is built by a pure function and run by ``ffmpeg_runner`` (no shell, stderr drained,
+a deadline). Encoding goes to a local temp file because +faststart rewrites the file and needs a
+seekable output.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-import shutil
-import subprocess
 
 import ffmpeg
 import numpy as np
 
 from rendering.contract import EncodeSpec
+from rendering.ffmpeg_runner import ffmpeg_exe, one_line, run_ffmpeg
 
 
 class EncodeError(RuntimeError):
-    """ffmpeg failed, or produced a video that is not what was asked for."""
-
-
-@functools.cache
-def ffmpeg_exe() -> str:
-    """The ffmpeg on PATH, else the static build that imageio-ffmpeg ships (it has libx264)."""
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    """The frames cannot be encoded, or the video ffmpeg wrote is not what was asked for (ffmpeg's
+    own failures are ``FfmpegError``)."""
 
 
 def encode_argv(exe: str, path: str, width: int, height: int, fps: int, spec: EncodeSpec) -> list[str]:
@@ -58,7 +46,7 @@ def encode_video(frames: np.ndarray, path: str, fps: int, spec: EncodeSpec) -> N
     if height % 2 or width % 2:
         raise EncodeError(f"H.264 yuv420p needs even sizes, got {width}x{height}")
     run_ffmpeg(encode_argv(ffmpeg_exe(), path, width, height, fps, spec), frames.tobytes(),
-               spec.timeout_s)
+               timeout_s=spec.timeout_s)
     decoded = count_frames(path)
     if decoded != num_frames:
         raise EncodeError(f"encoded video has {decoded} frames, expected {num_frames}")
@@ -73,20 +61,6 @@ def encode_image(pixels: np.ndarray, path: str) -> None:
                                                                 compress_level=6)
 
 
-def run_ffmpeg(argv: list[str], stdin: bytes, timeout_s: float) -> None:
-    """Run ffmpeg with ``stdin`` fed and stderr drained by one ``communicate`` (it is killed at
-    ``timeout_s``); an ``EncodeError`` with the end of its stderr when it fails."""
-    try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout_s,
-                              check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise EncodeError(f"ffmpeg did not finish in {timeout_s:g} s") from exc
-    except OSError as exc:
-        raise EncodeError(f"cannot run ffmpeg: {exc}") from exc
-    if proc.returncode != 0:
-        raise EncodeError(f"ffmpeg exited {proc.returncode}: {_tail(proc.stderr)}")
-
-
 _FRAME_RE = re.compile(rb"frame=\s*(\d+)")
 
 
@@ -94,13 +68,8 @@ def count_frames(path: str, timeout_s: float = 120.0) -> int:
     """Decode ``path`` fully and return how many video frames it holds."""
     argv = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "info", "-stats", "-i", path,
             "-map", "0:v:0", "-f", "null", "-"]
-    proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
+    proc = run_ffmpeg(argv, timeout_s=timeout_s, check=False)
     matches = _FRAME_RE.findall(proc.stderr)
     if proc.returncode != 0 or not matches:
-        raise EncodeError(f"cannot decode {path}: {_tail(proc.stderr)}")
+        raise EncodeError(f"cannot decode {path}: {one_line(proc.stderr)}")
     return int(matches[-1])
-
-
-def _tail(stderr: bytes, limit: int = 300) -> str:
-    text = stderr.decode("utf-8", "replace").strip()
-    return text[-limit:] if text else "no output"

@@ -9,6 +9,9 @@ Every worker on a node resolves ``model.path`` through here before diffusers loa
   without asking the hub again, and ``HF_HUB_OFFLINE=1`` is honoured;
 - a plain local folder is used as it is.
 
+Pipelines (``resolve``) and scoring models alike go through ``resolve_folder``: they differ only
+in the file that makes a folder a model and in how the hub's files are downloaded.
+
 Workers on one node take a file lock per model, so one copies or downloads while the others
 wait, then all load the same files. A copy is made in a temp folder and renamed into place:
 a cached model is complete or absent. Remote model folders are treated as immutable: publish
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -26,6 +30,7 @@ import re
 import shutil
 import tempfile
 import time
+from typing import Callable
 
 from rendering import storage
 from rendering.contract import ModelSpec
@@ -59,11 +64,19 @@ def hub_offline() -> bool:
 
 def resolve(spec: ModelSpec) -> str:
     """What ``DiffusionPipeline.from_pretrained`` should load: a local folder, fetched if need be."""
-    if is_url(spec.path):
-        return fetch_url(spec.path)
-    if os.path.isdir(spec.path):
-        return spec.path
-    return fetch_hub(spec)
+    return resolve_folder(spec.path, spec.revision, functools.partial(_download_pipeline, spec))
+
+
+def resolve_folder(path: str, revision: str | None, download: Callable[[bool], str],
+                   marker: str = "model_index.json", key: str = "model.path") -> str:
+    """The local folder of the model at ``path``: a local folder as it is, a URL copied once into
+    this node's cache (``marker`` names the file a model folder holds), a hub id through
+    huggingface_hub's cache by ``download`` (see ``fetch_hub``); ``key`` names the setting."""
+    if is_url(path):
+        return fetch_url(path, marker, key)
+    if os.path.isdir(path):
+        return path
+    return fetch_hub(path, revision, download, key)
 
 
 def cached_path(url: str) -> str:
@@ -91,26 +104,38 @@ def fetch_url(url: str, marker: str = "model_index.json", key: str = "model.path
     return target
 
 
-def fetch_hub(spec: ModelSpec) -> str:
-    """The hub model's folder in huggingface_hub's cache, downloaded once per node if need be."""
-    from diffusers import DiffusionPipeline
+def fetch_hub(repo: str, revision: str | None, download: Callable[[bool], str],
+              key: str = "model.path") -> str:
+    """The hub model's folder in huggingface_hub's cache, downloaded once per node if need be.
 
-    options = dict(revision=spec.revision, variant=spec.variant, use_safetensors=True,
-                   trust_remote_code=False)
-    with node_lock(hub_lock_name(spec.path, spec.revision)):
+    ``download(local_files_only)`` fetches the files its library loads and returns their folder:
+    from the cache alone first, then (unless HF_HUB_OFFLINE is set) from the hub.
+    """
+    with node_lock(hub_lock_name(repo, revision)):
         try:
-            return DiffusionPipeline.download(spec.path, local_files_only=True, **options)
-        except (OSError, ValueError) as exc:  # not (fully) cached on this node yet
+            return download(True)
+        except (OSError, ValueError, ModelCacheError) as exc:  # not (fully) cached on this node yet
             if hub_offline():
                 raise ModelCacheError(
-                    f"model {spec.path!r} is not in this node's hub cache ({hf_home()}/hub) and "
+                    f"model {repo!r} is not in this node's hub cache ({hf_home()}/hub) and "
                     f"HF_HUB_OFFLINE is set: pre-fetch it into the cache, or copy the folder to "
-                    f"object storage and set model.path to its URL") from exc
-        logger.info("downloading %s from the hub into %s", spec.path, hf_home())
-        try:
-            return DiffusionPipeline.download(spec.path, **options)
-        except OSError as exc:  # the hub's errors, and diffusers' wrapping of them
-            raise ModelCacheError(_hub_failure(spec, exc)) from exc
+                    f"object storage and set {key} to its URL") from exc
+        logger.info("downloading %s from the hub into %s", repo, hf_home())
+        return download(False)
+
+
+def _download_pipeline(spec: ModelSpec, local_files_only: bool) -> str:
+    """A diffusers pipeline's files (safetensors only, no remote code) in the hub cache."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.download(spec.path, local_files_only=local_files_only,
+                                          revision=spec.revision, variant=spec.variant,
+                                          use_safetensors=True, trust_remote_code=False)
+    except OSError as exc:  # the hub's errors, and diffusers' wrapping of them
+        if local_files_only:
+            raise  # not cached yet: fetch_hub decides what comes next
+        raise ModelCacheError(_hub_failure(spec, exc)) from exc
 
 
 def _hub_failure(spec: ModelSpec, exc: OSError) -> str:

@@ -8,8 +8,9 @@ built from the whole clip, error-diffusion dithering), the WebP and the poster t
 The same frames give byte-identical files. Every failure is a ``PreviewError`` whose message is
 one line.
 
-numpy, Pillow and ffmpeg are imported inside the functions that use them: the driver imports this
-module for ``PreviewSpec`` and ``check_spec`` and must stay light.
+numpy and Pillow are imported inside the functions that use them (ffmpeg runs through the light
+``ffmpeg_runner``): the driver imports this module for ``PreviewSpec`` and ``check_spec`` and must
+stay light.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numbers
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from rendering.ffmpeg_runner import FfmpegError, ffmpeg_exe, one_line, run_ffmpeg
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,7 +41,6 @@ _SIX_BITS = "'bitand(val,252)+2'"
 _PALETTEGEN = (f"lutrgb=r={_SIX_BITS}:g={_SIX_BITS}:b={_SIX_BITS},"
                "palettegen=max_colors=256:stats_mode=full")
 _PALETTEUSE = "paletteuse=dither=sierra2_4a"
-_MESSAGE_LIMIT = 300
 _PARTIAL = ".partial"
 
 
@@ -180,7 +182,7 @@ def write_previews(frames: np.ndarray, fps: int, spec: PreviewSpec, folder: str)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        raise PreviewError(f"cannot create preview folder {folder}: {_one_line(str(exc))}") from exc
+        raise PreviewError(f"cannot create preview folder {folder}: {one_line(str(exc))}") from exc
     written: dict[str, str] = {}
     for kind in spec.kinds:
         path = os.path.join(folder, FILENAMES[kind])
@@ -199,7 +201,7 @@ def write_previews(frames: np.ndarray, fps: int, spec: PreviewSpec, folder: str)
         except BaseException as exc:
             _remove(partial)
             if isinstance(exc, OSError):
-                raise PreviewError(f"{kind}: cannot write {path}: {_one_line(str(exc))}") from exc
+                raise PreviewError(f"{kind}: cannot write {path}: {one_line(str(exc))}") from exc
             raise
         written[kind] = path
     return written
@@ -256,14 +258,12 @@ class _Scaled:
 
 def _write_gif(frames: np.ndarray, fps: int, path: str, timeout_s: float) -> None:
     """Run ffmpeg's palette graph over ``frames`` and check a GIF with every frame came out."""
-    from rendering.encode import EncodeError, ffmpeg_exe, run_ffmpeg
-
     num_frames, height, width, _ = frames.shape
     argv = gif_argv(ffmpeg_exe(), path, width, height, fps)
     try:
-        run_ffmpeg(argv, frames.tobytes(), timeout_s)
-    except EncodeError as exc:
-        raise PreviewError(f"gif: {_one_line(str(exc))}") from exc
+        run_ffmpeg(argv, frames.tobytes(), timeout_s=timeout_s)
+    except FfmpegError as exc:
+        raise PreviewError(f"gif: {exc}") from exc
     written = _count_gif_frames(path)
     if written != num_frames:
         raise PreviewError(f"gif: ffmpeg wrote {written} frames, expected {num_frames}")
@@ -279,7 +279,7 @@ def _count_gif_frames(path: str) -> int:
                 raise PreviewError(f"gif: ffmpeg wrote {image.format}, not GIF")
             return image.n_frames
     except (OSError, SyntaxError, ValueError) as exc:
-        raise PreviewError(f"gif: ffmpeg wrote an unreadable GIF: {_one_line(str(exc))}") from exc
+        raise PreviewError(f"gif: ffmpeg wrote an unreadable GIF: {one_line(str(exc))}") from exc
 
 
 def _write_webp(images: list[Image.Image], fps: int, path: str) -> None:
@@ -294,7 +294,7 @@ def _write_webp(images: list[Image.Image], fps: int, path: str) -> None:
                        duration=frame_durations_ms(len(images), fps), loop=0,
                        lossless=False, quality=WEBP_QUALITY, method=WEBP_METHOD)
     except (OSError, ValueError) as exc:
-        raise PreviewError(f"webp: Pillow cannot write it: {_one_line(str(exc))}") from exc
+        raise PreviewError(f"webp: Pillow cannot write it: {one_line(str(exc))}") from exc
 
 
 def _write_poster(image: Image.Image, quality: int, path: str) -> None:
@@ -302,18 +302,11 @@ def _write_poster(image: Image.Image, quality: int, path: str) -> None:
     try:
         image.save(path, format="JPEG", quality=quality, optimize=True)
     except (OSError, ValueError) as exc:
-        raise PreviewError(f"poster: Pillow cannot write it: {_one_line(str(exc))}") from exc
+        raise PreviewError(f"poster: Pillow cannot write it: {one_line(str(exc))}") from exc
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _one_line(text: bytes | str) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    text = " ".join(text.split())
-    return text[-_MESSAGE_LIMIT:] if text else "no output"
 
 
 def _remove(path: str) -> None:

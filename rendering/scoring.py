@@ -27,7 +27,7 @@ tests and the demo: its scores are well-formed numbers that mean nothing.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import os
 
@@ -68,7 +68,10 @@ class ClipScorer:
             raise ValueError(f"unknown tiny scoring model {spec.model!r}: the only one is "
                              f"{TINY_CLIP}")
         else:
-            model, self.image_processor, self.tokenizer = load_clip(resolve(spec), dtype)
+            folder = model_cache.resolve_folder(spec.model, spec.revision,
+                                                functools.partial(_download_clip, spec),
+                                                marker="config.json", key="quality.clip_model")
+            model, self.image_processor, self.tokenizer = load_clip(folder, dtype)
         self.model = model.to(self.device).eval()
         context = self.model.config.text_config.max_position_embeddings  # 77 for CLIP
         self.max_tokens = min(int(self.tokenizer.model_max_length), int(context))
@@ -153,7 +156,7 @@ def build_tiny_clip():
     and the demo; small images (32 px) keep it at milliseconds per video on a CPU."""
     from transformers import CLIPConfig, CLIPModel
 
-    from rendering.pipelines.tiny_parts import clip_tokenizer
+    from rendering.pipelines.tiny_components import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     config = CLIPConfig(
@@ -175,7 +178,7 @@ def save_tiny_clip(directory: str) -> None:
     """Write ``tiny:clip`` as a CLIP model folder (safetensors), loadable as a local folder."""
     from transformers import CLIPProcessor
 
-    from rendering.pipelines.load import quiet_progress_bars
+    from rendering.pipelines.weights import quiet_progress_bars
 
     model, image_processor, tokenizer = build_tiny_clip()
     with quiet_progress_bars():
@@ -190,7 +193,7 @@ def load_clip(folder: str, dtype: torch.dtype):
     from packaging.version import Version
     from transformers import CLIPModel, CLIPTokenizer
 
-    from rendering.pipelines.load import quiet_progress_bars
+    from rendering.pipelines.weights import quiet_progress_bars
 
     # transformers 4.56 renamed torch_dtype to dtype; before it, dtype= is not read.
     keyword = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -202,38 +205,14 @@ def load_clip(folder: str, dtype: torch.dtype):
         CLIPTokenizer.from_pretrained(folder)
 
 
-def resolve(spec: ScoringSpec) -> str:
-    """The local folder to load the CLIP model from, fetched once per node if need be.
-
-    model_cache.resolve serves diffusers pipelines (it wants model_index.json, and asks diffusers
-    to download); a CLIP model is a transformers folder (config.json), fetched the same way here:
-    a local folder as it is, a URL copied once into the node's cache, a hub id through
-    huggingface_hub's cache (HF_HUB_OFFLINE honoured).
-    """
-    if model_cache.is_url(spec.model):
-        return model_cache.fetch_url(spec.model, marker="config.json", key="quality.clip_model")
-    if os.path.isdir(spec.model):
-        return spec.model
-    return _fetch_hub(spec)
-
-
-def _fetch_hub(spec: ScoringSpec) -> str:
-    """The hub CLIP model's folder in huggingface_hub's cache (config, processor, tokenizer and
-    safetensors files only), downloaded once per node if need be."""
+def _download_clip(spec: ScoringSpec, local_files_only: bool) -> str:
+    """A CLIP model's config, processor, tokenizer and safetensors files in the hub cache (the
+    node-local fetch around it is model_cache's, as for pipelines)."""
     from huggingface_hub import snapshot_download
 
-    options = dict(revision=spec.revision, allow_patterns=_HUB_FILES)
-    with model_cache.node_lock(model_cache.hub_lock_name(spec.model, spec.revision)):
-        with contextlib.suppress(OSError, ValueError, ModelCacheError):  # not (fully) cached yet
-            return _complete(spec.model, snapshot_download(spec.model, local_files_only=True,
-                                                           **options))
-        if model_cache.hub_offline():
-            raise ModelCacheError(
-                f"scoring model {spec.model!r} is not in this node's hub cache "
-                f"({model_cache.hf_home()}/hub) and HF_HUB_OFFLINE is set: pre-fetch it into the "
-                f"cache, or copy the folder to object storage and set the model to its URL")
-        logger.info("downloading %s from the hub into %s", spec.model, model_cache.hf_home())
-        return _complete(spec.model, snapshot_download(spec.model, **options))
+    return _complete(spec.model, snapshot_download(spec.model, revision=spec.revision,
+                                                   allow_patterns=_HUB_FILES,
+                                                   local_files_only=local_files_only))
 
 
 def _complete(name: str, folder: str) -> str:

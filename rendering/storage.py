@@ -83,12 +83,23 @@ def sha256_object(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+def temp_beside(path: str) -> str:
+    """A hidden, unique temp name next to ``path`` (its folder made): what a local write goes
+    to before it is renamed or linked into place."""
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
+
+
+def is_temp(path: str) -> bool:
+    """The object is a temp one an interrupted write left (``temp_beside``'s names)."""
+    return TEMP_MARKER in path.rsplit("/", 1)[-1]
+
+
 @contextlib.contextmanager
 def _local_temp_beside(path: str):
     """Yield a hidden temp path next to ``path``; rename it into place if the block succeeds."""
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    temp = os.path.join(directory, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
+    temp = temp_beside(path)
     try:
         yield temp
         os.replace(temp, path)
@@ -119,8 +130,7 @@ def remove_temp_objects(fs: fsspec.AbstractFileSystem, root: str, folders: tuple
     leftovers = []
     for folder in (root, *(join(root, f) for f in folders)):
         if fs.isdir(folder):
-            leftovers += [p for p in fs.ls(folder, detail=False)
-                          if TEMP_MARKER in p.rsplit("/", 1)[-1]]
+            leftovers += [p for p in fs.ls(folder, detail=False) if is_temp(p)]
     if leftovers:
         fs.rm(leftovers)
     return len(leftovers)
@@ -148,6 +158,18 @@ def remove_quietly(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = F
         fs.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
+
+
+def remove_all_quietly(fs: fsspec.AbstractFileSystem, paths: list[str], what: str) -> None:
+    """Delete ``paths`` in one call (a bulk request on object stores), retried; if some are
+    gone already (an earlier, interrupted run took them), the rest one by one."""
+    if not paths:
+        return
+    try:
+        with_retries(f"deletion of {what}", fs.rm, paths)
+    except FileNotFoundError:
+        for path in paths:
+            remove_quietly(fs, path)
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -27,9 +27,12 @@ from itertools import groupby
 
 import numpy as np
 
-from rendering import media, quality, storage
+from rendering import quality, storage
 from rendering.contract import Artifact, Result, Task, WorkerSpec, receipt_json
 from rendering.encode import encode_image, encode_video, to_uint8
+from rendering.media import MediaError
+from rendering.media.images import load_image
+from rendering.media.videos import load_video
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +230,12 @@ class ShardRenderer:
         for role, source in task.inputs.items():
             try:
                 if role == "image":
-                    value, digest = media.load_image(source, self.spec.media, params["width"],
-                                                     params["height"])
+                    value, digest = load_image(source, self.spec.media, params["width"],
+                                               params["height"])
                 else:
-                    value, digest = media.load_video(source, self.spec.media, params["num_frames"],
-                                                     params["width"], params["height"])
-            except media.MediaError as exc:  # bad media, or storage trouble another try may fix
+                    value, digest = load_video(source, self.spec.media, params["num_frames"],
+                                               params["width"], params["height"])
+            except MediaError as exc:  # bad media, or storage trouble another try may fix
                 code = "media_error" if exc.retryable else "invalid_media"
                 return Result.failure(task.id, code, f"{role}: {exc}", retryable=exc.retryable)
             loaded[role] = value
@@ -247,14 +250,16 @@ class ShardRenderer:
             pixels = to_uint8(frames)  # what is encoded, previewed and was scored
             started = time.monotonic()
             try:
-                if self._adapter.makes == "image":
+                kind = self._adapter.makes  # "image" or "video": the artifact carries it
+                if kind == "image":
                     local = os.path.join(tmp, "image.png")
                     encode_image(pixels[0], local)
-                    files = {self.spec.artifact_name: (local, f"{self.spec.artifact_dir}/{task.key}.png")}
                 else:
                     local = os.path.join(tmp, "video.mp4")
                     encode_video(pixels, local, task.params["fps"], self.spec.encode)
-                    files = {self.spec.artifact_name: (local, f"{self.spec.artifact_dir}/{task.key}.mp4")}
+                suffix = os.path.splitext(local)[1]
+                files = {self.spec.artifact_name:
+                         (local, f"{self.spec.artifact_dir}/{task.key}{suffix}", kind)}
                 files.update(self._previews(task, pixels, tmp))
             except Exception as exc:  # noqa: BLE001
                 return Result.failure(task.id, "encode_error", str(exc), retryable=True)
@@ -262,11 +267,11 @@ class ShardRenderer:
             started = time.monotonic()
             artifacts = []
             try:
-                for name, (path, relative) in files.items():
+                for name, (path, relative, kind) in files.items():
                     storage.with_retries(f"upload of {relative}", storage.upload_file, path,
                                          self._fs, storage.join(self._root, relative))
                     artifacts.append(Artifact(name, relative, os.path.getsize(path),
-                                              storage.sha256_file(path)))
+                                              storage.sha256_file(path), kind))
             except Exception as exc:  # noqa: BLE001
                 return Result.failure(task.id, "upload_error", f"{type(exc).__name__}: {exc}",
                                       retryable=True)
@@ -275,15 +280,17 @@ class ShardRenderer:
         self._write_receipt(task, result)
         return result
 
-    def _previews(self, task: Task, pixels: np.ndarray, folder: str) -> dict[str, tuple[str, str]]:
-        """The previews the job asks for, written locally: {kind: (local path, output path)}."""
+    def _previews(self, task: Task, pixels: np.ndarray,
+                  folder: str) -> dict[str, tuple[str, str, str]]:
+        """The previews the job asks for, written locally: {name: (local path, output path,
+        "preview")}."""
         if not self.spec.previews:
             return {}
         from rendering.previews import PreviewSpec, extension, write_previews
 
         spec = PreviewSpec(kinds=self.spec.previews, max_side=self.spec.preview_max_side)
         written = write_previews(pixels, task.params["fps"], spec, folder)
-        return {kind: (path, f"{self.spec.previews_dir}/{task.key}.{extension(kind)}")
+        return {kind: (path, f"{self.spec.previews_dir}/{task.key}.{extension(kind)}", "preview")
                 for kind, path in written.items()}
 
     def _write_receipt(self, task: Task, result: Result) -> None:

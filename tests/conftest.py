@@ -1,19 +1,84 @@
 """Shared fixtures: one real local Ray cluster per session, a real S3 endpoint (moto on
 127.0.0.1) per test; GPU tests skip without CUDA.
 
+The suite runs on several processes at once (pytest-xdist, ``make test``): each is a session of
+its own, with its own local Ray cluster, ports chosen free, folders under its own temp dir; and
+no test leaves its environment variables to the next one.
+
 Helpers that tests import live in ``helpers.py``, not here.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import urllib.request
 
 import pytest
 from helpers import free_port
 
+
+def pytest_configure(config):
+    worker = hasattr(config, "workerinput")
+    if worker or getattr(config.option, "dist", "no") == "no":  # a process that runs tests
+        _ray_temp_dir_of_its_own()
+    if not worker:  # before any worker process starts
+        _ray_token_made_once()
+
+
+def _ray_temp_dir_of_its_own() -> None:
+    """Ray keeps its sessions, sockets and the record ``ray start`` leaves for ``auto``
+    (``ray_current_cluster``) under RAY_TMPDIR, /tmp/ray unless set: one folder for every Ray on
+    the machine. Each session (each xdist worker) gets a folder of its own, which the CLIs and
+    clusters it starts inherit; short, as Ray's socket paths must fit in 107 bytes."""
+    if os.environ.get("RAY_TMPDIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="rf-ray-")
+    os.environ["RAY_TMPDIR"] = folder
+    atexit.register(shutil.rmtree, folder, True)  # after Ray's own exit handler (registered later)
+
+
+def _ray_token_made_once() -> None:
+    """Ray's first local cluster on a machine writes a new token to ~/.ray/auth_token, which
+    every later one reads. Two sessions starting their first clusters at once could each write
+    one and start with the other's: the token is made here, once, before they start."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        return
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+    generate_and_save_token()
+
+
+# What ray.init and connect() set in os.environ for this process's Ray cluster, which outlives the
+# test that started it: connect()'s RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER goes with a constant it sets
+# in this process, and the subprocesses that join a cluster from here need the two to agree.
+_RAY_SETTINGS = ("RAY_", "PYTHONBREAKPOINT")
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """What a test sets in os.environ ends with it (Ray's settings for this process's cluster
+    aside). Subprocesses get this process's environment (``run_cli``), so a variable left behind
+    reaches whichever tests the session runs later: the CLI's ``main()`` run in-process sets
+    DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY for the workers it starts, which silenced the
+    library logs ``--debug`` must show in a later test, in whatever order xdist ran them."""
+    before = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(before):
+        if not key.startswith(_RAY_SETTINGS):
+            del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value and not key.startswith(_RAY_SETTINGS):
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster shared by the in-process tests of this session."""
+    """A real local Ray cluster shared by the in-process tests of this session (each xdist
+    worker process is a session: its cluster is its own, ``address="local"``)."""
     import ray
 
     from cluster.connect import connect

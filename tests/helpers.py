@@ -1,14 +1,21 @@
-"""What tests share: tiny configs, Parquet prompt files, and running the CLI as a user would."""
+"""What tests share: tiny configs and the files they are written to, Parquet prompt files,
+manifests read back, and running the CLI as a user would (to the end, or in the background to
+be stopped or killed part way)."""
 
 from __future__ import annotations
 
+import glob
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +62,115 @@ def prompts(n: int, prefix: str = "row") -> list[dict]:
     return [{"id": f"{prefix}-{i:03d}", "prompt": f"a small test scene number {i}"} for i in range(n)]
 
 
+def write_config(folder, cfg: dict | None = None, *, rows: list[dict] | None = None,
+                 output_uri: str | None = None, prompts_file: str = "prompts.parquet",
+                 name: str = "job.yaml", **sections) -> str:
+    """Write a job config to ``folder/name`` (YAML) and return its path.
+
+    The config is ``cfg`` as given; without it, a ``tiny_config`` that reads
+    ``folder/prompts_file`` and writes to ``output_uri`` (default ``folder/out``), ``sections``
+    merged in. Its prompts are ``rows``, written first; with no rows a prompts file already
+    there is kept, and two prompts are written when there is none.
+    """
+    folder = str(folder)
+    if cfg is None:
+        src = os.path.join(folder, prompts_file)
+        if rows is not None or not os.path.exists(src):
+            write_prompts(src, rows if rows is not None else prompts(2))
+        cfg = tiny_config(src, output_uri or os.path.join(folder, "out"), **sections)
+    else:
+        assert rows is None and output_uri is None and not sections, "a config is given whole"
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``reelfarm`` as a user would, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def read_manifest(output, *, shards: bool = False) -> list[dict]:
+    """An output's rows as dicts: its consolidated ``manifest.parquet``, or with ``shards`` the
+    rows of its committed shard manifests (the current ones, as verify reads them).
+    ``output`` is a local path or any fsspec URL."""
+    from jobs.store import manifest
+
+    output = str(output)
+    if shards:
+        return [row for table in manifest.iter_shards(output) for row in table.to_pylist()]
+    if "://" not in output:
+        return pq.read_table(os.path.join(output, "manifest.parquet")).to_pylist()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output)
+    # Read whole, then decoded from memory: Arrow reading a Python file object does so from its
+    # own threads, which could abort this process at exit.
+    with fs.open(f"{root}/manifest.parquet", "rb") as f:
+        return pq.read_table(pa.BufferReader(f.read())).to_pylist()
+
+
+def by_id(rows: list[dict]) -> dict[str, dict]:
+    """Rows keyed by their ``id``."""
+    return {row["id"]: row for row in rows}
+
+
+def committed_shards(output) -> list[str]:
+    """The shard manifests committed to the local ``output`` so far, in order."""
+    return sorted(glob.glob(os.path.join(str(output), "manifests", "shard-*.parquet")))
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str,
+             process: subprocess.Popen | None = None) -> None:
+    """Poll until ``predicate()`` is true; fail after ``timeout_s``, or as soon as ``process``
+    (the one expected to make it true) has exited, with the end of its stderr."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            try:
+                stderr = process.communicate(timeout=30)[1] or ""
+            except subprocess.TimeoutExpired:  # what it started still holds its pipes
+                stderr = ""
+            raise AssertionError(f"{what}: the process exited ({process.returncode}) first:\n"
+                                 f"{stderr[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class CliDriver(subprocess.Popen):
+    """``reelfarm ARGS`` running in the background (or ``python -c CODE ARGS``, a driver that
+    wraps the CLI), in a session of its own, its output on pipes; for a test to stop with a
+    signal or kill part way.
+
+    Use it in a ``with`` block: leaving it kills whatever is left of the driver's process group,
+    the local Ray cluster the driver started included, so nothing outlives the test.
+    """
+
+    def __init__(self, *args: str, code: str | None = None, cwd=REPO, env: dict | None = None):
+        command = [sys.executable, *(["-c", code] if code else ["-m", "jobs.cli"]), *args]
+        super().__init__(command, cwd=str(cwd), env={**os.environ, **(env or {})}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> tuple[str, str]:
+        """Send ``sig`` to the driver alone (as a scheduler or Ctrl-C does) and wait for it to
+        exit: its (stdout, stderr)."""
+        self.send_signal(sig)
+        return self.communicate(timeout=timeout_s)
+
+    def kill_hard(self, timeout_s: float = 30) -> None:
+        """SIGKILL the driver alone, as a crash would; its cluster is left to the ``with``."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.wait(timeout_s)
+
+    def __exit__(self, *exc_info):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone: the driver and all it started
+            pass
+        return super().__exit__(*exc_info)
 
 
 def stored(output, row: dict) -> str:
@@ -66,10 +178,20 @@ def stored(output, row: dict) -> str:
     return os.path.join(str(output), row["video_uri"])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 now (each bound until all are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def s3_client():

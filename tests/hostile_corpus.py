@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from helpers import run_cli, tiny_config
+from helpers import write_config
 
 SECRET = "rfTestSecret/0123456789+abcdefXYZ"
 ACCESS_KEY = "AKIARFTESTKEY0000000"
@@ -167,9 +167,8 @@ def run_corpus(root: str) -> CorpusRun:
     pq.write_table(_odd_table(), base / "in" / "b-odd.parquet")
     argv_log = base / "ffmpeg-argv.log"
     _ffmpeg_shim(base / "bin", argv_log)
-    config = base / "job.yaml"
     output = base / "out"
-    config.write_text(yaml.safe_dump(tiny_config(str(base / "in"), str(output))))
+    config = write_config(base, tiny_config(str(base / "in"), str(output)))
     # Unix socket paths must stay short, so the Ray temp dir cannot live under pytest's tmp.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rf-ray-"))
     atexit.register(shutil.rmtree, ray_tmp, True)

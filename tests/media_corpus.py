@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rendering.encode import ffmpeg_exe
+from rendering.ffmpeg_runner import ffmpeg_exe
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (30, 40, 220)
 

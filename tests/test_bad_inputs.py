@@ -15,21 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from helpers import prompts, run_cli, stored, tiny_config, write_prompts
+from helpers import prompts, run_cli, stored, write_prompts
+from helpers import read_manifest, write_config
 from hostile_corpus import CASES, run_corpus
 
 from jobs.input.dataset import iter_batches, open_dataset
-
-
-def _config(tmp: Path, rows: list[dict] | None = None, **sections) -> str:
-    """A tiny job config over ``rows`` (two good rows by default), ``sections`` merged in."""
-    src = tmp / "in.parquet"
-    if not src.exists():
-        write_prompts(src, rows if rows is not None else prompts(2))
-    path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(str(src), str(tmp / "out"), **sections)))
-    return str(path)
 
 
 def _raw_config(text: str):
@@ -40,7 +30,8 @@ def _raw_config(text: str):
 
 
 def _with(*args: str, rows: list[dict] | None = None, **sections):
-    return lambda tmp: [_config(tmp, rows, **sections), *args]
+    return lambda tmp: [write_config(tmp, rows=rows, prompts_file="in.parquet", **sections),
+                        *args]
 
 
 def _input_file(content: bytes | None = None, rows: list[dict] | None = None, cut: int | None = None):
@@ -53,7 +44,7 @@ def _input_file(content: bytes | None = None, rows: list[dict] | None = None, cu
                 src.write_bytes(src.read_bytes()[:cut])
         else:
             src.write_bytes(content)
-        return [_config(tmp)]
+        return [write_config(tmp, prompts_file="in.parquet")]
     return setup
 
 
@@ -66,7 +57,7 @@ def _input_folder(files: dict[str, list[dict] | bytes]):
                 (folder / name).write_bytes(content)
             else:
                 write_prompts(folder / name, content)
-        return [_config(tmp), "--input", str(folder)]
+        return [write_config(tmp, prompts_file="in.parquet"), "--input", str(folder)]
     return setup
 
 
@@ -74,7 +65,7 @@ def _existing_output(job: bytes):
     def setup(tmp):
         (tmp / "out").mkdir()
         (tmp / "out" / "job.json").write_bytes(job)
-        return [_config(tmp)]
+        return [write_config(tmp, prompts_file="in.parquet")]
     return setup
 
 
@@ -88,7 +79,7 @@ def _stored_with_other_settings(tmp):
 
 def _output_under_a_file(tmp):
     (tmp / "a-file").write_text("not a folder")
-    return [_config(tmp), "--output", str(tmp / "a-file" / "out")]
+    return [write_config(tmp, prompts_file="in.parquet"), "--output", str(tmp / "a-file" / "out")]
 
 
 PARQUET_MAGIC_ONLY = b"PAR1PAR1"
@@ -176,7 +167,8 @@ def test_whole_job_problems_stop_before_anything_starts(tmp_path, setup, code, f
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run_cli("plan", _config(tmp_path), "--input", str(tmp_path / "nope"), "--debug")
+    result = run_cli("plan", write_config(tmp_path, prompts_file="in.parquet"), "--input",
+                     str(tmp_path / "nope"), "--debug")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "InputError" in result.stderr
 
@@ -191,7 +183,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def manifest_rows(corpus):
     assert corpus.returncode == 3, corpus.stderr
-    return pq.read_table(corpus.output / "manifest.parquet").to_pylist()
+    return read_manifest(corpus.output)
 
 
 def test_bad_rows_fail_alone_and_the_job_finishes_with_exit_3(corpus, manifest_rows):

@@ -49,7 +49,7 @@ class _Pool:
 
 
 def _stage(name: str, workers: int, ok: int, seconds: float):
-    return SimpleNamespace(lane=SimpleNamespace(name=name), pool=_Pool(workers), ok=ok,
+    return SimpleNamespace(spec=SimpleNamespace(name=name), pool=_Pool(workers), ok=ok,
                            seconds=seconds)
 
 

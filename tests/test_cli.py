@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
-import yaml
 from helpers import prompts, run_cli, tiny_config, write_prompts
-
-
-def _config(tmp_path, rows, **sections) -> str:
-    src = write_prompts(tmp_path / "prompts.parquet", rows)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"), **sections)))
-    return str(path)
+from helpers import read_manifest, write_config
 
 
 def test_render_on_a_local_ray_cluster_exits_0_and_says_where_things_are(tmp_path):
-    config = _config(tmp_path, prompts(4))
+    config = write_config(tmp_path, rows=prompts(4))
     result = run_cli("render", config, "--quiet")
     assert result.returncode == 0, result.stderr
     assert "rows: 4  ok: 4  failed: 0" in result.stdout
@@ -30,12 +22,12 @@ def test_render_on_a_local_ray_cluster_exits_0_and_says_where_things_are(tmp_pat
 
 def test_failed_rows_give_exit_3_and_status_shows_them(tmp_path):
     rows = prompts(3) + [{"id": "blank", "prompt": "   "}, {"id": "none", "prompt": None}]
-    config = _config(tmp_path, rows, cluster={"backend": "inline"})
+    config = write_config(tmp_path, rows=rows, cluster={"backend": "inline"})
     result = run_cli("render", config, "--quiet")
     assert result.returncode == 3, result.stderr
     assert "rows: 5  ok: 3  failed: 2" in result.stdout
     assert "2 failed with invalid_prompt" in result.stdout
-    table = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    table = read_manifest(tmp_path / "out")
     failed = {r["id"]: r for r in table if r["status"] == "failed"}
     assert set(failed) == {"blank", "none"}
     assert all(r["error_code"] == "invalid_prompt" and r["video_uri"] is None for r in failed.values())
@@ -49,7 +41,7 @@ def test_failed_rows_give_exit_3_and_status_shows_them(tmp_path):
 
 def test_plan_counts_without_ray_or_a_model(tmp_path):
     rows = prompts(10) + [{"id": "row-001", "prompt": "again"}]
-    config = _config(tmp_path, rows, output={"shard_size": 4})
+    config = write_config(tmp_path, rows=rows, output={"shard_size": 4})
     result = run_cli("plan", config, "--input", str(tmp_path / "prompts.parquet"))
     assert result.returncode == 0, result.stderr
     assert "rows:       11" in result.stdout
@@ -60,7 +52,7 @@ def test_plan_counts_without_ray_or_a_model(tmp_path):
 
 
 def test_a_changed_setting_on_an_existing_output_is_refused(tmp_path):
-    config = _config(tmp_path, prompts(2), cluster={"backend": "inline"})
+    config = write_config(tmp_path, rows=prompts(2), cluster={"backend": "inline"})
     assert run_cli("render", config, "--quiet").returncode == 0
     result = run_cli("render", config, "--quiet", "--set", "render.num_frames=12")
     assert result.returncode == 1
@@ -74,7 +66,7 @@ def test_version_and_a_csv_input_say_what_they_should(tmp_path):
     assert version.returncode == 0 and version.stdout.startswith("reelfarm ")
     csv = tmp_path / "prompts.csv"
     csv.write_text("id,prompt\na,a cat\n")
-    config = _config(tmp_path, prompts(1))
+    config = write_config(tmp_path, rows=prompts(1))
     result = run_cli("plan", config, "--input", str(csv))
     assert result.returncode == 1
     assert "is not Parquet: reelfarm reads Parquet only; convert it" in result.stderr
@@ -103,7 +95,7 @@ def test_relative_paths_in_a_config_resolve_against_its_folder(tmp_path):
     folder.mkdir()
     write_prompts(folder / "prompts.parquet", prompts(2))
     cfg = tiny_config("prompts.parquet", "../renders/out", cluster={"backend": "inline"})
-    (folder / "job.yaml").write_text(yaml.safe_dump(cfg))
+    write_config(folder, cfg)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = subprocess.run([sys.executable, "-m", "jobs.cli", "render", "../jobs/job.yaml",

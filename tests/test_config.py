@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 from helpers import REPO, run_cli
+from helpers import write_config
 
 from jobs.config import ConfigError, fingerprint, load_config
 
@@ -63,8 +63,7 @@ def test_every_shipped_config_is_valid():
 
 
 def test_cli_reports_a_config_error_in_one_line_with_exit_1(tmp_path):
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({**BASE, "render": {"num_frames": -4}}))
+    config = write_config(tmp_path, {**BASE, "render": {"num_frames": -4}})
     result = run_cli("plan", str(config))
     assert result.returncode == 1
     assert result.stderr.strip() == ("reelfarm: render.num_frames: Input should be greater than "

@@ -10,6 +10,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from helpers import prompts, run_cli, stored, tiny_config, write_prompts
+from helpers import read_manifest
 from videos import probe
 
 from jobs.verify import verify
@@ -57,7 +58,7 @@ def test_same_config_twice_gives_byte_identical_videos_and_stable_ids_and_seeds(
                                    render={"num_frames": num_frames},
                                    cluster={"backend": "inline"}))
         render(cfg, progress=False)
-        tables.append(pq.read_table(tmp_path / name / "manifest.parquet").to_pylist())
+        tables.append(read_manifest(tmp_path / name))
     first, second = tables
     assert [r["id"] for r in first] == [r["id"] for r in second]
     assert all(r["id"].startswith("h") for r in first)
@@ -74,7 +75,7 @@ def test_unet3d_and_dit_pipelines_both_render(tmp_path, kind, num_frames):
     cfg, summary = _render(tmp_path, prompts(2), "inline", model={"path": f"tiny:{kind}"},
                            render={"num_frames": num_frames})
     assert summary.ok == 2
-    for row in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist():
+    for row in read_manifest(tmp_path / "out"):
         assert probe(stored(tmp_path / "out", row))["frames"] == num_frames
 
 
@@ -100,7 +101,7 @@ def test_rerun_renders_nothing_and_keeps_the_videos(tmp_path):
 def test_verify_catches_a_deleted_and_a_corrupted_video(tmp_path):
     cfg, _ = _render(tmp_path, prompts(3), "inline")
     assert run_cli("verify", cfg.output.uri).returncode == 0
-    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    rows = read_manifest(tmp_path / "out")
     os.remove(stored(cfg.output.uri, rows[0]))
     with open(stored(cfg.output.uri, rows[1]), "r+b") as f:
         f.seek(100)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import os
 
 import media_corpus as corpus
-import pyarrow.parquet as pq
 import pytest
 from helpers import stored, tiny_config, write_prompts
+from helpers import read_manifest
 from videos import probe
 
 from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
 from rendering.pipelines import ADAPTERS
-from rendering.tiny import TINY_KINDS, tiny_configs
+from rendering.pipelines.tiny import TINY_KINDS, tiny_configs
 
 # kind: (the smallest shape it renders exactly and fast, conditioning roles its rows carry)
 FAMILIES = {
@@ -65,7 +65,7 @@ def _render(src: str, out: str, kind: str, shape: dict, backend: str):
                                render={**shape, "strength": 0.7},
                                cluster={"backend": backend, "num_workers": 1}))
     summary = render(cfg, progress=False)
-    return cfg, summary, pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+    return cfg, summary, read_manifest(out)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

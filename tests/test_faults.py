@@ -8,16 +8,13 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
-import yaml
-from helpers import REPO, prompts, run_cli, stages_config, stored, tiny_config, write_prompts
+from helpers import prompts, run_cli, stages_config, stored, tiny_config, write_prompts
+from helpers import CliDriver, by_id, committed_shards, read_manifest, wait_for, write_config
 
 from jobs.verify import verify
 from jobs.config import validate
@@ -25,20 +22,8 @@ from jobs.driver import render
 from rendering import storage
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def _committed(out) -> int:
-    return len(list((out / "manifests").glob("shard-*.parquet"))) if (out / "manifests").exists() else 0
-
-
-def _manifest(out) -> list[dict]:
-    return pq.read_table(out / "manifest.parquet").to_pylist()
+    return len(committed_shards(out))
 
 
 def test_an_exception_in_the_middle_of_an_upload_leaves_nothing_visible(tmp_path, monkeypatch):
@@ -61,12 +46,11 @@ def test_an_exception_in_the_middle_of_an_upload_leaves_nothing_visible(tmp_path
 def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tmp_path):
     out = tmp_path / "out"
     src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
-    config = tmp_path / "job.yaml"
     # WebDataset shards of 5 rows are packed as the job runs: they too must come out whole.
-    config.write_text(yaml.safe_dump(tiny_config(src, str(out), output={
-        "shard_size": 2, "webdataset": {"rows_per_shard": 5}})))
+    config = write_config(tmp_path, tiny_config(src, str(out), output={
+        "shard_size": 2, "webdataset": {"rows_per_shard": 5}}))
     _sigkill_driver(config, lambda: _committed(out) >= 3, "three committed shards")
-    committed = {r["id"]: r for r in _read_shards(out)}
+    committed = by_id(read_manifest(out, shards=True))
     mtimes = {i: os.path.getmtime(stored(out, r)) for i, r in committed.items()}
     assert len(committed) >= 6
 
@@ -74,7 +58,7 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     result = run_cli("render", str(config), "--quiet")
     rerun_s = time.monotonic() - started
     assert result.returncode == 0, result.stderr
-    rows = _manifest(out)
+    rows = read_manifest(out)
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(24)]
     assert all(r["status"] == "ok" for r in rows)
     for row_id, mtime in mtimes.items():  # committed videos were not rendered again
@@ -89,28 +73,12 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
 
 def _sigkill_driver(config, until, what: str, at_kill=lambda: None):
     """Run ``reelfarm render config`` until ``until()``, then SIGKILL it; what ``at_kill()``
-    saw just before the kill."""
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        _wait_for(until, 180, what)
+    saw just before the kill. (Its local Ray cluster goes with the ``with``.)"""
+    with CliDriver("render", str(config), "--quiet") as driver:
+        wait_for(until, 180, what, driver)
         seen = at_kill()
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        # The killed driver's local Ray cluster lives in its session: stop what is left of it.
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        driver.kill_hard()
     return seen
-
-
-def _read_shards(out) -> list[dict]:
-    from jobs.store.manifest import iter_shards
-
-    return [row for table in iter_shards(str(out)) for row in table.to_pylist()]
 
 
 def _packed_ids(out) -> list[str]:
@@ -157,7 +125,7 @@ def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path
                                render={"num_inference_steps": 6, "batch_size": 1},
                                cluster={"shard_timeout_s": 15 if fault == "hang" else 120}))
     thread, outcome = _render_in_background(cfg)
-    _wait_for(lambda: _committed(out) >= 1, 120, "a committed shard")
+    wait_for(lambda: _committed(out) >= 1, 120, "a committed shard")
     victim = psutil.Process(_worker_pids()[0])
     started = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL if fault == "sigkill" else signal.SIGSTOP)
@@ -169,7 +137,7 @@ def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path
     summary = outcome["summary"]
     assert (summary.ok, summary.failed) == (32, 0)
     assert summary.workers_replaced >= 1
-    rows = _manifest(out)
+    rows = read_manifest(out)
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(32)]
     assert max(r["attempts"] for r in rows) >= 2  # the lost shard's rows were tried again
     assert verify(str(out)).problems == []  # the WebDataset shard's check included
@@ -183,13 +151,12 @@ def test_a_poison_row_fails_alone_and_the_job_exits_3(tmp_path):
     rows = [{**row, "num_inference_steps": None} for row in prompts(5)]
     rows[2]["num_inference_steps"] = 1001
     src = write_prompts(tmp_path / "prompts.parquet", rows)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(
+    config = write_config(tmp_path, tiny_config(
         src, str(tmp_path / "out"), limits={"max_inference_steps": 2000},
-        cluster={"backend": "inline"})))
+        cluster={"backend": "inline"}))
     result = run_cli("render", str(config), "--quiet")
     assert result.returncode == 3, result.stderr
-    rows = {r["id"]: r for r in _manifest(tmp_path / "out")}
+    rows = by_id(read_manifest(tmp_path / "out"))
     assert rows["row-002"]["status"] == "failed"
     assert rows["row-002"]["error_code"] == "render_error"
     assert "1001 cannot be larger than" in rows["row-002"]["error"]
@@ -200,7 +167,7 @@ def test_a_poison_row_fails_alone_and_the_job_exits_3(tmp_path):
 def test_videos_stored_before_a_crash_are_committed_without_rendering_them_again(tmp_path):
     """A worker stored four videos, then everything died before the shard was committed."""
     from jobs.input.dataset import open_dataset
-    from jobs.driver import worker_spec
+    from jobs.run.workers import worker_spec
     from jobs.store.hashset import HashSet
     from jobs.input.plan import PlanCounts, plan_rows
     from rendering.worker import ShardRenderer
@@ -226,19 +193,11 @@ def test_videos_stored_before_a_crash_are_committed_without_rendering_them_again
 def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "out"
     src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(out), output={"shard_size": 2},
-                                                 render={"num_inference_steps": 6})))
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config), "--quiet"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    try:
-        _wait_for(lambda: _committed(out) >= 2, 180, "two committed shards")
-        driver.send_signal(signal.SIGTERM)
-        _, stderr = driver.communicate(timeout=60)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    config = write_config(tmp_path, tiny_config(src, str(out), output={"shard_size": 2},
+                                                render={"num_inference_steps": 6}))
+    with CliDriver("render", str(config), "--quiet") as driver:
+        wait_for(lambda: _committed(out) >= 2, 180, "two committed shards", driver)
+        _, stderr = driver.stop(signal.SIGTERM)
     assert driver.returncode == 1
     assert "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
@@ -250,7 +209,7 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     result = run_cli("render", str(config), "--quiet")
     assert result.returncode == 0, result.stderr
     assert f"{committed_before} row(s) were already done" in result.stdout
-    assert [r["status"] for r in _manifest(out)] == ["ok"] * 24
+    assert [r["status"] for r in read_manifest(out)] == ["ok"] * 24
 
 
 def test_sigterm_while_the_cluster_and_workers_start_is_a_clean_stop_too(tmp_path):
@@ -258,21 +217,12 @@ def test_sigterm_while_the_cluster_and_workers_start_is_a_clean_stop_too(tmp_pat
     signal handler's exception raised there came back as a SystemError (or, during ray.init, as
     Ray's exit 15), recorded as a failed run."""
     out = tmp_path / "out"
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(write_prompts(tmp_path / "prompts.parquet",
-                                                               prompts(4)), str(out))))
+    config = write_config(tmp_path, rows=prompts(4))
     for delay_s in (0.5, 3.0):  # in ray.init, then while the workers start
-        driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(config)],
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True)
-        try:
-            _wait_for(lambda: (out / "job.json").exists(), 60, "the run to start")
+        with CliDriver("render", str(config)) as driver:
+            wait_for(lambda: (out / "job.json").exists(), 60, "the run to start", driver)
             time.sleep(delay_s)
-            driver.send_signal(signal.SIGTERM)
-            _, stderr = driver.communicate(timeout=60)
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)
+            _, stderr = driver.stop(signal.SIGTERM)
         assert driver.returncode == 1, stderr[-2000:]
         assert stderr.strip().splitlines()[-1] == (
             "reelfarm: interrupted; committed work is kept: rerun the same command to resume")
@@ -300,16 +250,16 @@ def test_a_worker_killed_in_either_stage_costs_only_that_stages_rows_in_flight(
     src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
     cfg = validate(stages_config(src, str(out), output={"shard_size": 2},
                                  render={"num_inference_steps": 4}))
-    caplog.set_level(logging.INFO, logger="jobs.driver")
+    caplog.set_level(logging.INFO, logger="jobs.run.workers")
     thread, outcome = _render_in_background(cfg)
-    _wait_for(lambda: _committed(out) >= 1, 120, "a committed shard")
+    wait_for(lambda: _committed(out) >= 1, 120, "a committed shard")
     os.kill(_stage_pids(caplog.records)[stage][0], signal.SIGKILL)
     thread.join(300)
     assert not thread.is_alive(), "the job did not finish"
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
     assert (summary.ok, summary.failed) == (24, 0) and summary.workers_replaced >= 1
-    rows = _manifest(out)
+    rows = read_manifest(out)
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(24)]
     redone = {name: sum(s["attempts"] - 1 for r in rows for s in r["stages"] if s["name"] == name)
               for name in ("keyframe", "video")}
@@ -322,11 +272,10 @@ def test_a_worker_killed_in_either_stage_costs_only_that_stages_rows_in_flight(
 def test_sigkill_of_the_driver_between_stages_keeps_every_stored_keyframe(tmp_path):
     out = tmp_path / "out"
     src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
-    config = tmp_path / "job.yaml"
     # A slow video stage: keyframes wait for it, stored but not yet animated.
-    config.write_text(yaml.safe_dump(stages_config(
+    config = write_config(tmp_path, stages_config(
         src, str(out), output={"shard_size": 2},
-        stage_video={"render": {"num_inference_steps": 8}})))
+        stage_video={"render": {"num_inference_steps": 8}}))
     receipts = out / "receipts" / "keyframe"
 
     def waiting_keyframes() -> set[str]:
@@ -337,12 +286,12 @@ def test_sigkill_of_the_driver_between_stages_keeps_every_stored_keyframe(tmp_pa
         "a commit, and keyframes waiting for the video stage",
         at_kill=lambda: {key: os.path.getmtime(out / "stages" / "keyframe" / f"{key}.png")
                          for key in waiting_keyframes()})
-    committed = {r["id"]: r for r in _read_shards(out)}
+    committed = by_id(read_manifest(out, shards=True))
     videos = {i: os.path.getmtime(stored(out, r)) for i, r in committed.items()}
 
     result = run_cli("render", str(config), "--quiet")
     assert result.returncode == 0, result.stderr
-    rows = _manifest(out)
+    rows = read_manifest(out)
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(24)]
     assert all(r["status"] == "ok" for r in rows)
     assert {i: os.path.getmtime(stored(out, committed[i])) for i in committed} == videos

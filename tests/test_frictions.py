@@ -16,10 +16,9 @@ import sys
 import threading
 
 import media_corpus as corpus
-import pyarrow.parquet as pq
 import pytest
-import yaml
 from helpers import REPO, free_port, prompts, run_cli, stages_config, tiny_config, write_prompts
+from helpers import read_manifest, write_config
 
 from jobs.store import lease
 from jobs.verify import verify
@@ -29,7 +28,8 @@ from jobs.input.dataset import open_dataset
 from jobs.driver import render
 from jobs.store.hashset import HashSet
 from jobs.input.plan import INVALID_EXAMPLES, PlanCounts, count_plan, plan_rows
-from jobs.products.report.page import THUMB_PX, write_report
+from jobs.products.report.media import THUMB_PX
+from jobs.products.report.page import write_report
 from jobs.input.rows import RowFailure
 
 
@@ -97,8 +97,7 @@ def with_strays(finished, tmp_path):
 
 
 def _listed(out) -> list[str]:
-    return [os.path.join(out, r["video_uri"])
-            for r in pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()]
+    return [os.path.join(out, r["video_uri"]) for r in read_manifest(out)]
 
 
 def test_remove_strays_lists_by_default_and_deletes_only_strays_with_yes(with_strays, capsys):
@@ -171,8 +170,7 @@ def test_plan_shows_the_first_invalid_rows_with_their_errors(tmp_path, capsys):
     assert [code.split(":")[0] for _, code in counts.invalid_examples] == [
         "invalid_prompt", "duplicate_id", "invalid_value", "invalid_prompt", "duplicate_id"]
 
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"))))
+    config = write_config(tmp_path, tiny_config(src, str(tmp_path / "out")))
     assert main(["plan", str(config)]) == 0
     out = capsys.readouterr().out
     assert "invalid:    'row-001': invalid_prompt: prompt is null, empty or blank" in out
@@ -237,7 +235,9 @@ def test_the_gallery_shows_a_stage_keyframe_beside_its_video(tmp_path):
 
 # --- 7. The license -------------------------------------------------------------------------------
 
-def test_the_license_is_an_spdx_expression_that_builds_without_a_warning(tmp_path):
+def test_the_wheel_builds_without_a_warning_and_holds_every_package(tmp_path):
+    import zipfile
+
     from packaging.requirements import Requirement
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -246,18 +246,29 @@ def test_the_license_is_an_spdx_expression_that_builds_without_a_warning(tmp_pat
     [setuptools] = [Requirement(r) for r in project["build-system"]["requires"]]
     assert "76.0" not in setuptools.specifier  # the string form needs setuptools 77
 
+    source = tmp_path / "source"
+    source.mkdir()
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(os.path.join(REPO, name), tmp_path)
-    for package in project["tool"]["setuptools"]["packages"]:  # metadata needs no modules
-        (tmp_path / package).mkdir()
+        shutil.copy(os.path.join(REPO, name), source)
+    packages = set()
+    for top in ("jobs", "cluster", "rendering"):
+        shutil.copytree(os.path.join(REPO, top), source / top,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        packages |= {os.path.relpath(folder, source) for folder, _, files in os.walk(source / top)
+                     if "__init__.py" in files}
     build = subprocess.run(
         [sys.executable, "-W", "always", "-c", "from setuptools import build_meta as b; "
-         "print(b.prepare_metadata_for_build_wheel('.'))"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+         f"print(b.build_wheel({str(tmp_path)!r}))"],
+        cwd=source, capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr
     assert "project.license" not in build.stderr
-    metadata = (tmp_path / build.stdout.split()[-1] / "METADATA").read_text()
+    with zipfile.ZipFile(tmp_path / build.stdout.split()[-1]) as wheel:
+        names = wheel.namelist()
+        metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in metadata
+    # Every package, subpackages included: an installed (not editable) reelfarm is whole.
+    assert {os.path.dirname(n) for n in names if n.endswith("/__init__.py")} == packages
+    assert len(packages) > 10
 
 
 # --- 8. A hub model that cannot be had ------------------------------------------------------------
@@ -289,11 +300,8 @@ def _hub(status: int, error_code: str) -> http.server.HTTPServer:
 def test_a_hub_model_that_cannot_be_fetched_says_why_in_one_line(tmp_path, answer, words):
     server = _hub(*answer) if answer else None
     port = server.server_address[1] if server else free_port()
-    src = write_prompts(tmp_path / "in.parquet", prompts(1))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"),
-                                                 model={"path": "nobody/no-such-model"},
-                                                 cluster={"backend": "inline"})))
+    config = write_config(tmp_path, rows=prompts(1), model={"path": "nobody/no-such-model"},
+                          cluster={"backend": "inline"})
     try:
         result = run_cli("render", str(config), "--quiet",
                          env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "",
@@ -311,20 +319,17 @@ def test_a_hub_model_that_cannot_be_fetched_says_why_in_one_line(tmp_path, answe
 
 def test_ok_if_rows_failed_turns_exit_3_into_0_and_still_lists_the_failures(tmp_path, capsys):
     rows = prompts(2) + [{"id": "blank", "prompt": "  "}]
-    src = write_prompts(tmp_path / "in.parquet", rows)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"),
-                                                 cluster={"backend": "inline"})))
+    config = write_config(tmp_path, rows=rows, cluster={"backend": "inline"})
     assert main(["render", str(config), "--quiet", "--ok-if-rows-failed"]) == 0
     assert "1 failed with invalid_prompt" in capsys.readouterr().out
     assert main(["render", str(config), "--quiet"]) == 3  # the same output, without the flag
 
     (tmp_path / "prompts").mkdir()
     write_prompts(tmp_path / "prompts" / "2026-01-05.parquet", rows)
-    night = tmp_path / "nightly.yaml"
-    night.write_text(yaml.safe_dump(tiny_config(str(tmp_path / "prompts" / "{date}.parquet"),
-                                                str(tmp_path / "renders" / "{date}"),
-                                                cluster={"backend": "inline"})))
+    night = write_config(tmp_path, tiny_config(str(tmp_path / "prompts" / "{date}.parquet"),
+                                               str(tmp_path / "renders" / "{date}"),
+                                               cluster={"backend": "inline"}),
+                         name="nightly.yaml")
     assert main(["nightly", str(night), "--date", "2026-01-05", "--quiet",
                  "--ok-if-rows-failed"]) == 0
     assert "complete_with_failures" in capsys.readouterr().out

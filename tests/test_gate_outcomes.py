@@ -9,8 +9,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli
+from helpers import write_config
 
 from jobs.store import layout, manifest
 from jobs.products.report.page import write_report
@@ -20,13 +20,9 @@ ROWS = 3
 
 def _render(folder, **quality) -> tuple:
     """Render ROWS prompts under the gate with the CLI; (its result, the output folder)."""
-    src = write_prompts(folder / "prompts.parquet", prompts(ROWS))
-    out = folder / "out"
-    config = folder / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(
-        src, str(out), cluster={"backend": "inline"},
-        quality={"clip_model": "tiny:clip", "min_score": 100, **quality})))
-    return run_cli("render", str(config), "--quiet"), out
+    config = write_config(folder, rows=prompts(ROWS), cluster={"backend": "inline"},
+                          quality={"clip_model": "tiny:clip", "min_score": 100, **quality})
+    return run_cli("render", config, "--quiet"), folder / "out"
 
 
 @pytest.fixture(scope="module")

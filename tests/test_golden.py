@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 
-import pyarrow.parquet as pq
 import pytest
 from golden.make_golden import HERE, job_config, write_prompts
+from helpers import by_id, read_manifest
 
 from jobs.status import status
 from jobs.verify import verify
@@ -45,7 +45,7 @@ def test_a_golden_output_verifies_and_reports_as_it_was(golden):
 
 def test_a_golden_output_resumes_a_grown_input_and_repairs_a_damaged_video(golden):
     folder, cfg = golden
-    before = {r["id"]: r for r in pq.read_table(os.path.join(folder, "manifest.parquet")).to_pylist()}
+    before = by_id(read_manifest(folder))
     write_prompts(folder, 4)  # the dataset grew by a row: the resume renders only that one
     summary = render(cfg, progress=False)
     assert (summary.skipped, summary.rendered, summary.ok, summary.failed) == (3, 1, 3, 1)
@@ -57,7 +57,7 @@ def test_a_golden_output_resumes_a_grown_input_and_repairs_a_damaged_video(golde
     assert any("has 100 bytes" in p for p in verify(folder).problems)
     repaired = render(cfg, progress=False, redo=frozenset({"damaged"}))
     assert repaired.rendered == 1 and verify(folder).problems == []
-    now = {r["id"]: r for r in pq.read_table(os.path.join(folder, "manifest.parquet")).to_pylist()}
+    now = by_id(read_manifest(folder))
     assert now["golden-0"]["sha256"] == lost["sha256"]  # the same bytes as the old version made
     assert now["golden-0"]["redo_of"] == lost["committed_at"]
     job = json.load(open(os.path.join(folder, "job.json")))

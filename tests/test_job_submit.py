@@ -8,14 +8,12 @@ cluster and no other developer's.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,24 +23,14 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import committed_shards, free_ports, write_config
 from videos import probe
 
 pytestmark = pytest.mark.slow
 
 BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(BIN, "ray")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +42,9 @@ def ray_head():
         f.write(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_TMPDIR=tmp,
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0")
-    gcs, dashboard, client, agent = _free_ports(4)
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0",
+               RAY_JOB_STOP_WAIT_TIME_S="60")  # as the README advises: a loaded box stops slower
+    gcs, dashboard, client, agent = free_ports(4)
     log = open(os.path.join(tmp, "head.log"), "w")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
@@ -77,11 +66,11 @@ def test_ray_job_submit_renders_through_the_cluster(ray_head, tmp_path):
     out = tmp_path / "out"
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
                       cluster={"num_workers": None})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    config = write_config(tmp_path, cfg)
 
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", ray_head["url"], "--",
-         "reelfarm", "render", str(tmp_path / "job.yaml"), "--quiet"],
+         "reelfarm", "render", config, "--quiet"],
         capture_output=True, text=True, env=ray_head["env"], cwd=tmp_path, timeout=240)
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
     assert "succeeded" in submit.stdout + submit.stderr
@@ -102,8 +91,7 @@ def test_a_driver_on_the_head_node_joins_with_address_auto(ray_head, tmp_path):
     out = tmp_path / "out"
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(2)), str(out),
                       cluster={"num_workers": 1})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([os.path.join(BIN, "reelfarm"), "render", str(tmp_path / "job.yaml"),
+    result = subprocess.run([os.path.join(BIN, "reelfarm"), "render", write_config(tmp_path, cfg),
                              "--address", "auto", "--quiet"],
                             capture_output=True, text=True, env=ray_head["env"], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,8 +105,7 @@ def test_a_relative_output_from_another_folder_is_one_output_where_the_driver_ru
     # to here: every object and manifest must land here, not split between the two.
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(4)), "unused",
                       cluster={"num_workers": 2})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([os.path.join(BIN, "reelfarm"), "render", str(tmp_path / "job.yaml"),
+    result = subprocess.run([os.path.join(BIN, "reelfarm"), "render", write_config(tmp_path, cfg),
                              "--output", "out/x", "--address", "auto", "--quiet"],
                             capture_output=True, text=True, env=ray_head["env"], cwd=tmp_path,
                             timeout=240)
@@ -135,15 +122,14 @@ def test_ray_job_stop_stops_the_driver_cleanly_and_the_same_command_resumes(ray_
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
                       output={"shard_size": 2}, render={"num_inference_steps": 6},
                       cluster={"num_workers": 2})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    command = ["reelfarm", "render", str(tmp_path / "job.yaml"), "--quiet"]
+    command = ["reelfarm", "render", write_config(tmp_path, cfg), "--quiet"]
     submit = subprocess.run([RAY, "job", "submit", "--address", ray_head["url"], "--no-wait",
                              "--", *command], capture_output=True, text=True,
                             env=ray_head["env"], timeout=120)
     assert submit.returncode == 0, submit.stderr[-2000:]
     job_id = re.search(r"'(raysubmit_\w+)'", submit.stdout + submit.stderr).group(1)
     deadline = time.monotonic() + 180
-    while len(glob.glob(str(out / "manifests" / "shard-*.parquet"))) < 2:
+    while len(committed_shards(out)) < 2:
         assert time.monotonic() < deadline, "no shard committed within 180 s"
         time.sleep(0.2)
     stop = subprocess.run([RAY, "job", "stop", "--address", ray_head["url"], job_id],

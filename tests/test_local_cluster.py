@@ -12,8 +12,8 @@ import threading
 import time
 
 import psutil
-import yaml
-from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli
+from helpers import free_port, write_config
 
 
 def test_local_cluster_listens_on_loopback_only_with_token_auth(ray_local):
@@ -51,12 +51,6 @@ _BOUND_S = 15  # wall clock, Python and Ray imports included
 _RAY_NOISE = ("GCS", "rpc_client", "gcs_client", "Failed to connect", "Traceback")
 
 
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_env(tmp_path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return {**env, "RAY_TMPDIR": str(tmp_path / "ray-tmp"), **extra}
@@ -90,7 +84,7 @@ def test_auto_with_no_cluster_on_this_machine_fails_at_once(tmp_path):
 
 
 def test_auto_with_a_stale_ray_start_record_names_the_address_it_tried(tmp_path):
-    port = _unused_port()
+    port = free_port()
     record = tmp_path / "ray-tmp" / "ray" / "ray_current_cluster"
     record.parent.mkdir(parents=True)
     record.write_text(f"127.0.0.1:{port}")
@@ -100,7 +94,7 @@ def test_auto_with_a_stale_ray_start_record_names_the_address_it_tried(tmp_path)
 
 
 def test_host_port_with_nothing_listening_fails_at_once(tmp_path):
-    port = _unused_port()
+    port = free_port()
     outcome, stderr, elapsed = _connect_elsewhere(f"127.0.0.1:{port}", _ray_env(tmp_path))
     _assert_one_clear_line(outcome, stderr, elapsed, f"cluster.address 127.0.0.1:{port}",
                            "no Ray cluster answered there within 5 s", "connection refused",
@@ -108,7 +102,7 @@ def test_host_port_with_nothing_listening_fails_at_once(tmp_path):
 
 
 def test_ray_address_from_the_environment_is_named_when_nothing_answers(tmp_path):
-    port = _unused_port()
+    port = free_port()
     env = _ray_env(tmp_path, RAY_ADDRESS=f"127.0.0.1:{port}")
     outcome, stderr, elapsed = _connect_elsewhere(None, env)
     _assert_one_clear_line(outcome, stderr, elapsed, f"RAY_ADDRESS 127.0.0.1:{port}",
@@ -142,11 +136,9 @@ def test_a_port_that_answers_but_is_no_ray_cluster_fails_within_the_bound(tmp_pa
 
 
 def test_render_with_address_auto_and_no_cluster_exits_1_with_one_line(tmp_path):
-    prompts_uri = write_prompts(tmp_path / "prompts.parquet", prompts(2))
-    cfg = tiny_config(prompts_uri, str(tmp_path / "out"))
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    config = write_config(tmp_path, rows=prompts(2))
     started = time.monotonic()
-    result = run_cli("render", str(tmp_path / "job.yaml"), "--address", "auto",
+    result = run_cli("render", config, "--address", "auto",
                      env={"RAY_TMPDIR": str(tmp_path / "ray-tmp"), "RAY_ADDRESS": ""}, timeout=120)
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stderr[-3000:]

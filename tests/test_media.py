@@ -19,9 +19,12 @@ import media_corpus as corpus
 import numpy as np
 import pytest
 
-from rendering import media
 from rendering.contract import MediaInput, MediaSpec
-from rendering.media import MediaError, check_uri, load_image, load_video
+from rendering.media import MediaError, reader
+from rendering.media import videos as media
+from rendering.media.images import load_image
+from rendering.media.uris import check_uri
+from rendering.media.videos import load_video
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -243,7 +246,7 @@ def test_importing_the_module_loads_neither_pil_nor_numpy():
 def test_media_outside_the_roots_is_refused_unread(root, tmp_path, monkeypatch):
     outside = corpus.good_png(tmp_path / "outside")
     link = corpus.symlink(root / "innocent.png", outside)
-    monkeypatch.setattr(media, "_fetch", lambda *a: pytest.fail("read before the check"))
+    monkeypatch.setattr(reader, "_fetch", lambda *a: pytest.fail("read before the check"))
     for uri in (outside, link, f"{root}/../outside/good.png"):
         expect_error(load_image, MediaInput(uri=uri), spec_for(root), 8, 8, contains=("outside",))
         expect_error(load_video, MediaInput(uri=uri), spec_for(root), 1, 8, 8, contains=("outside",))
@@ -577,7 +580,7 @@ def test_decoding_stops_after_the_frames_the_row_needs(videos, monkeypatch):
         outputs.append(len(proc.stdout or b""))
         return proc
 
-    monkeypatch.setattr(media.subprocess, "run", recording_run)
+    monkeypatch.setattr(subprocess, "run", recording_run)
     load_video(MediaInput(uri=videos["ramp"]), vspec(videos), 2, 16, 16)
     assert outputs[-1] == 2 * 16 * 16 * 3  # the video has 10 frames; ffmpeg wrote 2
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 
 import media_corpus as corpus
-import pyarrow.parquet as pq
 import pytest
 from helpers import tiny_config, write_prompts
+from helpers import read_manifest
 
 from jobs.verify import verify
 from jobs.config import validate
@@ -30,7 +30,7 @@ def _job(tmp_path, model: str, rows: list[dict], backend: str, **limits):
                                render={"num_frames": 2, "strength": 0.5},
                                limits=limits, cluster={"backend": backend, "num_workers": 1}))
     summary = render(cfg, progress=False)
-    table = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+    table = read_manifest(out)
     assert verify(out).problems == []
     return summary, {r["id"]: r for r in table}
 

@@ -18,7 +18,7 @@ from rendering.contract import ModelSpec
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from rendering.tiny import save_tiny_pipeline
+    from rendering.pipelines.tiny import save_tiny_pipeline
 
     folder = tmp_path_factory.mktemp("bucket") / "models" / "tiny-modelscope"
     save_tiny_pipeline("modelscope", str(folder))

@@ -9,7 +9,6 @@ per stage: their drivers record where Ray placed each worker (node and GPU ids).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -22,8 +21,8 @@ from collections import defaultdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from helpers import REPO, prompts, run_cli, stages_config, tiny_config, write_prompts
+from helpers import CliDriver, committed_shards, read_manifest, wait_for, write_config
 
 from jobs.verify import verify
 
@@ -103,7 +102,7 @@ def cluster():
 
 
 def test_workers_start_one_per_gpu_across_nodes_and_fetch_the_model_once_per_node(cluster, tmp_path):
-    from rendering.tiny import save_tiny_pipeline
+    from rendering.pipelines.tiny import save_tiny_pipeline
 
     model_dir = tmp_path / "bucket" / "models" / "tiny-modelscope"
     save_tiny_pipeline("modelscope", str(model_dir))
@@ -146,20 +145,14 @@ def test_a_node_lost_mid_job_keeps_committed_work_and_the_job_finishes_on_the_ot
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
                       output={"shard_size": 2}, render={"num_inference_steps": 4},
                       cluster={"num_workers": None, "shard_timeout_s": 600})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    config = write_config(tmp_path, cfg)
 
     started = time.monotonic()
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(tmp_path / "job.yaml"),
-                               "--quiet", "--address", cluster.address],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
+    with CliDriver("render", config, "--quiet", "--address", cluster.address) as driver:
         # Wait for the first commits, then take a worker node away, workers and all.
         committed = _wait_for_commits(out, driver, at_least=2, timeout_s=120)
         cluster.remove_node(nodes[1])
         stdout, stderr = driver.communicate(timeout=240)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     elapsed_s = time.monotonic() - started
 
     assert driver.returncode == 0, stderr[-3000:]
@@ -184,12 +177,8 @@ def test_a_two_stage_job_gives_every_worker_of_each_stage_its_own_gpu(cluster, t
     gpus = {cluster.add_node(num_cpus=2, num_gpus=n).node_id: n for n in (2, 1, 1)}
     cluster.wait_for_nodes()
     rows, out = 6, tmp_path / "out"
-    driver = _start_driver(_two_stage_job(tmp_path, rows, out), tmp_path, cluster)
-    try:
+    with _start_driver(_two_stage_job(tmp_path, rows, out), tmp_path, cluster) as driver:
         _, stderr = driver.communicate(timeout=240)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     assert driver.returncode == 0, stderr[-3000:]
 
     started = _recorded(tmp_path, "started")
@@ -224,8 +213,7 @@ def test_a_node_of_video_workers_lost_mid_job_keeps_committed_work_and_a_spare_g
              for node in (cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(5))}
     cluster.wait_for_nodes()
     rows, out = 40, tmp_path / "out"
-    driver = _start_driver(_two_stage_job(tmp_path, rows, out), tmp_path, cluster)
-    try:
+    with _start_driver(_two_stage_job(tmp_path, rows, out), tmp_path, cluster) as driver:
         # Wait for the first commits, then take away a node that holds a video worker.
         committed = _wait_for_commits(out, driver, at_least=2, timeout_s=150)
         kept = _committed_artifacts(out, committed)
@@ -236,9 +224,6 @@ def test_a_node_of_video_workers_lost_mid_job_keeps_committed_work_and_a_spare_g
         assert len(spare) == 1 and keyframe_node not in video_nodes, started
         cluster.remove_node(nodes[video_nodes[0]])
         _, stderr = driver.communicate(timeout=240)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
 
     assert driver.returncode == 0, stderr[-3000:]
     assert re.search(r"worker \d+ died; started worker \d+, \d+ shard\(s\) to retry", stderr), \
@@ -251,8 +236,7 @@ def test_a_node_of_video_workers_lost_mid_job_keeps_committed_work_and_a_spare_g
     assert json.loads((out / "job.json").read_text())["last_run"]["workers_replaced"] == 1
     # The shard the lost worker was rendering went to another video worker; no keyframe was
     # made twice.
-    rows_attempts = [[s["attempts"] for s in row["stages"]]
-                     for row in pq.read_table(out / "manifest.parquet").to_pylist()]
+    rows_attempts = [[s["attempts"] for s in row["stages"]] for row in read_manifest(out)]
     assert {keyframe for keyframe, _ in rows_attempts} == {1}
     assert {video for _, video in rows_attempts} == {1, 2}, rows_attempts
     # What was committed before the loss is still there, byte for byte and never rewritten:
@@ -280,8 +264,8 @@ def test_nodes_in_other_folders_write_one_output_where_the_driver_names_it(clust
     driver_dir.mkdir()
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(8)), "unused",
                       cluster={"num_workers": 2})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "render", str(tmp_path / "job.yaml"),
+    config = write_config(tmp_path, cfg)
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "render", config,
                              "--output", "out/x", "--quiet", "--address", cluster.address],
                             capture_output=True, text=True, cwd=driver_dir, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -301,13 +285,10 @@ def _two_stage_job(tmp_path, rows: int, out) -> dict:
                          stage_video={"resources": {"gpus": 1, "workers": 3}})
 
 
-def _start_driver(cfg: dict, tmp_path, cluster) -> subprocess.Popen:
+def _start_driver(cfg: dict, tmp_path, cluster) -> CliDriver:
     """``reelfarm render`` on the cluster, in its own process, recording its pools' placements."""
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    return subprocess.Popen([sys.executable, "-c", _DRIVER_RECORDING_PLACEMENTS,
-                             str(tmp_path / "placements.jsonl"), "render",
-                             str(tmp_path / "job.yaml"), "--quiet", "--address", cluster.address],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return CliDriver(str(tmp_path / "placements.jsonl"), "render", write_config(tmp_path, cfg),
+                     "--quiet", "--address", cluster.address, code=_DRIVER_RECORDING_PLACEMENTS)
 
 
 def _recorded(tmp_path, event: str) -> dict[str, list[dict]]:
@@ -339,10 +320,9 @@ def _assert_every_row_ok_once(out, rows: int) -> None:
     """Every input row committed exactly once, ok in both stages, with its keyframe and its
     video stored as the manifest says; nothing else stored; ``verify`` agrees."""
     ids = [p["id"] for p in prompts(rows)]
-    shards = [r for path in glob.glob(str(out / "manifests" / "shard-*.parquet"))
-              for r in pq.read_table(path).to_pylist()]
+    shards = [r for path in committed_shards(out) for r in pq.read_table(path).to_pylist()]
     assert sorted(r["id"] for r in shards) == ids
-    table = pq.read_table(out / "manifest.parquet").to_pylist()
+    table = read_manifest(out)
     assert [r["id"] for r in table] == ids
     for row in table:
         assert (row["status"], row["failed_stage"]) == ("ok", None), row
@@ -365,14 +345,13 @@ def _assert_every_row_ok_once(out, rows: int) -> None:
 
 def _wait_for_commits(out, driver, at_least: int, timeout_s: float) -> dict[str, bytes]:
     """The shard manifests committed so far (path -> bytes), once there are ``at_least``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        paths = sorted(glob.glob(str(out / "manifests" / "shard-*.parquet")))
-        if len(paths) >= at_least:
-            break
-        assert driver.poll() is None, driver.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no shard was committed in time"
-        time.sleep(0.1)
+    paths = []
+
+    def enough() -> bool:
+        paths[:] = committed_shards(out)
+        return len(paths) >= at_least
+
+    wait_for(enough, timeout_s, "a shard committed in time", driver)
     committed = {}
     for path in paths:
         with open(path, "rb") as f:

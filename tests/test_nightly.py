@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import json
 import signal
-import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from helpers import REPO, prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import CliDriver, committed_shards, wait_for, write_config
 
 from jobs.verify import verify
 from jobs.config import ConfigError, validate
@@ -50,23 +46,15 @@ def test_a_failed_night_is_resumed_and_every_attempt_is_summarised(tmp_path):
     (tmp_path / "prompts").mkdir()
     write_prompts(tmp_path / "prompts" / f"{NIGHT}.parquet", prompts(rows))
     write_prompts(tmp_path / "prompts" / "2026-01-04.parquet", prompts(3, prefix="yesterday"))
-    config = tmp_path / "nightly.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp_path, output={"shard_size": 2},
-                                             render={"num_inference_steps": 4})))
+    config = write_config(tmp_path, _config(tmp_path, output={"shard_size": 2},
+                                            render={"num_inference_steps": 4}),
+                          name="nightly.yaml")
     out = tmp_path / "renders" / "2026" / "01" / "05"
 
     # Attempt 1 is stopped (as a preempted pod is, by SIGTERM) once some shards are committed.
-    first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "nightly", str(config),
-                              "--date", NIGHT, "--quiet"], cwd=REPO, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_for(lambda: len(glob.glob(str(out / "manifests" / "shard-*.parquet"))) >= 2,
-                  first, timeout_s=120)
-        first.send_signal(signal.SIGTERM)
-        _, stderr = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    with CliDriver("nightly", str(config), "--date", NIGHT, "--quiet") as first:
+        wait_for(lambda: len(committed_shards(out)) >= 2, 120, "two committed shards", first)
+        _, stderr = first.stop(signal.SIGTERM)
     assert first.returncode == 1, stderr[-2000:]
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["date"] == NIGHT and summary["status"] == "incomplete"
@@ -102,8 +90,7 @@ def test_a_failed_night_is_resumed_and_every_attempt_is_summarised(tmp_path):
 
 def test_a_night_without_its_dataset_fails_clearly_and_is_recorded(tmp_path):
     (tmp_path / "prompts").mkdir()
-    config = tmp_path / "nightly.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp_path)))
+    config = write_config(tmp_path, _config(tmp_path), name="nightly.yaml")
     result = run_cli("nightly", str(config), "--date", NIGHT)
     assert result.returncode == 1
     assert f"{NIGHT}.parquet" in result.stderr and "Traceback" not in result.stderr
@@ -111,14 +98,6 @@ def test_a_night_without_its_dataset_fails_clearly_and_is_recorded(tmp_path):
     assert summary["status"] == "incomplete"
     assert summary["attempts"][0]["status"] == "failed"
     assert f"{NIGHT}.parquet" in summary["attempts"][0]["error"]
-
-
-def _wait_for(condition, process, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_an_attempt_with_failed_rows_reads_like_the_night(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from helpers import prompts, tiny_config, write_prompts
 
 from jobs.config import ConfigError, fingerprint, load_config, validate
-from jobs.driver import render, worker_spec
+from jobs.driver import render
+from jobs.run.workers import worker_spec
 from rendering.pipelines.load import load_pipeline
 from rendering.contract import ModelSpec, OptimizeSpec
 

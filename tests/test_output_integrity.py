@@ -13,8 +13,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli
+from helpers import CliDriver, by_id, read_manifest, wait_for, write_config
 
 from jobs.store import manifest
 from jobs.input.rows import output_key
@@ -29,27 +29,18 @@ def place(request, tmp_path):
     return f"s3://{bucket}/outputs"
 
 
-def _config(tmp_path, rows: list[dict], output: str, **sections) -> str:
-    src = write_prompts(tmp_path / "prompts.parquet", rows)
-    path = tmp_path / "job.yaml"
-    sections["cluster"] = {"backend": "inline", **sections.get("cluster", {})}
-    path.write_text(yaml.safe_dump(tiny_config(src, output, **sections)))
-    return str(path)
-
-
-def _manifest(output: str) -> dict[str, dict]:
-    fs, root = fsspec.core.url_to_fs(output)
-    with fs.open(f"{root}/manifest.parquet", "rb") as f:
-        return {r["id"]: r for r in pq.read_table(f).to_pylist()}
+INLINE = {"backend": "inline"}
 
 
 def test_changing_the_carried_columns_is_refused_and_the_output_stays_readable(tmp_path, place):
     out = f"{place}/carry"
     rows = [{**row, "lang": "en"} for row in prompts(5)]
-    config = _config(tmp_path, rows[:3], out, input={"carry_columns": ["lang"]})
+    config = write_config(tmp_path, rows=rows[:3], output_uri=out, cluster=INLINE,
+                          input={"carry_columns": ["lang"]})
     assert run_cli("render", config).returncode == 0
 
-    config = _config(tmp_path, rows, out)  # more rows, and no carried column
+    # More rows, and no carried column.
+    config = write_config(tmp_path, rows=rows, output_uri=out, cluster=INLINE)
     refused = run_cli("render", config)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
@@ -57,15 +48,16 @@ def test_changing_the_carried_columns_is_refused_and_the_output_stays_readable(t
     for command in ("status", "verify"):
         assert run_cli(command, out).returncode == 0, command
 
-    config = _config(tmp_path, rows, out, input={"carry_columns": ["lang"]})
+    config = write_config(tmp_path, rows=rows, output_uri=out, cluster=INLINE,
+                          input={"carry_columns": ["lang"]})
     assert run_cli("render", config).returncode == 0
-    assert [r["lang"] for r in _manifest(out).values()] == ["en"] * 5
+    assert [r["lang"] for r in by_id(read_manifest(out)).values()] == ["en"] * 5
     assert run_cli("verify", out).returncode == 0
 
 
 def test_a_copied_output_verifies_and_is_repaired_against_its_own_objects(tmp_path, place):
     original, copy = f"{place}/original", f"{place}/copy"
-    config = _config(tmp_path, prompts(4), original)
+    config = write_config(tmp_path, rows=prompts(4), output_uri=original, cluster=INLINE)
     assert run_cli("render", config).returncode == 0
     fs, _ = fsspec.core.url_to_fs(original)
     fs.invalidate_cache()
@@ -73,7 +65,7 @@ def test_a_copied_output_verifies_and_is_repaired_against_its_own_objects(tmp_pa
         fs.copy(original.removeprefix("s3://"), copy.removeprefix("s3://"), recursive=True)
     else:
         shutil.copytree(original, copy)
-    rows = _manifest(copy)
+    rows = by_id(read_manifest(copy))
     fs.rm(f"{copy}/{rows['row-000']['video_uri']}")
     damaged = f"{copy}/{rows['row-001']['video_uri']}"
     fs.pipe_file(damaged, fs.cat_file(damaged)[:-40] + b"\x00" * 40)
@@ -90,8 +82,8 @@ def test_a_copied_output_verifies_and_is_repaired_against_its_own_objects(tmp_pa
     assert repaired.returncode == 0, repaired.stderr
     assert "rendered 2 video(s)" in repaired.stdout
     assert run_cli("verify", copy).returncode == 0
-    assert {r["sha256"] for r in _manifest(copy).values()} == \
-        {r["sha256"] for r in _manifest(original).values()}
+    assert {r["sha256"] for r in by_id(read_manifest(copy)).values()} == \
+        {r["sha256"] for r in by_id(read_manifest(original)).values()}
     again = run_cli("render", config, "--output", copy, "--redo", "damaged", "--quiet")
     assert "rendered 0 video(s)" in again.stdout
 
@@ -101,7 +93,8 @@ def test_failed_rows_are_listed_and_repaired_once_with_their_history_kept(tmp_pa
     # A folder where row-002's video must go: its upload fails on every attempt.
     blocker = out / "videos" / f"{output_key('row-002')}.mp4"
     blocker.mkdir(parents=True)
-    config = _config(tmp_path, prompts(4), str(out), cluster={"max_attempts": 1})
+    config = write_config(tmp_path, rows=prompts(4), output_uri=str(out),
+                          cluster={**INLINE, "max_attempts": 1})
     first = run_cli("render", config)
     assert first.returncode == 3
     listed = run_cli("status", str(out), "--failed")
@@ -113,7 +106,7 @@ def test_failed_rows_are_listed_and_repaired_once_with_their_history_kept(tmp_pa
     repaired = run_cli("render", config, "--redo", "failed", "--quiet")
     assert repaired.returncode == 0, repaired.stderr
     assert "rendered 1 video(s)" in repaired.stdout
-    rows = _manifest(str(out))
+    rows = by_id(read_manifest(str(out)))
     assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"ok"}
     assert rows["row-002"]["redo_of"] is not None
     history = [r for t in manifest.iter_shards(str(out), current=False) for r in t.to_pylist()
@@ -137,22 +130,19 @@ def test_status_of_a_path_that_holds_no_output_fails_in_one_line(tmp_path):
 
 
 def test_a_second_driver_on_a_live_output_is_refused_at_once(tmp_path, place):
-    import subprocess
-    import sys
     import time
 
-    from helpers import REPO
-
     out = f"{place}/busy"
-    config = _config(tmp_path, prompts(12), out, render={"num_inference_steps": 8})
-    first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", config, "--quiet"],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    config = write_config(tmp_path, rows=prompts(12), output_uri=out, cluster=INLINE,
+                          render={"num_inference_steps": 8})
+    with CliDriver("render", config, "--quiet") as first:
         fs, root = fsspec.core.url_to_fs(out)
-        deadline = time.monotonic() + 120
-        while not (fs.invalidate_cache() or fs.exists(f"{root}/job.json")):
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.2)
+
+        def running() -> bool:
+            fs.invalidate_cache()
+            return fs.exists(f"{root}/job.json")
+
+        wait_for(running, 120, "the first run to start", first)
         started = time.monotonic()
         second = run_cli("render", config, "--quiet")
         refused_s = time.monotonic() - started
@@ -163,11 +153,8 @@ def test_a_second_driver_on_a_live_output_is_refused_at_once(tmp_path, place):
         assert f"is in use by another reelfarm run (host {os.uname().nodename}, " \
                f"pid {first.pid}, since " in message
         assert first.wait(timeout=300) == 0, first.communicate()
-    finally:
-        if first.poll() is None:
-            first.kill()
     assert refused_s < 15
     assert run_cli("verify", out).returncode == 0
-    assert len(_manifest(out)) == 12
+    assert len(by_id(read_manifest(out))) == 12
     rerun = run_cli("render", config, "--quiet")  # the lease was released: no wait
     assert rerun.returncode == 0 and "rendered 0 video(s)" in rerun.stdout

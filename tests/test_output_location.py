@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 
-import yaml
 from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import write_config
 
 from jobs.verify import unlisted_artifacts
 from jobs.config import validate
@@ -22,12 +22,11 @@ from jobs.driver import render
 
 
 def test_a_relative_output_is_recorded_and_written_where_the_driver_runs(tmp_path):
-    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(tiny_config(src, "unused",
-                                                                  cluster={"backend": "inline"})))
+    config = write_config(tmp_path, rows=prompts(2), output_uri="unused",
+                          cluster={"backend": "inline"})
     here = tmp_path / "here"
     here.mkdir()
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "render", str(tmp_path / "job.yaml"),
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "render", config,
                              "--output", "out/x", "--quiet"], cwd=here, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -39,11 +38,9 @@ def test_a_relative_output_is_recorded_and_written_where_the_driver_runs(tmp_pat
 def test_workers_that_store_where_the_driver_cannot_read_are_refused_at_start(tmp_path):
     """memory:// lives in each process: Ray's workers store their probes in their own memory,
     as workers on machines without the driver's disk would on theirs."""
-    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, "memory://farm/out",
-                                                 cluster={"num_workers": 1})))
-    result = run_cli("render", str(config), "--quiet")
+    config = write_config(tmp_path, rows=prompts(2), output_uri="memory://farm/out",
+                          cluster={"num_workers": 1})
+    result = run_cli("render", config, "--quiet")
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("reelfarm: output memory://farm/out: a worker (pid "), line
@@ -65,14 +62,8 @@ def test_success_waits_for_a_listing_that_shows_every_committed_object(tmp_path)
     assert count == 2 and all(e.startswith("video of row 'row-00") for e in examples), examples
 
     # A rerun has nothing to render, and does not call the output complete.
-    result = run_cli("render", _config_file(tmp_path, cfg), "--quiet")
+    result = run_cli("render", write_config(tmp_path, cfg.model_dump(mode="json")), "--quiet")
     assert result.returncode == 1
     assert "2 committed object(s) are not in the output where its manifests say" in result.stderr
     assert not (out / "_SUCCESS").exists()
     assert json.loads((out / "job.json").read_text())["last_run"]["status"] == "finished"
-
-
-def _config_file(tmp_path, cfg) -> str:
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return str(path)

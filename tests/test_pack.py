@@ -14,13 +14,16 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 from helpers import prompts, tiny_config, write_prompts
+from helpers import read_manifest
 
 from jobs.store import layout, manifest
-from jobs.products.webdataset import packer as pack
 from jobs.config import validate
 from jobs.driver import render
-from jobs.products.webdataset.packer import (Packer, PackSpec, check_shards, packed_samples,
-                                             sample_hash, sample_key)
+from jobs.products.webdataset.check import check_tars
+from jobs.products.webdataset.packer import Packer
+from jobs.products.webdataset.samples import RUN_FIELDS
+from jobs.products.webdataset.tar_index import packed_samples, read_markers
+from jobs.products.webdataset.tars import PackError, PackSpec, sample_hash, sample_key
 from rendering import storage
 
 ROWS = 11  # 9 prompts, an id with dots, a blank prompt (a failed row)
@@ -61,10 +64,6 @@ def _pack(output: str, spec: PackSpec = SPEC, total_rows: int = ROWS) -> Packer:
     return packer
 
 
-def _manifest_rows(output: str) -> list[dict]:
-    return pq.read_table(os.path.join(output, "manifest.parquet")).to_pylist()
-
-
 def _shard_files(output: str) -> dict[str, bytes]:
     folder = os.path.join(output, layout.SHARDS_DIR)
     return {name: _read(os.path.join(folder, name))
@@ -97,7 +96,7 @@ def test_shards_read_back_with_webdataset_and_hf_datasets(out, tmp_path, monkeyp
     assert packer.packed == 3
     assert sorted(_shard_files(out)) == [f"{s}.{x}" for s in SHARDS
                                          for x in ("done", "parquet", "tar")]
-    rows = _manifest_rows(out)
+    rows = read_manifest(out)
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == ROWS - 1
 
@@ -112,7 +111,7 @@ def test_shards_read_back_with_webdataset_and_hf_datasets(out, tmp_path, monkeyp
         assert {k: meta[k] for k in ("id", "row_index", "seed", "sha256", "prompt", "lang")} == \
             {k: row[k] for k in ("id", "row_index", "seed", "sha256", "prompt", "lang")}
         assert meta["artifacts"] == row["artifacts"]
-        assert not pack.RUN_FIELDS & set(meta)
+        assert not RUN_FIELDS & set(meta)
         assert sample["txt"].decode() == row["prompt"]
 
     # The failed row is listed in its shard's index, not packed; markers say what is there.
@@ -176,11 +175,11 @@ def test_a_crash_mid_pack_leaves_no_partial_tar_and_the_next_packer_packs_it(out
     with pytest.raises(PermissionError):
         _pack(out)
     assert sorted(_shard_files(out)) == [f"{s}.{x}" for s in SHARDS for x in ("parquet", "tar")]
-    assert any("has no marker" in p for p in check_shards(out))
+    assert any("has no marker" in p for p in check_tars(out))
     monkeypatch.undo()
     assert _pack(out).packed == 3
     assert _shard_files(out) == _shard_files(reference)
-    assert check_shards(out) == []
+    assert check_tars(out) == []
 
 
 def test_a_resume_packs_only_the_missing_shards(out, monkeypatch):
@@ -196,7 +195,7 @@ def test_a_resume_packs_only_the_missing_shards(out, monkeypatch):
     assert (packer.packed, packer.already_packed) == (1, 2)
     assert {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in before} == before
     assert _pack(out).packed == 0  # everything packed: a further run writes nothing
-    assert check_shards(out) == []
+    assert check_tars(out) == []
     # A shard whose tar went missing under its marker is packed again, to the same bytes.
     files = _shard_files(out)
     os.remove(os.path.join(folder, "00000.tar"))
@@ -205,14 +204,14 @@ def test_a_resume_packs_only_the_missing_shards(out, monkeypatch):
 
 
 def test_a_damaged_video_is_never_packed_and_other_settings_are_refused(out):
-    row = next(r for r in _manifest_rows(out) if r["row_index"] == 5)
+    row = next(r for r in read_manifest(out) if r["row_index"] == 5)
     with open(os.path.join(out, row["video_uri"]), "r+b") as f:
         f.seek(100)
         f.write(b"\0" * 8)
-    with pytest.raises(pack.PackError, match="does not match its manifest.*--redo damaged"):
+    with pytest.raises(PackError, match="does not match its manifest.*--redo damaged"):
         _pack(out)
-    assert sorted(pack.read_markers(out)) == [0, 2]
-    with pytest.raises(pack.PackError, match="rows_per_shard=4, this job asks for 5"):
+    assert sorted(read_markers(out)) == [0, 2]
+    with pytest.raises(PackError, match="rows_per_shard=4, this job asks for 5"):
         Packer(out, PackSpec(rows_per_shard=5), ROWS).seed_from_output()
 
 
@@ -230,10 +229,10 @@ def test_an_interrupted_run_leaves_queued_shards_to_the_next_one(out, monkeypatc
         with Packer(out, SPEC, ROWS) as packer:
             packer.seed_from_output()  # shard 0 is being written, shards 1 and 2 wait
             raise KeyboardInterrupt
-    assert packer.packed == 1 and sorted(pack.read_markers(out)) == [0]
+    assert packer.packed == 1 and sorted(read_markers(out)) == [0]
     monkeypatch.undo()
     assert _pack(out).packed == 2
-    assert check_shards(out) == []
+    assert check_tars(out) == []
 
 
 def test_add_packs_each_shard_exactly_when_its_last_row_arrives(rendered, tmp_path):
@@ -248,20 +247,20 @@ def test_add_packs_each_shard_exactly_when_its_last_row_arrives(rendered, tmp_pa
     for batch, expected in zip(batches, complete_after):
         packer.add([by_row[i] for i in batch])
         packer.flush()
-        assert set(pack.read_markers(live)) == expected
+        assert set(read_markers(live)) == expected
         added.update(batch)
         assert packer.pending_rows == len([i for i in added if i // 4 not in expected])
     packer.close()
     assert packer.packed == 3
-    assert check_shards(live) == []
+    assert check_tars(live) == []
 
 
-def test_keep_videos_false_drops_packed_videos_and_check_shards_catches_damage(rendered, out):
-    rows = _manifest_rows(out)
+def test_keep_videos_false_drops_packed_videos_and_check_tars_catches_damage(rendered, out):
+    rows = read_manifest(out)
     ok = [r for r in rows if r["status"] == "ok"]
     _pack(out, PackSpec(4, keep_videos=False))
     assert os.listdir(os.path.join(out, "videos")) == []
-    assert check_shards(out) == []
+    assert check_tars(out) == []
     found = packed_samples(out)
     assert found.contains([sample_hash(r["id"], r["occurrence"], r["sha256"]) for r in ok]).all()
     # A resume with the loose videos gone packs nothing again (the rows are still committed);
@@ -277,18 +276,18 @@ def test_keep_videos_false_drops_packed_videos_and_check_shards_catches_damage(r
     tampered = bytearray(original)
     tampered[3000] ^= 0xFF  # inside the first video's bytes
     _write(tar, bytes(tampered))
-    problems = check_shards(out)
+    problems = check_tars(out)
     assert any("00000.tar" in p and "sha256" in p for p in problems)
     assert any("does not match the index" in p for p in problems)
     _write(tar, original)
 
     os.remove(os.path.join(folder, "00001.tar"))
-    assert "shards/00001.tar is missing (its marker is there)" in check_shards(out)
+    assert "shards/00001.tar is missing (its marker is there)" in check_tars(out)
 
     index = os.path.join(folder, "00002.parquet")
     table = pq.read_table(index)
     pq.write_table(table.slice(1), index)  # drop row 8 from the index
-    problems = check_shards(out)
+    problems = check_tars(out)
     assert any("not in its index" in p for p in problems)
     assert any("does not list exactly rows 8..10" in p for p in problems)
     assert any(f"row {ok[8]['id']!r} is ok but shard 00002" in p for p in problems)
@@ -308,7 +307,7 @@ def test_a_grown_input_and_a_repair_repack_only_the_shards_they_change(rendered,
     assert (packer.packed, packer.already_packed) == (2, 2)
     for name in ("00000", "00001"):
         assert os.stat(os.path.join(folder, f"{name}.done")).st_mtime_ns == first[f"{name}.done"]
-    assert check_shards(out, total_rows=ROWS + 2) == []
+    assert check_tars(out, total_rows=ROWS + 2) == []
     marker = json.loads(_read(os.path.join(folder, "00002.done")))
     assert (marker["samples"], marker["first_row"], marker["end_row"]) == (3, 8, 12)
 
@@ -327,7 +326,7 @@ def test_a_grown_input_and_a_repair_repack_only_the_shards_they_change(rendered,
     index = pq.read_table(os.path.join(folder, "00000.parquet")).to_pylist()
     assert [r["status"] for r in index] == ["ok", "failed", "ok", "ok"]
     assert json.loads(_read(os.path.join(folder, "00000.done")))["samples"] == 3
-    assert check_shards(out, total_rows=ROWS + 2) == []
+    assert check_tars(out, total_rows=ROWS + 2) == []
 
 
 def test_shards_on_s3(rendered, out, s3_bucket, monkeypatch):
@@ -348,7 +347,7 @@ def test_shards_on_s3(rendered, out, s3_bucket, monkeypatch):
     # The next packer packs it; the shards are those of the same output packed on local disk.
     packer = _pack(uri, PackSpec(4, keep_videos=False))
     assert (packer.packed, packer.already_packed) == (1, 2)
-    assert check_shards(uri) == []
+    assert check_tars(uri) == []
     _pack(out)
     for name, data in _shard_files(out).items():
         assert client.get_object(Bucket=bucket, Key=f"out/shards/{name}")["Body"].read() == data
@@ -356,7 +355,7 @@ def test_shards_on_s3(rendered, out, s3_bucket, monkeypatch):
     assert videos.get("KeyCount", 0) == 0  # keep_videos=False: packed rows' videos are gone
     client.delete_object(Bucket=bucket, Key="out/shards/00002.tar")
     fs.invalidate_cache()
-    assert "shards/00002.tar is missing (its marker is there)" in check_shards(uri)
+    assert "shards/00002.tar is missing (its marker is there)" in check_tars(uri)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,15 +10,13 @@ configs; and plan's counts equal what render then records.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 
 import pytest
-import pyarrow.parquet as pq
 from helpers import run_cli, stages_config, tiny_config, write_prompts
+from helpers import read_manifest, write_config
 
-from jobs import driver
 from jobs.store import manifest
 from jobs.config import validate
 from jobs.input.dataset import open_dataset
@@ -27,9 +25,9 @@ from jobs.store.hashset import HashSet
 from jobs.store.job_file import OutputError
 from jobs.store.location import check_output_is_folder
 from jobs.input.plan import count_plan, known_facts, model_shapes
-from rendering.pipelines import ADAPTERS, adapter_for
-from rendering.pipelines.shapes import ShapeFacts, folder_configs, known_shapes
-from rendering.tiny import TINY_KINDS, build_tiny_pipeline, tiny_configs
+from rendering.pipelines import ADAPTERS, adapter_for, known_shapes
+from rendering.pipelines.shapes import ShapeFacts, folder_configs
+from rendering.pipelines.tiny import TINY_KINDS, build_tiny_pipeline, tiny_configs
 
 WAN_16 = "WanPipeline renders 4k+1 frames; num_frames=16 is not one (13 or 17 is)"
 
@@ -149,12 +147,6 @@ def _rows(overrides: dict) -> list[dict]:
     return rows
 
 
-def _write_config(tmp_path, cfg: dict) -> str:
-    path = tmp_path / "job.json"  # YAML is a superset of JSON
-    path.write_text(json.dumps(cfg))
-    return str(path)
-
-
 # model, config shape, per-row overrides, expected invalid_shape rows, example reason
 CASES = {
     "wan": ("tiny:wan", {"num_frames": 16, "height": 32, "width": 32},
@@ -176,7 +168,7 @@ def test_plan_counts_the_rows_render_fails_as_invalid_shape(tmp_path, case):
     out = str(tmp_path / "out")
     raw = tiny_config(src, out, model={"path": model}, render=dict(shape, batch_size=1),
                       cluster={"backend": "inline", "max_attempts": 1})
-    result = run_cli("plan", _write_config(tmp_path, raw))
+    result = run_cli("plan", write_config(tmp_path, raw))
     assert result.returncode == 0, result.stderr
     rows = 4 + len(overrides)
     assert (f"to do:      {rows} ({expected} invalid, of which 0 duplicate ids and {expected} "
@@ -204,7 +196,7 @@ def test_a_saved_model_folder_and_a_hub_cache_give_the_same_rules(tmp_path, monk
     raw = tiny_config(src, out, model={"path": str(folder)},
                       render={"num_frames": 16, "height": 32, "width": 32, "batch_size": 1},
                       cluster={"backend": "inline", "max_attempts": 1})
-    result = run_cli("plan", _write_config(tmp_path, raw))
+    result = run_cli("plan", write_config(tmp_path, raw))
     assert result.returncode == 0, result.stderr
     assert f"{folder} (shape rules of WanPipeline, from its config files)" in result.stdout
     assert "5 row(s) will fail as invalid_shape, e.g. " + WAN_16 in result.stdout
@@ -247,9 +239,9 @@ def test_unknown_rules_are_said_and_nothing_is_counted(tmp_path):
 
 def test_plan_imports_neither_torch_nor_diffusers(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", _rows({"bad": {"num_frames": 12}}))
-    config = _write_config(tmp_path, tiny_config(src, str(tmp_path / "out"),
-                                                 model={"path": "tiny:wan"},
-                                                 render={"num_frames": 5}))
+    config = write_config(tmp_path, tiny_config(src, str(tmp_path / "out"),
+                                                model={"path": "tiny:wan"},
+                                                render={"num_frames": 5}))
     probe = ("import sys; from jobs.cli import main; code = main(['plan', sys.argv[1]]); "
              "assert code == 0; "
              "assert not {'torch', 'diffusers', 'transformers'} & set(sys.modules), "
@@ -275,7 +267,7 @@ def test_an_output_that_is_a_file_is_refused_in_one_line(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", _rows({}))
     afile = tmp_path / "out.mp4"
     afile.write_bytes(b"not a folder")
-    config = _write_config(tmp_path, tiny_config(src, str(afile)))
+    config = write_config(tmp_path, tiny_config(src, str(afile)))
     result = run_cli("plan", config)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"reelfarm: output {afile} is a file, not a folder: "
@@ -285,14 +277,12 @@ def test_an_output_that_is_a_file_is_refused_in_one_line(tmp_path):
     check_output_is_folder(str(tmp_path / "new" / "folder"))  # not there yet: fine
 
 
-@pytest.mark.skipif(not hasattr(driver, "check_output_is_folder"),
-                    reason="jobs/driver.py step 1 does not call check_output_is_folder yet")
 def test_render_refuses_an_output_that_is_a_file_in_the_same_line(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", _rows({}))
     afile = tmp_path / "out.mp4"
     afile.write_bytes(b"not a folder")
-    config = _write_config(tmp_path, tiny_config(src, str(afile),
-                                                 cluster={"backend": "inline"}))
+    config = write_config(tmp_path, tiny_config(src, str(afile),
+                                                cluster={"backend": "inline"}))
     result = run_cli("render", config, "--quiet")
     assert result.returncode == 1
     assert result.stderr.strip() == (f"reelfarm: output {afile} is a file, not a folder: "
@@ -311,6 +301,5 @@ def test_plan_counts_rows_any_stage_cannot_render_as_render_fails_them(tmp_path,
     cfg = validate(stages_config(src, str(tmp_path / "out"), keyframe="tiny:flux"))
     counts = count_plan(open_dataset(src, []), cfg, HashSet(), known_facts(model_shapes(cfg)))
     summary = render(cfg, progress=False)
-    failed = [r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
-              if r["error_code"] == "invalid_shape"]
+    failed = [r for r in read_manifest(tmp_path / "out") if r["error_code"] == "invalid_shape"]
     assert counts.invalid_shape == len(failed) == summary.failed == 3

@@ -10,7 +10,7 @@ from helpers import prompts, tiny_config, write_prompts
 from cluster.pool import WorkerPool
 from jobs.config import validate
 from jobs.input.dataset import open_dataset
-from jobs.driver import worker_spec
+from jobs.run.workers import worker_spec
 from jobs.store.hashset import HashSet
 from jobs.input.plan import PlanCounts, plan_rows
 

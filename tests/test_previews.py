@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rendering import encode, previews
+from rendering import previews
 from rendering.previews import (
     PREVIEW_KINDS,
     PreviewError,
@@ -253,7 +253,7 @@ def test_bad_specs_raise_one_line(tmp_path, spec, contains):
 
 
 def test_ffmpeg_failure_is_a_preview_error_and_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(encode, "ffmpeg_exe", lambda: "/bin/false")
+    monkeypatch.setattr(previews, "ffmpeg_exe", lambda: "/bin/false")
     out = tmp_path / "out"
     expect_error(clip(2, 16, 16), 8, PreviewSpec(kinds=("gif",)), out, "gif", "ffmpeg exited 1")
     assert os.listdir(out) == []
@@ -263,7 +263,7 @@ def test_a_hung_ffmpeg_is_stopped_at_the_timeout(tmp_path, monkeypatch):
     hang = tmp_path / "hang.sh"
     hang.write_text("#!/bin/sh\nexec sleep 30\n")
     hang.chmod(0o755)
-    monkeypatch.setattr(encode, "ffmpeg_exe", lambda: str(hang))
+    monkeypatch.setattr(previews, "ffmpeg_exe", lambda: str(hang))
     out = tmp_path / "out"
     expect_error(clip(2, 16, 16), 8, PreviewSpec(kinds=("gif",), timeout_s=0.5), out,
                  "gif", "did not finish in 0.5 s")

@@ -43,13 +43,9 @@ def test_each_stage_shows_what_it_made_and_failed_and_its_rate_since_rendering_b
 
 
 def test_a_cli_render_reports_start_up_apart_from_the_rendering_rate(tmp_path):
-    import yaml
-    from helpers import prompts, run_cli, tiny_config, write_prompts
+    from helpers import prompts, run_cli, write_config
 
-    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"),
-                                                 cluster={"backend": "inline"})))
+    config = write_config(tmp_path, rows=prompts(2), cluster={"backend": "inline"})
     result = run_cli("render", str(config), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "videos/s while rendering; workers started and loaded the model in " in result.stdout

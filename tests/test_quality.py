@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-import pyarrow.parquet as pq
 import pytest
 from helpers import tiny_config, write_prompts
+from helpers import read_manifest
 from PIL import Image
 
 from jobs.verify import verify
@@ -31,7 +31,7 @@ def _job(tmp_path, name: str, **quality) -> list[dict]:
                                encode={"previews": ["gif", "webp", "poster"],
                                        "preview_max_side": 24}))
     render(cfg, progress=False)
-    return pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+    return read_manifest(out)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_the_gate_retries_exactly_the_rows_below_it_and_keeps_the_best_determini
     threshold = sorted(r["clip_score"] for r in plain)[-2]  # the second best passes at once
     first = _job(tmp_path, "a", min_score=threshold, on_fail="retry", max_tries=3)
     second = _job(tmp_path, "b", min_score=threshold, on_fail="retry", max_tries=3)
-    for before, row in zip(plain, first):
+    for before, row in zip(plain, first, strict=True):
         tries = row["quality_tries"]
         assert tries[0] == {"seed": before["seed"], "clip_score": before["clip_score"]}
         if before["clip_score"] >= threshold:
@@ -102,7 +102,7 @@ def test_the_gate_can_fail_the_rows_below_it(tmp_path, scored):
     _, plain = scored
     threshold = sorted(r["clip_score"] for r in plain)[-2]
     rows = _job(tmp_path, "fail", min_score=threshold, on_fail="fail")
-    for before, row in zip(plain, rows):
+    for before, row in zip(plain, rows, strict=True):
         if before["clip_score"] >= threshold:
             assert row["status"] == "ok" and row["quality_passed"] is True
         else:

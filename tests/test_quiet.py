@@ -9,8 +9,8 @@ import logging
 
 import pytest
 import torch
-import yaml
-from helpers import prompts, run_cli, tiny_config, write_prompts
+from helpers import prompts, run_cli
+from helpers import write_config
 
 from rendering.contract import ModelSpec
 
@@ -27,14 +27,6 @@ def _assert_quiet(result, *also_absent: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     found = [text for text in _BARS + also_absent if text in output]
     assert not found, (found, result.stderr[-3000:])
-
-
-def _job(tmp_path, rows: int = 1, **sections) -> str:
-    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)),
-                      str(tmp_path / "out"), **sections)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +47,16 @@ def test_loading_a_model_folder_in_bfloat16_prints_no_bars_and_no_dtype_warnings
                                                                                   tmp_path):
     # from_pretrained: its "Loading pipeline components" bar, diffusers 0.42's FutureWarning for
     # torch_dtype=, and no cast warning: --debug leaves Python warnings and library logs on.
-    result = run_cli("render", _job(tmp_path), "--debug", "--quiet",
+    config = write_config(tmp_path, rows=prompts(1))
+    result = run_cli("render", config, "--debug", "--quiet",
                      "--set", "cluster.backend=inline", "--set", f"model.path={tiny_wan_folder}",
                      "--set", "model.dtype=bfloat16", "--set", "render.num_frames=5", timeout=300)
     _assert_quiet(result, _DTYPE_DEPRECATED, _CAST_WARNING)
 
 
 def test_tiny_wan_in_bfloat16_renders_without_the_cast_warning(tmp_path):
-    result = run_cli("render", _job(tmp_path), "--debug", "--quiet",
+    config = write_config(tmp_path, rows=prompts(1))
+    result = run_cli("render", config, "--debug", "--quiet",
                      "--set", "cluster.backend=inline", "--set", "model.path=tiny:wan",
                      "--set", "model.dtype=bfloat16", "--set", "render.num_frames=5", timeout=300)
     _assert_quiet(result, _DTYPE_DEPRECATED, _CAST_WARNING)
@@ -103,7 +97,8 @@ def test_tiny_pipelines_in_float32_and_bfloat16_are_the_same_pipeline_and_weight
 
 
 def test_the_inline_backend_prints_no_progress_bars_and_debug_keeps_library_warnings(tmp_path):
-    result = run_cli("render", _job(tmp_path, rows=2), "--debug", "--quiet",
+    config = write_config(tmp_path, rows=prompts(2))
+    result = run_cli("render", config, "--debug", "--quiet",
                      "--set", "cluster.backend=inline", "--set", "render.num_frames=4",
                      timeout=300)
     _assert_quiet(result, _DTYPE_DEPRECATED)
@@ -114,7 +109,8 @@ def test_the_inline_backend_prints_no_progress_bars_and_debug_keeps_library_warn
 
 @pytest.mark.slow
 def test_a_ray_render_prints_no_auth_opt_out_notice(tmp_path):
-    result = run_cli("render", _job(tmp_path), "--debug", "--quiet", "--workers", "1",
+    config = write_config(tmp_path, rows=prompts(1))
+    result = run_cli("render", config, "--debug", "--quiet", "--workers", "1",
                      "--set", "render.num_frames=4", env={"RAY_ADDRESS": ""}, timeout=300)
     _assert_quiet(result, _AUTH_ON_NOTICE, "Token authentication is enabled")
     assert "started a local Ray cluster on 127.0.0.1" in result.stderr

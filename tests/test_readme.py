@@ -14,10 +14,10 @@ import shutil
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from helpers import REPO, prompts, tiny_config, write_prompts
+from helpers import read_manifest
 
 from jobs import nightly
 from jobs.config import validate
@@ -87,7 +87,7 @@ def workdir(tmp_path_factory) -> str:
 
 
 def _expected(workdir: str) -> tuple[list[list], list[str]]:
-    rows = pq.read_table(os.path.join(workdir, "out", "manifest.parquet")).to_pylist()
+    rows = read_manifest(os.path.join(workdir, "out"))
     ok = [[r["sha256"], r["prompt"], r["id"]] for r in rows if r["status"] == "ok"]
     assert len(ok) == 5 and len(rows) == 6
     return ok, [r["id"] for r in rows]

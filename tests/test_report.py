@@ -30,7 +30,11 @@ import pytest
 from helpers import prompts, tiny_config, write_prompts
 
 from jobs.store import layout, manifest
-from jobs.products.report import page as report
+from jobs.products.report.bins import Bins, score_widths
+from jobs.products.report.gather import (ERROR_EXAMPLES, LOWEST_ROWS, SCORE_BINS, SCORE_COLUMN,
+                                         gather)
+from jobs.products.report.page import write_report
+from jobs.products.report.text import PROMPT_CHARS
 from jobs.store.hashset import row_hash
 from jobs.store.job_file import OutputError
 from rendering import storage
@@ -47,7 +51,7 @@ def synthetic_output(root, rows: int, per_shard: int = 1000, scores: str | None 
     """An output of ``rows`` committed rows: every ``fail_every``-th failed (three error codes
     in turn), the rest ok with a video path; ``scores``: None (no column), "null" (all null) or
     "some" (one row in 7 unscored). Returns its path."""
-    assert report.SCORE_COLUMN in manifest.SCHEMA.names
+    assert SCORE_COLUMN in manifest.SCHEMA.names
     root = str(root)
     os.makedirs(os.path.join(root, layout.MANIFESTS_DIR), exist_ok=True)
     codes = ["invalid_prompt", "render_error", "encode_error"]
@@ -82,11 +86,11 @@ def synthetic_output(root, rows: int, per_shard: int = 1000, scores: str | None 
             committed_at=pa.array(np.full(n, start_s + 3.0 * shard)))
         if scores == "some":
             values = 20 + 15 * np.sin(index * 0.37) ** 2
-            columns[report.SCORE_COLUMN] = pa.array(
+            columns[SCORE_COLUMN] = pa.array(
                 np.where(failed | (index % 7 == 3), np.nan, values), from_pandas=True)
         table = pa.table(columns, schema=manifest.SCHEMA)
         if scores is None:  # a manifest from before scoring existed
-            table = table.drop_columns([report.SCORE_COLUMN])
+            table = table.drop_columns([SCORE_COLUMN])
         pq.write_table(table, os.path.join(root, layout.MANIFESTS_DIR,
                                            f"{layout.SHARD_PREFIX}{shard:08d}.parquet"))
     job = {"fingerprint": "0123456789abcdef", "counts": {"rows": rows},
@@ -139,7 +143,7 @@ class Page(html.parser.HTMLParser):
 
 
 def _page(output: str, **kwargs) -> tuple[str, Page]:
-    uri = report.write_report(output, **kwargs)
+    uri = write_report(output, **kwargs)
     with open(uri, encoding="utf-8") as f:
         text = f.read()
     return text, Page(text)
@@ -173,20 +177,20 @@ def test_size_is_bounded_by_the_sample_not_the_rows(tmp_path):
     large = len(_page(synthetic_output(tmp_path / "10k", 10_000, prompt=lambda i: long_prompt))[0])
     assert large < 1.3 * small, (small, large)
     assert large < 150_000
-    assert report.PROMPT_CHARS < 1000 < len(long_prompt)
+    assert PROMPT_CHARS < 1000 < len(long_prompt)
 
 
 def test_failures_are_grouped_by_code_with_a_few_examples(tmp_path):
     out = synthetic_output(tmp_path / "out", 400, per_shard=50, fail_every=4)  # 100 failed
-    gathered = report.gather(out)
+    gathered = gather(out)
     assert gathered.errors == {"invalid_prompt": 34, "render_error": 33, "encode_error": 33}
-    assert all(len(rows) == report.ERROR_EXAMPLES for rows in gathered.examples.values())
+    assert all(len(rows) == ERROR_EXAMPLES for rows in gathered.examples.values())
     assert gathered.examples["invalid_prompt"][0]["id"] == "row-0000003"  # first in input order
     text, page = _page(out)
     failures = text[text.index('id="failures"'):]
     assert failures.index("invalid_prompt</code>: 34 rows") < failures.index("encode_error")
     assert "100 failed rows in 3 error codes" in failures
-    assert failures.count("<tr><td><code>row-") == 3 * report.ERROR_EXAMPLES
+    assert failures.count("<tr><td><code>row-") == 3 * ERROR_EXAMPLES
 
 
 def test_no_network_a_pinned_script_and_relative_links(tmp_path):
@@ -243,27 +247,27 @@ def test_without_scores_the_page_says_so(tmp_path, scores):
 def test_shards_with_and_without_scores_mix(tmp_path):
     out = synthetic_output(tmp_path / "out", 200, per_shard=100)
     old = tmp_path / "out/manifests/shard-00000000.parquet"  # as before scoring existed
-    pq.write_table(pq.read_table(old).drop_columns([report.SCORE_COLUMN]), old)
-    gathered = report.gather(out)
+    pq.write_table(pq.read_table(old).drop_columns([SCORE_COLUMN]), old)
+    gathered = gather(out)
     assert gathered.rows == 200 and gathered.scored == sum(
         1 for i in range(100, 200) if i % 25 != 24 and i % 7 != 3)
 
 
 def test_scores_histogram_and_lowest_rows(tmp_path):
     out = synthetic_output(tmp_path / "out", 2000, per_shard=300)
-    gathered = report.gather(out)
+    gathered = gather(out)
     table = pa.concat_tables(manifest.iter_shards(out))
-    scores = table[report.SCORE_COLUMN].to_numpy(zero_copy_only=False)
+    scores = table[SCORE_COLUMN].to_numpy(zero_copy_only=False)
     scored = np.isfinite(scores)
     assert gathered.scored == scored.sum() == sum(gathered.scores.counts.values())
-    assert len(gathered.scores.dense()) <= report.SCORE_BINS
+    assert len(gathered.scores.dense()) <= SCORE_BINS
     assert gathered.score_min == pytest.approx(scores[scored].min())
     ids = table["id"].to_pylist()
     expected = sorted(((scores[i], row_hash(ids[i])) , ids[i]) for i in np.flatnonzero(scored))
-    assert [r["id"] for r in gathered.lowest()] == [i for _, i in expected[:report.LOWEST_ROWS]]
+    assert [r["id"] for r in gathered.lowest()] == [i for _, i in expected[:LOWEST_ROWS]]
     text, page = _page(out)
     lowest = text[text.index('id="lowest"'):text.index('id="failures"')]
-    assert lowest.count("<tr><td>") == report.LOWEST_ROWS
+    assert lowest.count("<tr><td>") == LOWEST_ROWS
     assert text.count('<rect class="bar"') == len(gathered.scores.dense()) + len(
         gathered.throughput.dense())
 
@@ -271,8 +275,8 @@ def test_scores_histogram_and_lowest_rows(tmp_path):
 def test_the_sample_is_a_fixed_hash_sample_whatever_the_shards(tmp_path):
     a = synthetic_output(tmp_path / "a", 3000, per_shard=1000)
     b = synthetic_output(tmp_path / "b", 3000, per_shard=70)
-    sample = [r["id"] for r in report.gather(a, sample_size=20).sample()]
-    assert sample == [r["id"] for r in report.gather(b, sample_size=20).sample()]
+    sample = [r["id"] for r in gather(a, sample_size=20).sample()]
+    assert sample == [r["id"] for r in gather(b, sample_size=20).sample()]
     ok = [f"row-{i:07d}" for i in range(3000) if i % 25 != 24]
     assert sorted(sample) == sorted(sorted(ok, key=row_hash)[:20])
     first = _page(a)[0]
@@ -281,9 +285,9 @@ def test_the_sample_is_a_fixed_hash_sample_whatever_the_shards(tmp_path):
 
 def test_bins_widen_exactly_whatever_the_batches():
     values = np.random.default_rng(0).normal(30, 8, 5000)
-    whole = report.Bins(report._score_widths(), 20)
+    whole = Bins(score_widths(), 20)
     whole.add(values)
-    batched = report.Bins(report._score_widths(), 20)
+    batched = Bins(score_widths(), 20)
     for chunk in np.array_split(values, 37):
         batched.add(chunk)
     assert whole.width == batched.width and whole.counts == batched.counts
@@ -292,7 +296,7 @@ def test_bins_widen_exactly_whatever_the_batches():
 
 def test_a_path_without_an_output_is_an_error(tmp_path):
     with pytest.raises(OutputError, match="holds no reelfarm output"):
-        report.write_report(str(tmp_path / "nothing"))
+        write_report(str(tmp_path / "nothing"))
 
 
 def test_written_to_an_object_store(tmp_path, s3_bucket):
@@ -300,7 +304,7 @@ def test_written_to_an_object_store(tmp_path, s3_bucket):
     local = synthetic_output(tmp_path / "out", 50, per_shard=25)
     fs, _ = storage.filesystem(f"s3://{bucket}/out")
     fs.put(local + "/", f"{bucket}/out/", recursive=True)
-    uri = report.write_report(f"s3://{bucket}/out")
+    uri = write_report(f"s3://{bucket}/out")
     assert uri == f"s3://{bucket}/out/{layout.REPORT_FILE}"
     body = client.get_object(Bucket=bucket, Key=f"out/{layout.REPORT_FILE}")["Body"].read()
     assert b'src="videos/row-0000000.mp4"' in body and b"s3:" not in body
@@ -474,7 +478,7 @@ _PLAY = """(async () => {
 
 def test_the_report_in_chromium_plays_its_videos_runs_nothing_hostile_and_stays_local(
         browser, rendered):
-    path = report.write_report(rendered)
+    path = write_report(rendered)
     assert path == os.path.join(rendered, layout.REPORT_FILE)
     session = browser.open(os.path.realpath(path))
     page = browser.evaluate(session, _PLAY)
@@ -526,7 +530,7 @@ def test_a_copied_output_shows_its_previews_and_sorts_by_score_in_chromium(brows
                                                                            tmp_path):
     copy = str(tmp_path / "copied")
     shutil.copytree(scored, copy)  # the page must work from wherever the output now is
-    path = report.write_report(copy)
+    path = write_report(copy)
     text = open(path, encoding="utf-8").read()
     assert text.count('preload="none" poster="previews/') == 6  # the poster, best preview
     session = browser.open(os.path.realpath(path))

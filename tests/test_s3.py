@@ -10,8 +10,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from helpers import prompts, run_cli, s3_client, tiny_config
+from helpers import write_config
 from tcp_proxy import TcpProxy
 from videos import probe
 
@@ -55,9 +55,8 @@ def test_render_from_and_to_s3_on_ray_and_read_back_with_boto3(tmp_path, moto_se
     client = s3_client()
     client.create_bucket(Bucket=BUCKET)
     src = _put_prompts(client, "in/prompts.parquet", prompts(5))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, f"s3://{BUCKET}/out/run-1",
-                                                 output={"webdataset": {"rows_per_shard": 2}})))
+    config = write_config(tmp_path, tiny_config(src, f"s3://{BUCKET}/out/run-1",
+                                                output={"webdataset": {"rows_per_shard": 2}}))
 
     result = run_cli("render", str(config), "--quiet", env=env)
     assert result.returncode == 0, result.stderr

@@ -17,8 +17,9 @@ from jobs.store import manifest
 from jobs.input.plan import PlannedRow
 from jobs.input.rows import RowFailure
 from jobs.run.progress import Progress
-from jobs.store.receipts import Receipts
-from jobs.run.scheduler import Lane, Scheduler, Shard
+from jobs.run.scheduler import Scheduler, Shard
+from jobs.config import ModelConfig, OptimizeConfig, ResourcesConfig
+from jobs.stages import Stage
 from rendering.contract import Artifact, Result, Task
 
 
@@ -34,8 +35,13 @@ class ScriptedPool:
         self.submitted: list[list[str]] = []  # row ids of each accepted shard
         self.refused = 0
 
+    num_workers = 1
+
     def start(self) -> list[dict]:
         return [{"device": "fake"}]
+
+    def resize(self, num_workers: int) -> None:
+        self.num_workers = num_workers
 
     def placements(self) -> list[dict]:
         return [{"node_id": "fake", "gpu_ids": []}]
@@ -65,8 +71,19 @@ class ScriptedPool:
 
 def _result(task: Task, step: str) -> Result:
     if step == "ok":
-        return Result(task.id, True, [Artifact("video", f"videos/{task.key}.mp4", 1, "0" * 64)])
+        return Result(task.id, True, [Artifact("video", f"videos/{task.key}.mp4", 1, "0" * 64,
+                                               "video")])
     return Result.failure(task.id, "render_error", step, retryable=step == "retry")
+
+
+def _stages(output: str, names: list[str]) -> list[Stage]:
+    """Stages that take nothing from each other (each row's task is the row's own): the
+    scripted pools decide what becomes of it."""
+    single = len(names) == 1
+    return [Stage(i, name, ModelConfig(path="tiny:modelscope"), OptimizeConfig(), {}, 1,
+                  ResourcesConfig(), "video" if single else name, f"stages/{name}",
+                  "receipts" if single else f"receipts/{name}", None, output)
+            for i, name in enumerate(names)]
 
 
 def _rows(ids: list[str]) -> list[PlannedRow]:
@@ -80,8 +97,8 @@ def _run(tmp_path, scripts: dict[str, list[str]], shard_size: int = 2, max_attem
     pool = ScriptedPool(scripts, capacity)
     started = []
     output = str(tmp_path / "out")
-    lanes = [Lane("video", Receipts(output), lambda row: row.outcome)]
-    scheduler = Scheduler(lambda: started.append(1) or [pool], lanes, output,
+    scheduler = Scheduler(_stages(output, ["video"]), lambda: (started.append(1) or [pool], None),
+                          output,
                           Progress(0, enabled=False), max_attempts=max_attempts,
                           shard_size=shard_size, shards_per_worker=2)
     rows = _rows(list(scripts))
@@ -156,9 +173,8 @@ def _run_stages(tmp_path, scripts: list[dict[str, list[str]]], capacities: list[
     pools = [ScriptedPool(s, c, n) for s, c, n in zip(scripts, capacities, speeds or [1] * 3)]
     output = str(tmp_path / "out")
     names = ["k", "v", "w"][:len(pools)]
-    lanes = [Lane(name, Receipts(output, f"receipts/{name}", name), lambda row: row.outcome)
-             for name in names]
-    scheduler = Scheduler(lambda: pools, lanes, output, Progress(0, enabled=False),
+    scheduler = Scheduler(_stages(output, names), lambda: (pools, None), output,
+                          Progress(0, enabled=False),
                           max_attempts=3, shard_size=shard_size, shards_per_worker=2,
                           backlog_rows=backlog_rows)
     if watch is not None:
@@ -221,7 +237,7 @@ def test_rows_whose_first_stage_an_interrupted_run_stored_start_at_the_second(tm
     (output / "stages").mkdir(parents=True)
     (output / "stages" / "done.png").write_bytes(b"keyframe")
     stored = Result(done.id, True, [Artifact("k", "stages/done.png", 8,
-                                             hashlib.sha256(b"keyframe").hexdigest())])
+                                             hashlib.sha256(b"keyframe").hexdigest(), "image")])
     (output / "receipts" / "k").mkdir(parents=True)
     (output / "receipts" / "k" / "done.json").write_bytes(receipt_json(done, stored))
 

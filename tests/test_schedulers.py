@@ -13,7 +13,7 @@ from rendering.pipelines import adapter_for
 from rendering.pipelines.load import load_pipeline, render_batch
 from rendering.pipelines.schedulers import (apply_scheduler, check_scheduler,
                                             declared_scheduler_names, scheduler_names)
-from rendering.tiny import build_tiny_pipeline
+from rendering.pipelines.tiny import build_tiny_pipeline
 
 FLOW = {"prediction_type": "flow_prediction", "use_flow_sigmas": True}
 FRAMES = {"modelscope": 8, "wan": 5}
@@ -164,13 +164,9 @@ def test_check_scheduler_needs_no_model():
 def test_a_job_renders_with_the_configured_scheduler_and_refuses_a_mismatch_in_one_line(tmp_path):
     import json
 
-    import yaml
-    from helpers import prompts, run_cli, tiny_config, write_prompts
+    from helpers import prompts, run_cli, write_config
 
-    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"),
-                                                 cluster={"backend": "inline"})))
+    config = write_config(tmp_path, rows=prompts(2), cluster={"backend": "inline"})
     ok = run_cli("render", str(config), "--set", "model.scheduler=DPMSolverMultistepScheduler",
                  "--set", "model.scheduler_config={use_karras_sigmas: true}")
     assert ok.returncode == 0, ok.stderr
@@ -206,12 +202,9 @@ def test_the_names_read_without_torch_are_diffusers_own():
 
 
 def test_plan_refuses_an_unknown_scheduler_before_any_worker_or_torch(tmp_path):
-    import yaml
-    from helpers import prompts, run_cli, tiny_config, write_prompts
+    from helpers import prompts, run_cli, write_config
 
-    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"))))
+    config = write_config(tmp_path, rows=prompts(2))
     for command in ("plan", "render"):
         result = run_cli(command, str(config), "--set", "model.scheduler=DPMSolverMultistepSchedular")
         assert result.returncode == 1

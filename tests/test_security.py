@@ -11,10 +11,9 @@ import json
 import re
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-import yaml
 from helpers import REPO, prompts, run_cli, stored, tiny_config, write_prompts
+from helpers import read_manifest, write_config
 from hostile_corpus import ACCESS_KEY, ARGV_SEPARATOR, HOSTILE_IDS, SECRET, run_corpus
 
 # Every option reelfarm itself gives ffmpeg (encode_argv and count_frames); "-" is stdout.
@@ -43,7 +42,7 @@ def _ffmpeg_calls(argv_log: Path) -> list[list[str]]:
 
 
 def test_hostile_ids_render_inside_the_output_under_safe_names(corpus):
-    table = pq.read_table(corpus.output / "manifest.parquet").to_pylist()
+    table = read_manifest(corpus.output)
     rows = {r["id"]: r for r in table if r["occurrence"] == 0}
     videos = corpus.output / "videos"
     for row_id in HOSTILE_IDS:
@@ -96,8 +95,7 @@ def test_credentials_in_uris_are_refused_and_never_printed(tmp_path, how):
         args = ["--input", uri.replace("s3://", "https://") + ".parquet"]
     else:
         args = ["--output", uri, *(["--debug"] if how == "--debug" else [])]
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_config(tmp_path, cfg)
     result = run_cli("render", str(config), *args)
     assert result.returncode == 1
     key = "input.uri" if how == "--input" else "output.uri"
@@ -121,7 +119,7 @@ def test_no_subprocess_goes_through_a_shell():
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
     """A tiny pipeline saved twice: with pickled (.bin) weights, and with code of its own."""
-    from rendering.tiny import build_tiny_pipeline
+    from rendering.pipelines.tiny import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("models")
     pipe = build_tiny_pipeline("modelscope")

@@ -10,7 +10,7 @@ from jobs.store import manifest
 from jobs.config import validate
 from jobs.driver import render
 from rendering.pipelines import adapter_for
-from rendering.tiny import build_tiny_pipeline
+from rendering.pipelines.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

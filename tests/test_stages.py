@@ -9,10 +9,9 @@ import hashlib
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
-import yaml
-from helpers import REPO, prompts, run_cli, stages_config, tiny_config, write_prompts
+from helpers import REPO, prompts, run_cli, stages_config, write_prompts
+from helpers import by_id, read_manifest, write_config
 from PIL import Image
 from videos import probe
 
@@ -34,10 +33,6 @@ def _sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def _manifest(out) -> dict[str, dict]:
-    return {r["id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
-
-
 def _artifacts(row: dict) -> dict[str, dict]:
     return {a["name"]: a for a in row["artifacts"]}
 
@@ -47,7 +42,7 @@ def test_a_two_stage_job_on_ray_keeps_keyframes_and_records_the_stage_that_faile
     out = tmp_path / "out"
     summary = render(validate(stages_config(src, str(out), keyframe="tiny:flux")), progress=False)
     assert (summary.ok, summary.failed, summary.rendered) == (4, 2, 4)
-    rows = _manifest(out)
+    rows = by_id(read_manifest(out))
 
     for row_id in [f"row-{i:03d}" for i in range(4)]:
         row = rows[row_id]
@@ -88,25 +83,30 @@ def test_a_two_stage_job_on_ray_keeps_keyframes_and_records_the_stage_that_faile
 
 def test_a_stage_task_fixes_the_stage_settings_and_takes_the_previous_artifact_by_hash():
     from jobs import params as P
-    from jobs.stages import job_stages, stage_task
-    from rendering.contract import Artifact, Task
+    from jobs.stages import job_stages
+    from rendering.contract import Artifact, Result, Task
 
     cfg = validate(stages_config("x.parquet", "/out"))
     keyframe, video = job_stages(cfg)
+    assert (keyframe.artifact, keyframe.folder, keyframe.receipts_folder, keyframe.takes) == \
+        ("keyframe", "stages/keyframe", "receipts/keyframe", None)
+    assert (video.artifact, video.folder, video.takes, video.final) == \
+        ("video", "videos", "keyframe", True)
     params = {"guidance_scale": 7.5, "num_frames": 9}
     task = Task("r", "r-key", 7, "a fox", params, {}, P.batch_key(params))
-    assert stage_task(video, task, None, "/out") is task  # nothing to fix, nothing handed on
-    first = stage_task(keyframe, task, None, "/out")
+    assert video.task_given(task, None) is task  # nothing to fix, nothing handed on
+    first = keyframe.task(task, [])
     assert first.params == {"guidance_scale": 5.0, "num_frames": 9} and first.seed == 7
     # Rows batch by the settings the stage uses, not the row's.
     assert first.batch_key == P.batch_key(first.params) != task.batch_key
-    png = Artifact("keyframe", "stages/keyframe/r-key.png", 10, "ab" * 32)
-    second = stage_task(video, task, png, "/out")
+    png = Artifact("keyframe", "stages/keyframe/r-key.png", 10, "ab" * 32, "image")
+    second = video.task(task, [Result("r", True, [png])])  # what the stage before stored
     assert second.params == task.params
     assert second.inputs["image"] == MediaInput(uri="/out/stages/keyframe/r-key.png",
                                                 sha256="ab" * 32)
-    clip = Artifact("clip", "stages/clip/r-key.mp4", 10, "cd" * 32)
-    assert set(stage_task(video, task, clip, "/out").inputs) == {"video"}
+    # The artifact's kind, not its name, says what it becomes: a clip is the video input.
+    clip = Artifact("clip", "stages/clip/r-key.png", 10, "cd" * 32, "video")
+    assert set(video.task_given(task, clip).inputs) == {"video"}
 
 
 def test_the_shipped_tiny_two_stage_config_renders_on_ray_byte_identical_on_rerun(tmp_path):
@@ -118,7 +118,7 @@ def test_the_shipped_tiny_two_stage_config_renders_on_ray_byte_identical_on_reru
                          "--input", src, "--output", str(out), "--quiet")
         assert result.returncode == 0, result.stderr
         assert run_cli("verify", str(out)).returncode == 0
-        rows = _manifest(out)
+        rows = by_id(read_manifest(out))
         for row in rows.values():
             keyframe, video = _artifacts(row)["keyframe"], _artifacts(row)["video"]
             with Image.open(out / keyframe["path"]) as image:
@@ -132,10 +132,10 @@ def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path
     """The keyframe stage stored four keyframes (one since damaged), then everything died
     before any video: the resumed run renders only the missing keyframes."""
     from jobs.input.dataset import open_dataset
-    from jobs.driver import worker_spec
+    from jobs.run.workers import worker_spec
     from jobs.store.hashset import HashSet
     from jobs.input.plan import PlanCounts, plan_rows
-    from jobs.stages import job_stages, stage_task
+    from jobs.stages import job_stages
     from rendering.worker import ShardRenderer
 
     out = tmp_path / "out"
@@ -144,7 +144,7 @@ def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path
     keyframe = job_stages(cfg)[0]
     planned = list(plan_rows(open_dataset(src, []), cfg, HashSet(), PlanCounts()))
     early = ShardRenderer(worker_spec(cfg, keyframe)).render_shard(
-        [stage_task(keyframe, p.outcome, None, cfg.output.uri) for p in planned[:4]])
+        [keyframe.task(p.outcome, []) for p in planned[:4]])
     assert all(r.ok for r in early) and len(os.listdir(out / "receipts" / "keyframe")) == 4
     with open(out / early[3].artifact("keyframe").path, "r+b") as f:
         f.seek(60)
@@ -159,7 +159,7 @@ def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path
     figures = json.loads((out / "job.json").read_text())["last_run"]["stages"]
     assert (figures["keyframe"]["recovered"], figures["keyframe"]["made"]) == (3, 3)
     assert {r.id: os.path.getmtime(out / r.artifact("keyframe").path) for r in early[:3]} == mtimes
-    rows = _manifest(out)
+    rows = by_id(read_manifest(out))
     assert [s["attempts"] for s in rows["row-000"]["stages"]] == [1, 1]
     assert not (out / "receipts").exists()
     assert verify(str(out)).problems == []
@@ -207,9 +207,7 @@ def test_stage_configs_that_cannot_work_are_refused_in_one_line(tmp_path, change
 
 
 def test_an_image_model_as_the_last_stage_fails_the_cli_in_one_line(tmp_path):
-    src = write_prompts(tmp_path / "prompts.parquet", prompts(1))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(src, str(tmp_path / "out"))))
+    config = write_config(tmp_path, rows=prompts(1))
     result = run_cli("render", str(config), "--set", "model.path=tiny:sdxl")
     assert result.returncode == 1
     assert result.stderr.strip().endswith("StableDiffusionXLPipeline makes images, not videos: it "

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from rendering.contract import ModelSpec, Task
-from rendering.pipelines import ADAPTERS, TINY_CONFIGS, adapter_for
-from rendering.pipelines.load import from_pretrained, load_pipeline, render_batch
-from rendering.tiny import TINY_KINDS, build_tiny_pipeline, save_tiny_pipeline, tiny_configs
+from rendering.pipelines import ADAPTERS, adapter_for
+from rendering.pipelines.load import load_pipeline, render_batch
+from rendering.pipelines.tiny import (TINY_CONFIGS, TINY_KINDS, build_tiny_pipeline,
+                                     save_tiny_pipeline, tiny_configs)
+from rendering.pipelines.weights import from_pretrained
 
 KINDS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
          "flux": "FluxPipeline"}

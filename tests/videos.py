@@ -6,7 +6,8 @@ import re
 import struct
 import subprocess
 
-from rendering.encode import count_frames, ffmpeg_exe
+from rendering.encode import count_frames
+from rendering.ffmpeg_runner import ffmpeg_exe
 
 
 def top_level_boxes(path: str) -> list[str]:

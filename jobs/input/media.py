@@ -13,7 +13,8 @@ import posixpath
 
 from rendering import storage
 from rendering.contract import MEDIA_ROLES, MediaInput
-from rendering.media import MediaError, check_uri
+from rendering.media import MediaError
+from rendering.media.uris import check_uri
 
 _GLOB_CHARS = "*?["
 

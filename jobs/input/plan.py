@@ -20,7 +20,8 @@ from jobs import params
 from jobs.input.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
 from jobs.stages import job_stages
 from rendering.contract import MEDIA_ROLES, Task
-from rendering.pipelines.shapes import KnownShapes, ShapeFacts, known_shapes
+from rendering.pipelines import KnownShapes, known_shapes
+from rendering.pipelines.shapes import ShapeFacts
 
 INVALID_EXAMPLES = 5  # invalid rows ``reelfarm plan`` shows with their errors, first in input order
 

@@ -104,4 +104,4 @@ class Balancer:
 
 
 def _split_text(stages, workers: list[int]) -> str:
-    return ", ".join(f"{s.lane.name} {w}" for s, w in zip(stages, workers))
+    return ", ".join(f"{s.spec.name} {w}" for s, w in zip(stages, workers))

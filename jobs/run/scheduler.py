@@ -7,7 +7,7 @@ stage that failed them, and go no further. A single-stage job is the degenerate 
 may start a new shard only while the rows it has made and the next stage has not finished stay
 under a bound, so a fast stage never runs far ahead of a slow one: driver memory and the
 storage of unconsumed keyframes stay bounded, and the freed workers can be moved to the slow
-stage (``jobs.balance``).
+stage (``jobs.run.balancer``).
 
 It talks to workers only through the small ``Pool`` protocol (Ray actors, the in-process
 inline pool, or a test's fake), so its retry and commit policy is tested without a cluster.
@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from cluster.protocol import Pool
+from jobs.run.balancer import Balancer
 from jobs.store import manifest
 from jobs.input.plan import PlannedRow
 from jobs.run.records import record
 from jobs.run.progress import Progress
+from jobs.stages import Stage
 from jobs.store.receipts import Receipts
 from rendering import storage
-from rendering.contract import Result, Task
+from rendering.contract import Result
 
 WAIT_SLICE_S = 5.0  # how long one wait for results may block before progress is reported
 POLL_S = 0.05  # with several stages at work, each pool is asked in turn this often
@@ -41,17 +43,11 @@ class Shard:
 
 
 @dataclass
-class Lane:
-    """One stage as the scheduler sees it."""
-
-    name: str
-    receipts: Receipts  # the stage's receipts: rows it stored but that are not yet committed
-    task_of: Callable[[PlannedRow], Task]  # the row's task in this stage, given earlier results
-
-
-@dataclass
 class _StageState:
-    lane: Lane
+    """A stage at work: its declaration, its pool and the shards it holds."""
+
+    spec: Stage
+    receipts: Receipts  # rows it stored but that are not yet committed
     pool: Pool | None = None
     waiting: deque = field(default_factory=deque)  # shards handed over, not yet submitted
     retries: deque = field(default_factory=deque)
@@ -77,14 +73,16 @@ class Scheduler:
     """Submits shards to each stage's pool (all started together on first need), and commits
     each row exactly once."""
 
-    def __init__(self, start_pools: Callable[[], list[Pool]], lanes: list[Lane], output_uri: str,
+    def __init__(self, stages: list[Stage],
+                 start_workers: Callable[[], tuple[list[Pool], Balancer | None]], output_uri: str,
                  progress: Progress, max_attempts: int, shard_size: int, shards_per_worker: int,
                  on_commit: Callable[[list[dict]], None] | None = None,
-                 balancer=None, backlog_rows: int | None = None):
-        self._start_pools = start_pools
-        self._on_commit = on_commit  # products built from committed rows (WebDataset shards)
-        self.balancer = balancer  # moves workers between stages (jobs.balance), or None
-        self.stages = [_StageState(lane) for lane in lanes]
+                 backlog_rows: int | None = None):
+        self._start_workers = start_workers  # each stage's pool, and the balancer that moves them
+        self._on_commit = on_commit  # products built from committed rows (WebDataset tars)
+        self.balancer: Balancer | None = None  # comes with the pools
+        self.stages = [_StageState(stage, Receipts(output_uri, stage.receipts_folder,
+                                                   stage.artifact)) for stage in stages]
         self.output_uri = output_uri
         self.progress = progress
         self.max_attempts = max_attempts
@@ -158,9 +156,9 @@ class Scheduler:
         """How many stages of ``row`` an interrupted run already stored (their results are
         added to the row)."""
         for index, stage in enumerate(self.stages):
-            if not stage.lane.receipts:
+            if not stage.receipts:
                 return index
-            result = stage.lane.receipts.recover(stage.lane.task_of(row))
+            result = stage.receipts.recover(stage.spec.task(row.outcome, row.results))
             if result is None:
                 return index
             row.attempts += 1
@@ -192,15 +190,15 @@ class Scheduler:
         if index + 1 == len(self.stages):
             return True
         following = self.stages[index + 1]
-        bound = self.backlog_rows or (2 * self.shards_per_worker * self.shard_size
-                                      * getattr(following.pool, "num_workers", 1))
+        workers = following.pool.num_workers if following.pool is not None else 1
+        bound = self.backlog_rows or 2 * self.shards_per_worker * self.shard_size * workers
         return self.stages[index].rows_inflight() + following.rows_held() < bound
 
     def _submit(self, stage: _StageState, shard: Shard) -> bool:
         if stage.pool is None:
             self._start()
         token = next(self._tokens)
-        tasks = [stage.lane.task_of(row) for row in shard.rows]
+        tasks = [stage.spec.task(row.outcome, row.results) for row in shard.rows]
         if not stage.pool.submit(token, tasks, self.shards_per_worker):
             return False
         stage.inflight[token] = shard
@@ -208,7 +206,7 @@ class Scheduler:
 
     def _start(self) -> None:
         started = time.monotonic()
-        pools = self._start_pools()
+        pools, self.balancer = self._start_workers()
         for stage, pool in zip(self.stages, pools):
             stage.pool = pool
         self.rendering_since = time.monotonic()
@@ -251,7 +249,7 @@ class Scheduler:
         """Close the row's account with ``stage``: its log entry, its result, a fresh count of
         attempts for the next stage."""
         seconds = sum(result.timings_s.values())
-        row.stages.append({"name": stage.lane.name, "status": "ok" if result.ok else "failed",
+        row.stages.append({"name": stage.spec.name, "status": "ok" if result.ok else "failed",
                            "attempts": row.attempts, "seconds": seconds})
         row.results.append(result)
         row.attempts = 0
@@ -263,7 +261,7 @@ class Scheduler:
             stage.seconds += seconds
         else:
             stage.failed += 1
-        self.progress.stage_advance(stage.lane.name, result.ok)
+        self.progress.stage_advance(stage.spec.name, result.ok)
 
     def _commit(self, records: list[dict]) -> None:
         """Write the shard's manifest (the commit), then drop the receipts it makes redundant."""
@@ -272,8 +270,8 @@ class Scheduler:
         storage.with_retries("commit of a shard manifest", manifest.write_shard,
                              self.output_uri, records)
         for stage in self.stages:  # each stage's receipts of the rows it made
-            stage.lane.receipts.remove([r["key"] for r in records for s in r["stages"]
-                                        if s["name"] == stage.lane.name and s["status"] == "ok"])
+            stage.receipts.remove([r["key"] for r in records for s in r["stages"]
+                                   if s["name"] == stage.spec.name and s["status"] == "ok"])
         if self._on_commit is not None:
             self._on_commit(records)
         ok = sum(r["status"] == "ok" for r in records)

@@ -30,6 +30,17 @@ def key_hashes(keys: list[bytes]) -> np.ndarray:
     return np.frombuffer(joined, dtype=">u8").astype(np.uint64)
 
 
+def row_hashes(table) -> np.ndarray:
+    """``row_hash`` of every row of a manifest table (its ``id`` and ``occurrence`` columns):
+    first occurrences (nearly all) at once, repeats one by one."""
+    ids, occurrences = table["id"].to_pylist(), table["occurrence"].to_pylist()
+    hashes = key_hashes([(i or "").encode("utf-8", "surrogatepass") for i in ids])
+    for index, occurrence in enumerate(occurrences):
+        if occurrence:
+            hashes[index] = row_hash(ids[index] or "", occurrence)
+    return hashes
+
+
 # Runs stop merging at this many members (8 MB): merging two runs needs room for both and the
 # result, so an unbounded last merge at 10 million rows would briefly hold 160 MB. Past the cap
 # a lookup searches a few more runs, which costs little once its queries are sorted.

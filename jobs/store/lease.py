@@ -343,9 +343,7 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, record: dict) -> bool:
 
 def _create_local(path: str, data: bytes) -> None:
     """Publish ``data`` at ``path`` atomically and complete, failing if ``path`` exists."""
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    temp = os.path.join(directory, f".{name}{storage.TEMP_MARKER}{uuid.uuid4().hex}")
+    temp = storage.temp_beside(path)
     try:
         with open(temp, "wb") as f:
             f.write(data)
@@ -372,7 +370,7 @@ def _remove_stale_temps(fs: fsspec.AbstractFileSystem, lease_dir: str) -> None:
     cutoff = time.time() - 60
     with contextlib.suppress(OSError), os.scandir(lease_dir) as entries:
         for entry in entries:
-            if storage.TEMP_MARKER in entry.name and entry.stat().st_mtime < cutoff:
+            if storage.is_temp(entry.name) and entry.stat().st_mtime < cutoff:
                 with contextlib.suppress(OSError):
                     os.remove(entry.path)
 

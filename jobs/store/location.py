@@ -1,5 +1,6 @@
-"""Checks on ``output.uri`` made before anything is planned or rendered (``plan`` and ``render``
-share them), so a wrong output fails in one line that names the real problem."""
+"""Where the output is: checks on ``output.uri`` made before anything is planned or rendered
+(``plan`` and ``render`` share them), and the probes that prove every worker stores where the
+driver reads, so a wrong output fails in one line that names the real problem."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import posixpath
 
 from fsspec.implementations.local import LocalFileSystem
 
+from jobs.store import layout
 from jobs.store.job_file import OutputError
 from rendering import storage
 
@@ -26,3 +28,26 @@ def check_output_is_folder(output_uri: str) -> None:
         if parent and parent != path and fs.isfile(parent):
             raise OutputError(f"output {output_uri} is inside {parent}, which is a file, not a "
                               f"folder: choose another output.uri (or --output)")
+
+
+def check_probes(output_uri: str, infos: list[list[dict]]) -> None:
+    """Read back the object every worker stored at start (``infos``: what each pool's workers
+    said when they loaded): a worker that stores where this driver cannot read (a local path
+    on another machine, memory://) would write a whole job nowhere the manifests point."""
+    fs, root = storage.filesystem(output_uri)
+    fs.invalidate_cache()
+    for info in (worker for pool in infos for worker in pool):
+        probe = info.get("probe")  # None: a stand-in renderer (benchmarks) stores none
+        if probe and not fs.exists(storage.join(root, probe)):
+            raise OutputError(
+                f"output {output_uri}: a worker (pid {info['pid']}) stored a test object there "
+                f"that this driver cannot read back: the workers do not share this storage with "
+                f"the driver. Use an object-store URI (s3://, gs://, ...) or a folder mounted at "
+                f"the same path on every node")
+    remove_probes(output_uri)
+
+
+def remove_probes(output_uri: str) -> None:
+    """The workers' start-up probes have been read (replacements store theirs later)."""
+    fs, root = storage.filesystem(output_uri)
+    storage.remove_quietly(fs, storage.join(root, layout.PROBES_DIR), recursive=True)

@@ -13,7 +13,6 @@ stays in its shard manifest as history; everything that reads the output's curre
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 import time
@@ -27,7 +26,8 @@ import pyarrow.parquet as pq
 
 from jobs.store import layout
 from jobs import params
-from jobs.store.hashset import HashSet, row_hash
+from jobs.store.hashset import HashSet, row_hashes
+from jobs.store.parquet_files import parquet_bytes, read_parquet
 from rendering import storage
 from rendering.contract import MEDIA_ROLES
 
@@ -100,7 +100,7 @@ def write_shard(output_uri: str, records: list[dict]) -> str:
     """Commit a shard: write its manifest in one atomic write. Returns the manifest's path."""
     fs, root = storage.filesystem(output_uri)
     path = storage.join(root, layout.MANIFESTS_DIR, shard_name(records))
-    storage.write_bytes(fs, path, _parquet_bytes(to_table(records)))
+    storage.write_bytes(fs, path, parquet_bytes(to_table(records)))
     return path
 
 
@@ -119,7 +119,7 @@ def committed_hashes(output_uri: str, redo: dict[int, float] | None = None) -> H
     fs, _ = storage.filesystem(output_uri)
     committed = HashSet()
     for path in shard_paths(output_uri):
-        hashes = _hashes(_read(fs, path, columns=["id", "occurrence"]))
+        hashes = row_hashes(read_parquet(fs, path, columns=["id", "occurrence"])).tolist()
         committed.add([h for h in hashes if h not in redo] if redo else hashes)
     return committed
 
@@ -184,14 +184,14 @@ def iter_shards(output_uri: str, columns: list[str] | None = None,
     for footer in footers:
         wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
         # A shard written before a column existed reads it as nulls.
-        table = _read(fs, footer.path, wanted and [c for c in wanted if c in footer.columns])
+        table = read_parquet(fs, footer.path, wanted and [c for c in wanted if c in footer.columns])
         for name in wanted or ():
             if name not in footer.columns:
                 table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows,
                                                                          SCHEMA.field(name).type))
         if replaced:
             keep = [(h, t) not in replaced
-                    for h, t in zip(_hashes(table), table["committed_at"].to_pylist())]
+                    for h, t in zip(row_hashes(table).tolist(), table["committed_at"].to_pylist())]
             table = table.filter(pa.array(keep, pa.bool_()))
         table = table.sort_by([("row_index", "ascending"), ("occurrence", "ascending")])
         yield table if columns is None else table.select(columns)
@@ -280,30 +280,12 @@ def _superseded(fs, footers: list[_Footer]) -> set[tuple[int, float]]:
     replaced = set()
     for footer in footers:
         if footer.repairs:
-            table = _read(fs, footer.path, columns=["id", "occurrence", "redo_of"])
+            table = read_parquet(fs, footer.path, columns=["id", "occurrence", "redo_of"])
             table = table.filter(pc.is_valid(table["redo_of"]))
-            replaced.update(zip(_hashes(table), table["redo_of"].to_pylist()))
+            replaced.update(zip(row_hashes(table).tolist(), table["redo_of"].to_pylist()))
     return replaced
-
-
-def _hashes(table: pa.Table) -> list[int]:
-    return [row_hash(i, n) for i, n in zip(table["id"].to_pylist(), table["occurrence"].to_pylist())]
 
 
 def _schema(fs, path: str) -> pa.Schema:
     with fs.open(path, "rb") as f:
         return pq.read_schema(f)
-
-
-def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:
-    """A shard manifest (a few rows), decoded on this thread. Arrow's decoding threads reading
-    through a Python file object can abort the process at exit ("terminate called without an
-    active exception", apache/arrow#34314, #50482): seen here as a rare SIGABRT of `status`."""
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns, use_threads=False)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()

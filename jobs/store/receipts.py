@@ -46,15 +46,8 @@ class Receipts:
         """Drop the receipts of committed rows (a leftover one is harmless, just untidy)."""
         for key in keys:
             self._paths.pop(key, None)
-        paths = [storage.join(self._dir, k + ".json") for k in keys]
-        if not paths:
-            return
-        try:
-            self._fs.rm(paths)
-        except FileNotFoundError:  # a receipt that failed to write: remove the others one by one
-            for path in paths:
-                if self._fs.exists(path):
-                    self._fs.rm(path)
+        storage.remove_all_quietly(self._fs, [storage.join(self._dir, k + ".json") for k in keys],
+                                   "receipts")  # one that failed to write is missing
 
     def remove_all(self) -> None:
         """Once every row is committed, no receipt is needed any more."""

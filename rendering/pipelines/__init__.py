@@ -1,22 +1,24 @@
-"""Pipeline families: every adapter, detection by pipeline class, and every tiny twin.
+"""The pipeline registry: every adapter by pipeline class, and a model's shape facts by path.
 
-Each family module declares ``ADAPTERS`` (one per diffusers pipeline class it drives), ``TINY``
-(tiny random-weight twins by kind, built offline) and ``TINY_CONFIGS`` (each twin's pipeline
-class and the VAE and denoiser configs its builder uses: shape facts without torch). Adding a
-family is adding its module to ``FAMILIES``. Nothing here imports torch or diffusers.
+The families (``families.FAMILIES``) declare their adapters; this module looks them up by
+pipeline class and answers, from config files alone, which shapes the model at a path renders
+exactly (``known_shapes``: what ``reelfarm plan`` checks). Nothing here imports torch or
+diffusers.
 """
 
 from __future__ import annotations
 
-from rendering.pipelines import cogvideox, i2vgenxl, ltx, modelscope, svd, text_to_image, wan
-from rendering.pipelines.base import Adapter
+import os
+from dataclasses import dataclass
 
-FAMILIES = (modelscope, wan, cogvideox, ltx, svd, i2vgenxl, text_to_image)
+from rendering import model_cache
+from rendering.pipelines import tiny
+from rendering.pipelines.base import Adapter
+from rendering.pipelines.families import FAMILIES
+from rendering.pipelines.shapes import (ConfigsUnknown, ShapeFacts, folder_configs,
+                                        hub_cache_configs)
+
 ADAPTERS: dict[str, type[Adapter]] = {a.pipeline: a for f in FAMILIES for a in f.ADAPTERS}
-TINY_BUILDERS = {kind: build for f in FAMILIES for kind, build in f.TINY.items()}
-# kind -> (pipeline class, {"vae": config, "transformer" or "unet": config})
-TINY_CONFIGS = {kind: configs for f in FAMILIES for kind, configs in f.TINY_CONFIGS.items()}
-assert TINY_CONFIGS.keys() == TINY_BUILDERS.keys(), "every tiny kind declares its configs"
 
 
 class UnsupportedPipeline(ValueError):
@@ -42,3 +44,48 @@ def final_stage_problem(adapter: type[Adapter]) -> str | None:
 
 def adapter_for(pipe) -> type[Adapter]:
     return adapter_named(type(pipe).__name__)
+
+
+@dataclass(frozen=True)
+class KnownShapes:
+    """A model's shape facts and where they were read; ``facts`` is None when unknown, and
+    ``source`` then says why."""
+
+    facts: ShapeFacts | None
+    source: str
+
+
+def known_shapes(path: str, pipeline: str | None = None,
+                 revision: str | None = None) -> KnownShapes:
+    """The shape facts of ``model.path`` loaded as ``model.pipeline``, from config files alone.
+
+    ``tiny:KIND``: its declared configs; a local folder or an fsspec URL: its JSON files (a URL
+    already copied into this node's model cache is read there); a hub id: only if this
+    machine's hub cache holds its config files. Anything else: unknown, with the reason.
+    """
+    try:
+        if tiny.is_tiny(path):
+            configs = tiny.tiny_configs(tiny.tiny_kind(path))
+            source = "the tiny model's configs"
+        elif model_cache.is_url(path):
+            local = model_cache.cached_path(path)
+            configs = folder_configs(local if os.path.isdir(local) else path)
+            source = f"its config files ({local if os.path.isdir(local) else path})"
+        elif os.path.isdir(path):
+            configs = folder_configs(path)
+            source = "its config files"
+        else:
+            configs = hub_cache_configs(path, revision)
+            source = "its config files in the hub cache"
+    except (ConfigsUnknown, ValueError) as exc:
+        return KnownShapes(None, str(exc))
+    name = pipeline or configs.pipeline
+    adapter = ADAPTERS.get(name)
+    if adapter is None:
+        return KnownShapes(None, f"{name} is not a pipeline reelfarm can drive")
+    try:
+        facts = adapter.facts_from_configs(configs.components)
+    except (KeyError, TypeError, ValueError) as exc:
+        return KnownShapes(None, f"{name}'s component configs do not say ({type(exc).__name__}: "
+                                 f"{exc})")
+    return KnownShapes(facts, f"{name}, from {source}")

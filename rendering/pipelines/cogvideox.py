@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from rendering.pipelines import tiny_parts
+from rendering.pipelines import tiny_components
 from rendering.pipelines.base import Adapter
 from rendering.pipelines.shapes import ShapeFacts, with_defaults
 
@@ -103,8 +103,8 @@ def _components(transformer: dict) -> dict:
     scheduler = CogVideoXDDIMScheduler(clip_sample=False, prediction_type="v_prediction",
                                        rescale_betas_zero_snr=True, snr_shift_scale=1.0,
                                        timestep_spacing="trailing")
-    return dict(tokenizer=tiny_parts.t5_tokenizer(model_max_length=226),
-                text_encoder=tiny_parts.t5_encoder(), vae=vae, transformer=transformer,
+    return dict(tokenizer=tiny_components.t5_tokenizer(model_max_length=226),
+                text_encoder=tiny_components.t5_encoder(), vae=vae, transformer=transformer,
                 scheduler=scheduler)
 
 

@@ -12,7 +12,7 @@ rate.
 from __future__ import annotations
 
 from rendering.contract import Task
-from rendering.pipelines import tiny_parts
+from rendering.pipelines import tiny_components
 from rendering.pipelines.base import Adapter
 
 
@@ -37,7 +37,7 @@ _UNET = dict(
     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
     attention_head_dim=4, num_attention_heads=None, norm_num_groups=2)
-# What of tiny_parts.sd_vae's config the shape rule reads: four blocks, 8x downscale
+# What of tiny_components.sd_vae's config the shape rule reads: four blocks, 8x downscale
 # (tests/test_plan_shapes.py checks it against the built VAE).
 _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
 
@@ -45,13 +45,13 @@ _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
 def _image_to_video():
     from diffusers import DDIMScheduler, I2VGenXLPipeline, I2VGenXLUNet
 
-    tokenizer = tiny_parts.clip_tokenizer()
-    image_encoder, feature_extractor = tiny_parts.clip_vision_encoder()
+    tokenizer = tiny_components.clip_tokenizer()
+    image_encoder, feature_extractor = tiny_components.clip_vision_encoder()
     unet = I2VGenXLUNet(**_UNET)
-    vae = tiny_parts.sd_vae(sample_size=32)
+    vae = tiny_components.sd_vae(sample_size=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False)
-    return I2VGenXLPipeline(vae=vae, text_encoder=tiny_parts.clip_text_encoder(tokenizer),
+    return I2VGenXLPipeline(vae=vae, text_encoder=tiny_components.clip_text_encoder(tokenizer),
                             tokenizer=tokenizer, image_encoder=image_encoder,
                             feature_extractor=feature_extractor, unet=unet, scheduler=scheduler)
 

@@ -7,7 +7,6 @@ never run.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import tempfile
@@ -15,11 +14,12 @@ import tempfile
 import numpy as np
 import torch
 
-from rendering import model_cache, tiny
+from rendering import model_cache
 from rendering.contract import ModelSpec, OptimizeSpec, Task
-from rendering.pipelines import adapter_for, adapter_named
+from rendering.pipelines import adapter_for, adapter_named, tiny
 from rendering.pipelines.base import Adapter, denoiser_of
 from rendering.pipelines.schedulers import apply_scheduler, check_scheduler
+from rendering.pipelines.weights import from_pretrained, quiet_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -66,27 +66,6 @@ def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = Optimiz
     return pipe
 
 
-def from_pretrained(cls, folder: str, dtype: torch.dtype, **kwargs):
-    """``cls.from_pretrained`` from safetensors only, no remote code, in ``dtype``, with no
-    progress bars and none of diffusers' deprecation warnings about the dtype keyword."""
-    kwargs[dtype_keyword()] = dtype
-    with quiet_progress_bars():
-        return cls.from_pretrained(folder, use_safetensors=True, trust_remote_code=False, **kwargs)
-
-
-def dtype_keyword() -> str:
-    """The keyword ``from_pretrained`` takes the dtype by.
-
-    diffusers 0.40 added ``dtype=`` and deprecated ``torch_dtype=`` (a FutureWarning on every
-    load); up to 0.39 only ``torch_dtype=`` works, and ``dtype=`` is ignored with a logged
-    warning, so the weights would load in float32 (read in the wheels of 0.35.2 to 0.42.1).
-    """
-    import diffusers
-    from packaging.version import Version
-
-    return "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
-
-
 def _tiny_pipeline(kind: str, cls, dtype: torch.dtype):
     """A tiny pipeline as ``cls`` in ``dtype``.
 
@@ -109,24 +88,6 @@ def _tiny_pipeline(kind: str, cls, dtype: torch.dtype):
         with quiet_progress_bars():
             pipe.save_pretrained(folder, safe_serialization=True)
         return from_pretrained(cls, folder, dtype)
-
-
-@contextlib.contextmanager
-def quiet_progress_bars():
-    """No progress bars from diffusers and transformers (loading components, writing shards)
-    for the block; they are as they were after it."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = [lib for lib in (diffusers_logging, transformers_logging)
-                 if lib.is_progress_bar_enabled()]
-    for lib in libraries:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib in libraries:
-            lib.enable_progress_bar()
 
 
 def apply_optimizations(pipe, opt: OptimizeSpec, device: str) -> None:

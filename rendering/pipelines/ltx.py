@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from rendering.pipelines import tiny_parts
+from rendering.pipelines import tiny_components
 from rendering.pipelines.base import Adapter
 from rendering.pipelines.shapes import ShapeFacts, with_defaults
 
@@ -84,8 +84,9 @@ def _components() -> dict:
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
         max_image_seq_len=4096, shift_terminal=0.1)
-    return dict(scheduler=scheduler, vae=vae, text_encoder=tiny_parts.t5_encoder(),
-                tokenizer=tiny_parts.t5_tokenizer(model_max_length=128), transformer=transformer)
+    return dict(scheduler=scheduler, vae=vae, text_encoder=tiny_components.t5_encoder(),
+                tokenizer=tiny_components.t5_tokenizer(model_max_length=128),
+                transformer=transformer)
 
 
 def _text_to_video():

@@ -8,7 +8,7 @@ it renders one row per call.
 from __future__ import annotations
 
 from rendering.contract import Task
-from rendering.pipelines import tiny_parts
+from rendering.pipelines import tiny_components
 from rendering.pipelines.base import Adapter
 
 
@@ -42,7 +42,7 @@ _UNET = dict(
     out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
     attention_head_dim=4, norm_num_groups=2)
-# What of tiny_parts.sd_vae's config the shape rule reads: four blocks, 8x downscale
+# What of tiny_components.sd_vae's config the shape rule reads: four blocks, 8x downscale
 # (tests/test_plan_shapes.py checks it against the built VAE).
 _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
 
@@ -50,12 +50,12 @@ _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
 def _components() -> dict:
     from diffusers import DDIMScheduler, UNet3DConditionModel
 
-    tokenizer = tiny_parts.clip_tokenizer()
+    tokenizer = tiny_components.clip_tokenizer()
     unet = UNet3DConditionModel(**_UNET)
-    vae = tiny_parts.sd_vae(sample_size=64)
+    vae = tiny_components.sd_vae(sample_size=64)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                               clip_sample=False, set_alpha_to_one=False)
-    return dict(vae=vae, text_encoder=tiny_parts.clip_text_encoder(tokenizer),
+    return dict(vae=vae, text_encoder=tiny_components.clip_text_encoder(tokenizer),
                 tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 

@@ -7,15 +7,16 @@ from a loaded pipeline (``facts_from_pipe``: what the worker checks before rende
 the model's JSON config files (``facts_from_configs``: what ``reelfarm plan`` checks, without
 torch). Both feed the same rule, ``ShapeFacts.problem``.
 
-This module imports neither torch nor diffusers: ``known_shapes`` finds a model's config files
-(a tiny kind's declared configs, a local or fsspec diffusers folder, or a hub id already in
-this machine's hub cache) and never loads weights or asks the network.
+This module imports neither torch nor diffusers, and nothing of the registry above it: it
+reads a model's config files (``read_configs``, from a local or fsspec diffusers folder, or a
+hub id already in this machine's hub cache) and never loads weights or asks the network. Which
+files and which adapter a model path means is the registry's lookup
+(``rendering.pipelines.known_shapes``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from itertools import count
 from typing import Callable, Mapping
@@ -168,51 +169,3 @@ def hub_cache_configs(repo_id: str, revision: str | None) -> ModelConfigs:
     except ValueError as exc:  # not a valid repo id
         raise ConfigsUnknown(f"{repo_id} is not a local folder or a hub id ({exc})") from None
     return read_configs(read, f"{repo_id} (hub cache)")
-
-
-@dataclass(frozen=True)
-class KnownShapes:
-    """A model's shape facts and where they were read; ``facts`` is None when unknown, and
-    ``source`` then says why."""
-
-    facts: ShapeFacts | None
-    source: str
-
-
-def known_shapes(path: str, pipeline: str | None = None,
-                 revision: str | None = None) -> KnownShapes:
-    """The shape facts of ``model.path`` loaded as ``model.pipeline``, from config files alone.
-
-    ``tiny:KIND``: its declared configs; a local folder or an fsspec URL: its JSON files (a URL
-    already copied into this node's model cache is read there); a hub id: only if this
-    machine's hub cache holds its config files. Anything else: unknown, with the reason.
-    """
-    from rendering import model_cache, tiny
-    from rendering.pipelines import ADAPTERS
-
-    try:
-        if tiny.is_tiny(path):
-            configs = tiny.tiny_configs(tiny.tiny_kind(path))
-            source = "the tiny model's configs"
-        elif model_cache.is_url(path):
-            local = model_cache.cached_path(path)
-            configs = folder_configs(local if os.path.isdir(local) else path)
-            source = f"its config files ({local if os.path.isdir(local) else path})"
-        elif os.path.isdir(path):
-            configs = folder_configs(path)
-            source = "its config files"
-        else:
-            configs = hub_cache_configs(path, revision)
-            source = "its config files in the hub cache"
-    except (ConfigsUnknown, ValueError) as exc:
-        return KnownShapes(None, str(exc))
-    name = pipeline or configs.pipeline
-    adapter = ADAPTERS.get(name)
-    if adapter is None:
-        return KnownShapes(None, f"{name} is not a pipeline reelfarm can drive")
-    try:
-        facts = adapter.facts_from_configs(configs.components)
-    except (KeyError, TypeError, ValueError) as exc:
-        return KnownShapes(None, f"{name}'s component configs do not say ({type(exc).__name__}: "
-                                 f"{exc})")
-    return KnownShapes(facts, f"{name}, from {source}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Mapping
 
-from rendering.pipelines import tiny_parts
+from rendering.pipelines import tiny_components
 from rendering.pipelines.base import Adapter
 from rendering.pipelines.shapes import ShapeFacts
 
@@ -63,7 +63,7 @@ _UNET = dict(
 _XL_UNET = dict(
     _UNET, cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-# What of tiny_parts.sd_vae's config the shape rule reads: four blocks, 8x downscale
+# What of tiny_components.sd_vae's config the shape rule reads: four blocks, 8x downscale
 # (tests/test_plan_shapes.py checks it against the built VAE).
 _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
 # Flux's VAE layout: the real 8x downscale, no quant convs, a latent shift; its transformer
@@ -82,11 +82,12 @@ _FLUX_TRANSFORMER = dict(
 def _stable_diffusion():
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    tokenizer = tiny_parts.clip_tokenizer()
+    tokenizer = tiny_components.clip_tokenizer()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
-        vae=tiny_parts.sd_vae(sample_size=32), text_encoder=tiny_parts.clip_text_encoder(tokenizer),
+        vae=tiny_components.sd_vae(sample_size=32),
+        text_encoder=tiny_components.clip_text_encoder(tokenizer),
         tokenizer=tokenizer, unet=UNet2DConditionModel(**_UNET), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -95,13 +96,13 @@ def _stable_diffusion_xl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection
 
-    tokenizer = tiny_parts.clip_tokenizer()
-    text_encoder = tiny_parts.clip_text_encoder(tokenizer)
+    tokenizer = tiny_components.clip_tokenizer()
+    text_encoder = tiny_components.clip_text_encoder(tokenizer)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", steps_offset=1,
                                        timestep_spacing="leading")
     return StableDiffusionXLPipeline(
-        vae=tiny_parts.sd_vae(sample_size=32), text_encoder=text_encoder,
+        vae=tiny_components.sd_vae(sample_size=32), text_encoder=text_encoder,
         text_encoder_2=CLIPTextModelWithProjection(copy.deepcopy(text_encoder.config)),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=UNet2DConditionModel(**_XL_UNET),
         scheduler=scheduler)
@@ -111,14 +112,14 @@ def _flux():
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                            FluxTransformer2DModel)
 
-    tokenizer = tiny_parts.clip_tokenizer()
+    tokenizer = tiny_components.clip_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(
         scheduler=scheduler, vae=AutoencoderKL(**_FLUX_VAE),
-        text_encoder=tiny_parts.clip_text_encoder(tokenizer), tokenizer=tokenizer,
-        text_encoder_2=tiny_parts.t5_encoder(), tokenizer_2=tiny_parts.t5_tokenizer(),
+        text_encoder=tiny_components.clip_text_encoder(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=tiny_components.t5_encoder(), tokenizer_2=tiny_components.t5_tokenizer(),
         transformer=FluxTransformer2DModel(**_FLUX_TRANSFORMER))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from rendering.pipelines import tiny_parts
+from rendering.pipelines import tiny_components
 from rendering.pipelines.base import Adapter
 from rendering.pipelines.shapes import ShapeFacts, with_defaults
 
@@ -78,7 +78,8 @@ def _components() -> dict:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 
     vae = AutoencoderKLWan(**_VAE)
-    return dict(tokenizer=tiny_parts.t5_tokenizer(), text_encoder=tiny_parts.umt5_encoder(),
+    return dict(tokenizer=tiny_components.t5_tokenizer(),
+                text_encoder=tiny_components.umt5_encoder(),
                 vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
@@ -91,7 +92,7 @@ def _text_to_video():
 def _image_to_video():
     from diffusers import WanImageToVideoPipeline
 
-    image_encoder, image_processor = tiny_parts.clip_vision_encoder()
+    image_encoder, image_processor = tiny_components.clip_vision_encoder()
     transformer = _transformer(_I2V_TRANSFORMER)
     return WanImageToVideoPipeline(transformer=transformer, image_encoder=image_encoder,
                                    image_processor=image_processor, **_components())

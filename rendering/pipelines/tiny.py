@@ -1,15 +1,22 @@
-"""Tiny random-weight pipelines of every supported family, built offline in code.
+"""Tiny random-weight pipelines of every supported family (``tiny:KIND``), built offline in code.
 
 They exercise the same diffusers code paths as the published models at a size that renders in
 well under a second on a CPU, so the demo and the tests need no network and no downloaded
 weights. Weights are seeded: the same kind always gives the same pipeline, so videos rendered
-with it are reproducible. The builders live with their families in ``rendering.pipelines``.
+with it are reproducible. Each family declares its twins' builders and configs beside its
+adapters; this module gathers them by kind. Importing it loads neither torch nor diffusers.
 """
 
 from __future__ import annotations
 
-from rendering.pipelines import TINY_BUILDERS, TINY_CONFIGS
+from rendering.pipelines.families import FAMILIES
+from rendering.pipelines.shapes import ModelConfigs
+from rendering.pipelines.weights import quiet_progress_bars
 
+TINY_BUILDERS = {kind: build for f in FAMILIES for kind, build in f.TINY.items()}
+# kind -> (pipeline class, {"vae": config, "transformer" or "unet": config})
+TINY_CONFIGS = {kind: configs for f in FAMILIES for kind, configs in f.TINY_CONFIGS.items()}
+assert TINY_CONFIGS.keys() == TINY_BUILDERS.keys(), "every tiny kind declares its configs"
 TINY_KINDS = tuple(TINY_BUILDERS)
 TINY_PREFIX = "tiny:"
 _WEIGHT_SEED = 0
@@ -27,11 +34,9 @@ def tiny_kind(model_path: str) -> str:
     return kind
 
 
-def tiny_configs(kind: str):
-    """The pipeline class ``kind`` builds and its VAE and denoiser configs, as a
-    ``ModelConfigs``: what ``reelfarm plan`` reads its shape facts from, without torch."""
-    from rendering.pipelines.shapes import ModelConfigs
-
+def tiny_configs(kind: str) -> ModelConfigs:
+    """The pipeline class ``kind`` builds and its VAE and denoiser configs: what ``reelfarm
+    plan`` reads its shape facts from, without torch."""
     pipeline, components = TINY_CONFIGS[tiny_kind(TINY_PREFIX + kind)]
     return ModelConfigs(pipeline, components)
 
@@ -55,8 +60,6 @@ def build_tiny_pipeline(kind: str):
 
 def save_tiny_pipeline(kind: str, directory: str) -> None:
     """Write a tiny pipeline as a diffusers folder (safetensors), loadable by from_pretrained."""
-    from rendering.pipelines.load import quiet_progress_bars
-
     pipe = build_tiny_pipeline(kind)
     with quiet_progress_bars():
         pipe.save_pretrained(directory, safe_serialization=True)

@@ -1,7 +1,8 @@
-"""Tiny text encoders and tokenizers built in memory, shared by the families' tiny twins.
+"""The random-weight components the families' tiny twins share: text encoders, tokenizers, a VAE.
 
 Tokenizers are made from an in-code vocabulary (no hub download); encoders are random-weight
-and tiny. The family modules assemble them with their own denoisers and VAEs.
+and tiny. The family modules assemble them with their own denoisers and VAEs; ``tiny`` builds
+the pipelines.
 """
 
 from __future__ import annotations

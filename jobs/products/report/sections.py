@@ -1,0 +1,217 @@
+"""The report's sections as HTML, each a pure function of what was gathered and ``job.json``.
+
+The run, throughput and scores (inline SVG bar charts), the quality gate, the lowest scores and
+the failures; pure, so the same output gives the same page, byte for byte.
+"""
+
+from __future__ import annotations
+
+from jobs.products.report.gather import ERROR_EXAMPLES, SCORE_COLUMN, Gathered
+from jobs.products.report.text import DASH, duration, esc, num, when, width_label
+from rendering.quality import kept_below_text
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    """A two-column table; the values are already HTML."""
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>\n"
+
+
+def _model_row(config: dict, run: dict) -> tuple[str, str]:
+    """The model, or each stage's model with what the last run's workers made of it."""
+    if not config.get("stages"):
+        return "Model", f"<code>{esc((config.get('model') or {}).get('path') or DASH)}</code>"
+    figures = run.get("stages") or {}
+    parts = []
+    for stage in config["stages"]:
+        made = figures.get(stage["name"]) or {}
+        rate = (f" ({num(made.get('made'))} made, {num(made.get('rows_per_s'))} rows/s, "
+                f"{num(made.get('workers'))} worker(s))" if made else "")
+        parts.append(f"{esc(stage['name'])}: <code>{esc(stage['model']['path'])}</code>{rate}")
+    return "Stages", " \u2192 ".join(parts)
+
+
+def summary(g: Gathered, job: dict, complete: bool) -> str:
+    run = job.get("last_run") or {}
+    config = job.get("config") or {}
+    counts = job.get("counts") or {}
+    expected = counts.get("rows")
+    failed = g.by_status.get("failed", 0)
+    share = f" ({100 * failed / g.rows:.1f}%)" if g.rows and failed else ""
+    others = ", ".join(f"{esc(s)}: {n:,}" for s, n in sorted(g.by_status.items())
+                       if s not in ("ok", "failed"))
+    render = config.get("render") or {}
+    shape = (f"{num(render.get('num_frames'))} frames, {num(render.get('width'))}\u00d7"
+             f"{num(render.get('height'))}, {num(render.get('num_inference_steps'))} steps"
+             if render else "\u2014")
+    rows = [
+        ("Status", ("<span class=\"good\">complete</span>" if complete
+                    else "<span class=\"bad\">incomplete</span>")
+         + (f", last run {esc(run.get('status'))}" if run.get("status") else "")),
+        ("Rows", f"{g.rows:,} committed" + (f" of {expected:,}" if isinstance(expected, int)
+                                            else "")),
+        ("OK", f"<span class=\"good\">{g.ok:,}</span>" + _kept_note(g, job)),
+        ("Failed", f"<span class=\"{'bad' if failed else 'good'}\">{failed:,}</span>{share}"),
+    ]
+    if others:
+        rows.append(("Other", others))
+    rows += [
+        ("Videos/hour", f"{num(run.get('videos_per_hour'))} (last run, rendering time only)"),
+        ("Time", f"{duration(run.get('seconds'))} in all: start-up "
+                 f"{duration(run.get('startup_s'))}, rendering {duration(run.get('rendering_s'))}"
+                 f"; {num(run.get('rendered'))} rendered"),
+        ("Last run", f"{when(run.get('started_at'))} \u2192 {when(run.get('finished_at'))}"),
+        ("Commits", f"{when(g.first_commit)} \u2192 {when(g.last_commit)}"),
+        _model_row(config, run),
+        ("Shape", esc(shape)),
+        ("Fingerprint", f"<code>{esc(job.get('fingerprint') or DASH)}</code>"),
+    ]
+    versions = job.get("versions") or {}
+    if versions:
+        rows.append(("Versions", ", ".join(f"{esc(k)} {esc(v)}" for k, v in sorted(versions.items())
+                                           if v)))
+    settings = job.get("settings") or {}
+    details = ""
+    if settings:
+        body = "".join(f"<tr><th><code>{esc(k)}</code></th><td><code>{esc(v)}</code></td></tr>"
+                       for k, v in sorted(settings.items()))
+        details = (f"<details><summary>Settings the fingerprint covers ({len(settings)})"
+                   f"</summary><table>{body}</table></details>\n")
+    return f"<section id=\"summary\"><h2>Run</h2>\n{_table(rows)}{details}</section>\n"
+
+
+def _bars_svg(bins: list[tuple[float, float]], width: float, labels: tuple[str, str],
+              tips: list[str], y_label: str) -> str:
+    """A bar chart: one bar per (left edge, value), the x-axis labelled at both ends."""
+    w, h, left, bottom, top = 900, 260, 56, 26, 12
+    peak = max((v for _, v in bins), default=0) or 1
+    step = (w - left - 8) / max(len(bins), 1)
+    bars = []
+    for i, ((_, value), tip) in enumerate(zip(bins, tips)):
+        bar_h = (h - top - bottom) * value / peak
+        x, y = left + i * step, h - bottom - bar_h
+        bars.append(f"<rect class=\"bar\" x=\"{x:.1f}\" y=\"{y:.1f}\" "
+                    f"width=\"{max(step - 1, 0.5):.1f}\" height=\"{bar_h:.1f}\">"
+                    f"<title>{esc(tip)}</title></rect>")
+    axis_y = h - bottom
+    return (f"<svg viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{esc(y_label)}\">"
+            f"<line class=\"axis\" x1=\"{left}\" y1=\"{axis_y}\" x2=\"{w - 8}\" y2=\"{axis_y}\"/>"
+            f"<line class=\"axis\" x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{axis_y}\"/>"
+            f"<text class=\"lbl\" x=\"{left - 4}\" y=\"{top + 10}\" text-anchor=\"end\">"
+            f"{esc(num(float(peak), 3))}</text>"
+            f"<text class=\"lbl\" x=\"{left - 4}\" y=\"{axis_y}\" text-anchor=\"end\">0</text>"
+            f"<text class=\"lbl\" x=\"{left}\" y=\"{h - 8}\">{esc(labels[0])}</text>"
+            f"<text class=\"lbl\" x=\"{w - 8}\" y=\"{h - 8}\" text-anchor=\"end\">"
+            f"{esc(labels[1])}</text>{''.join(bars)}</svg>\n")
+
+
+def throughput(g: Gathered) -> str:
+    head = "<section id=\"throughput\"><h2>Throughput</h2>\n"
+    bins = g.throughput.dense()
+    if not bins:
+        return head + "<p class=\"muted\">No videos committed yet.</p></section>\n"
+    width = g.throughput.width
+    rates = [(t, 3600 * n / width) for t, n in bins]
+    tips = [f"{when(t)}: {n:,} videos ({3600 * n / width:,.0f}/hour)" for t, n in bins]
+    ends = (when(bins[0][0]), when(bins[-1][0] + width))
+    return (head + f"<p>Videos committed per hour, in bins of {esc(width_label(width))} "
+            f"(by each shard's commit time).</p>\n"
+            + _bars_svg(rates, width, ends, tips, "videos per hour over time") + "</section>\n")
+
+
+def score_histogram(g: Gathered) -> str:
+    head = f"<section id=\"scores\"><h2>Scores (<code>{esc(SCORE_COLUMN)}</code>)</h2>\n"
+    if not g.scored:
+        return head + "<p class=\"muted\">no scores</p></section>\n"
+    bins = g.scores.dense()
+    width = g.scores.width
+    tips = [f"[{num(x)}, {num(x + width)}): {n:,} rows" for x, n in bins]
+    stats = (f"{g.scored:,} scored rows: mean {num(g.score_sum / g.scored)}, min "
+             f"{num(g.score_min)}, max {num(g.score_max)}; bins of {num(width)}.")
+    ends = (num(bins[0][0]), num(bins[-1][0] + width))
+    return (head + f"<p>{stats}</p>\n"
+            + _bars_svg([(x, float(n)) for x, n in bins], width, ends, tips, "score histogram")
+            + "</section>\n")
+
+
+def _code(value) -> str:
+    return f"<code>{esc(value)}</code>"
+
+
+def _link(row: dict, text: str) -> str:
+    href = row["media"]["video"]
+    return f"<a href=\"{esc(href)}\">{text}</a>" if href else text
+
+
+def lowest_scores(g: Gathered) -> str:
+    head = "<section id=\"lowest\"><h2>Lowest scores</h2>\n"
+    rows = g.lowest()
+    if not rows:
+        return head + "<p class=\"muted\">no scores</p></section>\n"
+    body = "".join(
+        f"<tr><td>{esc(num(r['score']))}</td><td>{_link(r, _code(r.get('id')))}</td>"
+        f"<td class=\"prompt\"><bdi>{esc(r.get('prompt'))}</bdi></td>"
+        f"<td class=\"mono\">{esc(r.get('seed'))}</td></tr>\n" for r in rows)
+    return (head + f"<p>The {len(rows)} ok rows with the lowest "
+            f"<code>{esc(SCORE_COLUMN)}</code>.</p>\n<table><tr><th>score</th><th>id</th>"
+            f"<th>prompt</th><th>seed</th></tr>\n{body}</table></section>\n")
+
+
+def _min_score(job: dict):
+    return ((job.get("config") or {}).get("quality") or {}).get("min_score")
+
+
+def _kept_note(g: Gathered, job: dict) -> str:
+    text = kept_below_text(g.gate.kept_below, _min_score(job))
+    return f" (<span class=\"bad\">{esc(text)}</span>)" if text else ""
+
+
+def _tries(row: dict) -> str:
+    """Each try's score, the kept one in bold."""
+    tries, kept = row.get("quality_tries") or [], row.get("quality_kept_try")
+    scores = [f"<b>{esc(num(t['clip_score']))}</b>" if i == kept else esc(num(t["clip_score"]))
+              for i, t in enumerate(tries)]
+    return f"{len(tries)}: " + ", ".join(scores)
+
+
+def quality_gate(g: Gathered, job: dict) -> str:
+    """The ok rows kept below quality.min_score: ok by status and exit code, so only this
+    section (and the counts) shows them. Nothing for an output rendered without a gate."""
+    min_score = _min_score(job)
+    if min_score is None and not g.gate.kept_below:
+        return ""
+    head = "<section id=\"gate\"><h2>Quality gate</h2>\n"
+    count = sum(g.gate.kept_below.values())
+    if not count:
+        return (head + f"<p class=\"good\">Every scored ok row reached "
+                f"<code>quality.min_score</code> {esc(num(min_score))}.</p></section>\n")
+    body = "".join(
+        f"<tr><td>{_link(r, _code(r.get('id')))}</td><td>{esc(num(r['score']))}</td>"
+        f"<td class=\"mono\">{_tries(r)}</td>"
+        f"<td class=\"prompt\"><bdi>{esc(r.get('prompt'))}</bdi></td></tr>\n" for r in g.kept)
+    shown = "" if len(g.kept) == count else f" The first {len(g.kept):,} are listed."
+    return (head + f"<p>{esc(kept_below_text(g.gate.kept_below, min_score))}: ok rows whose "
+            f"best try is below the gate (<code>quality_passed</code> false).{shown}</p>\n"
+            f"<table><tr><th>id</th><th>score</th><th>tries (kept in bold)</th><th>prompt</th>"
+            f"</tr>\n{body}</table></section>\n")
+
+
+def failures(g: Gathered) -> str:
+    head = "<section id=\"failures\"><h2>Failures</h2>\n"
+    if not g.errors:
+        return head + "<p class=\"good\">No failed rows.</p></section>\n"
+    groups = []
+    for code, count in sorted(g.errors.items(), key=lambda item: (-item[1], item[0])):
+        examples = "".join(
+            f"<tr><td><code>{esc(r.get('id'))}</code></td><td class=\"err\">{esc(r.get('error'))}"
+            f"</td><td class=\"prompt\"><bdi>{esc(r.get('prompt'))}</bdi></td></tr>\n"
+            for r in g.examples.get(code, []))
+        groups.append(f"<details class=\"failure\" open><summary><code>{esc(code)}</code>: "
+                      f"{count:,} row{'s' if count != 1 else ''}</summary>\n<table><tr><th>id"
+                      f"</th><th>error</th><th>prompt</th></tr>\n{examples}</table></details>\n")
+    total = sum(g.errors.values())
+    return (head + f"<p>{total:,} failed row{'s' if total != 1 else ''} in {len(g.errors)} "
+            f"error code"
+            f"{'s' if len(g.errors) != 1 else ''}, most common first, with up to "
+            f"{ERROR_EXAMPLES} examples each (<code>reelfarm status OUTPUT --failed</code> "
+            f"lists them all).</p>\n" + "".join(groups) + "</section>\n")

@@ -1,0 +1,103 @@
+"""Starting a job's workers: one pool per stage, Ray actors split between the stages by what
+each declares it needs (and a balancer to move them later), or one renderer per stage in this
+process. The scheduler calls ``start_workers`` once, when it first has something to render."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from cluster.protocol import Pool
+from jobs.config import JobConfig
+from jobs.input.media import media_roots
+from jobs.run.balancer import Balancer, StageNeed
+from jobs.stages import Stage, job_stages, stage_media_root
+from jobs.store import layout
+from jobs.store.location import check_probes
+from rendering.contract import EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+
+def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
+    """What every worker of ``stage`` (default: the last, the video stage) is built from. Only
+    the last stage scores and previews; later stages may read what earlier ones stored."""
+    stage = stage or job_stages(cfg)[-1]
+    model, limits = stage.model, cfg.limits
+    roots = media_roots(cfg) + ((stage_media_root(cfg.output.uri),) if stage.index else ())
+    return WorkerSpec(
+        model=ModelSpec(model.path, model.revision, model.variant, model.dtype, model.pipeline,
+                        model.scheduler, tuple(sorted(model.scheduler_config.items()))),
+        encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
+        output_uri=cfg.output.uri, artifact_dir=stage.folder, receipts_dir=stage.receipts_folder,
+        probes_dir=layout.PROBES_DIR,
+        artifact_name=stage.artifact, final=stage.final,
+        previews_dir=layout.PREVIEWS_DIR, previews=tuple(cfg.encode.previews) if stage.final else (),
+        preview_max_side=cfg.encode.preview_max_side,
+        scoring=stage.scoring, gate=stage.gate,
+        batch_size=stage.batch_size,
+        torch_threads=max(1, int(stage.resources.cpus)),
+        optimize=OptimizeSpec(**stage.optimize.model_dump()),
+        media=MediaSpec(roots=roots, resize=cfg.render.media_resize,
+                        max_bytes=limits.max_media_bytes, max_pixels=limits.max_media_pixels,
+                        max_video_frames=limits.max_media_frames,
+                        decode_timeout_s=limits.media_decode_timeout_s))
+
+
+def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Balancer | None]:
+    """Start every stage's pool and load its model; return the pools, in stage order, and the
+    balancer that moves workers between them (``cluster.balance: auto`` with several stages
+    on Ray), or None. Every worker must have proved it stores where this driver reads."""
+    specs = [worker_spec(cfg, stage) for stage in stages]
+    started = time.monotonic()
+    balancer = None
+    if cfg.cluster.backend == "inline":
+        from cluster.inline import InlinePool
+
+        pools = [InlinePool(spec) for spec in specs]
+        start = lambda: [pool.start() for pool in pools]  # noqa: E731
+    else:
+        from cluster.connect import connect, default_num_workers
+        from cluster.pool import WorkerPool, start_pools
+
+        resources = connect(cfg.cluster.address)
+        default_workers, use_gpu = default_num_workers(resources, cfg.cluster.cpus_per_worker)
+        if len(stages) == 1:
+            split = [cfg.cluster.num_workers or default_workers]
+        else:
+            balancer = _balancer(cfg, stages, resources, use_gpu)
+            split = balancer.initial()
+            balancer = balancer if cfg.cluster.balance == "auto" else None
+        pools = [WorkerPool(replace(spec, torch_threads=None) if use_gpu else spec, workers,
+                            use_gpu, stage.resources.cpus, cfg.cluster.shard_timeout_s,
+                            gpus_per_worker=stage.resources.gpus)
+                 for stage, spec, workers in zip(stages, specs, split)]
+        start = lambda: start_pools(pools)  # noqa: E731
+    for stage, pool in zip(stages, pools):
+        named = f" for stage {stage.name}" if len(stages) > 1 else ""
+        logger.info("starting %s worker(s)%s and loading %s", pool.num_workers, named,
+                    stage.model.path)
+    infos = start()
+    try:
+        check_probes(cfg.output.uri, infos)
+    except BaseException:
+        for pool in pools:
+            pool.shutdown()
+        raise
+    for stage, pool, info in zip(stages, pools, infos):
+        nodes = {p["node_id"] for p in pool.placements()}
+        named = f"{stage.name}: " if len(stages) > 1 else ""
+        logger.info("%s%d worker(s) on %d node(s), device %s, pid(s) %s", named, len(info),
+                    len(nodes), info[0]["device"], " ".join(str(i["pid"]) for i in info))
+    logger.info("workers loaded their models in %.1f s", time.monotonic() - started)
+    return pools, balancer
+
+
+def _balancer(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool) -> Balancer:
+    """What the stages need of the cluster: GPUs on a GPU cluster, else CPUs."""
+    capacity = float(resources.get("GPU" if use_gpu else "CPU", 1))
+    needs = [StageNeed(s.name, s.resources.gpus if use_gpu else s.resources.cpus,
+                       s.resources.workers, s.resources.weight) for s in stages]
+    return Balancer(capacity, needs, cfg.cluster.rebalance_every_s, cfg.cluster.num_workers,
+                    unit="GPUs" if use_gpu else "CPUs")

@@ -118,9 +118,11 @@ def test_a_relative_output_from_another_folder_is_one_output_where_the_driver_ru
 
 
 def test_ray_job_stop_stops_the_driver_cleanly_and_the_same_command_resumes(ray_head, tmp_path):
-    rows, out = 40, tmp_path / "out"
+    # Long enough that the stop lands mid-run on a fast machine too: `ray job stop` itself takes
+    # seconds to start, and 40 rows of 6 steps were all done by then (17 videos/s).
+    rows, out = 60, tmp_path / "out"
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
-                      output={"shard_size": 2}, render={"num_inference_steps": 6},
+                      output={"shard_size": 2}, render={"num_inference_steps": 40},
                       cluster={"num_workers": 2})
     command = ["reelfarm", "render", write_config(tmp_path, cfg), "--quiet"]
     submit = subprocess.run([RAY, "job", "submit", "--address", ray_head["url"], "--no-wait",

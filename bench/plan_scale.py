@@ -3,7 +3,7 @@
 Times the whole ``reelfarm plan`` process and reads its peak RSS (targets: under 20 s and
 300 MB). For comparison it also times the row-by-row planner (``plan_rows``, what ``render``
 streams through) over the first file. That ``count_plan`` (what ``plan`` uses) counts exactly
-what ``plan_rows`` counts is checked by tests/test_plan_count.py.
+what ``plan_rows`` counts is checked by tests/test_jobs/input/test_plan_count.py.
 
     python -m bench.plan_scale            # 10,000,000 rows in 10 files, 3 runs
     python -m bench.plan_scale --quick    # 200,000 rows, 1 run

@@ -200,15 +200,17 @@ def _plan(args) -> int:
     from jobs.store.manifest import committed_hashes
     from jobs.store.job_file import check_resumable, read_job
     from jobs.store.location import check_output_is_folder
-    from jobs.input.plan import count_plan, known_facts, model_shapes
+    from jobs.input.plan import count_plan
+    from jobs.input.preflight import preflight
 
     started = time.monotonic()
     cfg = _load(args)
     check_output_is_folder(cfg.output.uri)
     dataset = open_dataset(cfg.input.uri, cfg.input.carry_columns)
     check_resumable(cfg, read_job(cfg.output.uri))
-    shapes = model_shapes(cfg)
-    counts = count_plan(dataset, cfg, committed_hashes(cfg.output.uri), known_facts(shapes))
+    checks = preflight(cfg)
+    shapes = checks.known
+    counts = count_plan(dataset, cfg, committed_hashes(cfg.output.uri), checks)
     print(f"input:      {cfg.input.uri} ({len(dataset.files)} file(s))")
     print(f"output:     {cfg.output.uri} (fingerprint {fingerprint(cfg)})")
     if cfg.stages is None:
@@ -217,17 +219,18 @@ def _plan(args) -> int:
         print(f"stage:      {stage.name}: {stage.model.path} " + _shape_source(shapes[stage.name]))
     print(f"rows:       {counts.rows}")
     print(f"done:       {counts.done}")
+    refused = sum(counts.refused_rows(code) for code in counts.refused)
     print(f"to do:      {counts.todo} ({counts.invalid} invalid, of which {counts.duplicates} "
-          f"duplicate ids and {counts.invalid_shape} of a shape the model cannot render; they "
-          f"are recorded as failed without rendering)")
+          f"duplicate ids and {refused} a stage's model would refuse; they are recorded as "
+          f"failed without rendering)")
     for row_id, error in counts.invalid_examples:
         print(f"invalid:    {row_id!r}: {error}")
     if counts.invalid > len(counts.invalid_examples):
         print(f"            ... and {counts.invalid - len(counts.invalid_examples)} more")
-    if counts.invalid_shape:
-        others = len(counts.shape_reasons) - 1
-        print(f"shapes:     {counts.invalid_shape} row(s) will fail as invalid_shape, e.g. "
-              f"{counts.shape_example}" + (f" (and {others} other shape(s))" if others else ""))
+    for code, reasons in sorted(counts.refused.items()):
+        others = len(reasons) - 1
+        print(f"refused:    {counts.refused_rows(code)} row(s) will fail as {code}, e.g. "
+              f"{counts.example(code)}" + (f" (and {others} other reason(s))" if others else ""))
     print(f"shards:     {math.ceil(counts.todo / cfg.output.shard_size)} of up to "
           f"{cfg.output.shard_size} rows")
     print(f"planned in {time.monotonic() - started:.1f} s")

@@ -171,6 +171,10 @@ class QualityConfig(_Section):
     on_fail: Literal["keep", "fail", "retry"] = Field(
         "keep", description="below min_score: keep it (marked), fail the row, or render it again with new seeds")
     max_tries: int = Field(3, ge=1, le=20, description="retry: renders per row at most; the best is kept")
+    on_unsafe: Literal["keep", "fail", "retry"] = Field(
+        "keep", description="a picture the pipeline's safety checker flags (and blacks out): keep "
+                            "it (flagged in safety_flagged), fail the row (unsafe_content), or "
+                            "render it again with new seeds, up to max_tries")
 
     @model_validator(mode="after")
     def _gate_needs_scores(self) -> "QualityConfig":
@@ -234,9 +238,12 @@ class ResourcesConfig(_Section):
 
 class StageRenderConfig(_Section):
     """The render settings a stage fixes for itself; the rest come from each row (its column,
-    or the job's render section). Size, frames, seed and fps are the row's in every stage, so a
-    keyframe is made at the size of the video that animates it."""
+    or the job's render section). Frames, seed and fps are the row's in every stage; an earlier
+    stage may render at a size of its own (an image model near the size it was trained at), and
+    the next stage takes its picture resized to the row's by ``render.media_resize``."""
 
+    height: int | None = Field(None, ge=8, description="an earlier stage's own height (default: the row's)")
+    width: int | None = Field(None, ge=8, description="an earlier stage's own width (default: the row's)")
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = None
     negative_prompt: str | None = None
@@ -312,7 +319,28 @@ class JobConfig(_Section):
             if reserved:
                 raise ValueError(f"stages: {reserved[0]!r} names an artifact of the final video; "
                                  f"name the stage otherwise (e.g. keyframe)")
+            self._stage_sizes_fit()
         return self
+
+    def _stage_sizes_fit(self) -> None:
+        """The video's size is the row's: only an earlier stage renders at a size of its own,
+        within the limits, and its picture must be resizable to the row's."""
+        last = self.stages[-1]
+        if last.render.height is not None or last.render.width is not None:
+            raise ValueError(f"stages.{last.name}.render: height and width of the last stage are "
+                             f"the row's (its columns, or render.height/width)")
+        for stage in self.stages[:-1]:
+            r = stage.render
+            for side in params.SIDES:
+                value = getattr(r, side)
+                problem = None if value is None else \
+                    params.value_problem(params.BY_NAME[side], value, self)
+                if problem:
+                    raise ValueError(f"stages.{stage.name}.render.{problem}")
+            if (r.height or r.width) and self.render.media_resize == "error":
+                raise ValueError(f"stages.{stage.name}.render sets its own size, and "
+                                 f"render.media_resize 'error' would fail every row at the next "
+                                 f"stage: set media_resize to crop or fit")
 
     @model_validator(mode="after")
     def _last_model_makes_videos(self) -> "JobConfig":
@@ -361,6 +389,9 @@ class JobConfig(_Section):
 OUTPUT_SECTIONS = ("model", "render", "optimize", "encode", "quality")
 # Settings within those sections that change speed, not pixels.
 _NOT_FINGERPRINTED = {"render": {"batch_size"}}
+# Settings added after format 1, left out of the fingerprint at the value that behaves as
+# reelfarm did before them, so outputs made before they existed resume.
+_FINGERPRINTED_UNLESS = {"quality.on_unsafe": "keep"}
 # Settings elsewhere that change what the output holds: the carried columns are manifest
 # columns, and shards with other columns would not read back as one table.
 _ALSO_FINGERPRINTED = (("input", "carry_columns"),)
@@ -413,8 +444,9 @@ def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
             continue
         skip = _NOT_FINGERPRINTED.get(section, set())
         for key, value in values.model_dump().items():
-            if key not in skip:
-                fields[f"{section}.{key}"] = value
+            name = f"{section}.{key}"
+            if key not in skip and _FINGERPRINTED_UNLESS.get(name, object()) != value:
+                fields[name] = value
     for i, stage in enumerate(cfg.stages or []):
         optimize = stage.optimize or cfg.optimize
         for section, values in (("model", stage.model.model_dump()),
@@ -493,11 +525,18 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set ``key`` (dotted; a stage by its name or index: ``stages.keyframe.render.height``)."""
     parts = key.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if isinstance(node, list):  # the stages
+            child = next((s for s in node if isinstance(s, dict) and s.get("name") == part),
+                         node[int(part)] if part.isdigit() and int(part) < len(node) else None)
+            if child is None:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} has no stage {part!r}")
+        else:
+            child = node.setdefault(part, {})
+        if not isinstance(child, dict) and not (isinstance(child, list) and part == "stages"):
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
         node = child
     node[parts[-1]] = value

@@ -31,6 +31,7 @@ from jobs.run.workers import start_workers
 from jobs.run.progress import Progress
 from jobs.store.receipts import Receipts
 from jobs.products.report.page import write_report
+from jobs.input.preflight import preflight
 from jobs.input.rows import RowFailure
 from jobs.run.records import record
 from jobs.run.scheduler import Scheduler, Shard
@@ -114,8 +115,8 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     # Step 3: stream the rows not yet committed, cut them into shards, and render them,
     # starting the cluster only if there is something to render.
     counts = PlanCounts()
-    shards = _while_held(lease, _shards(plan_rows(dataset, cfg, committed, counts, redo=to_redo),
-                                        cfg.output.shard_size))
+    rows = plan_rows(dataset, cfg, committed, counts, redo=to_redo, checks=preflight(cfg))
+    shards = _while_held(lease, _shards(rows, cfg.output.shard_size))
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
     packer = _packer(cfg, dataset.num_rows)
     scheduler = Scheduler(stages, lambda: start_workers(cfg, stages), cfg.output.uri, bar,

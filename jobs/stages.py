@@ -55,6 +55,11 @@ class Stage:
         previous = results[self.index - 1].artifact(self.takes) if self.takes else None
         return self.task_given(task, previous)
 
+    def size(self, task: Task) -> tuple[int, int]:
+        """(height, width) this stage renders the row's ``task`` at."""
+        params = {**task.params, **self.overrides}
+        return params["height"], params["width"]
+
     def task_given(self, task: Task, previous: Artifact | None) -> Task:
         """The row's ``task`` with this stage's settings and ``previous`` as its input."""
         if not self.overrides and previous is None:

@@ -102,23 +102,24 @@ def remove_strays(output_uri: str, strays: list[str]) -> None:
         fs.rm(strays[start:start + _LISTING_CHUNK])
 
 
-def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, float]:
+def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, dict]:
     """Committed rows a repair should render again: those that failed, and ok rows whose
-    artifacts are missing or do not match their size and sha256. Row hash: committed_at of the
-    commit to replace."""
+    artifacts are missing or do not match their size and sha256. Row hash: the commit to
+    replace (its committed_at, its artifacts, and the values that say which task it was)."""
     fs, root = storage.filesystem(output_uri)
-    redo: dict[int, float] = {}
+    redo: dict[int, dict] = {}
     packed = _packed(output_uri) if damaged else None
+    columns = list(dict.fromkeys([*_ARTIFACT_COLUMNS, *manifest.TASK_COLUMNS, "committed_at"]))
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for table in manifest.iter_shards(output_uri, columns=[*_ARTIFACT_COLUMNS, "committed_at"]):
+        for table in manifest.iter_shards(output_uri, columns=columns):
             rows = table.to_pylist()
             if failed:
-                redo.update((row_hash(r["id"], r["occurrence"]), r["committed_at"])
+                redo.update((row_hash(r["id"], r["occurrence"]), r)
                             for r in rows if r["status"] == "failed")
             if damaged:
                 ok = [r for r in rows if r["status"] == "ok"]
                 found = _artifact_problems(fs, root, ok, True, packed, pool)
-                redo.update((row_hash(r["id"], r["occurrence"]), r["committed_at"])
+                redo.update((row_hash(r["id"], r["occurrence"]), r)
                             for r, problems in zip(ok, found) if problems)
     return redo
 

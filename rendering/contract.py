@@ -83,6 +83,10 @@ class WorkerSpec:
     preview_max_side: int = 256
     scoring: ScoringSpec | None = None  # CLIP scores of every video
     gate: GateSpec | None = None  # what a video under quality.min_score does
+    # What a picture the pipeline's safety checker flags (and blacks out) does: keep (marked),
+    # fail (the row fails as unsafe_content) or retry (new seeds, up to unsafe_max_tries renders).
+    on_unsafe: str = "keep"
+    unsafe_max_tries: int = 3
     artifact_name: str = "video"  # the name the stage's artifact has among the row's artifacts
     final: bool = True  # the job's last stage: it must make videos
     # Where the worker stores a probe object at start (None: none): the driver reads it back

@@ -22,11 +22,13 @@ class GateSpec:
     max_tries: int  # renders per row at most, the first included
 
 
-def retry_seed(seed: int, try_number: int) -> int:
-    """The seed of a row's try ``try_number`` (1 is the row's own render)."""
+def retry_seed(seed: int, try_number: int, reason: str = "try") -> int:
+    """The seed of a row's try ``try_number`` (1 is the row's own render). Another ``reason``
+    ("unsafe": a picture the safety checker flagged) draws other seeds, so a gate's try never
+    repeats a picture that a safety retry already made."""
     if try_number == 1:
         return seed
-    digest = hashlib.sha256(f"{seed}\x00try\x00{try_number}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}\x00{reason}\x00{try_number}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % SEED_LIMIT
 
 

@@ -108,7 +108,7 @@ class ShardRenderer:
                 if self._adapter.takes_prompt else [None] * len(tasks)
         pending: list[tuple[Task, Future | Result]] = []
         for batch in self._batches(tasks):
-            outcomes = self._render(batch)
+            outcomes = self._checked(batch)
             if self._scorer is not None:
                 outcomes = [self._judge(task, outcome) for task, outcome in
                             zip(batch, self._scored(batch, outcomes))]
@@ -142,7 +142,7 @@ class ShardRenderer:
         task. Retrying alone isolates a poison row: it fails by itself and its batch mates
         render. A shape the model cannot make, a missing or unreadable input fail their rows
         before any GPU time is spent."""
-        from rendering.pipelines.load import render_batch
+        from rendering.pipelines.load import render_flagged
 
         params = batch[0].params
         problem = self._adapter.shape_problem(self._pipe, params["num_frames"], params["height"],
@@ -162,7 +162,8 @@ class ShardRenderer:
             try:
                 with self._render_lock:
                     started = time.monotonic()  # not the wait for the other shard's batch
-                    frames = render_batch(self._pipe, self._adapter, tasks, [m for _, m, _ in loaded])
+                    frames, flags = render_flagged(self._pipe, self._adapter, tasks,
+                                                   [m for _, m, _ in loaded])
                     render_s = time.monotonic() - started
             except Exception as exc:  # noqa: BLE001 - every failure becomes a row result
                 if len(tasks) > 1:
@@ -174,8 +175,40 @@ class ShardRenderer:
                     outcomes[tasks[0].id] = _render_failure(tasks[0], exc)
             else:
                 for i, (task, _, metrics) in enumerate(loaded):
-                    outcomes[task.id] = (frames[i], render_s / len(tasks), metrics)
+                    outcomes[task.id] = (frames[i], render_s / len(tasks),
+                                         {**metrics, "safety_flagged": flags[i]})
         return [outcomes[t.id] for t in batch]
+
+    def _checked(self, batch: list[Task]) -> list:
+        """``_render``, with quality.on_unsafe applied to each row: what is scored and stored
+        has passed the pipeline's safety checker, or is kept flagged."""
+        return [self._safe(task, outcome) for task, outcome in zip(batch, self._render(batch))]
+
+    def _safe(self, task: Task, outcome):
+        """Deal with a picture the safety checker flagged (and blacked out): keep it, marked
+        and logged; fail the row as unsafe_content; or render it again alone with new seeds,
+        up to unsafe_max_tries renders, and fail it if every one is flagged. A failed row goes
+        no further, so a black keyframe never reaches the next stage unrecorded."""
+        on_unsafe, renders = self.spec.on_unsafe, [outcome]
+        while on_unsafe == "retry" and _flagged(renders[-1]) \
+                and len(renders) < self.spec.unsafe_max_tries:
+            seed = quality.retry_seed(task.seed, len(renders) + 1, "unsafe")
+            renders.append(self._render([dataclasses.replace(task, seed=seed)])[0])
+        if isinstance(renders[-1], Result) or renders[-1][2]["safety_flagged"] is None:
+            return renders[-1]
+        frames, _, metrics = renders[-1]
+        if on_unsafe == "retry":
+            metrics = {**metrics, "safety_retries": len(renders) - 1}
+        render_s = sum(r[1] for r in renders)  # those before the last were all flagged renders
+        if not metrics["safety_flagged"] or on_unsafe == "keep":
+            if metrics["safety_flagged"]:
+                logger.warning("%s: the safety checker flagged its picture (blacked out); kept, "
+                               "as quality.on_unsafe is keep", task.id)
+            return frames, render_s, metrics
+        tries = f"all {len(renders)} renders" if on_unsafe == "retry" else "the picture"
+        return Result.failure(task.id, "unsafe_content", f"the pipeline's safety checker "
+                              f"flagged {tries} (quality.on_unsafe: {on_unsafe})",
+                              retryable=False, metrics=metrics)
 
     def _scored(self, batch: list[Task], outcomes: list) -> list:
         """Each rendered row's CLIP scores (of the pixels that will be encoded) in its metrics."""
@@ -206,7 +239,7 @@ class ShardRenderer:
                 and not quality.passes(tries[best()][2]["clip_score"], gate):
             seeds.append(quality.retry_seed(task.seed, len(tries) + 1))
             retry = dataclasses.replace(task, seed=seeds[-1])
-            tries.append(self._scored([retry], self._render([retry]))[0])
+            tries.append(self._scored([retry], self._checked([retry]))[0])
         kept = best()
         frames, _, metrics = tries[kept]
         passed = quality.passes(metrics["clip_score"], gate)
@@ -301,6 +334,10 @@ class ShardRenderer:
             storage.write_bytes(self._fs, path, receipt_json(task, result))
         except Exception as exc:  # noqa: BLE001
             logger.warning("could not write the receipt of %s: %s", task.key, exc)
+
+
+def _flagged(outcome) -> bool:
+    return not isinstance(outcome, Result) and bool(outcome[2]["safety_flagged"])
 
 
 def _scores(tries: list) -> list[float | None]:

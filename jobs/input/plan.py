@@ -15,13 +15,11 @@ import pyarrow.compute as pc
 
 from jobs.config import JobConfig
 from jobs.input.dataset import InputDataset, iter_batches, warn_ignored
+from jobs.input.preflight import Preflight, Refusal
 from jobs.store.hashset import HashSet, key_hashes, row_hash
 from jobs import params
 from jobs.input.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
-from jobs.stages import job_stages
 from rendering.contract import MEDIA_ROLES, Task
-from rendering.pipelines import KnownShapes, known_shapes
-from rendering.pipelines.shapes import ShapeFacts
 
 INVALID_EXAMPLES = 5  # invalid rows ``reelfarm plan`` shows with their errors, first in input order
 
@@ -37,11 +35,16 @@ class PlannedRow:
     attempts: int = 0  # render attempts spent on it in this run, in its current stage
     results: list = field(default_factory=list)  # a Result per stage it went through
     stages: list = field(default_factory=list)  # per stage: name, status, attempts, seconds
-    redo_of: float | None = None  # a repair: the committed_at of the commit it replaces
+    replaces: dict | None = None  # a repair: the committed row it replaces (as rows_to_redo reads it)
 
     @property
     def hash(self) -> int:
         return row_hash(self.id, self.occurrence)
+
+    @property
+    def redo_of(self) -> float | None:
+        """A repair: the committed_at of the commit it replaces."""
+        return self.replaces["committed_at"] if self.replaces else None
 
 
 @dataclass
@@ -51,28 +54,40 @@ class PlanCounts:
     todo: int = 0
     invalid: int = 0
     duplicates: int = 0
-    # Of ``invalid``: rows of a shape the model cannot render exactly (they fail as
-    # invalid_shape); counted by ``count_plan`` given the model's shape facts.
-    invalid_shape: int = 0
-    shape_reasons: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    # Of ``invalid``: rows a stage's worker would refuse (``preflight``): error code ->
+    # {message: rows}, e.g. invalid_shape of a shape the model cannot render exactly.
+    refused: dict[str, dict[str, int]] = field(default_factory=dict)
     invalid_examples: list[tuple[str, str]] = field(default_factory=list)  # (id, error), first few
+
+    def refuse(self, refusal: Refusal, rows: int = 1) -> None:
+        reasons = self.refused.setdefault(refusal.code, {})
+        reasons[refusal.message] = reasons.get(refusal.message, 0) + rows
+        self.invalid += rows
+
+    def refused_rows(self, code: str) -> int:
+        return sum(self.refused.get(code, {}).values())
+
+    def example(self, code: str) -> str | None:
+        """The message most of the rows refused with ``code`` fail with."""
+        reasons = self.refused.get(code)
+        return max(reasons, key=reasons.get) if reasons else None
+
+    @property
+    def invalid_shape(self) -> int:
+        return self.refused_rows("invalid_shape")
 
     def add_examples(self, examples) -> None:
         """Keep the first ``INVALID_EXAMPLES`` of the (id, error) pairs given, in input order."""
         room = INVALID_EXAMPLES - len(self.invalid_examples)
         self.invalid_examples += [(_shortened(i), e) for i, e in list(examples)[:room]]
 
-    @property
-    def shape_example(self) -> str | None:
-        """The reason most of the invalid_shape rows fail with."""
-        return max(self.shape_reasons, key=self.shape_reasons.get) if self.shape_reasons else None
-
 
 def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts: PlanCounts,
-              resolve_rows: bool = True,
-              redo: dict[int, float] | None = None) -> Iterator[PlannedRow]:
+              resolve_rows: bool = True, redo: dict[int, dict] | None = None,
+              checks: Preflight | None = None) -> Iterator[PlannedRow]:
     """Yield every input row not yet committed, in input order; ``counts`` is kept up to date.
-    ``redo``: committed rows to render again (row hash: committed_at of the commit replaced)."""
+    ``redo``: committed rows to render again (row hash: the committed row replaced).
+    ``checks``: a row a stage's worker would refuse fails here, before any stage renders it."""
     warn_ignored(dataset)
     seen = HashSet()
     repeats: dict[int, int] = {}  # ids seen more than once: first-occurrence hash -> repeats
@@ -94,11 +109,17 @@ def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts:
                 continue
             planned = PlannedRow(index - 1, row_id, occurrence, _text(row.get("prompt")),
                                  {c: row.get(c) for c in cfg.input.carry_columns},
-                                 redo_of=redo.get(h) if redo else None)
+                                 replaces=redo.get(h) if redo else None)
             if resolve_rows:
                 planned.outcome = _outcome(row, planned, id_error, cfg)
-                if isinstance(planned.outcome, RowFailure):
+                refusal = checks and isinstance(planned.outcome, Task) and \
+                    checks.refusal(planned.outcome)
+                if refusal:
+                    counts.refuse(refusal)
+                    planned.outcome = _refused(planned.outcome, refusal)
+                elif isinstance(planned.outcome, RowFailure):
                     counts.invalid += 1
+                if isinstance(planned.outcome, RowFailure):
                     counts.add_examples([(planned.id, planned.outcome.error)])
             counts.duplicates += occurrence > 0
             counts.todo += 1
@@ -134,6 +155,11 @@ def _outcome(row: dict, planned: PlannedRow, id_error: str | None,
     return resolve(row, planned.id, cfg)
 
 
+def _refused(task: Task, refusal: Refusal) -> RowFailure:
+    return RowFailure(task.id, refusal.code, refusal.error, {**task.params, "seed": task.seed},
+                      refusal.stage)
+
+
 def _row_id(row: dict, has_id: bool) -> tuple[str, str | None]:
     """The row's id and, when its id column is unusable, why (the content id stands in)."""
     if not has_id:
@@ -157,38 +183,14 @@ def _text(value) -> str | None:
     return value
 
 
-def model_shapes(cfg: JobConfig) -> dict[str, KnownShapes]:
-    """The shape facts of each stage's model (a single-stage job's one), from its config files
-    alone (no torch, no weights, no network): a tiny kind, a diffusers folder (local or fsspec),
-    or a hub id already in this machine's hub cache; otherwise unknown, saying why."""
-    return {stage.name: known_shapes(stage.model.path, stage.model.pipeline, stage.model.revision)
-            for stage in job_stages(cfg)}
-
-
-@dataclass(frozen=True)
-class StagesShapes:
-    """The known shape facts of every stage: a row fails in the first that cannot render it."""
-
-    stages: tuple[ShapeFacts, ...]
-
-    def problem(self, num_frames: int, height: int, width: int) -> str | None:
-        return next(filter(None, (facts.problem(num_frames, height, width)
-                                  for facts in self.stages)), None)
-
-
-def known_facts(shapes: dict[str, KnownShapes]) -> StagesShapes | None:
-    """What ``count_plan`` checks rows against: the stages whose shape rules are known."""
-    known = tuple(s.facts for s in shapes.values() if s.facts is not None)
-    return StagesShapes(known) if known else None
-
-
 def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
-               shapes: ShapeFacts | StagesShapes | None = None) -> PlanCounts:
+               checks: Preflight | None = None) -> PlanCounts:
     """The counts ``plan_rows`` would reach, in a fraction of its time: for ``reelfarm plan``.
 
-    Given the model's ``shapes``, a row that resolves to a task of a shape the model cannot
-    render exactly counts as invalid too (``invalid_shape``), as the worker will fail it before
-    rendering. Rows with no per-row override all have the config's shape: it is checked once.
+    Given the stages' ``checks``, a row that resolves to a task a stage's worker would refuse
+    (a shape its model cannot render exactly, a missing input) counts as invalid too, as
+    ``render`` fails it before rendering. Rows with no per-row override or medium all make the
+    config's default task: it is checked once.
 
     Building a row object and resolving it costs ~10 us a row, minutes at 10 million rows. Here
     the common rows are handled a batch at a time (ids and prompts checked by Arrow, hashes
@@ -201,22 +203,9 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
     seen = HashSet()
     repeats: dict[int, int] = {}
     has_id = "id" in dataset.columns
-    defaults_ok = isinstance(resolve({"prompt": "x"}, "x", cfg), Task)
-    shape_problems: dict[tuple[int, int, int], str | None] = {}
-
-    def shape_problem(num_frames: int, height: int, width: int) -> str | None:
-        key = (num_frames, height, width)
-        if key not in shape_problems:
-            shape_problems[key] = shapes.problem(*key) if shapes else None
-        return shape_problems[key]
-
-    def shape_failures(rows: int, problem: str | None) -> None:
-        if problem and rows:
-            counts.invalid += rows
-            counts.invalid_shape += rows
-            counts.shape_reasons[problem] = counts.shape_reasons.get(problem, 0) + rows
-
-    default_problem = shape_problem(cfg.render.num_frames, cfg.render.height, cfg.render.width)
+    default = resolve({"prompt": "x"}, "x", cfg)
+    defaults_ok = isinstance(default, Task)
+    default_refusal = checks.refusal(default) if checks and defaults_ok else None
     for batch in iter_batches(dataset, cfg.input.batch_rows):
         n = batch.num_rows
         if n == 0:
@@ -264,10 +253,10 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
             row_id, error = slow_ids.get(i) or (keys[i].decode("utf-8"), None)
             outcome = _outcome({}, PlannedRow(i, row_id, occurrences[i], None, {}), error, cfg)
             examples.append((i, row_id, outcome.error))
-        # Vouched rows render at the config's shape.
-        if default_problem:
-            shape_failures(int((plain & vouched).sum()), default_problem)
-            examples += [(i, keys[i].decode("utf-8"), f"invalid_shape: {default_problem}")
+        # Vouched rows make the default task.
+        if default_refusal and (vouched_rows := int((plain & vouched).sum())):
+            counts.refuse(default_refusal, vouched_rows)
+            examples += [(i, keys[i].decode("utf-8"), default_refusal.error)
                          for i in np.flatnonzero(plain & vouched)[:wanted].tolist()]
         resolved_examples = []  # rows come in input order here: the first few are enough
         for i in np.flatnonzero(todo & ~repeated & ~(plain & vouched)).tolist():
@@ -275,14 +264,15 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
             row_id, error = slow_ids.get(i) or (keys[i].decode("utf-8"), None)
             planned = PlannedRow(i, row_id, 0, None, {})
             outcome = _outcome(row, planned, error, cfg)
-            if isinstance(outcome, RowFailure):
+            refusal = checks and isinstance(outcome, Task) and checks.refusal(outcome)
+            if refusal:
+                counts.refuse(refusal)
+                failure = refusal.error
+            elif isinstance(outcome, RowFailure):
                 counts.invalid += 1
                 failure = outcome.error
             else:
-                p = outcome.params
-                problem = shape_problem(p["num_frames"], p["height"], p["width"])
-                shape_failures(1, problem)
-                failure = problem and f"invalid_shape: {problem}"
+                failure = None
             if failure and len(resolved_examples) < wanted:
                 resolved_examples.append((i, row_id, failure))
         counts.add_examples((row_id, error) for _, row_id, error

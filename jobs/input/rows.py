@@ -32,6 +32,7 @@ class RowFailure:
     error_code: str
     error: str
     params: dict  # whatever of the row's parameters could be read, for the manifest
+    stage: str | None = None  # the stage that would refuse it (None: the row itself is invalid)
 
 
 def content_id(row: dict) -> str:

@@ -25,7 +25,7 @@ from cluster.protocol import Pool
 from jobs.run.balancer import Balancer
 from jobs.store import manifest
 from jobs.input.plan import PlannedRow
-from jobs.run.records import record
+from jobs.run.records import kept_artifacts, record
 from jobs.run.progress import Progress
 from jobs.stages import Stage
 from jobs.store.receipts import Receipts
@@ -153,12 +153,15 @@ class Scheduler:
             self.stages[index].waiting.append(Shard(rows, records if position == 0 else []))
 
     def _recover(self, row: PlannedRow) -> int:
-        """How many stages of ``row`` an interrupted run already stored (their results are
-        added to the row)."""
+        """How many stages of ``row`` an interrupted run already stored, or the commit a repair
+        replaces kept (a keyframe whose video failed): their results are added to the row."""
+        kept = kept_artifacts(row.replaces, row.outcome)
         for index, stage in enumerate(self.stages):
-            if not stage.receipts:
+            earlier = kept if not stage.spec.final else []  # the final artifact is redone
+            if not stage.receipts and not earlier:
                 return index
-            result = stage.receipts.recover(stage.spec.task(row.outcome, row.results))
+            task = stage.spec.task(row.outcome, row.results)
+            result = stage.receipts.recover(task) or stage.receipts.recover_kept(task, earlier)
             if result is None:
                 return index
             row.attempts += 1
@@ -249,8 +252,10 @@ class Scheduler:
         """Close the row's account with ``stage``: its log entry, its result, a fresh count of
         attempts for the next stage."""
         seconds = sum(result.timings_s.values())
+        height, width = stage.spec.size(row.outcome)
         row.stages.append({"name": stage.spec.name, "status": "ok" if result.ok else "failed",
-                           "attempts": row.attempts, "seconds": seconds})
+                           "attempts": row.attempts, "seconds": seconds, "height": height,
+                           "width": width})
         row.results.append(result)
         row.attempts = 0
         if recovered:

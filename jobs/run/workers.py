@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
     """What every worker of ``stage`` (default: the last, the video stage) is built from. Only
-    the last stage scores and previews; later stages may read what earlier ones stored."""
+    the last stage scores and previews; every stage deals with what its pipeline's safety
+    checker flags (a keyframe's too); later stages may read what earlier ones stored."""
     stage = stage or job_stages(cfg)[-1]
     model, limits = stage.model, cfg.limits
     roots = media_roots(cfg) + ((stage_media_root(cfg.output.uri),) if stage.index else ())
@@ -36,6 +37,7 @@ def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
         previews_dir=layout.PREVIEWS_DIR, previews=tuple(cfg.encode.previews) if stage.final else (),
         preview_max_side=cfg.encode.preview_max_side,
         scoring=stage.scoring, gate=stage.gate,
+        on_unsafe=cfg.quality.on_unsafe, unsafe_max_tries=cfg.quality.max_tries,
         batch_size=stage.batch_size,
         torch_threads=max(1, int(stage.resources.cpus)),
         optimize=OptimizeSpec(**stage.optimize.model_dump()),

@@ -31,15 +31,21 @@ from jobs.store.parquet_files import parquet_bytes, read_parquet
 from rendering import storage
 from rendering.contract import MEDIA_ROLES
 
+# ``kind`` (video, image, preview: what a next stage takes it as) is null in shards written
+# before artifacts recorded it.
 ARTIFACT = pa.struct([("name", pa.string()), ("path", pa.string()), ("bytes", pa.int64()),
-                      ("sha256", pa.string())])
+                      ("sha256", pa.string()), ("kind", pa.string())])
 # What each stage did with a row, in order (a single-stage job has one: "video").
+# ``height`` and ``width``: the size the stage rendered at (an earlier stage may have its own);
+# null in shards written before stages recorded it.
 STAGE = pa.struct([("name", pa.string()), ("status", pa.string()), ("attempts", pa.int32()),
-                   ("seconds", pa.float64())])
+                   ("seconds", pa.float64()), ("height", pa.int32()), ("width", pa.int32())])
 # Each conditioning input's identity: where it was read from, and the hash of what was read.
 # Prefixed, so an input video never collides with the output's own video columns.
 INPUT_COLUMNS = [(f"input_{role}_{what}", pa.string()) for role in MEDIA_ROLES
                  for what in ("uri", "sha256")]
+# What a row's task is made of: a committed row's values that say which task it answered.
+TASK_COLUMNS = ["id", "prompt", *params.NAMES, *(name for name, _ in INPUT_COLUMNS)]
 # What a worker measured of a row (Result.metrics), one column each; null when not measured.
 METRIC_COLUMNS = [
     ("prompt_truncated", pa.bool_()),  # the text encoder read only the prompt's first tokens
@@ -52,6 +58,10 @@ METRIC_COLUMNS = [
     ("quality_passed", pa.bool_()),  # clip_score reached quality.min_score
     ("quality_tries", pa.list_(pa.struct([("seed", pa.int64()), ("clip_score", pa.float64())]))),
     ("quality_kept_try", pa.int32()),  # the index in quality_tries of the video kept
+    # The pipeline's safety checker flagged (and blacked out) a picture the row kept, in any
+    # stage; null: no stage of the row has a checker.
+    ("safety_flagged", pa.bool_()),
+    ("safety_retries", pa.int32()),  # renders made again, with new seeds, for a flagged picture
 ]
 SCHEMA = pa.schema([
     ("id", pa.string()),

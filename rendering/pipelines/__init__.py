@@ -43,16 +43,17 @@ def final_stage_problem(adapter: type[Adapter]) -> str | None:
 
 
 def adapter_for(pipe) -> type[Adapter]:
-    return adapter_named(type(pipe).__name__)
+    return adapter_named(type(pipe).__name__).for_pipe(pipe)
 
 
 @dataclass(frozen=True)
 class KnownShapes:
     """A model's shape facts and where they were read; ``facts`` is None when unknown, and
-    ``source`` then says why."""
+    ``source`` then says why. ``adapter``: its pipeline's, when the class is known."""
 
     facts: ShapeFacts | None
     source: str
+    adapter: type[Adapter] | None = None
 
 
 def known_shapes(path: str, pipeline: str | None = None,
@@ -78,7 +79,7 @@ def known_shapes(path: str, pipeline: str | None = None,
             configs = hub_cache_configs(path, revision)
             source = "its config files in the hub cache"
     except (ConfigsUnknown, ValueError) as exc:
-        return KnownShapes(None, str(exc))
+        return KnownShapes(None, str(exc), ADAPTERS.get(pipeline) if pipeline else None)
     name = pipeline or configs.pipeline
     adapter = ADAPTERS.get(name)
     if adapter is None:
@@ -87,5 +88,5 @@ def known_shapes(path: str, pipeline: str | None = None,
         facts = adapter.facts_from_configs(configs.components)
     except (KeyError, TypeError, ValueError) as exc:
         return KnownShapes(None, f"{name}'s component configs do not say ({type(exc).__name__}: "
-                                 f"{exc})")
-    return KnownShapes(facts, f"{name}, from {source}")
+                                 f"{exc})", adapter)
+    return KnownShapes(facts, f"{name}, from {source}", adapter)

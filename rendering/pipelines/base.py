@@ -41,6 +41,20 @@ class Adapter:
     # It draws some noise from torch's global RNG: the worker seeds it per call, and batches of
     # one keep each video independent of its batch mates.
     global_rng: ClassVar[bool] = False
+    # The output field that says, per picture, whether the pipeline's safety checker flagged
+    # it (and blacked it out): SD 1.x's ``nsfw_content_detected``. None: no checker to read.
+    safety_flag: ClassVar[str | None] = None
+
+    @classmethod
+    def for_pipe(cls, pipe) -> type[Adapter]:
+        """This adapter as the loaded model's own configs declare it: a family whose
+        checkpoints differ in how they may batch (LTX's VAE versions) returns a variant."""
+        return cls
+
+    @classmethod
+    def prepare(cls, pipe) -> None:
+        """Ready a freshly loaded pipeline for this adapter's calls (I2VGen-XL's text encoder
+        under transformers 5); most need nothing."""
 
     @classmethod
     def batch_limit(cls, configured: int) -> int:
@@ -54,7 +68,8 @@ class Adapter:
         """(error code, message) when a row lacks what this pipeline needs; checked unread."""
         missing = [role for role in cls.requires if role not in task.inputs]
         if missing:
-            return ("missing_input", f"{cls.pipeline} needs an {' and '.join(missing)} per row "
+            needed = " and ".join(("an " if role[0] in "aeiou" else "a ") + role for role in missing)
+            return ("missing_input", f"{cls.pipeline} needs {needed} per row "
                     f"(input column {', '.join(repr(m) for m in missing)})")
         strength, steps = task.params.get("strength"), task.params["num_inference_steps"]
         if cls.takes_strength and strength is not None and int(steps * strength) < 1:

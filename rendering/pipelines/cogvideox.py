@@ -100,7 +100,11 @@ def _components(transformer: dict) -> dict:
 
     transformer = CogVideoXTransformer3DModel(**transformer)
     vae = AutoencoderKLCogVideoX(**_VAE)
-    scheduler = CogVideoXDDIMScheduler(clip_sample=False, prediction_type="v_prediction",
+    # As the published scheduler_config.json sets them: every key explicit (a swap keeps them).
+    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, num_train_timesteps=1000,
+                                       set_alpha_to_one=True, steps_offset=0,
+                                       clip_sample=False, prediction_type="v_prediction",
                                        rescale_betas_zero_snr=True, snr_shift_scale=1.0,
                                        timestep_spacing="trailing")
     return dict(tokenizer=tiny_components.t5_tokenizer(model_max_length=226),

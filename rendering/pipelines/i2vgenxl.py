@@ -1,17 +1,18 @@
 """I2VGenXL (UNet3D, image-to-video guided by a prompt).
 
 It samples the image's VAE latent from torch's global RNG, not from the call's generator, so
-the worker seeds that RNG per call and it renders one row per call. Its default
-``clip_skip=1`` reads ``text_encoder.text_model``, which transformers' flattened CLIPTextModel
-(5.6 and later) no longer has, so it is called with ``clip_skip=None``: the prompt is read
-from the text encoder's last layer rather than the one before it, under any transformers.
-``target_fps`` is a micro-condition left at its default: a row's fps only sets the encoder's
-rate.
+the worker seeds that RNG per call and it renders one row per call. Its prompt is read from the
+text encoder's penultimate layer (diffusers' default ``clip_skip=1``, as I2VGen-XL's own code
+encodes it): diffusers reaches that layer's final norm through ``text_encoder.text_model``, which
+transformers' flattened CLIPTextModel (5.x) no longer has, so ``prepare`` points it at the
+encoder's own ``final_layer_norm``. ``target_fps`` is a micro-condition left at its default: a
+row's fps only sets the encoder's rate.
 """
 
 from __future__ import annotations
 
-from rendering.contract import Task
+from types import SimpleNamespace
+
 from rendering.pipelines import tiny_components
 from rendering.pipelines.base import Adapter
 
@@ -23,8 +24,10 @@ class I2VGenXL(Adapter):
     global_rng = True
 
     @classmethod
-    def call_kwargs(cls, tasks: list[Task], media: list[dict], generators: list) -> dict:
-        return dict(super().call_kwargs(tasks, media, generators), clip_skip=None)
+    def prepare(cls, pipe) -> None:
+        encoder = pipe.text_encoder
+        if not hasattr(encoder, "text_model"):  # transformers 5 moved its parts up a level
+            encoder.text_model = SimpleNamespace(final_layer_norm=encoder.final_layer_norm)
 
 
 ADAPTERS = (I2VGenXL,)
@@ -38,7 +41,7 @@ _UNET = dict(
     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
     attention_head_dim=4, num_attention_heads=None, norm_num_groups=2)
 # What of tiny_components.sd_vae's config the shape rule reads: four blocks, 8x downscale
-# (tests/test_plan_shapes.py checks it against the built VAE).
+# (tests/test_jobs/input/test_plan_shapes.py checks it against the built VAE).
 _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
 
 

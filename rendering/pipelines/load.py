@@ -57,7 +57,7 @@ def load_pipeline(spec: ModelSpec, device: str, optimize: OptimizeSpec = Optimiz
         # A URL or hub id is fetched once per node into the node-local cache, then loaded.
         pipe = from_pretrained(cls, model_cache.resolve(spec), dtype, revision=spec.revision,
                                variant=spec.variant)
-    adapter_for(pipe)  # refuse a pipeline no adapter drives before anything else
+    adapter_for(pipe).prepare(pipe)  # refuse a pipeline no adapter drives, before anything else
     if spec.scheduler:
         apply_scheduler(pipe, spec.scheduler, dict(spec.scheduler_config))
     apply_optimizations(pipe, optimize, device)
@@ -152,8 +152,15 @@ def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
 
 
 def render_batch(pipe, adapter: type[Adapter], tasks: list[Task], media: list[dict]) -> np.ndarray:
+    """The frames of ``render_flagged``, for callers that need no safety flags."""
+    return render_flagged(pipe, adapter, tasks, media)[0]
+
+
+def render_flagged(pipe, adapter: type[Adapter], tasks: list[Task],
+                   media: list[dict]) -> tuple[np.ndarray, list[bool | None]]:
     """Render tasks that share a batch key in one call; returns float frames (B, F, H, W, 3),
-    F = 1 for an image pipeline.
+    F = 1 for an image pipeline, and per row whether the pipeline's safety checker flagged its
+    picture (and blacked it out), None where there is no checker.
 
     Each video gets its own CPU generator seeded from its row, so a row's video does not
     depend on which GPU, or which worker, rendered it. A pipeline that draws from the global
@@ -178,5 +185,12 @@ def render_batch(pipe, adapter: type[Adapter], tasks: list[Task], media: list[di
     expected = (len(tasks), num_frames, params["height"], params["width"], 3)
     if frames.shape != expected:
         raise ValueError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
-    return frames
+    return frames, _safety_flags(output, adapter, len(tasks))
+
+
+def _safety_flags(output, adapter: type[Adapter], rows: int) -> list[bool | None]:
+    """The flag the adapter declares, per row; None for each where the pipeline has no checker
+    (SD's output then carries None, as its checker is optional)."""
+    flags = getattr(output, adapter.safety_flag, None) if adapter.safety_flag else None
+    return [None] * rows if flags is None else [bool(f) for f in flags]
 

@@ -43,7 +43,7 @@ _UNET = dict(
     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
     attention_head_dim=4, norm_num_groups=2)
 # What of tiny_components.sd_vae's config the shape rule reads: four blocks, 8x downscale
-# (tests/test_plan_shapes.py checks it against the built VAE).
+# (tests/test_jobs/input/test_plan_shapes.py checks it against the built VAE).
 _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
 
 

@@ -3,7 +3,9 @@
 diffusers ignores config keys a scheduler does not know, and a scheduler built from a
 flow-matching model's config quietly falls back to epsilon prediction (or the reverse): the
 job would then render a wrong video for every row. Each such case is refused here with one line
-that says what to set instead; it becomes the job's start error.
+that says what to set instead; it becomes the job's start error. A swap that goes ahead keeps
+every setting of the model's scheduler the new class has, and one log line names those kept and
+those dropped (CogVideoX's ``snr_shift_scale`` has no counterpart in most classes).
 """
 
 from __future__ import annotations
@@ -12,8 +14,14 @@ import ast
 import difflib
 import functools
 import importlib.util
+import logging
+
+logger = logging.getLogger(__name__)
 
 NOISE_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+# FlowMatch* schedulers call the sigma shift ``shift``, flow-sigma solvers ``flow_shift`` (same
+# formula): the model's value crosses the rename instead of the new class's default of 1.
+_RENAMED = {"shift": "flow_shift", "flow_shift": "shift"}
 
 
 def scheduler_names() -> list[str]:
@@ -94,9 +102,9 @@ def apply_scheduler(pipe, name: str, overrides: dict) -> None:
         raise ValueError(f"model.scheduler: {name} needs {' and '.join(missing)}, which is not "
                          f"installed on the worker (pip install {' '.join(missing)})")
     old = pipe.scheduler
-    overrides = {**_carried_shift(old, cls, overrides), **overrides}
+    carried, kept, dropped = _carried(old, cls, overrides)
     try:
-        new = cls.from_config(old.config, **overrides)
+        new = cls.from_config(carried, **overrides)
     except Exception as e:  # noqa: BLE001 - any refusal of the values becomes one clear line
         raise ValueError(f"model.scheduler: {name} cannot be built from the model's scheduler "
                          f"config and model.scheduler_config: "
@@ -105,7 +113,41 @@ def apply_scheduler(pipe, name: str, overrides: dict) -> None:
                         overrides, _shift(old))
     if problem:
         raise ValueError(problem)
+    _log_carried(name, kept, dropped)
     pipe.scheduler = new
+
+
+def _carried(old, cls, overrides: dict) -> tuple[dict, list[str], list[str]]:
+    """The model's scheduler settings that ``cls`` takes, by ``cls``'s name for them; how the
+    log names those kept; and those ``cls`` has no setting for.
+
+    The model's settings are those its scheduler config sets. Keys its file leaves out (diffusers
+    lists them in ``_use_default_values``) take the new class's defaults, as diffusers' own
+    recipes swap schedulers (ModelScope's config sets no ``timestep_spacing``: DPMSolver keeps
+    its own). Keys the old config holds but its class does not read (another class's stale
+    copies), private keys, and what ``overrides`` sets are not the model's settings.
+    """
+    defaulted = set(old.config.get("_use_default_values", ()))
+    old_keys, new_keys = _settings(type(old)) - defaulted, _settings(cls)
+    carried, kept, dropped = {}, [], []
+    for key in sorted(old_keys):
+        name = key if key in new_keys else _RENAMED.get(key)
+        if name not in new_keys or name in old_keys and name != key:
+            dropped.append(key)
+        elif name not in overrides:
+            carried[name] = old.config[key]
+            kept.append(key if name == key else f"{key} (as {name})")
+    return carried, kept, dropped
+
+
+def _log_carried(name: str, kept: list[str], dropped: list[str]) -> None:
+    """One line naming what of the model's scheduler config the swap kept and dropped."""
+    line = f"model.scheduler {name}: " + (f"kept the model's {', '.join(kept)}" if kept
+                                         else "kept none of the model's settings")
+    if dropped:
+        line += (f"; dropped {', '.join(dropped)} ({name} has no such "
+                 f"setting{'s' if len(dropped) > 1 else ''})")
+    logger.log(logging.WARNING if dropped else logging.INFO, line)
 
 
 def _mismatch(model: str, has: str | None, cls, config, overrides: dict,
@@ -163,18 +205,6 @@ def _expects(cls, config) -> str | None:
 def _describe(config) -> str:
     return (f"{config.get('prediction_type')} with use_flow_sigmas="
             f"{str(bool(config.get('use_flow_sigmas'))).lower()}")
-
-
-def _carried_shift(old, cls, overrides: dict) -> dict:
-    """FlowMatch* schedulers call the sigma shift ``shift``, flow-sigma solvers ``flow_shift``
-    (same formula): carry the model's value across the rename instead of a default of 1. The
-    old config may hold a stale copy under the other name (diffusers keeps unknown keys), so
-    only the key the old scheduler itself reads counts."""
-    old_keys, new_keys = _settings(type(old)), _settings(cls)
-    for src, dst in (("shift", "flow_shift"), ("flow_shift", "shift")):
-        if src in old_keys and dst not in old_keys and dst in new_keys and dst not in overrides:
-            return {dst: old.config[src]}
-    return {}
 
 
 def _shift(scheduler) -> float:

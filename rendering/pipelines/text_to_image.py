@@ -7,7 +7,9 @@ multiple exactly. Flux packs 2x2 latents into one token, so its sides must divid
 VAE's 8x; it only warns about other sides, then renders a smaller picture (or crashes on a
 side under 16). Flux's guidance_scale is the distilled guidance its transformer is
 conditioned on (ignored by models without it, such as schnell); its negative prompt works only
-with a second, "true" guidance scale a row has no column for, so it takes none.
+with a second, "true" guidance scale a row has no column for, so it takes none. SD 1.x/2.x
+models published with a safety checker black out each picture it flags and say which
+(``nsfw_content_detected``); SDXL and Flux have no checker.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _StableDiffusion(_TextToImage):
 
 class StableDiffusion(_StableDiffusion):
     pipeline = "StableDiffusionPipeline"
+    safety_flag = "nsfw_content_detected"  # None in its output when it loads without a checker
 
 
 class StableDiffusionXL(_StableDiffusion):
@@ -64,8 +67,12 @@ _XL_UNET = dict(
     _UNET, cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
 # What of tiny_components.sd_vae's config the shape rule reads: four blocks, 8x downscale
-# (tests/test_plan_shapes.py checks it against the built VAE).
+# (tests/test_jobs/input/test_plan_shapes.py checks it against the built VAE).
 _SD_VAE_SHAPE = {"block_out_channels": (8, 8, 8, 8)}
+# tiny:sd-checked's safety checker flags a picture whose embedding's cosine with its concept is
+# above this: about the median over the tiny SD's 32x32 pictures (0.246 to 0.298, measured on
+# seeds 0-63), so it flags about half of them.
+_CHECKED_THRESHOLD = 0.274
 # Flux's VAE layout: the real 8x downscale, no quant convs, a latent shift; its transformer
 # takes the 4 latent channels of 2x2 packed latents, and its rotary axes sum to the head size.
 _FLUX_VAE = dict(
@@ -90,6 +97,17 @@ def _stable_diffusion():
         text_encoder=tiny_components.clip_text_encoder(tokenizer),
         tokenizer=tokenizer, unet=UNet2DConditionModel(**_UNET), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _stable_diffusion_checked():
+    """tiny:sd with a safety checker that flags about half its pictures, depending on the seed
+    (the tests of quality.on_unsafe find seeds of either kind); its other weights are tiny:sd's."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = _stable_diffusion()
+    checker, processor = tiny_components.sd_safety_checker(_CHECKED_THRESHOLD)
+    return StableDiffusionPipeline(**{**pipe.components, "safety_checker": checker,
+                                      "feature_extractor": processor})
 
 
 def _stable_diffusion_xl():
@@ -123,9 +141,11 @@ def _flux():
         transformer=FluxTransformer2DModel(**_FLUX_TRANSFORMER))
 
 
-TINY = {"sd": _stable_diffusion, "sdxl": _stable_diffusion_xl, "flux": _flux}
+TINY = {"sd": _stable_diffusion, "sd-checked": _stable_diffusion_checked,
+        "sdxl": _stable_diffusion_xl, "flux": _flux}
 TINY_CONFIGS = {
     "sd": ("StableDiffusionPipeline", {"vae": _SD_VAE_SHAPE, "unet": _UNET}),
+    "sd-checked": ("StableDiffusionPipeline", {"vae": _SD_VAE_SHAPE, "unet": _UNET}),
     "sdxl": ("StableDiffusionXLPipeline", {"vae": _SD_VAE_SHAPE, "unet": _XL_UNET}),
     "flux": ("FluxPipeline", {"vae": _FLUX_VAE, "transformer": _FLUX_TRANSFORMER}),
 }

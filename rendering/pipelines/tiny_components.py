@@ -81,3 +81,23 @@ def sd_vae(sample_size: int):
         block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
         latent_channels=4, sample_size=sample_size, norm_num_groups=2)
+
+
+def sd_safety_checker(concept_threshold: float, image_size: int = 32):
+    """A tiny StableDiffusionSafetyChecker and its feature extractor. It flags a picture (and SD
+    blacks it out) when the cosine of the picture's embedding with one of its concepts, rounded
+    to 3 places, is above that concept's threshold. Here every concept is one random direction
+    with one threshold, so ``concept_threshold`` decides how many pictures it flags."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, intermediate_size=37, patch_size=4),
+        projection_dim=32))
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn(32).expand_as(checker.concept_embeds))
+        checker.concept_embeds_weights.fill_(concept_threshold)
+    processor = CLIPImageProcessor(crop_size=image_size, size={"shortest_edge": image_size})
+    return checker, processor

@@ -10,7 +10,7 @@ import json
 import os
 
 import pytest
-from helpers import REPO, prompts, run_cli, stages_config, write_prompts
+from helpers import prompts, run_cli, stages_config, write_prompts
 from helpers import by_id, read_manifest, write_config
 from PIL import Image
 from videos import probe
@@ -22,11 +22,16 @@ from jobs.store.job_file import OutputError
 from rendering.contract import MediaInput
 from jobs.driver import render
 
-# Flux's keyframes need sides divisible by 16, LTX's videos 8k+1 frames. (Parquet columns come
+# Flux's keyframes need sides divisible by 16, LTX's videos 8k+1 frames; a 64x64 keyframe is
+# over the media limit the video stage reads it under (MEDIA_LIMIT). (Parquet columns come
 # from the first row's keys.)
-ROWS = [{"id": "narrow", "prompt": "a narrow keyframe", "width": 40, "num_frames": None},
-        {"id": "short", "prompt": "a clip of 8 frames", "width": None, "num_frames": 8},
+ROWS = [{"id": "narrow", "prompt": "a narrow keyframe", "width": 40, "height": None,
+         "num_frames": None},
+        {"id": "short", "prompt": "a clip of 8 frames", "width": None, "height": None,
+         "num_frames": 8},
+        {"id": "big", "prompt": "a big keyframe", "width": 64, "height": 64, "num_frames": None},
         *prompts(4)]
+MEDIA_LIMIT = {"max_media_pixels": 32 * 32}
 
 
 def _sha256(path) -> str:
@@ -40,8 +45,9 @@ def _artifacts(row: dict) -> dict[str, dict]:
 def test_a_two_stage_job_on_ray_keeps_keyframes_and_records_the_stage_that_failed_a_row(tmp_path, ray_local):
     src = write_prompts(tmp_path / "prompts.parquet", ROWS)
     out = tmp_path / "out"
-    summary = render(validate(stages_config(src, str(out), keyframe="tiny:flux")), progress=False)
-    assert (summary.ok, summary.failed, summary.rendered) == (4, 2, 4)
+    summary = render(validate(stages_config(src, str(out), keyframe="tiny:flux",
+                                            limits=MEDIA_LIMIT)), progress=False)
+    assert (summary.ok, summary.failed, summary.rendered) == (4, 3, 4)
     rows = by_id(read_manifest(out))
 
     for row_id in [f"row-{i:03d}" for i in range(4)]:
@@ -57,28 +63,45 @@ def test_a_two_stage_job_on_ray_keeps_keyframes_and_records_the_stage_that_faile
         assert (video["path"], video["sha256"]) == (row["video_uri"], row["sha256"])
         assert probe(str(out / video["path"])) == {"codec": "h264", "pix_fmt": "yuv420p",
                                                    "size": (32, 32), "frames": 9, "faststart": True}
-    # A row the keyframe stage cannot make fails there and never reaches the video stage.
-    narrow = rows["narrow"]
-    assert (narrow["status"], narrow["error_code"], narrow["failed_stage"]) == (
-        "failed", "invalid_shape", "keyframe")
-    assert [s["name"] for s in narrow["stages"]] == ["keyframe"] and narrow["artifacts"] == []
-    # A row the video stage cannot make keeps its keyframe, recorded and stored.
-    short = rows["short"]
-    assert (short["status"], short["error_code"], short["failed_stage"]) == (
-        "failed", "invalid_shape", "video")
-    assert list(_artifacts(short)) == ["keyframe"]
-    assert _sha256(out / short["artifacts"][0]["path"]) == short["artifacts"][0]["sha256"]
+    # A row a stage would refuse fails before any stage renders it, in the stage that would.
+    for row_id, stage in (("narrow", "keyframe"), ("short", "video")):
+        row = rows[row_id]
+        assert (row["status"], row["error_code"], row["failed_stage"]) == (
+            "failed", "invalid_shape", stage)
+        assert [(s["name"], s["attempts"]) for s in row["stages"]] == [(stage, 0)]
+        assert row["artifacts"] == []
+    # A row the video stage fails when it renders keeps its keyframe, recorded and stored.
+    big = rows["big"]
+    assert (big["status"], big["error_code"], big["failed_stage"]) == (
+        "failed", "invalid_media", "video")
+    assert list(_artifacts(big)) == ["keyframe"]
+    assert _sha256(out / big["artifacts"][0]["path"]) == big["artifacts"][0]["sha256"]
 
     assert verify(str(out)).problems == []
     assert status(str(out))["by_stage"] == {"keyframe": {"ok": 5, "failed": 1},
-                                            "video": {"ok": 4, "failed": 1}}
+                                            "video": {"ok": 4, "failed": 2}}
     figures = json.loads((out / "job.json").read_text())["last_run"]["stages"]
     assert (figures["keyframe"]["made"], figures["video"]["made"]) == (5, 4)
     assert figures["keyframe"]["workers"] == figures["video"]["workers"] == 1
     # The failed row's kept keyframe is checked like any artifact.
-    kept = out / short["artifacts"][0]["path"]
+    kept = out / big["artifacts"][0]["path"]
+    stored = kept.read_bytes()
     kept.unlink()
-    assert verify(str(out)).problems == [f"keyframe of row 'short' is missing: {kept}"]
+    assert verify(str(out)).problems == [f"keyframe of row 'big' is missing: {kept}"]
+
+    # A repair takes the kept keyframe up again (its size and sha256 checked): only the video
+    # is made. The rows a stage refuses are refused again.
+    kept.write_bytes(stored)
+    summary = render(validate(stages_config(src, str(out), keyframe="tiny:flux")),
+                     progress=False, redo=frozenset({"failed"}))
+    assert (summary.ok, summary.failed) == (5, 2)
+    repaired = by_id(read_manifest(out))["big"]
+    assert repaired["status"] == "ok" and repaired["redo_of"] is not None
+    assert _artifacts(repaired)["keyframe"] == _artifacts(big)["keyframe"]
+    figures = json.loads((out / "job.json").read_text())["last_run"]["stages"]
+    assert (figures["keyframe"]["made"], figures["keyframe"]["recovered"]) == (0, 1)
+    assert figures["video"]["made"] == 1
+    assert verify(str(out)).problems == []
 
 
 def test_a_stage_task_fixes_the_stage_settings_and_takes_the_previous_artifact_by_hash():
@@ -107,25 +130,6 @@ def test_a_stage_task_fixes_the_stage_settings_and_takes_the_previous_artifact_b
     # The artifact's kind, not its name, says what it becomes: a clip is the video input.
     clip = Artifact("clip", "stages/clip/r-key.png", 10, "cd" * 32, "video")
     assert set(video.task_given(task, clip).inputs) == {"video"}
-
-
-def test_the_shipped_tiny_two_stage_config_renders_on_ray_byte_identical_on_rerun(tmp_path):
-    src = write_prompts(tmp_path / "prompts.parquet", prompts(4))
-    hashes = []
-    for name in ("first", "again"):
-        out = tmp_path / name
-        result = run_cli("render", os.path.join(REPO, "configs", "tiny-keyframe-to-video.yaml"),
-                         "--input", src, "--output", str(out), "--quiet")
-        assert result.returncode == 0, result.stderr
-        assert run_cli("verify", str(out)).returncode == 0
-        rows = by_id(read_manifest(out))
-        for row in rows.values():
-            keyframe, video = _artifacts(row)["keyframe"], _artifacts(row)["video"]
-            with Image.open(out / keyframe["path"]) as image:
-                assert (image.format, image.size) == ("PNG", (64, 64))
-            assert probe(str(out / video["path"]))["frames"] == 9
-        hashes.append({i: [a["sha256"] for a in r["artifacts"]] for i, r in rows.items()})
-    assert len(hashes[0]) == 4 and hashes[0] == hashes[1]
 
 
 def test_keyframes_stored_before_a_crash_go_straight_to_the_video_stage(tmp_path):
@@ -195,8 +199,11 @@ def test_changing_a_stage_of_a_finished_job_is_refused_naming_the_stage(tmp_path
     ({"stages": [{"name": "video", "model": {"path": "tiny:sd"}},
                  {"name": "clip", "model": {"path": "tiny:svd"}}]},
      "stages: 'video' names an artifact of the final video"),
-    ({"stages": [{"name": "k", "model": {"path": "tiny:sd"}, "render": {"height": 64}},
-                 {"name": "v", "model": {"path": "tiny:svd"}}]}, "stages.0.render.height: unknown key"),
+    ({"stages": [{"name": "k", "model": {"path": "tiny:sd"}, "render": {"fps": 8}},
+                 {"name": "v", "model": {"path": "tiny:svd"}}]}, "stages.0.render.fps: unknown key"),
+    ({"stages": [{"name": "k", "model": {"path": "tiny:sd"}},
+                 {"name": "v", "model": {"path": "tiny:svd"}, "render": {"height": 64}}]},
+     "stages.v.render: height and width of the last stage are the row's"),
     ({"stages": []}, "stages: list at least one stage"),
 ])
 def test_stage_configs_that_cannot_work_are_refused_in_one_line(tmp_path, change, message):

@@ -101,3 +101,35 @@ def test_a_loaded_pipeline_of_an_unknown_class_is_refused():
     with pytest.raises(UnsupportedPipeline, match="MochiPipeline is not a pipeline reelfarm can "
                                                   "drive; supported: "):
         adapter_for(MochiPipeline())
+
+
+STAGES = {"input": {"uri": "in.parquet"}, "output": {"uri": "out"},
+          "stages": [{"name": "keyframe", "model": {"path": "tiny:sdxl"}},
+                     {"name": "video", "model": {"path": "tiny:ltx-i2v"}}]}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.video.render.height=128", "stages.video.render: height and width of the last stage are "
+                                   "the row's"),
+    ("stages.0.render.width=100", "stages.keyframe.render.width: 100 is not a multiple of 8"),
+    ("stages.0.render.height=4096", "stages.keyframe.render.height: 4096 is over "
+                                    "limits.max_height = 2048"),
+    ("stages.nope.render.height=8", "--set stages.nope.render.height: stages has no stage 'nope'"),
+    ("render.media_resize=error", "stages.keyframe.render sets its own size, and "
+                                  "render.media_resize 'error' would fail every row"),
+])
+def test_an_earlier_stage_may_have_its_own_size_the_last_may_not(override, message):
+    base = {**STAGES, "stages": [dict(STAGES["stages"][0], render={"height": 1024}),
+                                 STAGES["stages"][1]]}
+    assert load_config(base=base).stages[0].render.overrides()["height"] == 1024
+    with pytest.raises(ConfigError) as err:
+        load_config(base=base, overrides=[override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_a_setting_added_later_at_its_old_behaviour_keeps_old_fingerprints():
+    """quality.on_unsafe came after outputs of format 1 were made: at "keep" (what reelfarm did
+    before it) an old output's fingerprint is unchanged; another value changes it."""
+    before = fingerprint(load_config(base=BASE))
+    assert fingerprint(load_config(base=BASE, overrides=["quality.on_unsafe=keep"])) == before
+    assert fingerprint(load_config(base=BASE, overrides=["quality.on_unsafe=fail"])) != before

@@ -4,6 +4,7 @@ refused at load with one line that says what to set."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import numpy as np
 import pytest
@@ -66,11 +67,13 @@ def test_wan_takes_flow_schedulers(own, scheduler, config):
     np.testing.assert_array_equal(frames, render(pipe, "wan"))
 
 
-def test_the_model_shift_carries_across_its_two_names():
+def test_the_model_shift_carries_across_its_two_names(caplog):
     """FlowMatch* call it ``shift``, flow-sigma solvers ``flow_shift``; an unset one is carried
     from the model rather than left at 1."""
-    pipe = load("wan", "UniPCMultistepScheduler", **FLOW)
+    with caplog.at_level(logging.INFO, logger=SCHEDULERS_LOG):
+        pipe = load("wan", "UniPCMultistepScheduler", **FLOW)
     assert pipe.scheduler.config.flow_shift == 7.0  # tiny Wan's FlowMatchEuler has shift=7
+    assert "shift (as flow_shift)" in swap_lines(caplog)[0]
     explicit = load("wan", "UniPCMultistepScheduler", **FLOW, flow_shift=7.0)
     np.testing.assert_array_equal(render(pipe, "wan"), render(explicit, "wan"))
     # A published Wan ships UniPC set up for flow: other solvers inherit that setup as is.
@@ -80,6 +83,54 @@ def test_the_model_shift_carries_across_its_two_names():
             pipe.scheduler.config.flow_shift) == ("flow_prediction", True, 3.0)
     apply_scheduler(pipe, "FlowMatchEulerDiscreteScheduler", {})
     assert pipe.scheduler.config.shift == 3.0
+
+
+SCHEDULERS_LOG = "rendering.pipelines.schedulers"
+# The tiny CogVideoX's CogVideoXDDIMScheduler as DPMSolverMultistepScheduler.
+COGVIDEOX_TO_DPM = (
+    "model.scheduler DPMSolverMultistepScheduler: kept the model's beta_end, beta_schedule, "
+    "beta_start, num_train_timesteps, prediction_type, rescale_betas_zero_snr, steps_offset, "
+    "timestep_spacing; dropped clip_sample, set_alpha_to_one, snr_shift_scale "
+    "(DPMSolverMultistepScheduler has no such settings)")
+
+
+def swap_lines(caplog, level: int = logging.INFO) -> list[str]:
+    """What the schedulers module logged at ``level`` or above."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == SCHEDULERS_LOG and r.levelno >= level]
+
+
+def test_a_swap_keeps_the_model_settings_the_class_has_and_names_those_it_drops(caplog):
+    """The settings its scheduler config sets (as the published one, its scaled-linear betas
+    from 0.00085, not DPMSolverMultistepScheduler's linear ones from 0.0001)."""
+    own = build_tiny_pipeline("cogvideox").scheduler.config
+    with caplog.at_level(logging.INFO, logger=SCHEDULERS_LOG):
+        pipe = load("cogvideox", "DPMSolverMultistepScheduler")
+    assert swap_lines(caplog) == swap_lines(caplog, logging.WARNING) == [COGVIDEOX_TO_DPM]
+    kept = COGVIDEOX_TO_DPM.split("kept the model's ")[1].split(";")[0].split(", ")
+    assert {k: pipe.scheduler.config[k] for k in kept} == {k: own[k] for k in kept}
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    # The twin built in code swaps as its saved copy does (there every key is explicit).
+    saved = load_pipeline(ModelSpec("tiny:cogvideox", dtype="bfloat16",
+                                    scheduler="DPMSolverMultistepScheduler"), "cpu")
+    assert {k: v for k, v in saved.scheduler.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+
+
+def test_a_key_the_model_leaves_out_takes_the_new_class_default_as_diffusers_recipes_do():
+    """ModelScope's scheduler config sets no timestep_spacing (DDIM's default is "leading"):
+    DPMSolver keeps its own "linspace", as diffusers' ModelScope recipe renders."""
+    assert "timestep_spacing" in build_tiny_pipeline("modelscope").scheduler.config[
+        "_use_default_values"]
+    assert load("modelscope", "DPMSolverMultistepScheduler").scheduler.config \
+        .timestep_spacing == "linspace"
+
+
+def test_an_override_is_the_users_not_the_models(caplog):
+    with caplog.at_level(logging.INFO, logger=SCHEDULERS_LOG):
+        pipe = load("cogvideox", "DPMSolverMultistepScheduler", timestep_spacing="linspace")
+    assert pipe.scheduler.config.timestep_spacing == "linspace"
+    assert swap_lines(caplog) == [COGVIDEOX_TO_DPM.replace(", timestep_spacing;", ";")]
 
 
 FIX = "{prediction_type: flow_prediction, use_flow_sigmas: true, flow_shift: 7.0}"

@@ -12,6 +12,7 @@ from jobs.config import load_config
 from jobs.input.dataset import open_dataset
 from jobs.store.hashset import HashSet
 from jobs.input.plan import PlanCounts, count_plan, plan_rows
+from jobs.input.preflight import preflight
 
 _IDS = ["a", "b", "a", None, "  ", "\u3000", "c\u00e9", "a", "d\nx", "e", "f", "b", "g",
         "h" * 600, "i", "j", "k", "a", "l", "m"]
@@ -51,3 +52,23 @@ def test_count_plan_equals_plan_rows(tmp_path, case, batch_rows):
             pass
         assert count_plan(dataset, cfg, committed) == expected
     assert expected.done == expected.rows and expected.todo == 0
+
+
+@pytest.mark.parametrize("batch_rows", [3, 64])
+def test_count_plan_equals_plan_rows_with_the_stages_checks(tmp_path, batch_rows):
+    """Rows a stage would refuse: LTX's 8k+1 frames and an image per row (one row has one)."""
+    path = str(tmp_path / "in.parquet")
+    frames = [None, 8, 9, None, 16, 17, None, 25]
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(8)], "num_frames": frames,
+                             "image": [None] * 7 + ["pic.png"]}), path)
+    cfg = load_config(base={"input": {"uri": path, "batch_rows": batch_rows,
+                                      "media_roots": [str(tmp_path)]},
+                            "model": {"path": "tiny:ltx-i2v"}, "render": {"num_frames": 9},
+                            "output": {"uri": str(tmp_path / "out")}})
+    dataset, checks = open_dataset(path, []), preflight(cfg)
+    expected = PlanCounts()
+    for _ in plan_rows(dataset, cfg, HashSet(), expected, checks=checks):
+        pass
+    assert count_plan(dataset, cfg, HashSet(), checks) == expected
+    assert (expected.refused_rows("invalid_shape"), expected.refused_rows("missing_input")) == \
+        (2, 5)

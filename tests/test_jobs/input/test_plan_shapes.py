@@ -24,7 +24,8 @@ from jobs.driver import render
 from jobs.store.hashset import HashSet
 from jobs.store.job_file import OutputError
 from jobs.store.location import check_output_is_folder
-from jobs.input.plan import count_plan, known_facts, model_shapes
+from jobs.input.plan import count_plan
+from jobs.input.preflight import preflight
 from rendering.pipelines import ADAPTERS, adapter_for, known_shapes
 from rendering.pipelines.shapes import ShapeFacts, folder_configs
 from rendering.pipelines.tiny import TINY_KINDS, build_tiny_pipeline, tiny_configs
@@ -172,7 +173,7 @@ def test_plan_counts_the_rows_render_fails_as_invalid_shape(tmp_path, case):
     assert result.returncode == 0, result.stderr
     rows = 4 + len(overrides)
     assert (f"to do:      {rows} ({expected} invalid, of which 0 duplicate ids and {expected} "
-            f"of a shape the model cannot render") in result.stdout
+            f"a stage's model would refuse") in result.stdout
     assert f"{expected} row(s) will fail as invalid_shape, e.g. {example}" in result.stdout
     assert "from the tiny model's configs" in result.stdout
 
@@ -200,7 +201,7 @@ def test_a_saved_model_folder_and_a_hub_cache_give_the_same_rules(tmp_path, monk
     assert result.returncode == 0, result.stderr
     assert f"{folder} (shape rules of WanPipeline, from its config files)" in result.stdout
     assert "5 row(s) will fail as invalid_shape, e.g. " + WAN_16 in result.stdout
-    assert "(and 1 other shape(s))" in result.stdout
+    assert "(and 1 other reason(s))" in result.stdout
     cfg = validate(raw)
     render(cfg, progress=False)
     codes = [r["error_code"] for t in manifest.iter_shards(out) for r in t.to_pylist()]
@@ -222,7 +223,7 @@ def test_a_saved_model_folder_and_a_hub_cache_give_the_same_rules(tmp_path, monk
     # Loaded as another class of the family, the rules are that class's.
     v2v = known_shapes("someone/tiny-wan", pipeline="WanVideoToVideoPipeline").facts
     assert v2v.pipeline == "WanVideoToVideoPipeline"
-    counts = count_plan(open_dataset(src, []), cfg, HashSet(), known_facts(model_shapes(cfg)))
+    counts = count_plan(open_dataset(src, []), cfg, HashSet(), preflight(cfg))
     assert (counts.invalid, counts.invalid_shape) == (5, 5)
 
 
@@ -231,10 +232,10 @@ def test_unknown_rules_are_said_and_nothing_is_counted(tmp_path):
     raw = tiny_config(src, str(tmp_path / "out"), model={"path": "someone/not-cached-here"},
                       render={"num_frames": 16})
     cfg = validate(raw)
-    shapes = model_shapes(cfg)
-    assert shapes["video"].facts is None and known_facts(shapes) is None
-    assert "not in this machine's hub cache" in shapes["video"].source
-    assert count_plan(open_dataset(src, []), cfg, HashSet(), known_facts(shapes)).invalid == 0
+    checks = preflight(cfg)
+    assert checks.known["video"].facts is None and checks.known["video"].adapter is None
+    assert "not in this machine's hub cache" in checks.known["video"].source
+    assert count_plan(open_dataset(src, []), cfg, HashSet(), checks).invalid == 0
 
 
 def test_plan_imports_neither_torch_nor_diffusers(tmp_path):
@@ -299,7 +300,16 @@ def test_plan_counts_rows_any_stage_cannot_render_as_render_fails_them(tmp_path,
             {"prompt": "ltx refuses the side", "num_frames": 9, "width": 48}]
     src = write_prompts(tmp_path / "in.parquet", rows)
     cfg = validate(stages_config(src, str(tmp_path / "out"), keyframe="tiny:flux"))
-    counts = count_plan(open_dataset(src, []), cfg, HashSet(), known_facts(model_shapes(cfg)))
+    counts = count_plan(open_dataset(src, []), cfg, HashSet(), preflight(cfg))
     summary = render(cfg, progress=False)
-    failed = [r for r in read_manifest(tmp_path / "out") if r["error_code"] == "invalid_shape"]
+    failed = {r["prompt"]: r for r in read_manifest(tmp_path / "out")
+              if r["error_code"] == "invalid_shape"}
     assert counts.invalid_shape == len(failed) == summary.failed == 3
+    # Each is failed by the stage that would refuse it, before any stage renders it: no
+    # keyframe is made for a video LTX would refuse.
+    assert {p: r["failed_stage"] for p, r in failed.items()} == {
+        "flux refuses": "keyframe", "ltx refuses the frames": "video",
+        "ltx refuses the side": "video"}
+    assert all([(s["name"], s["attempts"]) for s in r["stages"]] == [(r["failed_stage"], 0)]
+               and r["artifacts"] == [] for r in failed.values())
+    assert len(os.listdir(tmp_path / "out" / "stages" / "keyframe")) == 1

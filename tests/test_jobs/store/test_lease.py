@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+from helpers import REPO
 
 from jobs.store import layout, lease
 from jobs.store.lease import LeaseError, acquire
@@ -200,7 +201,7 @@ def _holder_process(output: str, ttl_s: float):
     import sys
 
     process = subprocess.Popen([sys.executable, "-c", _HOLD, output, str(ttl_s)],
-                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               cwd=REPO,
                                stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "held"
     return process

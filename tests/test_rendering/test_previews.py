@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import REPO
 from PIL import Image
 
 from rendering import previews
@@ -25,7 +26,6 @@ from rendering.previews import (
     write_previews,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def clip(num_frames: int, height: int, width: int) -> np.ndarray:

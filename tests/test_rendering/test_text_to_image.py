@@ -22,7 +22,7 @@ KINDS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
 
 def test_every_image_kind_is_covered_here():
     images = {k for k in TINY_KINDS if ADAPTERS[tiny_configs(k).pipeline].makes == "image"}
-    assert images == set(KINDS)
+    assert images == set(KINDS) | {"sd-checked"}  # tiny:sd with a safety checker: test_safety.py
     assert {kind: TINY_CONFIGS[kind][0] for kind in KINDS} == KINDS
 
 
@@ -68,7 +68,9 @@ def test_the_twin_is_the_same_built_again_and_saved(pipes, kind, tmp_path):
     loaded = from_pretrained(diffusers.DiffusionPipeline, str(tmp_path), torch.float32)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded).__name__ == KINDS[kind]
-    np.testing.assert_array_equal(render(loaded, task(5, width=48)), picture)
+    # The same weights; on some CPUs (AVX-512 here) a loaded model's kernels round about 1e-6
+    # differently from the one built in memory (SDXL, Flux), as batching does.
+    np.testing.assert_allclose(render(loaded, task(5, width=48)), picture, rtol=0, atol=1e-5)
 
 
 # kind, sides, what shape_problem says (None: renders exactly). Each side is rendered too: a

@@ -18,6 +18,7 @@ from pathlib import Path
 import media_corpus as corpus
 import numpy as np
 import pytest
+from helpers import REPO
 
 from rendering.contract import MediaInput, MediaSpec
 from rendering.media import MediaError, reader
@@ -26,7 +27,6 @@ from rendering.media.images import load_image
 from rendering.media.uris import check_uri
 from rendering.media.videos import load_video
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def expect_error(fn, *args, contains: tuple[str, ...] = (), absent: tuple[str, ...] = ()) -> MediaError:

@@ -41,7 +41,19 @@ def _dockerfile_image() -> str:
 
 def _ray_clusters() -> dict[str, dict]:
     return {"raycluster.yaml": _one("raycluster.yaml", "RayCluster")["spec"],
+            "raycluster-autoscaling.yaml": _one("raycluster-autoscaling.yaml", "RayCluster")["spec"],
             "rayjob-nightly.yaml": _one("rayjob-nightly.yaml", "RayJob")["spec"]["rayClusterSpec"]}
+
+
+def _gpu_groups(spec: dict) -> list[dict]:
+    return [g for g in spec["workerGroupSpecs"]
+            if "nvidia.com/gpu" in _containers(g["template"])[0]["resources"].get("limits", {})]
+
+
+def _is_spot(group: dict) -> bool:
+    """Whether the group's pods go to spot (preemptible) nodes only: a toleration alone lets them."""
+    pod = group["template"]["spec"]
+    return "spot" in str([pod.get("nodeSelector"), pod.get("affinity", {}).get("nodeAffinity")]).lower()
 
 
 def _containers(pod_template: dict) -> list[dict]:
@@ -51,7 +63,7 @@ def _containers(pod_template: dict) -> list[dict]:
 def test_every_file_is_commented_for_what_a_user_must_change():
     paths = [os.path.join(CLUSTER, "Dockerfile"), os.path.join(CLUSTER, "launcher", "gpu-cluster.yaml")]
     paths += [os.path.join(KUBERAY, n) for n in sorted(os.listdir(KUBERAY)) if n.endswith(".yaml")]
-    assert len(paths) == 6
+    assert len(paths) == 7
     for path in paths:
         with open(path) as f:
             text = f.read()
@@ -89,25 +101,86 @@ def test_the_launcher_config_passes_rays_own_validation_and_pins_workers_to_gpus
     assert "~/.ray/auth_token" in config["file_mounts"]
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-nightly.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "raycluster-autoscaling.yaml", "rayjob-nightly.yaml"])
 def test_kuberay_clusters_have_token_auth_gpu_workers_and_a_node_local_model_cache(name):
     spec = _ray_clusters()[name]
     assert spec["authOptions"] == {"mode": "token"}
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in str(_containers(head["template"]))
-    (group,) = spec["workerGroupSpecs"]
-    (worker,) = _containers(group["template"])
-    gpus = worker["resources"]["limits"]["nvidia.com/gpu"]
-    assert int(gpus) >= 1 and worker["resources"]["requests"]["nvidia.com/gpu"] == gpus
-    assert "num-gpus" not in group["rayStartParams"]  # KubeRay takes it from the limit
-    env = {e["name"]: e for e in worker["env"]}
-    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
-    volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
-    assert volumes[mounts[env["HF_HOME"]["value"]]]["emptyDir"]  # node-local, shared by its workers
-    assert env["HF_HUB_OFFLINE"]["value"] in ("0", "1")
-    images = {c["image"] for c in _containers(head["template"]) + [worker]}
-    assert len(images) == 1
+    assert spec["workerGroupSpecs"] and _gpu_groups(spec) == spec["workerGroupSpecs"]
+    for group in spec["workerGroupSpecs"]:
+        (worker,) = _containers(group["template"])
+        gpus = worker["resources"]["limits"]["nvidia.com/gpu"]
+        assert int(gpus) >= 1 and worker["resources"]["requests"]["nvidia.com/gpu"] == gpus
+        assert "num-gpus" not in group["rayStartParams"]  # KubeRay takes it from the limit
+        env = {e["name"]: e for e in worker["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        assert volumes[mounts[env["HF_HOME"]["value"]]]["emptyDir"]  # node-local, shared by its workers
+        assert env["HF_HUB_OFFLINE"]["value"] in ("0", "1")
+        images = {c["image"] for c in _containers(head["template"]) + [worker]}
+        assert len(images) == 1
+
+
+def test_the_autoscaling_cluster_grows_gpu_groups_from_zero_and_lets_idle_ones_go():
+    doc = _one("raycluster-autoscaling.yaml", "RayCluster")
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["metadata"]["name"] != _one("raycluster.yaml", "RayCluster")["metadata"]["name"]  # both fit
+    spec = doc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    options = spec["autoscalerOptions"]
+    assert options["upscalingMode"] == "Default"  # every GPU pod a job asks for at once
+    # Idle GPU nodes go at a job's tail, but not between two shards of it.
+    assert 60 <= options["idleTimeoutSeconds"] <= 1800
+    assert options["resources"]["requests"] and options["resources"]["limits"]
+    groups = _gpu_groups(spec)
+    assert len({g["groupName"] for g in groups}) == len(groups) == len(spec["workerGroupSpecs"])
+    for group in groups:
+        name = group["groupName"]
+        assert group["minReplicas"] == 0 and group["replicas"] == 0, name  # nothing paid between jobs
+        assert isinstance(group["maxReplicas"], int) and group["maxReplicas"] >= 1, name
+    # An on-demand group and a spot one, which lands on spot nodes only.
+    spot = [g for g in groups if _is_spot(g)]
+    assert len(spot) == 1 and len(groups) - len(spot) >= 1
+    assert not _is_spot({"template": spec["headGroupSpec"]["template"]})  # the head outlives jobs
+
+
+def test_the_autoscaling_clusters_gpu_pods_are_the_fixed_clusters_gpu_pods():
+    """Same image, env, model cache and GPU tolerations as raycluster.yaml's GPU group."""
+    (fixed,) = _one("raycluster.yaml", "RayCluster")["spec"]["workerGroupSpecs"]
+    (fixed_worker,) = _containers(fixed["template"])
+    fixed_pod = fixed["template"]["spec"]
+    for group in _gpu_groups(_ray_clusters()["raycluster-autoscaling.yaml"]):
+        (worker,) = _containers(group["template"])
+        pod = group["template"]["spec"]
+        name = group["groupName"]
+        for key in ("image", "env", "volumeMounts", "resources"):
+            assert worker[key] == fixed_worker[key], (name, key)
+        assert pod["volumes"] == fixed_pod["volumes"], name
+        assert all(t in pod["tolerations"] for t in fixed_pod["tolerations"]), name
+        assert group["rayStartParams"] == fixed["rayStartParams"], name
+
+
+def test_the_autoscaling_cluster_says_how_to_submit_an_elastic_job_and_what_to_change():
+    with open(os.path.join(KUBERAY, "raycluster-autoscaling.yaml")) as f:
+        text = f.read()
+    header = text[:text.index("\napiVersion:")]
+    assert "kubectl apply -f cluster/kuberay/raycluster-autoscaling.yaml" in header
+    assert "ray job submit" in header and "reelfarm render " in header
+    assert re.search(r"--set cluster\.max_workers=\d+", header)  # how to cap a job's spend
+    assert "cluster.capacity_timeout_s" in header  # it waits for the first GPU node
+    assert "--set cluster.num_workers" not in text  # a fixed count: not for elastic jobs
+    name = _one("raycluster-autoscaling.yaml", "RayCluster")["metadata"]["name"]
+    assert f"service/{name}-head-svc" in header and f"secret {name} " in header
+    lines = text.splitlines()
+    for line in lines:
+        if re.match(r"\s*(maxReplicas|rayVersion|image):", line):
+            assert "CHANGE" in line, f"no CHANGE note: {line.strip()}"
+    (spot,) = [g for g in _gpu_groups(_ray_clusters()["raycluster-autoscaling.yaml"]) if _is_spot(g)]
+    for label in spot["template"]["spec"].get("nodeSelector", {}):
+        (line,) = [ln for ln in lines if ln.strip().startswith(f"{label}:")]
+        assert "CHANGE" in line, f"no CHANGE note: {line.strip()}"
 
 
 def test_the_nightly_rayjob_runs_reelfarm_nightly_on_the_mounted_config_for_its_night():

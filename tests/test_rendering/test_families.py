@@ -27,6 +27,7 @@ FAMILIES = {
     "wan": ({"num_frames": 5, "height": 32, "width": 32}, ()),
     "cogvideox": ({"num_frames": 9, "height": 32, "width": 32}, ()),
     "ltx": ({"num_frames": 9, "height": 32, "width": 32}, ()),
+    "ltx-0.9.0": ({"num_frames": 9, "height": 32, "width": 32}, ()),  # batches (batch_size 2)
     "cogvideox-i2v": ({"num_frames": 9, "height": 32, "width": 32}, ("image",)),
     "wan-i2v": ({"num_frames": 5, "height": 32, "width": 32}, ("image",)),
     "ltx-i2v": ({"num_frames": 9, "height": 32, "width": 32}, ("image",)),

@@ -117,7 +117,7 @@ def test_a_ray_render_prints_no_auth_opt_out_notice(tmp_path):
 
 
 def test_only_rays_two_notices_are_dropped_and_the_auth_disabled_warning_still_shows():
-    """Token auth stays on (tests/test_local_cluster.py checks the mode); of Ray's two auth
+    """Token auth stays on (tests/test_cluster/test_local_cluster.py checks the mode); of Ray's two auth
     notices only "enabled ... opt out" is dropped, with "Found multiple active Ray instances"
     (auto never joins those), and only while connect() runs ray.init."""
     from ray._private.authentication import authentication_token_setup as setup

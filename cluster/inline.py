@@ -7,7 +7,7 @@ retrying and committing are the same code on both backends.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from cluster.protocol import ShardOutcome
@@ -16,16 +16,20 @@ from rendering.worker import ShardRenderer
 
 
 class InlinePool:
-    num_workers = 1  # one renderer, in this process
+    num_workers = max_workers = 1  # one renderer, in this process
 
     def __init__(self, spec: WorkerSpec):
         self._renderer = ShardRenderer(spec)
         self._queue: deque[tuple[Any, list[Task]]] = deque()
         self.replaced = 0
+        self.events: Counter = Counter()
 
     def resize(self, num_workers: int) -> None:
         if num_workers != 1:
             raise ValueError("the inline backend runs one renderer per stage in the driver")
+
+    def demand(self, workers: int) -> None:
+        """One renderer, whatever the work."""
 
     def start(self) -> list[dict]:
         return [self._renderer.setup()]
@@ -47,4 +51,5 @@ class InlinePool:
         if not self._queue:
             return []
         token, tasks = self._queue.popleft()
-        return [ShardOutcome(token, self._renderer.render_shard(tasks))]
+        return [ShardOutcome(token, self._renderer.render_shard(tasks),
+                             placement={"node_id": "driver", "gpu_ids": []})]

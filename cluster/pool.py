@@ -1,21 +1,32 @@
-"""A supervised pool of render actors: one pinned GPU (or a share of one, or a few CPUs) and
-one pipeline each. A multi-stage job has one pool per stage.
+"""A supervised, elastic pool of render actors: one pinned GPU (or a share of one, or a few CPUs)
+and one pipeline each. A multi-stage job has one pool per stage.
 
 The pool carries shards; it does not decide what they hold. It keeps each actor's queue short
 (the driver decides how many shards an actor may hold), notices dead actors (their calls raise)
 and hung ones (their oldest shard outlives ``shard_timeout_s``), kills and replaces them, and
-hands their unfinished shards back as lost so the driver can retry them elsewhere. It grows and
-shrinks when the driver moves workers between stages: a retired worker first finishes the
-shards it holds.
+hands their unfinished shards back as lost so the driver can retry them elsewhere.
+
+It follows its cluster. It holds ``num_workers`` at least (placed, or waiting for capacity) and
+grows up to ``max_workers`` while the driver has work for more (``demand``): every few seconds
+it places workers wherever resources for them have appeared (a node joined, another job freed
+some) and asks Ray's autoscaler for the rest (``request_resources``, lowered as the work runs
+out and cleared at the end). A node Ray marks as draining (a preemption notice, a scale-down)
+gets no new shards; its shards that cannot finish before the drain's deadline are handed back at
+once. A worker lost with its node is a loss, not a failure: its shards come back marked so, and
+there is no budget of replacements. What stops a pool is workers that fail to load their model
+one after another on healthy nodes. At the tail (no work left to start) idle workers retire, so
+their nodes can go. The driver also moves workers between stages (``resize``): a retired worker
+first finishes the shards it holds.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -28,12 +39,16 @@ logger = logging.getLogger(__name__)
 
 
 class _PlacedRenderer(ShardRenderer):
-    """A ShardRenderer that can say where Ray placed it, so placement can be logged and checked."""
+    """A ShardRenderer that can say where Ray placed it, so placement can be logged, checked and
+    recorded with every row it renders."""
 
     def placement(self) -> dict:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(),
                 "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])]}
+
+    def setup(self) -> dict:
+        return {**super().setup(), **self.placement()}
 
 
 # The one place the plain worker class becomes an actor. Two concurrent calls let the next shard
@@ -44,7 +59,12 @@ RenderActor = ray.remote(**_ACTOR_OPTIONS)(_PlacedRenderer)
 
 
 class PoolError(RuntimeError):
-    """The pool cannot make progress (no worker could start, or too many died)."""
+    """The pool cannot make progress (no worker could be placed, or none can load its model)."""
+
+
+LOOK_EVERY_S = 2.0  # how often the pool looks at the cluster: capacity, draining nodes
+LOAD_FAILURES_IN_A_ROW = 3  # workers failing to load, one after another, on healthy nodes
+WAITING_LOG_EVERY_S = 30.0
 
 
 @dataclass
@@ -58,63 +78,99 @@ class _Worker:
     # comes back, and shards queued on it would only time out.
     setup_ref: Any = None
     retiring: bool = False  # takes no new shards; stopped once those it holds are done
+    placement: dict = field(default_factory=dict)  # node_id, gpu_ids: known once it loaded
+    draining: bool = False  # its node is being drained: retiring, and watched for the deadline
+
+    @property
+    def node_id(self) -> str | None:
+        return self.placement.get("node_id")
 
 
 class WorkerPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                  shard_timeout_s: float, setup_timeout_s: float = 1800.0,
-                 worker_class: type | None = None, gpus_per_worker: float = 1.0):
+                 worker_class: type | None = None, gpus_per_worker: float = 1.0,
+                 max_workers: float | None = None, capacity_timeout_s: float = 1800.0):
         self.spec = spec
         # A stand-in for ShardRenderer with the same methods (the benchmarks' do-nothing one).
         self._actor_class = (RenderActor if worker_class is None
                              else ray.remote(**_ACTOR_OPTIONS)(worker_class))
-        self.num_workers = num_workers
+        self.num_workers = num_workers  # held at least, placed or waiting for capacity
+        # Grown up to while there is work (math.inf: as many as the cluster can hold, now or
+        # later); None: a fixed pool.
+        self.max_workers = num_workers if max_workers is None else max_workers
+        self._elastic = self.max_workers > num_workers
         self.shard_timeout_s = shard_timeout_s
-        self.setup_timeout_s = setup_timeout_s
+        self.setup_timeout_s = setup_timeout_s  # a placed worker's model load, at most
+        self.capacity_timeout_s = capacity_timeout_s  # waiting for the first worker's place
+        self._bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
         self._options = dict(num_gpus=gpus_per_worker if use_gpu else 0, num_cpus=cpus_per_worker,
                              scheduling_strategy="SPREAD")
         self._workers: list[_Worker] = []
         self._next_index = 0
+        self._wanted = num_workers  # workers the driver's remaining work could keep busy
+        self._next_look = 0.0
+        self._load_failures = 0  # workers that failed to load, in a row
+        self._shard_s: float | None = None  # how long a shard takes, smoothed
+        # Called with each worker's setup info once it has loaded (the driver checks its probe).
+        self.on_loaded: Callable[[dict], None] | None = None
         self.replaced = 0
-        # A worker that dies on start-up every time would be replaced forever; stop instead.
-        self._max_replacements = 3 * num_workers + 3
+        # What happened to the pool's workers: joined (placed after the start), lost_with_node,
+        # drained (handed back shards for a drain's deadline), retired_idle (at the tail).
+        self.events: Counter = Counter()
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> list[dict]:
-        """Start every worker and load the model on all of them in parallel."""
+        """Start the workers and load the model; the loaded ones' setup info."""
         return start_pools([self])[0]
 
     def launch(self) -> list:
-        """Create the workers and ask each to load the model; the setup calls' refs."""
-        self._workers = [self._spawn() for _ in range(self.num_workers)]
-        return [w.actor.setup.remote() for w in self._workers]
+        """Create the first workers (what the cluster can hold now, ``num_workers`` at least,
+        ``max_workers`` at most) and ask each to load the model; the setup calls' refs."""
+        first = self.num_workers
+        if self._elastic:
+            first = int(min(self.max_workers, max(first, self._fits(ray.cluster_resources()))))
+        self._workers = [self._spawn() for _ in range(first)]
+        for worker in self._workers:
+            worker.setup_ref = worker.actor.setup.remote()
+        self._ask_autoscaler(first)
+        return [w.setup_ref for w in self._workers]
 
     def resize(self, num_workers: int) -> None:
         """Grow to ``num_workers`` (new workers load the model, then take shards) or shrink
         (the least busy workers retire: they finish what they hold, then stop)."""
         self.num_workers = num_workers
-        active = [w for w in self._workers if not w.retiring]
+        if not self._elastic or self.max_workers < num_workers:
+            self.max_workers = num_workers
+        active = self._serving()
         for _ in range(num_workers - len(active)):
-            fresh = self._spawn()
-            fresh.setup_ref = fresh.actor.setup.remote()
-            self._workers.append(fresh)
+            self._add()
         for worker in sorted(active, key=lambda w: len(w.inflight))[:max(0, len(active) - num_workers)]:
             worker.retiring = True
         self._stop_drained()
 
+    def demand(self, workers: int) -> None:
+        """How many workers the driver's remaining work could keep busy: the pool grows toward
+        it (up to ``max_workers``) and asks the autoscaler for it; 0 at the tail, where idle
+        workers retire."""
+        self._wanted = workers
+
     def placements(self) -> list[dict]:
-        """Where each worker runs: its node id and the GPU ids Ray pinned it to."""
-        return ray.get([w.actor.placement.remote() for w in self._workers])
+        """Where each loaded worker runs: its node id and the GPU ids Ray pinned it to."""
+        return [dict(w.placement) for w in self._workers if w.setup_ref is None]
 
     def shutdown(self) -> None:
         for worker in self._workers:
             ray.kill(worker.actor, no_restart=True)
         self._workers = []
+        _request(self, 0, {})
 
     # --- work ------------------------------------------------------------------------------
     def submit(self, token: Any, tasks: list[Task], max_per_worker: int) -> bool:
         """Queue a shard on the least loaded worker; False when every worker is full."""
-        serving = [w for w in self._workers if not w.retiring]
+        serving = self._serving()
+        if not serving:  # all retired at the tail, and a retry came back
+            serving = [self._add()]
         ready = [w for w in serving if w.setup_ref is None] or serving
         worker = min(ready, key=lambda w: len(w.inflight))
         if len(worker.inflight) >= max_per_worker:
@@ -126,15 +182,17 @@ class WorkerPool:
 
     def wait(self, timeout_s: float) -> list[ShardOutcome]:
         """Block until a shard finishes, a worker dies or hangs, or ``timeout_s`` passes."""
+        outcomes = self._look()
         refs = {ref: w for w in self._workers for ref, _ in w.inflight}
-        if not refs:
-            return []
         setups = {w.setup_ref: w for w in self._workers if w.setup_ref is not None}
+        if not refs:  # nothing to wait for; workers that have loaded meanwhile may take shards
+            for ref in ray.wait(list(setups), num_returns=len(setups), timeout=0)[0]:
+                outcomes += self._settle_setup(setups[ref], ref)
+            return outcomes
         until_deadline = min(w.busy_since + self.shard_timeout_s - time.monotonic()
                              for w in self._workers if w.inflight)
         ready, _ = ray.wait(list(refs) + list(setups), num_returns=1,
-                            timeout=max(0.0, min(timeout_s, until_deadline)))
-        outcomes: list[ShardOutcome] = []
+                            timeout=max(0.0, min(timeout_s, until_deadline, LOOK_EVERY_S)))
         for ref in ready:
             if ref in setups:
                 outcomes += self._settle_setup(setups[ref], ref)
@@ -142,12 +200,16 @@ class WorkerPool:
             worker = refs[ref]
             if worker not in self._workers:
                 continue  # already replaced while handling an earlier ref
-            token = self._pop(worker, ref)
+            token, started = self._pop(worker, ref)
             try:
-                outcomes.append(ShardOutcome(token, ray.get(ref)))
+                outcomes.append(ShardOutcome(token, ray.get(ref), placement=worker.placement))
+                self._timed(time.monotonic() - started)
             except RayActorError as exc:
-                outcomes.append(ShardOutcome(token, None, f"worker died: {_first_line(exc)}"))
-                outcomes += self._replace(worker, "died")
+                with_node = self._lost_with_node(worker, exc)
+                why = "lost with its node" if with_node else f"died: {_first_line(exc)}"
+                outcomes.append(ShardOutcome(token, None, f"worker {why}", lost_with_node=with_node))
+                outcomes += self._replace(worker, "lost with its node" if with_node else "died",
+                                          with_node)
             except Exception as exc:  # noqa: BLE001 - a broken call loses the shard, not the job
                 outcomes.append(ShardOutcome(token, None, f"worker error: {_first_line(exc)}"))
         now = time.monotonic()
@@ -159,37 +221,119 @@ class WorkerPool:
         self._stop_drained()
         return outcomes
 
+    # --- following the cluster -------------------------------------------------------------
+    def _look(self) -> list[ShardOutcome]:
+        """Every ``LOOK_EVERY_S``: hand back what draining nodes cannot finish, place workers
+        where capacity appeared while work waits, retire idle ones at the tail, and tell the
+        autoscaler what the pool could use."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return []
+        self._next_look = now + LOOK_EVERY_S
+        outcomes = self._drain(_draining_nodes())
+        serving = self._serving()
+        wanted = int(min(self.max_workers, max(self._wanted, self.num_workers)))
+        if self._wanted and len(serving) < wanted and not any(w.setup_ref for w in serving):
+            more = min(wanted - len(serving), self._fits(ray.available_resources()))
+            if more > 0:
+                logger.info("capacity for %d more worker(s) appeared: placing them (%d in all)",
+                            more, len(serving) + more)
+                for _ in range(more):
+                    self._add()
+                self.events["joined"] += more
+        if not self._wanted:
+            idle = [w for w in serving if not w.inflight and w.setup_ref is None]
+            for worker in idle[:len(serving) - 1]:  # one stays for a retry that may come back
+                worker.retiring = True
+                self.events["retired_idle"] += 1
+            self._stop_drained()
+        self._ask_autoscaler(wanted if self._wanted else 0)
+        return outcomes
+
+    def _drain(self, draining: dict[str, float]) -> list[ShardOutcome]:
+        """Workers on draining nodes take no new shards; those whose shards would not finish
+        before the node's deadline (seconds since the epoch; 0: none) hand them back now."""
+        outcomes = []
+        for worker in list(self._workers):
+            if worker.node_id not in draining:
+                continue
+            if not worker.draining:
+                logger.warning("worker %d: its node is being drained; it takes no new shards",
+                               worker.index)
+                worker.draining = worker.retiring = True
+            deadline = draining[worker.node_id]
+            needed = (self._shard_s or self.shard_timeout_s) * len(worker.inflight)
+            if deadline and worker.inflight and time.time() + needed > deadline:
+                self.events["drained"] += 1
+                outcomes += self._replace(worker, "drained before its deadline", True)
+        return outcomes
+
+    def _fits(self, resources: dict) -> int:
+        """How many more workers ``resources`` can hold."""
+        return int(min(resources.get(k, 0.0) // v for k, v in self._bundle.items() if v > 0))
+
+    def _ask_autoscaler(self, workers: int) -> None:
+        _request(self, workers, self._bundle)
+
+    def _lost_with_node(self, worker: _Worker, exc: BaseException) -> bool:
+        """Whether the worker went down with its node (preempted, drained, removed), rather
+        than by anything a row did."""
+        if getattr(exc, "preempted", False) or worker.draining:
+            return True
+        if worker.node_id is None:
+            return False
+        for _ in range(10):  # the node's death reaches the GCS a moment after the actor's
+            if not _node_alive(worker.node_id):
+                return True
+            time.sleep(0.2)
+        return False
+
     # --- internals -------------------------------------------------------------------------
+    def _serving(self) -> list[_Worker]:
+        return [w for w in self._workers if not w.retiring]
+
     def _spawn(self) -> _Worker:
         actor = self._actor_class.options(**self._options, name=None).remote(self.spec)
         worker = _Worker(self._next_index, actor)
         self._next_index += 1
         return worker
 
-    def _pop(self, worker: _Worker, ref) -> Any:
+    def _add(self) -> _Worker:
+        """A new worker, loading its model at once wherever Ray places it."""
+        worker = self._spawn()
+        worker.setup_ref = worker.actor.setup.remote()
+        self._workers.append(worker)
+        return worker
+
+    def _pop(self, worker: _Worker, ref) -> tuple[Any, float]:
+        """The shard's token, and when it became the worker's oldest."""
         for i, (candidate, token) in enumerate(worker.inflight):
             if candidate == ref:
+                started = worker.busy_since
                 del worker.inflight[i]
                 if i == 0:  # the next shard is now the oldest; a later one's end says nothing
                     worker.busy_since = time.monotonic()
-                return token
+                return token, started
         raise KeyError(ref)
 
-    def _replace(self, worker: _Worker, reason: str) -> list[ShardOutcome]:
-        """Kill ``worker``, start a fresh one in its place, and report its shards as lost."""
+    def _timed(self, seconds: float) -> None:
+        self._shard_s = seconds if self._shard_s is None else 0.8 * self._shard_s + 0.2 * seconds
+
+    def _replace(self, worker: _Worker, reason: str, with_node: bool = False) -> list[ShardOutcome]:
+        """Kill ``worker`` and report its shards as lost; a worker leaving anyway (retiring, or
+        on a draining node) is not replaced, and a lost one only while the pool is under its
+        size (a worker waits for capacity; growth places more when it comes)."""
         self.replaced += 1
-        if self.replaced > self._max_replacements:
-            raise PoolError(f"{self.replaced} workers were lost (last: {reason}); giving up. "
-                            "Check the worker logs (ray logs) and the cluster's health")
+        if with_node:
+            self.events["lost_with_node"] += not worker.draining
         ray.kill(worker.actor, no_restart=True)
-        lost = [ShardOutcome(token, None, f"worker {reason}") for _, token in worker.inflight]
-        position = self._workers.index(worker)
-        if worker.retiring:  # it was leaving anyway: no one takes its place
-            del self._workers[position]
+        lost = [ShardOutcome(token, None, f"worker {reason}", lost_with_node=with_node)
+                for _, token in worker.inflight]
+        self._workers.remove(worker)
+        if worker.retiring or len(self._serving()) >= self.num_workers:
+            logger.warning("worker %d %s; %d shard(s) to retry", worker.index, reason, len(lost))
             return lost
-        fresh = self._spawn()
-        fresh.setup_ref = fresh.actor.setup.remote()  # load at once, placed wherever a GPU is free
-        self._workers[position] = fresh
+        fresh = self._add()
         logger.warning("worker %d %s; started worker %d, %d shard(s) to retry",
                        worker.index, reason, fresh.index, len(lost))
         return lost
@@ -201,41 +345,145 @@ class WorkerPool:
             self._workers.remove(worker)
 
     def _settle_setup(self, worker: _Worker, ref) -> list[ShardOutcome]:
-        """A replacement finished loading: it may take shards now, or it failed and is replaced."""
+        """A worker finished loading: it may take shards now, or it failed and is replaced
+        (workers failing one after another on healthy nodes stop the pool)."""
         if worker not in self._workers:
             return []
         try:
-            ray.get(ref)
+            info = ray.get(ref)
+        except RayActorError as exc:
+            return self._replace(worker, "lost while loading the model",
+                                 self._lost_with_node(worker, exc))
         except Exception as exc:  # noqa: BLE001 - a worker that cannot load is replaced
+            self._load_failures += 1
+            if self._load_failures >= LOAD_FAILURES_IN_A_ROW:
+                raise PoolError(f"{self._load_failures} workers in a row failed to load the "
+                                f"model (last: {_first_line(exc)}); check the worker logs "
+                                f"(ray logs) and the model") from None
             return self._replace(worker, f"failed to load the model: {_first_line(exc)}")
-        worker.setup_ref = None
+        self._loaded(worker, info)
+        logger.info("worker %d loaded its model on node %s; it takes shards", worker.index,
+                    (worker.node_id or "?")[:12])
         return []
+
+    def _loaded(self, worker: _Worker, info: dict) -> None:
+        self._load_failures = 0
+        worker.setup_ref = None
+        worker.placement = {"node_id": info.get("node_id"), "gpu_ids": info.get("gpu_ids", [])}
+        if self.on_loaded is not None:
+            self.on_loaded(info)
 
 
 def start_pools(pools: list[WorkerPool]) -> list[list[dict]]:
     """Start the workers of every pool (every stage) and load their models, all at once, so
-    the stages' loads overlap. On failure every worker is killed: the caller never holds a pool
+    the stages' loads overlap; return once each pool has loaded ``num_workers`` (an elastic
+    pool's minimum; the rest take shards as they load). While no worker of a pool can be placed (no GPU node yet: an
+    autoscaler is bringing one up), say so every ``WAITING_LOG_EVERY_S``, up to the pools'
+    ``capacity_timeout_s``. On failure every worker is killed: the caller never holds a pool
     that did not start, so nothing else would free their GPUs."""
-    refs = [pool.launch() for pool in pools]
-    timeout_s = max(pool.setup_timeout_s for pool in pools)
     try:
-        infos = ray.get([ref for group in refs for ref in group], timeout=timeout_s)
+        return _wait_for_one_each(pools, [pool.launch() for pool in pools])
     except BaseException as exc:
         for pool in pools:
             pool.shutdown()
-        raise _start_error(exc, sum(p.num_workers for p in pools), timeout_s) from None
-    out, at = [], 0
-    for group in refs:
-        out.append(infos[at:at + len(group)])
-        at += len(group)
-    return out
+        raise _start_error(exc) from None
 
 
-def _start_error(exc: BaseException, num_workers: int, timeout_s: float) -> BaseException:
+def _wait_for_one_each(pools: list[WorkerPool], refs: list[list]) -> list[list[dict]]:
+    started = time.monotonic()
+    capacity_s = max(p.capacity_timeout_s for p in pools)
+    loaded: list[list[dict]] = [[] for _ in pools]
+    pending = {ref: (i, w) for i, (pool, group) in enumerate(zip(pools, refs))
+               for ref, w in zip(group, pool._workers)}
+    # An actor answers placement() as soon as Ray has placed it, while its model loads.
+    unplaced = {w.actor.placement.remote(): i for i, pool in enumerate(pools) for w in pool._workers}
+    placed = [0] * len(pools)
+    next_log = started + 2.0  # the first word soon, then every WAITING_LOG_EVERY_S
+
+    def enough() -> bool:  # every pool has its num_workers (an elastic one: its minimum)
+        return all(len(got) >= pool.num_workers for got, pool in zip(loaded, pools))
+
+    while pending and not enough():
+        ready, _ = ray.wait([*pending, *unplaced], num_returns=1, timeout=1.0)
+        for ref in ready:
+            if ref in unplaced:
+                placed[unplaced.pop(ref)] += 1
+                continue
+            i, worker = pending.pop(ref)
+            info = ray.get(ref)  # a load that fails raises: the model cannot be loaded
+            pools[i]._loaded(worker, info)
+            loaded[i].append(info)
+        waited = time.monotonic() - started
+        if not all(placed) and waited > capacity_s:
+            raise GetTimeoutError(f"no worker could be placed within cluster.capacity_timeout_s "
+                                  f"= {capacity_s:g} s")
+        if waited > capacity_s + max(p.setup_timeout_s for p in pools):
+            raise GetTimeoutError(f"workers did not load the model within {waited:.0f} s")
+        if time.monotonic() > next_log and not enough():
+            next_log = time.monotonic() + WAITING_LOG_EVERY_S
+            workers = sum(len(group) for group in refs)
+            unit = "GPU" if any("GPU" in p._bundle for p in pools) else "CPU"
+            logger.info("waiting for %s capacity: %d of %d workers placed and loaded, asking "
+                        "the autoscaler for %d", unit, sum(map(len, loaded)), workers, workers)
+    # Those loaded in the meantime take shards at once; the rest settle in wait().
+    for ref, (i, worker) in list(pending.items()):
+        if ray.wait([ref], timeout=0)[0]:
+            try:
+                info = ray.get(ref)
+            except Exception:  # noqa: BLE001 - settled (and replaced) by the pool later
+                continue
+            pools[i]._loaded(worker, info)
+            loaded[i].append(info)
+    return loaded
+
+
+_REQUESTS: dict[int, list[dict]] = {}  # every pool's wish, by id: one request for the driver
+
+
+def _request(pool: WorkerPool, workers: int, bundle: dict) -> None:
+    """Ask Ray's autoscaler for ``workers`` of ``pool``'s bundles (with every other pool's):
+    its request replaces the last, and nodes it asked for stay until it is lowered."""
+    bundles = [dict(bundle)] * workers if workers else []
+    if _REQUESTS.get(id(pool)) == bundles or (not bundles and id(pool) not in _REQUESTS):
+        return
+    if bundles:
+        _REQUESTS[id(pool)] = bundles
+    else:
+        _REQUESTS.pop(id(pool), None)
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[b for wish in _REQUESTS.values() for b in wish])
+    except Exception as exc:  # noqa: BLE001 - a cluster without an autoscaler still renders
+        logger.debug("could not ask the autoscaler for workers: %s", exc)
+
+
+def _draining_nodes() -> dict[str, float]:
+    """Nodes Ray is draining: node id -> deadline in seconds since the epoch (0: none)."""
+    try:
+        client = _gcs_client(ray.get_runtime_context().gcs_address)
+        return {node: ms / 1000.0 for node, ms in client.get_draining_nodes(timeout=5).items()}
+    except Exception as exc:  # noqa: BLE001 - an older Ray, or a GCS hiccup: look again later
+        logger.debug("could not read the draining nodes: %s", exc)
+        return {}
+
+
+@functools.cache
+def _gcs_client(address: str):
+    from ray._raylet import GcsClient
+
+    return GcsClient(address=address)
+
+
+def _node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
+def _start_error(exc: BaseException) -> BaseException:
     """The PoolError that says why workers did not start, or ``exc`` itself if unexpected."""
     if isinstance(exc, GetTimeoutError):
-        return PoolError(f"workers did not load the model within {timeout_s:g} s (are there "
-                         f"enough free GPUs/CPUs for {num_workers} workers?)")
+        return PoolError(f"{exc}: are there enough free GPUs/CPUs for a worker, or can the "
+                         f"cluster's autoscaler add nodes?")
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if getattr(exc, "cause", None) else exc
         return PoolError(f"the model could not be loaded: {type(cause).__name__}: {cause}")

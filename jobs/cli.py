@@ -322,7 +322,18 @@ def _status(args) -> int:
         print(f"last run: {run.get('status')}, {run.get('rendered', 0)} rendered in "
               f"{run.get('seconds', 0)} s" + (f" ({rate} videos/hour, rendering time only: "
                                              f"{left_out})" if rate is not None else ""))
+        capacity = run.get("capacity") or {}
+        if capacity:
+            print("workers: " + ", ".join(f"{count} {_CAPACITY_EVENTS[name]}"
+                                          for name, count in sorted(capacity.items())))
     return EXIT_OK
+
+
+# How ``status`` says what the pools did as the cluster changed (job.json's capacity figures).
+_CAPACITY_EVENTS = {"joined": "placed as capacity appeared",
+                    "lost_with_node": "lost with their node (not counted against rows)",
+                    "drained": "handed back their shards before a drain's deadline",
+                    "retired_idle": "retired idle at the tail"}
 
 
 def _report(args) -> int:

@@ -274,7 +274,16 @@ class ClusterConfig(_Section):
     backend: Literal["ray", "inline"] = Field(
         "ray", description="inline: render in the driver process without Ray (debugging, tests)")
     address: str | None = Field(None, description="none: start a local cluster; 'auto' or host:port: join")
-    num_workers: int | None = Field(None, ge=1, description="default: one per GPU, else CPUs / cpus_per_worker")
+    num_workers: int | None = Field(
+        None, ge=1, description="a fixed number of workers (none: elastic, from min_workers up to max_workers)")
+    min_workers: int = Field(1, ge=1, description="elastic: workers started at once (placed, or waiting for capacity)")
+    max_workers: int | None = Field(
+        None, ge=1, description="elastic: the most workers (none: as many as the cluster can hold, now or later)")
+    gpus_per_worker: float | None = Field(
+        None, ge=0, le=64, description="GPUs each worker holds (none: 1 when the cluster has GPUs, else 0; "
+                                       "set 1 for a cluster that scales GPU nodes from zero)")
+    capacity_timeout_s: float = Field(
+        1800.0, gt=0, description="how long a job waits for its first worker to be placed (GPU nodes to come up)")
     cpus_per_worker: int = Field(1, ge=1)
     max_attempts: int = Field(3, ge=1, description="attempts per row before it is recorded as failed")
     shard_timeout_s: float = Field(3600.0, gt=0, description="a shard running longer is a hung worker")
@@ -285,6 +294,16 @@ class ClusterConfig(_Section):
     balance: Literal["auto", "fixed"] = Field(
         "auto", description="stages: move workers to the slowest stage once seconds per row are measured")
     rebalance_every_s: float = Field(300.0, gt=0, description="stages: how often the split of workers is reconsidered")
+
+    @model_validator(mode="after")
+    def _fixed_or_a_range(self) -> "ClusterConfig":
+        if self.num_workers is not None and (self.max_workers is not None or self.min_workers != 1):
+            raise ValueError("give num_workers (a fixed count) or min_workers/max_workers "
+                             "(a range), not both")
+        if self.max_workers is not None and self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers {self.min_workers} is over max_workers "
+                             f"{self.max_workers}")
+        return self
 
 
 class JobConfig(_Section):

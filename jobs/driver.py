@@ -164,6 +164,7 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
     remove_probes(cfg.output.uri)
     figures = {"rendered": scheduler.rendered, "recovered": scheduler.recovered,
                "workers_replaced": scheduler.workers_replaced,
+               "capacity": scheduler.pool_events(),
                "startup_s": round(scheduler.startup_s, 3),
                "rendering_s": round(scheduler.rendering_s, 3)}
     if len(scheduler.stages) > 1:

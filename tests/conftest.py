@@ -89,6 +89,19 @@ def ray_local():
 
 
 @pytest.fixture
+def cluster():
+    """A multi-node Ray cluster simulated on this machine (``ray.cluster_utils``): tests add
+    nodes with fake GPUs and remove them. The head holds no GPU, like a head pod that only
+    runs drivers and Ray's own services."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture
 def moto_server():
     from moto.server import ThreadedMotoServer
 

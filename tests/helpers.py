@@ -149,10 +149,21 @@ class CliDriver(subprocess.Popen):
     the local Ray cluster the driver started included, so nothing outlives the test.
     """
 
-    def __init__(self, *args: str, code: str | None = None, cwd=REPO, env: dict | None = None):
+    def __init__(self, *args: str, code: str | None = None, cwd=REPO, env: dict | None = None,
+                 log=None):
+        """``log``: a file its stderr goes to instead of a pipe, for a test to follow while
+        it runs (``log_text``)."""
         command = [sys.executable, *(["-c", code] if code else ["-m", "jobs.cli"]), *args]
+        self.log = log
+        stderr = open(log, "w") if log else subprocess.PIPE
         super().__init__(command, cwd=str(cwd), env={**os.environ, **(env or {})}, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        if log:
+            stderr.close()  # the driver holds its own copy
+
+    def log_text(self) -> str:
+        with open(self.log) as f:
+            return f.read()
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> tuple[str, str]:
         """Send ``sig`` to the driver alone (as a scheduler or Ctrl-C does) and wait for it to

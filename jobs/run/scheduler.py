@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from cluster.protocol import Pool
+from cluster.protocol import Pool, ShardOutcome
 from jobs.run.balancer import Balancer
 from jobs.store import manifest
 from jobs.input.plan import PlannedRow
@@ -119,14 +119,38 @@ class Scheduler:
             slice_s = WAIT_SLICE_S if len(busy) == 1 else POLL_S
             for stage in busy:
                 for outcome in stage.pool.wait(slice_s):
-                    self._settle(stage, stage.inflight.pop(outcome.token), outcome.results,
-                                 outcome.error)
+                    self._settle(stage, stage.inflight.pop(outcome.token), outcome)
+            for stage in self.stages:  # idle pools follow the cluster too (retire at the tail)
+                if stage.pool is not None and not stage.inflight:
+                    stage.pool.wait(0)
+            self._tell_demand(source_done)
             if self.balancer is not None:
                 self.balancer.consider(self.stages)
 
     @property
     def workers_replaced(self) -> int:
         return sum(s.pool.replaced for s in self.stages if s.pool is not None)
+
+    def pool_events(self) -> dict[str, int]:
+        """How the pools followed the cluster: workers joined, lost with their nodes, ..."""
+        total: dict[str, int] = {}
+        for stage in self.stages:
+            for name, count in (stage.pool.events.items() if stage.pool is not None else ()):
+                total[name] = total.get(name, 0) + count
+        return total
+
+    def _tell_demand(self, source_done: bool) -> None:
+        """Tell each pool how many workers the work left could keep busy (a round of shards
+        each): elastic pools grow toward it, and at the tail (nothing left for a stage to
+        start) their idle workers retire so nodes can go."""
+        remaining = self.progress.total - self.progress.ok - self.progress.failed
+        per_worker = self.shard_size * self.shards_per_worker
+        for index, stage in enumerate(self.stages):
+            if stage.pool is None:
+                continue
+            upstream = not source_done or any(not s.idle() for s in self.stages[:index])
+            starts_more = bool(stage.waiting or stage.retries) or upstream
+            stage.pool.demand(max(1, -(-remaining // per_worker)) if starts_more else 0)
 
     def close(self) -> None:
         for stage in self.stages:
@@ -216,10 +240,14 @@ class Scheduler:
         self.startup_s = self.rendering_since - started
         self.progress.rendering_started()
 
-    def _settle(self, stage: _StageState, shard: Shard, results: list[Result] | None,
-                error: str | None) -> None:
+    def _settle(self, stage: _StageState, shard: Shard, outcome: ShardOutcome) -> None:
         """Record each row's attempt; hand on what the stage made, commit what is final, and
-        queue retries."""
+        queue retries. A shard lost with its worker's node is no attempt of its rows: it is
+        queued again whole."""
+        if outcome.lost_with_node:
+            stage.retries.append(shard)
+            return
+        results = outcome.results
         records = list(shard.records)
         retry: list[PlannedRow] = []
         onward: list[PlannedRow] = []
@@ -227,11 +255,11 @@ class Scheduler:
         for i, row in enumerate(shard.rows):
             row.attempts += 1
             result = results[i] if results is not None else Result.failure(
-                row.id, "worker_lost", error or "worker lost", retryable=True)
+                row.id, "worker_lost", outcome.error or "worker lost", retryable=True)
             if not result.ok and result.retryable and row.attempts < self.max_attempts:
                 retry.append(row)
                 continue
-            self._advance(stage, row, result)
+            self._advance(stage, row, result, placement=outcome.placement)
             if result.ok and not final:
                 onward.append(row)
             else:
@@ -248,14 +276,14 @@ class Scheduler:
                 stage.retries.append(Shard(retry[i:i + size]))
 
     def _advance(self, stage: _StageState, row: PlannedRow, result: Result,
-                 recovered: bool = False) -> None:
-        """Close the row's account with ``stage``: its log entry, its result, a fresh count of
-        attempts for the next stage."""
+                 recovered: bool = False, placement: dict | None = None) -> None:
+        """Close the row's account with ``stage``: its log entry (with where it was rendered),
+        its result, a fresh count of attempts for the next stage."""
         seconds = sum(result.timings_s.values())
         height, width = stage.spec.size(row.outcome)
         row.stages.append({"name": stage.spec.name, "status": "ok" if result.ok else "failed",
                            "attempts": row.attempts, "seconds": seconds, "height": height,
-                           "width": width})
+                           "width": width, **_where(placement)})
         row.results.append(result)
         row.attempts = 0
         if recovered:
@@ -281,3 +309,9 @@ class Scheduler:
             self._on_commit(records)
         ok = sum(r["status"] == "ok" for r in records)
         self.progress.advance(ok, len(records) - ok)
+
+
+def _where(placement: dict | None) -> dict:
+    """A stage entry's node_id and gpu_ids: where the row was rendered (none: recovered)."""
+    placement = placement or {}
+    return {"node_id": placement.get("node_id"), "gpu_ids": placement.get("gpu_ids")}

@@ -5,6 +5,7 @@ process. The scheduler calls ``start_workers`` once, when it first has something
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -60,26 +61,34 @@ def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Bala
         pools = [InlinePool(spec) for spec in specs]
         start = lambda: [pool.start() for pool in pools]  # noqa: E731
     else:
-        from cluster.connect import connect, default_num_workers
+        from cluster.connect import connect
         from cluster.pool import WorkerPool, start_pools
 
         resources = connect(cfg.cluster.address)
-        default_workers, use_gpu = default_num_workers(resources, cfg.cluster.cpus_per_worker)
+        use_gpu = (cfg.cluster.gpus_per_worker if cfg.cluster.gpus_per_worker is not None
+                   else resources.get("GPU", 0)) > 0
+        elastic = len(stages) == 1 and cfg.cluster.num_workers is None
         if len(stages) == 1:
-            split = [cfg.cluster.num_workers or default_workers]
+            split = [cfg.cluster.num_workers or cfg.cluster.min_workers]
         else:
             balancer = _balancer(cfg, stages, resources, use_gpu)
             split = balancer.initial()
             balancer = balancer if cfg.cluster.balance == "auto" else None
+        gpus = [cfg.cluster.gpus_per_worker or 1.0] if len(stages) == 1 else \
+            [s.resources.gpus for s in stages]
         pools = [WorkerPool(replace(spec, torch_threads=None) if use_gpu else spec, workers,
                             use_gpu, stage.resources.cpus, cfg.cluster.shard_timeout_s,
-                            gpus_per_worker=stage.resources.gpus)
-                 for stage, spec, workers in zip(stages, specs, split)]
+                            gpus_per_worker=gpus_each,
+                            max_workers=(cfg.cluster.max_workers or math.inf) if elastic else None,
+                            capacity_timeout_s=cfg.cluster.capacity_timeout_s)
+                 for stage, spec, workers, gpus_each in zip(stages, specs, split, gpus)]
         start = lambda: start_pools(pools)  # noqa: E731
     for stage, pool in zip(stages, pools):
         named = f" for stage {stage.name}" if len(stages) > 1 else ""
-        logger.info("starting %s worker(s)%s and loading %s", pool.num_workers, named,
-                    stage.model.path)
+        most = pool.max_workers
+        count = pool.num_workers if most == pool.num_workers else \
+            f"{pool.num_workers} to {most if most != math.inf else 'as many as the cluster holds'}"
+        logger.info("starting %s worker(s)%s and loading %s", count, named, stage.model.path)
     infos = start()
     try:
         check_probes(cfg.output.uri, infos)
@@ -87,6 +96,8 @@ def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Bala
         for pool in pools:
             pool.shutdown()
         raise
+    for pool in pools:  # a worker placed later proves where it stores too
+        pool.on_loaded = lambda info: check_probes(cfg.output.uri, [[info]])
     for stage, pool, info in zip(stages, pools, infos):
         nodes = {p["node_id"] for p in pool.placements()}
         named = f"{stage.name}: " if len(stages) > 1 else ""

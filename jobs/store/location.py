@@ -38,16 +38,18 @@ def check_probes(output_uri: str, infos: list[list[dict]]) -> None:
     fs.invalidate_cache()
     for info in (worker for pool in infos for worker in pool):
         probe = info.get("probe")  # None: a stand-in renderer (benchmarks) stores none
-        if probe and not fs.exists(storage.join(root, probe)):
+        if not probe:
+            continue
+        if not fs.exists(storage.join(root, probe)):
             raise OutputError(
                 f"output {output_uri}: a worker (pid {info['pid']}) stored a test object there "
                 f"that this driver cannot read back: the workers do not share this storage with "
                 f"the driver. Use an object-store URI (s3://, gs://, ...) or a folder mounted at "
                 f"the same path on every node")
-    remove_probes(output_uri)
+        storage.remove_quietly(fs, storage.join(root, probe))  # others may be loading now
 
 
 def remove_probes(output_uri: str) -> None:
-    """The workers' start-up probes have been read (replacements store theirs later)."""
+    """Whatever probes are left at the end of a run (a worker that never finished loading)."""
     fs, root = storage.filesystem(output_uri)
     storage.remove_quietly(fs, storage.join(root, layout.PROBES_DIR), recursive=True)

@@ -38,8 +38,11 @@ ARTIFACT = pa.struct([("name", pa.string()), ("path", pa.string()), ("bytes", pa
 # What each stage did with a row, in order (a single-stage job has one: "video").
 # ``height`` and ``width``: the size the stage rendered at (an earlier stage may have its own);
 # null in shards written before stages recorded it.
+# ``node_id`` and ``gpu_ids``: the Ray node and the GPUs of the worker that rendered it (a bad
+# GPU or node is found from the manifest); null when recovered or refused, and in older shards.
 STAGE = pa.struct([("name", pa.string()), ("status", pa.string()), ("attempts", pa.int32()),
-                   ("seconds", pa.float64()), ("height", pa.int32()), ("width", pa.int32())])
+                   ("seconds", pa.float64()), ("height", pa.int32()), ("width", pa.int32()),
+                   ("node_id", pa.string()), ("gpu_ids", pa.list_(pa.string()))])
 # Each conditioning input's identity: where it was read from, and the hash of what was read.
 # Prefixed, so an input video never collides with the output's own video columns.
 INPUT_COLUMNS = [(f"input_{role}_{what}", pa.string()) for role in MEDIA_ROLES

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from helpers import prompts, tiny_config, write_prompts
+from helpers import prompts, tiny_config, wait_for, write_prompts
 
 from cluster.pool import WorkerPool
 from jobs.config import validate
@@ -50,6 +50,8 @@ def test_a_pool_shrinks_and_grows_without_losing_a_shard(tmp_path, ray_local):
         results.update(_run(pool, {i: tasks[i:i + 1] for i in range(6, 12)}))
         assert sorted(results) == list(range(12))
         assert all(r is not None and r[0].ok for r in results.values())
-        assert len(pool.placements()) == 3 and pool.replaced == 0
+        wait_for(lambda: pool.wait(0.5) == [] and len(pool.placements()) == 3, 120,
+                 "the two new workers to load")
+        assert pool.replaced == 0
     finally:
         pool.shutdown()

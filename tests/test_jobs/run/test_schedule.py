@@ -7,7 +7,7 @@ Each row's script says what every attempt at it does: "ok", "retry" (a retryable
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from collections import Counter, deque
 
 import pytest
 
@@ -34,8 +34,10 @@ class ScriptedPool:
         self.replaced = 0
         self.submitted: list[list[str]] = []  # row ids of each accepted shard
         self.refused = 0
+        self.events = Counter()
+        self.demands: list[int] = []  # what the scheduler said the work could use, in order
 
-    num_workers = 1
+    num_workers = max_workers = 1
 
     def start(self) -> list[dict]:
         return [{"device": "fake"}]
@@ -45,6 +47,10 @@ class ScriptedPool:
 
     def placements(self) -> list[dict]:
         return [{"node_id": "fake", "gpu_ids": []}]
+
+    def demand(self, workers: int) -> None:
+        if not self.demands or self.demands[-1] != workers:
+            self.demands.append(workers)
 
     def submit(self, token, tasks: list[Task], max_per_worker: int) -> bool:
         if len(self.queue) >= min(self.capacity, max_per_worker):
@@ -60,6 +66,8 @@ class ScriptedPool:
 
     def _finish(self, token, tasks: list[Task]) -> ShardOutcome:
         steps = [self.scripts[t.id].popleft() for t in tasks]
+        if "preempted" in steps:  # the worker's node went: no attempt of its rows
+            return ShardOutcome(token, None, "worker lost with its node", lost_with_node=True)
         if "lose" in steps:
             self.replaced += 1
             return ShardOutcome(token, None, "worker died: killed")
@@ -99,7 +107,7 @@ def _run(tmp_path, scripts: dict[str, list[str]], shard_size: int = 2, max_attem
     output = str(tmp_path / "out")
     scheduler = Scheduler(_stages(output, ["video"]), lambda: (started.append(1) or [pool], None),
                           output,
-                          Progress(0, enabled=False), max_attempts=max_attempts,
+                          Progress(len(scripts), enabled=False), max_attempts=max_attempts,
                           shard_size=shard_size, shards_per_worker=2)
     rows = _rows(list(scripts))
     if shards is None:
@@ -144,6 +152,23 @@ def test_a_row_that_kills_its_worker_is_isolated_and_fails_alone(tmp_path):
     assert pool.submitted[0] == ["a", "poison", "b"]
     assert all(len(s) == 1 for s in pool.submitted[2:])
     assert scheduler.workers_replaced == 3
+
+
+def test_shards_lost_with_their_node_spend_no_attempt_however_often(tmp_path):
+    """Preemptions are the cluster's doing, not the rows': more of them than max_attempts
+    still end in one ok commit of each row, in its own shard, at its first attempt."""
+    scripts = {"a": ["preempted"] * 5 + ["ok"], "b": ["preempted"] * 5 + ["ok"], "c": ["ok"]}
+    _, pool, by_id, n, _ = _run(tmp_path, scripts, max_attempts=2)
+    assert n == 3 and {r["status"] for r in by_id.values()} == {"ok"}
+    assert by_id["a"]["attempts"] == by_id["b"]["attempts"] == 1
+    assert pool.submitted.count(["a", "b"]) == 6  # the same shard each time, not split
+
+
+def test_the_pool_is_told_what_the_work_left_could_use_and_zero_at_the_tail(tmp_path):
+    scripts = {f"r{i}": ["ok"] for i in range(12)}
+    _, pool, _, n, _ = _run(tmp_path, scripts, shard_size=2)  # a round of 2 shards a worker
+    assert n == 12 and pool.demands[0] == 3 and pool.demands[-1] == 0
+    assert pool.demands == sorted(pool.demands, reverse=True)  # it only drops as rows commit
 
 
 def test_rows_already_final_commit_without_starting_any_worker(tmp_path):

@@ -1,0 +1,119 @@
+"""A job that follows its cluster (simulated nodes with fake GPUs, as in test_multinode.py):
+it waits for GPU capacity, grows onto nodes as they join, and loses nodes, to removal or to a
+drain, without spending its rows' attempts and without a budget of replacements."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from helpers import CliDriver, committed_shards, prompts, read_manifest, tiny_config, wait_for
+from helpers import run_cli, write_config, write_prompts
+
+from jobs.verify import verify
+
+pytestmark = pytest.mark.slow
+
+
+def _elastic_job(tmp_path, rows: int, steps: int = 4, **cluster) -> str:
+    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)),
+                      str(tmp_path / "out"), output={"shard_size": 2},
+                      render={"num_inference_steps": steps, "batch_size": 1},
+                      cluster={"num_workers": None, "gpus_per_worker": 1,
+                               "capacity_timeout_s": 120, "shard_timeout_s": 600, **cluster})
+    return write_config(tmp_path, cfg)
+
+
+def _rendered_on(out) -> dict[str, int]:
+    """Rows per node that rendered them, from the manifest's stage entries."""
+    nodes: dict[str, int] = {}
+    for row in read_manifest(out):
+        (stage,) = row["stages"]
+        nodes[stage["node_id"]] = nodes.get(stage["node_id"], 0) + 1
+    return nodes
+
+
+def _every_row_ok_once(out, rows: int) -> list[dict]:
+    table = read_manifest(out)
+    assert sorted(r["id"] for r in table) == sorted(p["id"] for p in prompts(rows))
+    assert {r["status"] for r in table} == {"ok"}
+    assert verify(str(out)).problems == []
+    return table
+
+
+def test_a_job_waits_for_gpu_capacity_then_grows_onto_nodes_as_they_join(cluster, tmp_path):
+    rows, out = 80, tmp_path / "out"
+    with CliDriver("render", _elastic_job(tmp_path, rows), "--quiet", "--address",
+                   cluster.address) as driver:
+        wait_for(lambda: (out / "job.json").exists(), 60, "the job to start", driver)
+        time.sleep(5)  # no GPU anywhere: its worker waits to be placed
+        assert driver.poll() is None and committed_shards(out) == []
+        first = cluster.add_node(num_cpus=2, num_gpus=1)
+        wait_for(lambda: len(committed_shards(out)) >= 2, 120, "commits on the first node", driver)
+        joined_at = time.monotonic()
+        second = cluster.add_node(num_cpus=2, num_gpus=1)
+        _, stderr = driver.communicate(timeout=240)
+    assert driver.returncode == 0, stderr[-3000:]
+    assert "waiting for GPU capacity: 0 of 1 workers placed and loaded" in stderr
+    assert "capacity for 1 more worker(s) appeared" in stderr, stderr[-3000:]
+    _every_row_ok_once(out, rows)
+    by_node = _rendered_on(out)
+    assert set(by_node) == {first.node_id, second.node_id} and by_node[second.node_id] > 0
+    capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
+    assert capacity["joined"] == 1
+    assert "workers: 1 placed as capacity appeared" in run_cli("status", str(out)).stdout
+    print(f"second node: {by_node[second.node_id]} of {rows} rows, job done "
+          f"{time.monotonic() - joined_at:.1f} s after it joined")
+
+
+def test_nodes_lost_more_often_than_any_budget_and_a_drained_node_cost_no_row_an_attempt(
+        cluster, tmp_path):
+    """Seven nodes removed under the job's one worker, each as soon as its worker has loaded
+    (the old budget of replacements allowed six), then one drained with a deadline: every row is
+    committed once, ok, at its first attempt, and nothing is rendered on the drained node
+    after the drain."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    rows, out, log = 40, tmp_path / "out", tmp_path / "driver.log"
+    node = cluster.add_node(num_cpus=2, num_gpus=1)
+    with CliDriver("render", _elastic_job(tmp_path, rows, steps=8, max_workers=1), "--quiet",
+                   "--address", cluster.address, log=log) as driver:
+        spare = cluster.add_node(num_cpus=2, num_gpus=1)  # while the first worker loads
+        wait_for(lambda: "workers loaded their models" in driver.log_text(), 120,
+                 "the first worker", driver)
+        for loss in range(1, 8):
+            cluster.remove_node(node)
+            spares = [spare, cluster.add_node(num_cpus=2, num_gpus=1)]  # while it reloads
+            wait_for(lambda: driver.log_text().count("loaded its model on node") >= loss, 120,
+                     f"the worker after loss {loss}", driver)
+            where = re.findall(r"loaded its model on node (\w+)", driver.log_text())[-1]
+            node = next(n for n in spares if n.node_id.startswith(where))
+            spare = next(n for n in spares if n is not node)
+        accepted, why = GcsClient(address=cluster.address).drain_node(
+            node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "a spot preemption notice", int((time.time() + 1) * 1000))
+        assert accepted, why
+        drained_at = time.time()
+        driver.communicate(timeout=300)
+    stderr = driver.log_text()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert stderr.count("lost with its node; started worker") == 7, stderr[-3000:]
+    assert "its node is being drained; it takes no new shards" in stderr, stderr[-3000:]
+    table = _every_row_ok_once(out, rows)
+    assert {r["attempts"] for r in table} == {1}
+    after_drain = [r for r in table if r["committed_at"] > drained_at + 3]
+    assert after_drain and all(r["stages"][0]["node_id"] != node.node_id for r in after_drain)
+    capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
+    assert capacity["lost_with_node"] == 7, capacity
+
+
+def test_no_capacity_within_the_timeout_fails_the_job_in_one_line(cluster, tmp_path):
+    result = run_cli("render", _elastic_job(tmp_path, 2, capacity_timeout_s=3), "--quiet",
+                     "--address", cluster.address)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "reelfarm: no worker could be placed within cluster.capacity_timeout_s = 3 s: are "
+        "there enough free GPUs/CPUs for a worker, or can the cluster's autoscaler add nodes?")

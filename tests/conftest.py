@@ -144,7 +144,10 @@ def s3_bucket(moto_server, s3_env):
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests skip cleanly on machines without CUDA."""
+    """Files of ``slow`` tests run first: the suite's processes take whole files (``--dist
+    loadfile``), and a long file started last would leave the other process idle at the end.
+    ``gpu`` tests skip cleanly on machines without CUDA."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept
     try:
         import torch
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
 from helpers import REPO, by_id, read_manifest, run_cli
 from PIL import Image
 from videos import probe
 
 CONFIGS = os.path.join(REPO, "configs")
 README = open(os.path.join(REPO, "README.md")).read()
+
+pytestmark = pytest.mark.slow  # minutes: whole jobs and processes
 
 
 def test_make_demo_renders_every_demo_prompt(tmp_path):

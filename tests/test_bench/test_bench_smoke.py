@@ -9,6 +9,8 @@ import sys
 import pytest
 from helpers import REPO
 
+pytestmark = pytest.mark.slow  # minutes: whole jobs and processes
+
 
 @pytest.mark.parametrize("name", ["plan_scale", "driver_throughput", "cpu_side_by_side", "gpu",
                                   "products", "stages"])

@@ -52,7 +52,7 @@ def test_a_job_waits_for_gpu_capacity_then_grows_onto_nodes_as_they_join(cluster
         assert driver.poll() is None and committed_shards(out) == []
         first = cluster.add_node(num_cpus=2, num_gpus=1)
         wait_for(lambda: len(committed_shards(out)) >= 2, 120, "commits on the first node", driver)
-        joined_at = time.monotonic()
+        joined_at, joined_wall = time.monotonic(), time.time()
         second = cluster.add_node(num_cpus=2, num_gpus=1)
         _, stderr = driver.communicate(timeout=240)
     assert driver.returncode == 0, stderr[-3000:]
@@ -64,8 +64,17 @@ def test_a_job_waits_for_gpu_capacity_then_grows_onto_nodes_as_they_join(cluster
     capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
     assert capacity["joined"] == 1
     assert "workers: 1 placed as capacity appeared" in run_cli("status", str(out)).stdout
-    print(f"second node: {by_node[second.node_id]} of {rows} rows, job done "
+    placed, loaded = (_logged_at(stderr, text) - joined_wall for text in
+                      ("capacity for 1 more worker(s) appeared", "loaded its model on node"))
+    print(f"second node: a worker placed {placed:.1f} s and loaded {loaded:.1f} s after it "
+          f"joined; {by_node[second.node_id]} of {rows} rows rendered there; the job done "
           f"{time.monotonic() - joined_at:.1f} s after it joined")
+
+
+def _logged_at(log: str, text: str) -> float:
+    """When the first line holding ``text`` was logged (seconds since the epoch)."""
+    line = next(line for line in log.splitlines() if text in line)
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
 
 
 def test_nodes_lost_more_often_than_any_budget_and_a_drained_node_cost_no_row_an_attempt(
@@ -78,12 +87,12 @@ def test_nodes_lost_more_often_than_any_budget_and_a_drained_node_cost_no_row_an
     from ray.core.generated import autoscaler_pb2
 
     rows, out, log = 40, tmp_path / "out", tmp_path / "driver.log"
-    node = cluster.add_node(num_cpus=2, num_gpus=1)
+    node = cluster.add_node(num_cpus=2, num_gpus=1)  # the only GPU: the first worker is here
     with CliDriver("render", _elastic_job(tmp_path, rows, steps=8, max_workers=1), "--quiet",
                    "--address", cluster.address, log=log) as driver:
-        spare = cluster.add_node(num_cpus=2, num_gpus=1)  # while the first worker loads
         wait_for(lambda: "workers loaded their models" in driver.log_text(), 120,
                  "the first worker", driver)
+        spare = cluster.add_node(num_cpus=2, num_gpus=1)
         for loss in range(1, 8):
             cluster.remove_node(node)
             spares = [spare, cluster.add_node(num_cpus=2, num_gpus=1)]  # while it reloads

@@ -21,6 +21,8 @@ from jobs.config import validate
 from jobs.driver import render
 from rendering import storage
 
+pytestmark = pytest.mark.slow  # minutes: whole jobs and processes
+
 
 def _committed(out) -> int:
     return len(committed_shards(out))

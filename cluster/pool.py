@@ -21,7 +21,6 @@ first finishes the shards it holds.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import Counter, deque
@@ -31,6 +30,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from cluster import capacity
 from cluster.protocol import ShardOutcome
 from rendering.contract import Task, WorkerSpec
 from rendering.worker import ShardRenderer
@@ -163,7 +163,7 @@ class WorkerPool:
         for worker in self._workers:
             ray.kill(worker.actor, no_restart=True)
         self._workers = []
-        _request(self, 0, {})
+        capacity.request(id(self), 0, {})
 
     # --- work ------------------------------------------------------------------------------
     def submit(self, token: Any, tasks: list[Task], max_per_worker: int) -> bool:
@@ -230,7 +230,7 @@ class WorkerPool:
         if now < self._next_look:
             return []
         self._next_look = now + LOOK_EVERY_S
-        outcomes = self._drain(_draining_nodes())
+        outcomes = self._drain(capacity.draining_nodes())
         serving = self._serving()
         wanted = int(min(self.max_workers, max(self._wanted, self.num_workers)))
         if self._wanted and len(serving) < wanted and not any(w.setup_ref for w in serving):
@@ -273,7 +273,7 @@ class WorkerPool:
         return int(min(resources.get(k, 0.0) // v for k, v in self._bundle.items() if v > 0))
 
     def _ask_autoscaler(self, workers: int) -> None:
-        _request(self, workers, self._bundle)
+        capacity.request(id(self), workers, self._bundle)
 
     def _lost_with_node(self, worker: _Worker, exc: BaseException) -> bool:
         """Whether the worker went down with its node (preempted, drained, removed), rather
@@ -283,7 +283,7 @@ class WorkerPool:
         if worker.node_id is None:
             return False
         for _ in range(10):  # the node's death reaches the GCS a moment after the actor's
-            if not _node_alive(worker.node_id):
+            if not capacity.node_alive(worker.node_id):
                 return True
             time.sleep(0.2)
         return False
@@ -435,48 +435,6 @@ def _wait_for_one_each(pools: list[WorkerPool], refs: list[list]) -> list[list[d
             pools[i]._loaded(worker, info)
             loaded[i].append(info)
     return loaded
-
-
-_REQUESTS: dict[int, list[dict]] = {}  # every pool's wish, by id: one request for the driver
-
-
-def _request(pool: WorkerPool, workers: int, bundle: dict) -> None:
-    """Ask Ray's autoscaler for ``workers`` of ``pool``'s bundles (with every other pool's):
-    its request replaces the last, and nodes it asked for stay until it is lowered."""
-    bundles = [dict(bundle)] * workers if workers else []
-    if _REQUESTS.get(id(pool)) == bundles or (not bundles and id(pool) not in _REQUESTS):
-        return
-    if bundles:
-        _REQUESTS[id(pool)] = bundles
-    else:
-        _REQUESTS.pop(id(pool), None)
-    try:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[b for wish in _REQUESTS.values() for b in wish])
-    except Exception as exc:  # noqa: BLE001 - a cluster without an autoscaler still renders
-        logger.debug("could not ask the autoscaler for workers: %s", exc)
-
-
-def _draining_nodes() -> dict[str, float]:
-    """Nodes Ray is draining: node id -> deadline in seconds since the epoch (0: none)."""
-    try:
-        client = _gcs_client(ray.get_runtime_context().gcs_address)
-        return {node: ms / 1000.0 for node, ms in client.get_draining_nodes(timeout=5).items()}
-    except Exception as exc:  # noqa: BLE001 - an older Ray, or a GCS hiccup: look again later
-        logger.debug("could not read the draining nodes: %s", exc)
-        return {}
-
-
-@functools.cache
-def _gcs_client(address: str):
-    from ray._raylet import GcsClient
-
-    return GcsClient(address=address)
-
-
-def _node_alive(node_id: str) -> bool:
-    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
 
 
 def _start_error(exc: BaseException) -> BaseException:

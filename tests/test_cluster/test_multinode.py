@@ -219,19 +219,20 @@ def test_a_node_of_video_workers_lost_mid_job_keeps_committed_work_and_a_spare_g
     assert driver.returncode == 0, stderr[-3000:]
     assert re.search(r"worker \d+ lost with its node; started worker \d+, \d+ shard\(s\) to "
                      r"retry", stderr), stderr[-3000:]
-    # The lost worker's replacement went to the one free GPU; the others stayed where they were.
+    # The lost worker's replacement went to the one free GPU; the others stayed where they were
+    # (those idle at the tail retired before the end).
     final = _recorded(tmp_path, "final")
     assert final["keyframe"] == started["keyframe"]
-    assert sorted(final["video"], key=str) == sorted(
-        ({"node_id": node, "gpu_ids": ["0"]} for node in [*video_nodes[1:], *spare]), key=str)
+    allowed = [{"node_id": node, "gpu_ids": ["0"]} for node in [*video_nodes[1:], *spare]]
+    assert final["video"] and all(p in allowed for p in final["video"]), final
     assert json.loads((out / "job.json").read_text())["last_run"]["workers_replaced"] == 1
     # The shard the lost worker was rendering went to another video worker, at no cost to
     # its rows' attempts (the node went, not the rows' fault); no keyframe was made twice.
     rows_attempts = [[s["attempts"] for s in row["stages"]] for row in read_manifest(out)]
     assert {keyframe for keyframe, _ in rows_attempts} == {1}
     assert {video for _, video in rows_attempts} == {1}, rows_attempts
-    lost = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
-    assert lost == {"lost_with_node": 1}, lost
+    capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
+    assert capacity["lost_with_node"] == 1, capacity
     # What was committed before the loss is still there, byte for byte and never rewritten:
     # the shard manifests, and the keyframes and videos they list.
     for path, data in committed.items():

@@ -1,0 +1,53 @@
+"""What the cluster offers a pool, read from Ray: the nodes it is draining (a preemption notice,
+a scale-down) and whether a node is alive; and the one request for capacity the driver makes of
+Ray's autoscaler on behalf of all its pools."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+_REQUESTS: dict[int, list[dict]] = {}  # every pool's wish, by pool: one request for the driver
+
+
+def request(pool: int, workers: int, bundle: dict) -> None:
+    """Ask Ray's autoscaler for ``workers`` of ``pool``'s bundles (with every other pool's):
+    its request replaces the last, and nodes it asked for stay until it is lowered."""
+    bundles = [dict(bundle)] * workers if workers else []
+    if _REQUESTS.get(pool) == bundles or (not bundles and pool not in _REQUESTS):
+        return
+    if bundles:
+        _REQUESTS[pool] = bundles
+    else:
+        _REQUESTS.pop(pool, None)
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[b for wish in _REQUESTS.values() for b in wish])
+    except Exception as exc:  # noqa: BLE001 - a cluster without an autoscaler still renders
+        logger.debug("could not ask the autoscaler for workers: %s", exc)
+
+
+def draining_nodes() -> dict[str, float]:
+    """Nodes Ray is draining: node id -> deadline in seconds since the epoch (0: none)."""
+    try:
+        client = _gcs_client(ray.get_runtime_context().gcs_address)
+        return {node: ms / 1000.0 for node, ms in client.get_draining_nodes(timeout=5).items()}
+    except Exception as exc:  # noqa: BLE001 - an older Ray, or a GCS hiccup: look again later
+        logger.debug("could not read the draining nodes: %s", exc)
+        return {}
+
+
+@functools.cache
+def _gcs_client(address: str):
+    from ray._raylet import GcsClient
+
+    return GcsClient(address=address)
+
+
+def node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())

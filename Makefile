@@ -37,10 +37,10 @@ demo: $(STAMP)
 
 # The suite runs on TEST_WORKERS processes at once (pytest-xdist; 0 runs it in this one), a whole
 # test file per worker: each worker is a session of its own, with its own local Ray cluster, and a
-# file's module fixtures (a rendered output, a Ray head, a browser) are made once. Most tests
-# wait on processes starting (Ray, ffmpeg, drivers) more than they compute: two processes used
-# about 40% of two cores, so three share them.
-TEST_WORKERS ?= 3
+# file's module fixtures (a rendered output, a Ray head, a browser) are made once. (Three
+# processes on two cores were no faster than two: 14:01 against 14:48 of tests, with more
+# timing-bound tests at risk.)
+TEST_WORKERS ?= 2
 # The layering first (pyproject.toml's import-linter contracts): seconds, and a broken one says where.
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache

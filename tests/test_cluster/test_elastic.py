@@ -44,8 +44,10 @@ def _every_row_ok_once(out, rows: int) -> list[dict]:
 
 
 def test_a_job_waits_for_gpu_capacity_then_grows_onto_nodes_as_they_join(cluster, tmp_path):
-    rows, out = 80, tmp_path / "out"
-    with CliDriver("render", _elastic_job(tmp_path, rows), "--quiet", "--address",
+    # Rows slow enough (about a second each here) that the job outlasts the joined node's model
+    # load on a busy machine.
+    rows, out = 60, tmp_path / "out"
+    with CliDriver("render", _elastic_job(tmp_path, rows, steps=24), "--quiet", "--address",
                    cluster.address) as driver:
         wait_for(lambda: (out / "job.json").exists(), 60, "the job to start", driver)
         time.sleep(5)  # no GPU anywhere: its worker waits to be placed

@@ -33,6 +33,9 @@ from rendering import storage
 from rendering.contract import Result
 
 WAIT_SLICE_S = 5.0  # how long one wait for results may block before progress is reported
+# A shard lost with its node this often is suspect itself (a row that takes its node down, by
+# memory, say): from then on its losses count against its rows' attempts.
+NODE_LOSSES_PER_SHARD = 5
 POLL_S = 0.05  # with several stages at work, each pool is asked in turn this often
 
 
@@ -40,6 +43,7 @@ POLL_S = 0.05  # with several stages at work, each pool is asked in turn this of
 class Shard:
     rows: list[PlannedRow]  # rows to render in the stage that holds the shard
     records: list[dict] = field(default_factory=list)  # rows already final (invalid rows)
+    node_losses: int = 0  # times it was lost with its worker's node
 
 
 @dataclass
@@ -243,8 +247,9 @@ class Scheduler:
     def _settle(self, stage: _StageState, shard: Shard, outcome: ShardOutcome) -> None:
         """Record each row's attempt; hand on what the stage made, commit what is final, and
         queue retries. A shard lost with its worker's node is no attempt of its rows: it is
-        queued again whole."""
-        if outcome.lost_with_node:
+        queued again whole (up to ``NODE_LOSSES_PER_SHARD`` times)."""
+        if outcome.lost_with_node and shard.node_losses < NODE_LOSSES_PER_SHARD:
+            shard.node_losses += 1
             stage.retries.append(shard)
             return
         results = outcome.results
@@ -273,7 +278,7 @@ class Scheduler:
             # time then takes only itself down.
             size = 1 if results is None else self.shard_size
             for i in range(0, len(retry), size):
-                stage.retries.append(Shard(retry[i:i + size]))
+                stage.retries.append(Shard(retry[i:i + size], node_losses=shard.node_losses))
 
     def _advance(self, stage: _StageState, row: PlannedRow, result: Result,
                  recovered: bool = False, placement: dict | None = None) -> None:

@@ -17,7 +17,7 @@ from jobs.store import manifest
 from jobs.input.plan import PlannedRow
 from jobs.input.rows import RowFailure
 from jobs.run.progress import Progress
-from jobs.run.scheduler import Scheduler, Shard
+from jobs.run.scheduler import NODE_LOSSES_PER_SHARD, Scheduler, Shard
 from jobs.config import ModelConfig, OptimizeConfig, ResourcesConfig
 from jobs.stages import Stage
 from rendering.contract import Artifact, Result, Task
@@ -162,6 +162,16 @@ def test_shards_lost_with_their_node_spend_no_attempt_however_often(tmp_path):
     assert n == 3 and {r["status"] for r in by_id.values()} == {"ok"}
     assert by_id["a"]["attempts"] == by_id["b"]["attempts"] == 1
     assert pool.submitted.count(["a", "b"]) == 6  # the same shard each time, not split
+
+
+def test_a_shard_that_takes_its_node_down_every_time_is_not_retried_forever(tmp_path):
+    """Past NODE_LOSSES_PER_SHARD losses a shard's losses count: its rows are retried alone
+    and fail on their own attempts, as any row that kills its worker."""
+    scripts = {"oom": ["preempted"] * 20, "c": ["ok"]}
+    _, pool, by_id, n, _ = _run(tmp_path, scripts, max_attempts=2, shard_size=1)
+    assert n == 2 and (by_id["oom"]["status"], by_id["oom"]["error_code"]) == (
+        "failed", "worker_lost")
+    assert pool.submitted.count(["oom"]) == NODE_LOSSES_PER_SHARD + 2
 
 
 def test_the_pool_is_told_what_the_work_left_could_use_and_zero_at_the_tail(tmp_path):

@@ -35,7 +35,7 @@ from rendering.contract import Result
 WAIT_SLICE_S = 5.0  # how long one wait for results may block before progress is reported
 # A shard lost with its node this often is suspect itself (a row that takes its node down, by
 # memory, say): from then on its losses count against its rows' attempts.
-NODE_LOSSES_PER_SHARD = 5
+NODE_LOSSES_PER_SHARD = 10
 POLL_S = 0.05  # with several stages at work, each pool is asked in turn this often
 
 

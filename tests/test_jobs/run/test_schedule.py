@@ -158,6 +158,7 @@ def test_shards_lost_with_their_node_spend_no_attempt_however_often(tmp_path):
     """Preemptions are the cluster's doing, not the rows': more of them than max_attempts
     still end in one ok commit of each row, in its own shard, at its first attempt."""
     scripts = {"a": ["preempted"] * 5 + ["ok"], "b": ["preempted"] * 5 + ["ok"], "c": ["ok"]}
+    assert 5 < NODE_LOSSES_PER_SHARD
     _, pool, by_id, n, _ = _run(tmp_path, scripts, max_attempts=2)
     assert n == 3 and {r["status"] for r in by_id.values()} == {"ok"}
     assert by_id["a"]["attempts"] == by_id["b"]["attempts"] == 1
@@ -167,7 +168,7 @@ def test_shards_lost_with_their_node_spend_no_attempt_however_often(tmp_path):
 def test_a_shard_that_takes_its_node_down_every_time_is_not_retried_forever(tmp_path):
     """Past NODE_LOSSES_PER_SHARD losses a shard's losses count: its rows are retried alone
     and fail on their own attempts, as any row that kills its worker."""
-    scripts = {"oom": ["preempted"] * 20, "c": ["ok"]}
+    scripts = {"oom": ["preempted"] * 30, "c": ["ok"]}
     _, pool, by_id, n, _ = _run(tmp_path, scripts, max_attempts=2, shard_size=1)
     assert n == 2 and (by_id["oom"]["status"], by_id["oom"]["error_code"]) == (
         "failed", "worker_lost")

@@ -1,27 +1,17 @@
 """The measured effect of each ``optimize.*`` option, of the dtype and of the batch size.
 
-Each variant is a pipeline loaded the way a worker loads it (rendering.pipelines.load.load_pipeline
-with a ModelSpec and an OptimizeSpec) and rendered with rendering.pipelines.load.render_batch, with
-the same prompts and seeds. Per variant: seconds per video (median over rounds); its ratio to
-the baseline (median over rounds of its time over the baseline's in the same round); the first
-call apart (warm-up; for ``compile``, compilation from empty caches); how far its frames are
-from the baseline's for the same seeds (mean and max absolute difference in [0, 1] pixel units:
-rounding only, for an option that changes nothing but speed); for FirstBlockCache, the
-transformer block calls it skipped; on CUDA, peak GPU memory. The weights are random: how often
-FirstBlockCache skips depends on how little the first block's output changes from step to
-step, which random weights do not reproduce, so its figures here check the mechanism and its
-cost, not the speed-up a trained model would get.
+Each variant is a pipeline loaded as a worker loads it (load_pipeline with a ModelSpec and an
+OptimizeSpec) and rendered with render_batch, same prompts and seeds. Per variant: seconds per
+video (median over rounds), its ratio to the baseline in the same round, the first call apart
+(warm-up, or compilation), how far its frames are from the baseline's (mean and max absolute
+difference in [0, 1] pixels), FirstBlockCache's skipped block calls, and on CUDA peak memory.
+Random weights make FirstBlockCache's skips meaningless: its figures check the mechanism only.
 
-On the CPU the tiny models' pipelines stay loaded side by side and the rounds interleave them,
-so that load from other users of a shared machine falls on all of them alike. On CUDA the
-full-size models of bench/full_size_models.py are loaded one pipeline at a time (variants that
-differ only in batch size share one): a Wan pipeline takes about 14 GB (11 of them its UMT5-XXL
-text encoder), so a dozen do not fit at once, and peak memory is then the variant's own. A CUDA run
-starts no variant once its time budget is spent, so variants come in order of interest, and
-the results are saved after each one.
+On the CPU the tiny pipelines stay loaded and rounds interleave them. On CUDA the full-size
+models (bench/full_size_models.py) load one at a time (Wan takes about 14 GB); no variant starts
+once the time budget is spent, and results are saved after each one.
 
     python -m bench.options                    # CPU: tiny:modelscope and tiny:wan, 7 rounds
-    python -m bench.options --quick            # a smoke run, about a minute
     python -m bench.options --device cuda --models wan [--variants ...] [--steps 10]
 """
 

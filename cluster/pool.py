@@ -6,17 +6,12 @@ The pool carries shards; it does not decide what they hold. It keeps each actor'
 and hung ones (their oldest shard outlives ``shard_timeout_s``), kills and replaces them, and
 hands their unfinished shards back as lost so the driver can retry them elsewhere.
 
-It follows its cluster. It holds ``num_workers`` at least (placed, or waiting for capacity) and
-grows up to ``max_workers`` while the driver has work for more (``demand``): every few seconds
-it places workers wherever resources for them have appeared (a node joined, another job freed
-some) and asks Ray's autoscaler for the rest (``request_resources``, lowered as the work runs
-out and cleared at the end). A node Ray marks as draining (a preemption notice, a scale-down)
-gets no new shards; its shards that cannot finish before the drain's deadline are handed back at
-once. A worker lost with its node is a loss, not a failure: its shards come back marked so, and
-there is no budget of replacements. What stops a pool is workers that fail to load their model
-one after another on healthy nodes. At the tail (no work left to start) idle workers retire, so
-their nodes can go. The driver also moves workers between stages (``resize``): a retired worker
-first finishes the shards it holds.
+It follows its cluster: it holds ``num_workers`` at least and grows up to ``max_workers`` while
+the driver has work for more (``demand``), placing workers where resources appeared and asking
+Ray's autoscaler for the rest. Draining nodes get no new shards, and shards that would miss the
+drain's deadline come back at once. A worker lost with its node is a loss, not a failure (no
+replacement budget); workers failing to load one after another on healthy nodes stop the pool.
+At the tail idle workers retire; ``resize`` moves workers between stages.
 """
 
 from __future__ import annotations
@@ -96,8 +91,7 @@ class WorkerPool:
         self._actor_class = (RenderActor if worker_class is None
                              else ray.remote(**_ACTOR_OPTIONS)(worker_class))
         self.num_workers = num_workers  # held at least, placed or waiting for capacity
-        # Grown up to while there is work (math.inf: as many as the cluster can hold, now or
-        # later); None: a fixed pool.
+        # Grown to while there is work (math.inf: no limit); None: a fixed pool.
         self.max_workers = num_workers if max_workers is None else max_workers
         self._elastic = self.max_workers > num_workers
         self.shard_timeout_s = shard_timeout_s
@@ -115,8 +109,7 @@ class WorkerPool:
         # Called with each worker's setup info once it has loaded (the driver checks its probe).
         self.on_loaded: Callable[[dict], None] | None = None
         self.replaced = 0
-        # What happened to the pool's workers: joined (placed after the start), lost_with_node,
-        # drained (handed back shards for a drain's deadline), retired_idle (at the tail).
+        # joined (placed after the start), lost_with_node, drained, retired_idle (at the tail)
         self.events: Counter = Counter()
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -11,7 +11,8 @@ the driver has work for more (``demand``), placing workers where resources appea
 Ray's autoscaler for the rest. Draining nodes get no new shards, and shards that would miss the
 drain's deadline come back at once. A worker lost with its node is a loss, not a failure (no
 replacement budget); workers failing to load one after another on healthy nodes stop the pool.
-At the tail idle workers retire; ``resize`` moves workers between stages.
+At the tail idle workers first take backup copies of late shards (a slow GPU no longer holds
+up a job's end), then retire; ``resize`` moves workers between stages.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster import capacity
 from cluster.protocol import ShardOutcome
+from rendering import storage
 from rendering.contract import Task, WorkerSpec
 from rendering.worker import ShardRenderer
 
@@ -60,6 +62,10 @@ class PoolError(RuntimeError):
 LOOK_EVERY_S = 2.0  # how often the pool looks at the cluster: capacity, draining nodes
 LOAD_FAILURES_IN_A_ROW = 3  # workers failing to load, one after another, on healthy nodes
 WAITING_LOG_EVERY_S = 30.0
+# At the tail, a shard held this many times as long as a shard typically takes gets a backup copy
+# on an idle worker (MapReduce's backup tasks): the first copy back is delivered.
+BACKUP_AFTER = 1.5
+STOP_WAIT_S = 30.0  # waiting for a stopped copy's worker to be gone before its twin commits
 
 
 @dataclass
@@ -106,10 +112,13 @@ class WorkerPool:
         self._next_look = 0.0
         self._load_failures = 0  # workers that failed to load, in a row
         self._shard_s: float | None = None  # how long a shard takes, smoothed
+        self._tasks: dict[Any, list[Task]] = {}  # token -> tasks, in flight (for backup copies)
+        self._backups: dict[Any, int] = {}  # token -> the worker holding its backup copy
         # Called with each worker's setup info once it has loaded (the driver checks its probe).
         self.on_loaded: Callable[[dict], None] | None = None
         self.replaced = 0
-        # joined (placed after the start), lost_with_node, drained, retired_idle (at the tail)
+        # joined (placed after the start), lost_with_node, drained, retired_idle (at the tail),
+        # backups (copies of late shards), backups_first (a backup copy came back first)
         self.events: Counter = Counter()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -168,9 +177,8 @@ class WorkerPool:
         worker = min(ready, key=lambda w: len(w.inflight))
         if len(worker.inflight) >= max_per_worker:
             return False
-        if not worker.inflight:
-            worker.busy_since = time.monotonic()
-        worker.inflight.append((worker.actor.render_shard.remote(tasks), token))
+        self._tasks[token] = tasks
+        self._hand(worker, token)
         return True
 
     def wait(self, timeout_s: float) -> list[ShardOutcome]:
@@ -195,16 +203,19 @@ class WorkerPool:
                 continue  # already replaced while handling an earlier ref
             token, started = self._pop(worker, ref)
             try:
-                outcomes.append(ShardOutcome(token, ray.get(ref), placement=worker.placement))
+                outcomes += self._one_copy(worker, ShardOutcome(token, ray.get(ref),
+                                                                placement=worker.placement))
                 self._timed(time.monotonic() - started)
             except RayActorError as exc:
                 with_node = self._lost_with_node(worker, exc)
                 why = "lost with its node" if with_node else f"died: {_first_line(exc)}"
-                outcomes.append(ShardOutcome(token, None, f"worker {why}", lost_with_node=with_node))
+                outcomes += self._one_copy(worker, ShardOutcome(token, None, f"worker {why}",
+                                                                lost_with_node=with_node))
                 outcomes += self._replace(worker, "lost with its node" if with_node else "died",
                                           with_node)
             except Exception as exc:  # noqa: BLE001 - a broken call loses the shard, not the job
-                outcomes.append(ShardOutcome(token, None, f"worker error: {_first_line(exc)}"))
+                outcomes += self._one_copy(worker, ShardOutcome(
+                    token, None, f"worker error: {_first_line(exc)}"))
         now = time.monotonic()
         for worker in list(self._workers):
             if worker.inflight and now - worker.busy_since > self.shard_timeout_s:
@@ -235,8 +246,12 @@ class WorkerPool:
                     self._add()
                 self.events["joined"] += more
         if not self._wanted:
+            self._back_up(serving)
             idle = [w for w in serving if not w.inflight and w.setup_ref is None]
-            for worker in idle[:len(serving) - 1]:  # one stays for a retry that may come back
+            # Idle workers stay for the shards in flight without a copy (each may need a backup);
+            # one stays anyway, for a retry that may come back.
+            tokens = {token for w in self._workers for _, token in w.inflight}
+            for worker in idle[len(tokens - set(self._backups)):][:len(serving) - 1]:
                 worker.retiring = True
                 self.events["retired_idle"] += 1
             self._stop_drained()
@@ -260,6 +275,58 @@ class WorkerPool:
                 self.events["drained"] += 1
                 outcomes += self._replace(worker, "drained before its deadline", True)
         return outcomes
+
+    def _back_up(self, serving: list[_Worker]) -> None:
+        """Give idle workers a backup copy of the shards held longest, once a shard is late
+        (``BACKUP_AFTER`` typical shard times): renders are deterministic and the commit is
+        idempotent, and only the first copy back reaches the scheduler."""
+        if self._shard_s is None:
+            return
+        now = time.monotonic()
+        idle = [w for w in serving if not w.inflight and w.setup_ref is None]
+        late = sorted((w for w in self._workers if w.inflight
+                       and w.inflight[0][1] not in self._backups
+                       and now - w.busy_since > BACKUP_AFTER * self._shard_s),
+                      key=lambda w: w.busy_since)
+        for spare, slow in zip(idle, late):
+            token = slow.inflight[0][1]
+            self._hand(spare, token)
+            self._backups[token] = spare.index
+            self.events["backups"] += 1
+            logger.info("worker %d takes a backup copy of the shard worker %d has held for "
+                        "%.0f s", spare.index, slow.index, now - slow.busy_since)
+
+    def _one_copy(self, worker: _Worker, outcome: ShardOutcome) -> list[ShardOutcome]:
+        """What the scheduler hears of a shard: a backed-up shard's first result, delivered
+        once its other copy is stopped; nothing of a copy lost while the other goes on."""
+        token = outcome.token
+        if token in self._backups:
+            backup = self._backups.pop(token)
+            if outcome.results is None:
+                return []  # the other copy goes on alone
+            self.events["backups_first"] += worker.index == backup
+            return self._stop_other_copy(worker, outcome)
+        self._tasks.pop(token, None)
+        return [outcome]
+
+    def _stop_other_copy(self, first: _Worker, outcome: ShardOutcome) -> list[ShardOutcome]:
+        """Stop the worker holding the other copy of ``outcome``'s shard (a running actor call
+        cannot be interrupted) and wait until it is gone, so nothing it writes can land after
+        the commit; then the first copy's artifacts must be as it stored them, else the shard
+        is rendered again (two renders on different GPUs may differ in their last bits)."""
+        token = outcome.token
+        self._tasks.pop(token, None)
+        holder = next(w for w in self._workers if any(t == token for _, t in w.inflight))
+        ref = next(r for r, t in holder.inflight if t == token)
+        holder.inflight = deque((r, t) for r, t in holder.inflight if r != ref)
+        others = self._replace(holder, f"stopped: worker {first.index} finished its shard's "
+                                       f"other copy first", no_fault=True)
+        ray.wait([ref], timeout=STOP_WAIT_S)
+        fs, root = storage.filesystem(self.spec.output_uri)
+        if not storage.stored_intact(fs, root, [a for r in outcome.results for a in r.artifacts]):
+            outcome = ShardOutcome(token, None, "its backup copy overwrote what it stored",
+                                   lost_with_node=True)
+        return [outcome, *others]
 
     def _fits(self, resources: dict) -> int:
         """How many more workers ``resources`` can hold."""
@@ -298,6 +365,12 @@ class WorkerPool:
         self._workers.append(worker)
         return worker
 
+    def _hand(self, worker: _Worker, token: Any) -> None:
+        """Queue the shard ``token`` on ``worker``."""
+        if not worker.inflight:
+            worker.busy_since = time.monotonic()
+        worker.inflight.append((worker.actor.render_shard.remote(self._tasks[token]), token))
+
     def _pop(self, worker: _Worker, ref) -> tuple[Any, float]:
         """The shard's token, and when it became the worker's oldest."""
         for i, (candidate, token) in enumerate(worker.inflight):
@@ -312,17 +385,19 @@ class WorkerPool:
     def _timed(self, seconds: float) -> None:
         self._shard_s = seconds if self._shard_s is None else 0.8 * self._shard_s + 0.2 * seconds
 
-    def _replace(self, worker: _Worker, reason: str, with_node: bool = False) -> list[ShardOutcome]:
-        """Kill ``worker`` and report its shards as lost; a worker leaving anyway (retiring, or
-        on a draining node) is not replaced, and a lost one only while the pool is under its
-        size (a worker waits for capacity; growth places more when it comes)."""
-        self.replaced += 1
+    def _replace(self, worker: _Worker, reason: str, with_node: bool = False,
+                 no_fault: bool = False) -> list[ShardOutcome]:
+        """Kill ``worker`` and report its shards as lost (``with_node`` or ``no_fault``: no
+        attempt of their rows); a worker leaving anyway (retiring, or on a draining node) is not
+        replaced, and a lost one only while the pool is under its size (a worker waits for
+        capacity; growth places more when it comes)."""
+        self.replaced += not no_fault
         if with_node:
             self.events["lost_with_node"] += not worker.draining
         ray.kill(worker.actor, no_restart=True)
-        lost = [ShardOutcome(token, None, f"worker {reason}", lost_with_node=with_node)
-                for _, token in worker.inflight]
         self._workers.remove(worker)
+        lost = [o for _, token in worker.inflight for o in self._one_copy(worker, ShardOutcome(
+            token, None, f"worker {reason}", lost_with_node=with_node or no_fault))]
         if worker.retiring or len(self._serving()) >= self.num_workers:
             logger.warning("worker %d %s; %d shard(s) to retry", worker.index, reason, len(lost))
             return lost

@@ -333,7 +333,9 @@ def _status(args) -> int:
 _CAPACITY_EVENTS = {"joined": "placed as capacity appeared",
                     "lost_with_node": "lost with their node (not counted against rows)",
                     "drained": "handed back their shards before a drain's deadline",
-                    "retired_idle": "retired idle at the tail"}
+                    "retired_idle": "retired idle at the tail",
+                    "backups": "took a backup copy of a late shard at the tail",
+                    "backups_first": "of those finished first (the other copy stopped)"}
 
 
 def _report(args) -> int:

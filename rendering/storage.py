@@ -83,6 +83,18 @@ def sha256_object(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+def stored_intact(fs: fsspec.AbstractFileSystem, root: str, artifacts) -> bool:
+    """Whether each artifact's object (``rendering.contract.Artifact``: path under ``root``,
+    bytes, sha256) still has the size and sha256 it was stored with: a receipt or a commit
+    vouches only for those bytes."""
+    for artifact in artifacts:
+        stored = join(root, artifact.path)
+        if not fs.exists(stored) or fs.size(stored) != artifact.bytes \
+                or sha256_object(fs, stored) != artifact.sha256:
+            return False
+    return True
+
+
 def temp_beside(path: str) -> str:
     """A hidden, unique temp name next to ``path`` (its folder made): what a local write goes
     to before it is renamed or linked into place."""

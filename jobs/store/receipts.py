@@ -35,22 +35,15 @@ class Receipts:
         result = read_receipt(self._fs.cat_file(path), task)
         if result is None or result.artifact(self._artifact) is None:
             return None
-        return result if self._intact(result.artifacts) else None
+        return result if storage.stored_intact(self._fs, self._root, result.artifacts) else None
 
     def recover_kept(self, task: Task, kept: list[Artifact]) -> Result | None:
         """A result from this stage's artifact among ``kept`` (what a committed row stored,
         ``jobs.run.records.kept_artifacts``), if the object still has its size and sha256."""
         mine = [a for a in kept if a.name == self._artifact]
-        return Result(id=task.id, ok=True, artifacts=mine) if mine and self._intact(mine) \
-            else None
-
-    def _intact(self, artifacts: list[Artifact]) -> bool:
-        for artifact in artifacts:
-            stored = storage.join(self._root, artifact.path)
-            if not self._fs.exists(stored) or self._fs.size(stored) != artifact.bytes \
-                    or storage.sha256_object(self._fs, stored) != artifact.sha256:
-                return False
-        return True
+        if not mine or not storage.stored_intact(self._fs, self._root, mine):
+            return None
+        return Result(id=task.id, ok=True, artifacts=mine)
 
     def remove(self, keys: list[str]) -> None:
         """Drop the receipts of committed rows (a leftover one is harmless, just untidy)."""

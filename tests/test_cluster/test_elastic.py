@@ -128,3 +128,52 @@ def test_no_capacity_within_the_timeout_fails_the_job_in_one_line(cluster, tmp_p
     assert result.stderr.strip().splitlines()[-1] == (
         "reelfarm: no worker could be placed within cluster.capacity_timeout_s = 3 s: are "
         "there enough free GPUs/CPUs for a worker, or can the cluster's autoscaler add nodes?")
+
+
+# ``reelfarm render`` with one slow worker: the first to get the row argv[2] sleeps before it
+# (a slow GPU or node, say) far longer than the job's whole run. Defined here, in the driver's
+# __main__, Ray ships the class to its workers by value.
+_DRIVER_WITH_A_SLOW_WORKER = """
+import os, sys, time
+import ray
+import cluster.pool as pool
+from jobs.cli import main
+
+marker, slow_id = sys.argv.pop(1), sys.argv.pop(1)
+
+class SlowOnce(pool._PlacedRenderer):
+    def render_shard(self, tasks):
+        if any(task.id == slow_id for task in tasks):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+                time.sleep(600)
+            except FileExistsError:
+                pass
+        return super().render_shard(tasks)
+
+pool.RenderActor = ray.remote(**pool._ACTOR_OPTIONS)(SlowOnce)
+sys.exit(main())
+"""
+
+
+def test_a_slow_worker_at_the_tail_is_overtaken_by_a_backup_copy_and_rows_commit_once(
+        cluster, tmp_path):
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    rows, out, log = 8, tmp_path / "out", tmp_path / "driver.log"
+    slow_id = prompts(rows)[-1]["id"]
+    with CliDriver(str(tmp_path / "slow.marker"), slow_id, "render", _elastic_job(tmp_path, rows),
+                   "--quiet", "--address", cluster.address, code=_DRIVER_WITH_A_SLOW_WORKER,
+                   log=log) as driver:
+        driver.communicate(timeout=240)  # the slow copy alone would take over 600 s
+    stderr = driver.log_text()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert (tmp_path / "slow.marker").exists()  # the slow worker did get the row
+    assert re.search(r"worker \d+ takes a backup copy of the shard worker \d+ has held", stderr)
+    assert re.search(r"stopped: worker \d+ finished its shard's other copy first", stderr)
+    table = _every_row_ok_once(out, rows)
+    assert {r["attempts"] for r in table} == {1}
+    capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
+    assert capacity["backups"] == 1 and capacity["backups_first"] == 1, capacity
+    assert "1 took a backup copy of a late shard at the tail" in run_cli("status", str(out)).stdout

@@ -129,7 +129,7 @@ def test_workers_start_one_per_gpu_across_nodes_and_fetch_the_model_once_per_nod
 def test_a_node_lost_mid_job_keeps_committed_work_and_the_job_finishes_on_the_others(cluster, tmp_path):
     nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
-    rows = 48
+    rows = 72
     out = tmp_path / "out"
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
                       output={"shard_size": 2}, render={"num_inference_steps": 4},
@@ -137,12 +137,17 @@ def test_a_node_lost_mid_job_keeps_committed_work_and_the_job_finishes_on_the_ot
     config = write_config(tmp_path, cfg)
 
     started = time.monotonic()
-    with CliDriver("render", config, "--quiet", "--address", cluster.address) as driver:
-        # Wait for the first commits, then take a worker node away, workers and all.
+    log = tmp_path / "driver.log"
+    with CliDriver("render", config, "--quiet", "--address", cluster.address, log=log) as driver:
+        # Wait until every node's worker takes shards (an elastic pool starts with the first
+        # loaded) and the first commits, then take a worker node away, workers and all.
+        wait_for(lambda: _loaded_workers(driver.log_text()) == len(nodes), 120,
+                 "every node's worker loaded", driver)
         committed = _wait_for_commits(out, driver, at_least=2, timeout_s=120)
         cluster.remove_node(nodes[1])
-        stdout, stderr = driver.communicate(timeout=240)
+        driver.communicate(timeout=240)
     elapsed_s = time.monotonic() - started
+    stderr = driver.log_text()
 
     assert driver.returncode == 0, stderr[-3000:]
     # A loss with its node: the pool (elastic: one worker at least) goes on with the others.
@@ -335,6 +340,13 @@ def _assert_every_row_ok_once(out, rows: int) -> None:
     assert (out / "_SUCCESS").exists()
     assert verify(str(out)).problems == []
     assert run_cli("verify", str(out)).returncode == 0
+
+
+def _loaded_workers(log: str) -> int:
+    """Workers taking shards, from a driver's log: those the pool started with and those that
+    loaded their model later."""
+    first = re.search(r"(\d+) worker\(s\) on \d+ node\(s\)", log)
+    return (int(first.group(1)) if first else 0) + log.count("loaded its model on node")
 
 
 def _wait_for_commits(out, driver, at_least: int, timeout_s: float) -> dict[str, bytes]:

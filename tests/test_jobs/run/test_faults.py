@@ -138,10 +138,17 @@ def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
     assert (summary.ok, summary.failed) == (32, 0)
-    assert summary.workers_replaced >= 1
     rows = read_manifest(out)
     assert sorted(r["id"] for r in rows) == [f"row-{i:03d}" for i in range(32)]
-    assert max(r["attempts"] for r in rows) >= 2  # the lost shard's rows were tried again
+    # A hung worker's shard is done elsewhere either after shard_timeout_s, or sooner, by a
+    # backup copy an idle worker takes at the tail (the hung worker is then stopped, with no
+    # row's attempt spent).
+    capacity = json.loads((out / "job.json").read_text())["last_run"].get("capacity", {})
+    if not capacity.get("backups_first"):
+        assert summary.workers_replaced >= 1
+        assert max(r["attempts"] for r in rows) >= 2  # the lost shard's rows were tried again
+    else:
+        assert fault == "hang" and {r["attempts"] for r in rows} == {1}
     assert verify(str(out)).problems == []  # the WebDataset shard's check included
     assert _packed_ids(out) == [f"row-{i:03d}" for i in range(32)]
     print(f"worker {fault}: job finished {time.monotonic() - started:.1f} s after the fault")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -210,3 +211,58 @@ def s3_client():
     import boto3
 
     return boto3.client("s3")
+
+
+def ray_head_env(tmp: str, **extra: str) -> dict:
+    """The environment of a ``ray start --head`` a test runs, and of the drivers and clients it
+    starts there: Ray's temp dir private to the test (``tmp``, short: Ray's socket paths must
+    fit in 107 bytes), token auth on with a token of its own."""
+    token_path = os.path.join(tmp, "auth_token")
+    with open(token_path, "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    bin_dir = os.path.dirname(sys.executable)
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", RAY_TMPDIR=tmp,
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path,
+               RAY_USAGE_STATS_ENABLED="0", **extra)
+    return env
+
+
+def stop_process_group(head: subprocess.Popen) -> None:
+    """Stop a Ray head a test started (``--block``, in its own process group) by its pid:
+    SIGTERM to the group, SIGKILL if it lingers (Ray drains up to 30 s on SIGTERM; a test need
+    not wait). Everything the head started, the nodes an autoscaler launched included, is in
+    the group."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=30)
+
+
+def elastic_config(tmp_path, rows: int, steps: int = 4, **cluster) -> str:
+    """A tiny job that follows its cluster: GPU workers (one GPU each), as many as it holds."""
+    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)),
+                      str(tmp_path / "out"), output={"shard_size": 2},
+                      render={"num_inference_steps": steps, "batch_size": 1},
+                      cluster={"num_workers": None, "gpus_per_worker": 1,
+                               "capacity_timeout_s": 120, "shard_timeout_s": 600, **cluster})
+    return write_config(tmp_path, cfg)
+
+
+def every_row_ok_once(out, rows: int) -> list[dict]:
+    """The manifest's rows, once each asserted: every row of ``prompts(rows)`` ok, verify clean."""
+    from jobs.verify import verify
+
+    table = read_manifest(out)
+    assert sorted(r["id"] for r in table) == sorted(p["id"] for p in prompts(rows))
+    assert {r["status"] for r in table} == {"ok"}
+    assert verify(str(out)).problems == []
+    return table

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,7 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 from helpers import prompts, run_cli, tiny_config, write_prompts
-from helpers import committed_shards, free_ports, write_config
+from helpers import committed_shards, free_ports, ray_head_env, stop_process_group, write_config
 from videos import probe
 
 pytestmark = pytest.mark.slow
@@ -37,13 +35,8 @@ RAY = os.path.join(BIN, "ray")
 def ray_head():
     # Short: Ray's unix socket paths under the temp dir must fit in 107 bytes.
     tmp = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")
-    token_path = os.path.join(tmp, "auth_token")
-    with open(token_path, "w") as f:
-        f.write(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_TMPDIR=tmp,
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0",
-               RAY_JOB_STOP_WAIT_TIME_S="60")  # as the README advises: a loaded box stops slower
+    # As the README advises: a loaded box stops slower.
+    env = ray_head_env(tmp, RAY_JOB_STOP_WAIT_TIME_S="60")
     gcs, dashboard, client, agent = free_ports(4)
     log = open(os.path.join(tmp, "head.log"), "w")
     head = subprocess.Popen(
@@ -56,7 +49,7 @@ def ray_head():
         _wait_for_dashboard(url, head, tmp)
         yield {"url": url, "env": env, "tmp": tmp}
     finally:
-        _stop(head)
+        stop_process_group(head)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -181,19 +174,3 @@ def _wait_for_dashboard(url: str, head: subprocess.Popen, tmp: str, timeout_s: f
         if head.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"ray start --head did not come up:\n{log[-3000:]}")
         time.sleep(0.5)
-
-
-def _stop(head: subprocess.Popen) -> None:
-    """Stop the head by its pid: SIGTERM to its process group, SIGKILL if it lingers."""
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(head.pid, signal.SIGKILL)  # Ray drains up to 30 s on SIGTERM; a test need not
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=30)

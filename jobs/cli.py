@@ -286,6 +286,7 @@ def _strays(args, strays: list[str]) -> int:
 
 
 def _status(args) -> int:
+    from jobs.run.timeline import steps
     from jobs.status import failed_rows, status
 
     report = status(args.output)
@@ -326,6 +327,9 @@ def _status(args) -> int:
         if capacity:
             print("workers: " + ", ".join(f"{count} {_CAPACITY_EVENTS[name]}"
                                           for name, count in sorted(capacity.items())))
+        over_time = run.get("workers_over_time") or []
+        for stage in sorted({name for point in over_time for name in point["workers"]}):
+            print(f"workers over time ({stage}): {steps(over_time, stage)}")
     return EXIT_OK
 
 

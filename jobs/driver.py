@@ -165,6 +165,7 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
     figures = {"rendered": scheduler.rendered, "recovered": scheduler.recovered,
                "workers_replaced": scheduler.workers_replaced,
                "capacity": scheduler.pool_events(),
+               "workers_over_time": scheduler.timeline.points,
                "startup_s": round(scheduler.startup_s, 3),
                "rendering_s": round(scheduler.rendering_s, 3)}
     if len(scheduler.stages) > 1:

@@ -27,6 +27,7 @@ from jobs.store import manifest
 from jobs.input.plan import PlannedRow
 from jobs.run.records import kept_artifacts, record
 from jobs.run.progress import Progress
+from jobs.run.timeline import WorkersTimeline
 from jobs.stages import Stage
 from jobs.store.receipts import Receipts
 from rendering import storage
@@ -99,6 +100,7 @@ class Scheduler:
         self.rendered = 0
         self.recovered = 0  # rows whose every stage an interrupted run had stored
         self._tokens = itertools.count()
+        self.timeline = WorkersTimeline()  # workers per stage taking shards, as they change
 
     def run(self, shards: Iterator[Shard]) -> None:
         first = self.stages[0]
@@ -118,6 +120,7 @@ class Scheduler:
                 if source_done and all(s.idle() for s in self.stages):
                     if self.rendering_since is not None:
                         self.rendering_s = time.monotonic() - self.rendering_since
+                    self.timeline.close()
                     return
                 continue
             slice_s = WAIT_SLICE_S if len(busy) == 1 else POLL_S
@@ -128,6 +131,8 @@ class Scheduler:
                 if stage.pool is not None and not stage.inflight:
                     stage.pool.wait(0)
             self._tell_demand(source_done)
+            self.timeline.sample({s.spec.name: len(s.pool.placements())
+                                  for s in self.stages if s.pool is not None})
             if self.balancer is not None:
                 self.balancer.consider(self.stages)
 

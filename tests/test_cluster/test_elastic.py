@@ -9,21 +9,10 @@ import re
 import time
 
 import pytest
-from helpers import CliDriver, committed_shards, prompts, read_manifest, tiny_config, wait_for
-from helpers import run_cli, write_config, write_prompts
-
-from jobs.verify import verify
+from helpers import CliDriver, committed_shards, elastic_config, every_row_ok_once, prompts
+from helpers import read_manifest, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _elastic_job(tmp_path, rows: int, steps: int = 4, **cluster) -> str:
-    cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)),
-                      str(tmp_path / "out"), output={"shard_size": 2},
-                      render={"num_inference_steps": steps, "batch_size": 1},
-                      cluster={"num_workers": None, "gpus_per_worker": 1,
-                               "capacity_timeout_s": 120, "shard_timeout_s": 600, **cluster})
-    return write_config(tmp_path, cfg)
 
 
 def _rendered_on(out) -> dict[str, int]:
@@ -35,19 +24,11 @@ def _rendered_on(out) -> dict[str, int]:
     return nodes
 
 
-def _every_row_ok_once(out, rows: int) -> list[dict]:
-    table = read_manifest(out)
-    assert sorted(r["id"] for r in table) == sorted(p["id"] for p in prompts(rows))
-    assert {r["status"] for r in table} == {"ok"}
-    assert verify(str(out)).problems == []
-    return table
-
-
 def test_a_job_waits_for_gpu_capacity_then_grows_onto_nodes_as_they_join(cluster, tmp_path):
     # Rows slow enough (about a second each here) that the job outlasts the joined node's model
     # load on a busy machine.
     rows, out = 60, tmp_path / "out"
-    with CliDriver("render", _elastic_job(tmp_path, rows, steps=24), "--quiet", "--address",
+    with CliDriver("render", elastic_config(tmp_path, rows, steps=24), "--quiet", "--address",
                    cluster.address) as driver:
         wait_for(lambda: (out / "job.json").exists(), 60, "the job to start", driver)
         time.sleep(5)  # no GPU anywhere: its worker waits to be placed
@@ -60,12 +41,15 @@ def test_a_job_waits_for_gpu_capacity_then_grows_onto_nodes_as_they_join(cluster
     assert driver.returncode == 0, stderr[-3000:]
     assert "waiting for GPU capacity: 0 of 1 workers placed and loaded" in stderr
     assert "capacity for 1 more worker(s) appeared" in stderr, stderr[-3000:]
-    _every_row_ok_once(out, rows)
+    every_row_ok_once(out, rows)
     by_node = _rendered_on(out)
     assert set(by_node) == {first.node_id, second.node_id} and by_node[second.node_id] > 0
     capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
     assert capacity["joined"] == 1
-    assert "workers: 1 placed as capacity appeared" in run_cli("status", str(out)).stdout
+    status = run_cli("status", str(out)).stdout
+    assert "workers: 1 placed as capacity appeared" in status
+    # One worker, then two once the second node's has loaded (then fewer, at the tail).
+    assert re.search(r"workers over time \(video\): 1 → 2( → 1)?\n", status), status
     placed, loaded = (_logged_at(stderr, text) - joined_wall for text in
                       ("capacity for 1 more worker(s) appeared", "loaded its model on node"))
     print(f"second node: a worker placed {placed:.1f} s and loaded {loaded:.1f} s after it "
@@ -90,7 +74,7 @@ def test_nodes_lost_more_often_than_any_budget_and_a_drained_node_cost_no_row_an
 
     rows, out, log = 40, tmp_path / "out", tmp_path / "driver.log"
     node = cluster.add_node(num_cpus=2, num_gpus=1)  # the only GPU: the first worker is here
-    with CliDriver("render", _elastic_job(tmp_path, rows, steps=8, max_workers=1), "--quiet",
+    with CliDriver("render", elastic_config(tmp_path, rows, steps=8, max_workers=1), "--quiet",
                    "--address", cluster.address, log=log) as driver:
         wait_for(lambda: "workers loaded their models" in driver.log_text(), 120,
                  "the first worker", driver)
@@ -113,7 +97,7 @@ def test_nodes_lost_more_often_than_any_budget_and_a_drained_node_cost_no_row_an
     assert driver.returncode == 0, stderr[-3000:]
     assert stderr.count("lost with its node; started worker") == 7, stderr[-3000:]
     assert "its node is being drained; it takes no new shards" in stderr, stderr[-3000:]
-    table = _every_row_ok_once(out, rows)
+    table = every_row_ok_once(out, rows)
     assert {r["attempts"] for r in table} == {1}
     after_drain = [r for r in table if r["committed_at"] > drained_at + 3]
     assert after_drain and all(r["stages"][0]["node_id"] != node.node_id for r in after_drain)
@@ -122,7 +106,7 @@ def test_nodes_lost_more_often_than_any_budget_and_a_drained_node_cost_no_row_an
 
 
 def test_no_capacity_within_the_timeout_fails_the_job_in_one_line(cluster, tmp_path):
-    result = run_cli("render", _elastic_job(tmp_path, 2, capacity_timeout_s=3), "--quiet",
+    result = run_cli("render", elastic_config(tmp_path, 2, capacity_timeout_s=3), "--quiet",
                      "--address", cluster.address)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
@@ -163,7 +147,7 @@ def test_a_slow_worker_at_the_tail_is_overtaken_by_a_backup_copy_and_rows_commit
     cluster.wait_for_nodes()
     rows, out, log = 8, tmp_path / "out", tmp_path / "driver.log"
     slow_id = prompts(rows)[-1]["id"]
-    with CliDriver(str(tmp_path / "slow.marker"), slow_id, "render", _elastic_job(tmp_path, rows),
+    with CliDriver(str(tmp_path / "slow.marker"), slow_id, "render", elastic_config(tmp_path, rows),
                    "--quiet", "--address", cluster.address, code=_DRIVER_WITH_A_SLOW_WORKER,
                    log=log) as driver:
         driver.communicate(timeout=240)  # the slow copy alone would take over 600 s
@@ -172,7 +156,7 @@ def test_a_slow_worker_at_the_tail_is_overtaken_by_a_backup_copy_and_rows_commit
     assert (tmp_path / "slow.marker").exists()  # the slow worker did get the row
     assert re.search(r"worker \d+ takes a backup copy of the shard worker \d+ has held", stderr)
     assert re.search(r"stopped: worker \d+ finished its shard's other copy first", stderr)
-    table = _every_row_ok_once(out, rows)
+    table = every_row_ok_once(out, rows)
     assert {r["attempts"] for r in table} == {1}
     capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
     assert capacity["backups"] == 1 and capacity["backups_first"] == 1, capacity

@@ -54,6 +54,7 @@ def render_html(g: Gathered, job: dict, name: str = "", complete: bool = False) 
         f"<h1>{esc(title)}</h1>\n",
         sections.summary(g, job, complete),
         sections.throughput(g),
+        sections.workers(job),
         sections.score_histogram(g),
         sections.quality_gate(g, job),
         gallery(g),

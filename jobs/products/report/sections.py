@@ -119,6 +119,35 @@ def throughput(g: Gathered) -> str:
             + _bars_svg(rates, width, ends, tips, "videos per hour over time") + "</section>\n")
 
 
+WORKER_BINS = 60
+
+
+def workers(job: dict) -> str:
+    """A chart per stage of its workers over the last run (job.json's ``workers_over_time``):
+    how the pools followed the cluster. Nothing for a run that did not record it."""
+    points = (job.get("last_run") or {}).get("workers_over_time") or []
+    try:
+        start, end = float(points[0]["at"]), float(points[-1]["at"])
+        stages = sorted({str(name) for point in points for name in point["workers"]})
+        width = max(end - start, 1e-3) / WORKER_BINS
+        charts = []
+        for stage in stages:
+            bins, i = [], 0
+            for b in range(WORKER_BINS):  # the count in force at each bin's start
+                t = start + b * width
+                while i + 1 < len(points) and float(points[i + 1]["at"]) <= t:
+                    i += 1
+                bins.append((t, float(points[i]["workers"].get(stage, 0))))
+            tips = [f"{when(t)}: {n:g} worker(s)" for t, n in bins]
+            charts.append(f"<h3>{esc(stage)}</h3>\n" + _bars_svg(
+                bins, width, (when(start), when(end)), tips, f"{stage} workers over time"))
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+        return ""  # no record (an older output), or not one this version wrote
+    return ("<section id=\"workers\"><h2>Workers</h2>\n<p>Workers taking shards in the last "
+            "run, per stage: nodes joining, lost or drained, workers retired at the tail.</p>\n"
+            + "".join(charts) + "</section>\n")
+
+
 def score_histogram(g: Gathered) -> str:
     head = f"<section id=\"scores\"><h2>Scores (<code>{esc(SCORE_COLUMN)}</code>)</h2>\n"
     if not g.scored:

@@ -272,6 +272,29 @@ def test_scores_histogram_and_lowest_rows(tmp_path):
         gathered.throughput.dense())
 
 
+def test_workers_over_the_last_run_are_charted_per_stage_and_absent_from_older_outputs(
+        tmp_path):
+    out = synthetic_output(tmp_path / "out", 100, per_shard=50)
+    assert 'id="workers"' not in _page(out)[0]  # written before job.json recorded them
+    with open(os.path.join(out, layout.JOB_FILE)) as f:
+        job = json.load(f)
+    job["last_run"]["workers_over_time"] = [
+        {"at": 1000.0, "workers": {"video": 1, "keyframe": 1}},
+        {"at": 1030.0, "workers": {"video": 3, "keyframe": 1}},
+        {"at": 1090.0, "workers": {"video": 2, "keyframe": 1}},
+        {"at": 1120.0, "workers": {"video": 2, "keyframe": 1}}]
+    with open(os.path.join(out, layout.JOB_FILE), "w") as f:
+        json.dump(job, f)
+    text, page = _page(out)
+    section = text[text.index('id="workers"'):text.index("</section>", text.index('id="workers"'))]
+    assert section.index("<h3>keyframe</h3>") < section.index("<h3>video</h3>")
+    video = section[section.index("<h3>video</h3>"):]
+    tips = re.findall(r"<title>[^<]*: (\d+) worker\(s\)</title>", video)
+    # 60 bins over 120 s: two seconds each; 1 worker for 30 s, 3 for 60 s, then 2.
+    assert tips == ["1"] * 15 + ["3"] * 30 + ["2"] * 15
+    assert "1970-01-01 00:16:40 UTC" in video  # the run's start, on the axis
+
+
 def test_the_sample_is_a_fixed_hash_sample_whatever_the_shards(tmp_path):
     a = synthetic_output(tmp_path / "a", 3000, per_shard=1000)
     b = synthetic_output(tmp_path / "b", 3000, per_shard=70)

@@ -91,7 +91,8 @@ class WorkerPool:
     def __init__(self, spec: WorkerSpec, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                  shard_timeout_s: float, setup_timeout_s: float = 1800.0,
                  worker_class: type | None = None, gpus_per_worker: float = 1.0,
-                 max_workers: float | None = None, capacity_timeout_s: float = 1800.0):
+                 max_workers: float | None = None, capacity_timeout_s: float = 1800.0,
+                 backups: bool = True):
         self.spec = spec
         # A stand-in for ShardRenderer with the same methods (the benchmarks' do-nothing one).
         self._actor_class = (RenderActor if worker_class is None
@@ -112,6 +113,7 @@ class WorkerPool:
         self._next_look = 0.0
         self._load_failures = 0  # workers that failed to load, in a row
         self._shard_s: float | None = None  # how long a shard takes, smoothed
+        self.backups = backups  # idle workers take copies of late shards at the tail
         self._tasks: dict[Any, list[Task]] = {}  # token -> tasks, in flight (for backup copies)
         self._backups: dict[Any, int] = {}  # token -> the worker holding its backup copy
         # Called with each worker's setup info once it has loaded (the driver checks its probe).
@@ -280,7 +282,7 @@ class WorkerPool:
         """Give idle workers a backup copy of the shards held longest, once a shard is late
         (``BACKUP_AFTER`` typical shard times): renders are deterministic and the commit is
         idempotent, and only the first copy back reaches the scheduler."""
-        if self._shard_s is None:
+        if not self.backups or self._shard_s is None:
             return
         now = time.monotonic()
         idle = [w for w in serving if not w.inflight and w.setup_ref is None]

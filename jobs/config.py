@@ -285,6 +285,8 @@ class ClusterConfig(_Section):
     capacity_timeout_s: float = Field(
         1800.0, gt=0, description="how long a job waits for its first worker to be placed (GPU nodes to come up)")
     cpus_per_worker: int = Field(1, ge=1)
+    backups: bool = Field(True, description="at the tail, idle workers take a backup copy of a late "
+                                            "shard; the first copy back is committed")
     max_attempts: int = Field(3, ge=1, description="attempts per row before it is recorded as failed")
     shard_timeout_s: float = Field(3600.0, gt=0, description="a shard running longer is a hung worker")
     shards_in_flight_per_worker: int = Field(2, ge=1, description="queued shards keep workers fed")

@@ -80,7 +80,8 @@ def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Bala
                             use_gpu, stage.resources.cpus, cfg.cluster.shard_timeout_s,
                             gpus_per_worker=gpus_each,
                             max_workers=(cfg.cluster.max_workers or math.inf) if elastic else None,
-                            capacity_timeout_s=cfg.cluster.capacity_timeout_s)
+                            capacity_timeout_s=cfg.cluster.capacity_timeout_s,
+                            backups=cfg.cluster.backups)
                  for stage, spec, workers, gpus_each in zip(stages, specs, split, gpus)]
         start = lambda: start_pools(pools)  # noqa: E731
     for stage, pool in zip(stages, pools):

@@ -114,8 +114,8 @@ def test_no_capacity_within_the_timeout_fails_the_job_in_one_line(cluster, tmp_p
         "there enough free GPUs/CPUs for a worker, or can the cluster's autoscaler add nodes?")
 
 
-# ``reelfarm render`` with one slow worker: the first to get the row argv[2] sleeps before it
-# (a slow GPU or node, say) far longer than the job's whole run. Defined here, in the driver's
+# ``reelfarm render`` with one slow worker: the first to get the row argv[2] sleeps argv[3]
+# seconds before it (a slow GPU or node, say). Defined here, in the driver's
 # __main__, Ray ships the class to its workers by value.
 _DRIVER_WITH_A_SLOW_WORKER = """
 import os, sys, time
@@ -123,14 +123,14 @@ import ray
 import cluster.pool as pool
 from jobs.cli import main
 
-marker, slow_id = sys.argv.pop(1), sys.argv.pop(1)
+marker, slow_id, sleep_s = sys.argv.pop(1), sys.argv.pop(1), float(sys.argv.pop(1))
 
 class SlowOnce(pool._PlacedRenderer):
     def render_shard(self, tasks):
         if any(task.id == slow_id for task in tasks):
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-                time.sleep(600)
+                time.sleep(sleep_s)
             except FileExistsError:
                 pass
         return super().render_shard(tasks)
@@ -145,12 +145,10 @@ def test_a_slow_worker_at_the_tail_is_overtaken_by_a_backup_copy_and_rows_commit
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
-    rows, out, log = 8, tmp_path / "out", tmp_path / "driver.log"
-    slow_id = prompts(rows)[-1]["id"]
-    with CliDriver(str(tmp_path / "slow.marker"), slow_id, "render", elastic_config(tmp_path, rows),
-                   "--quiet", "--address", cluster.address, code=_DRIVER_WITH_A_SLOW_WORKER,
-                   log=log) as driver:
-        driver.communicate(timeout=240)  # the slow copy alone would take over 600 s
+    rows, out = 8, tmp_path / "out"
+    # The slow copy alone would take over 600 s.
+    with _driver_with_a_slow_worker(tmp_path, rows, 600, cluster.address) as driver:
+        driver.communicate(timeout=240)
     stderr = driver.log_text()
     assert driver.returncode == 0, stderr[-3000:]
     assert (tmp_path / "slow.marker").exists()  # the slow worker did get the row
@@ -161,3 +159,29 @@ def test_a_slow_worker_at_the_tail_is_overtaken_by_a_backup_copy_and_rows_commit
     capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
     assert capacity["backups"] == 1 and capacity["backups_first"] == 1, capacity
     assert "1 took a backup copy of a late shard at the tail" in run_cli("status", str(out)).stdout
+
+
+def test_without_backups_the_slow_worker_finishes_its_shard_alone(cluster, tmp_path):
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    rows, out = 8, tmp_path / "out"
+    with _driver_with_a_slow_worker(tmp_path, rows, 8, cluster.address, "--set",
+                                    "cluster.backups=false") as driver:
+        driver.communicate(timeout=240)
+    stderr = driver.log_text()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert (tmp_path / "slow.marker").exists()
+    assert "backup copy" not in stderr and "other copy" not in stderr
+    every_row_ok_once(out, rows)
+    capacity = json.loads((out / "job.json").read_text())["last_run"]["capacity"]
+    assert "backups" not in capacity, capacity
+
+
+def _driver_with_a_slow_worker(tmp_path, rows: int, sleep_s: float, address: str,
+                               *args: str) -> CliDriver:
+    """``reelfarm render`` of ``rows`` rows on ``address`` whose first worker to get the last
+    row sleeps ``sleep_s`` before it; its log in tmp_path/driver.log."""
+    return CliDriver(str(tmp_path / "slow.marker"), prompts(rows)[-1]["id"], str(sleep_s),
+                     "render", elastic_config(tmp_path, rows), "--quiet", "--address", address,
+                     *args, code=_DRIVER_WITH_A_SLOW_WORKER, log=tmp_path / "driver.log")

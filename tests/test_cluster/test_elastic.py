@@ -12,6 +12,8 @@ import pytest
 from helpers import CliDriver, committed_shards, elastic_config, every_row_ok_once, prompts
 from helpers import read_manifest, run_cli, wait_for
 
+from bench.elastic import SLOW_WORKER_DRIVER
+
 pytestmark = pytest.mark.slow
 
 
@@ -114,32 +116,6 @@ def test_no_capacity_within_the_timeout_fails_the_job_in_one_line(cluster, tmp_p
         "there enough free GPUs/CPUs for a worker, or can the cluster's autoscaler add nodes?")
 
 
-# ``reelfarm render`` with one slow worker: the first to get the row argv[2] sleeps argv[3]
-# seconds before it (a slow GPU or node, say). Defined here, in the driver's
-# __main__, Ray ships the class to its workers by value.
-_DRIVER_WITH_A_SLOW_WORKER = """
-import os, sys, time
-import ray
-import cluster.pool as pool
-from jobs.cli import main
-
-marker, slow_id, sleep_s = sys.argv.pop(1), sys.argv.pop(1), float(sys.argv.pop(1))
-
-class SlowOnce(pool._PlacedRenderer):
-    def render_shard(self, tasks):
-        if any(task.id == slow_id for task in tasks):
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-                time.sleep(sleep_s)
-            except FileExistsError:
-                pass
-        return super().render_shard(tasks)
-
-pool.RenderActor = ray.remote(**pool._ACTOR_OPTIONS)(SlowOnce)
-sys.exit(main())
-"""
-
-
 def test_a_slow_worker_at_the_tail_is_overtaken_by_a_backup_copy_and_rows_commit_once(
         cluster, tmp_path):
     for _ in range(2):
@@ -184,4 +160,4 @@ def _driver_with_a_slow_worker(tmp_path, rows: int, sleep_s: float, address: str
     row sleeps ``sleep_s`` before it; its log in tmp_path/driver.log."""
     return CliDriver(str(tmp_path / "slow.marker"), prompts(rows)[-1]["id"], str(sleep_s),
                      "render", elastic_config(tmp_path, rows), "--quiet", "--address", address,
-                     *args, code=_DRIVER_WITH_A_SLOW_WORKER, log=tmp_path / "driver.log")
+                     *args, code=SLOW_WORKER_DRIVER, log=tmp_path / "driver.log")

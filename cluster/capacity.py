@@ -51,3 +51,8 @@ def _gcs_client(address: str):
 
 def node_alive(node_id: str) -> bool:
     return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
+def total(resource: str) -> float:
+    """How much of ``resource`` the cluster's alive nodes hold now (GPU, CPU)."""
+    return float(ray.cluster_resources().get(resource, 0.0))

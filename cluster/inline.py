@@ -37,6 +37,9 @@ class InlinePool:
     def placements(self) -> list[dict]:
         return [{"node_id": "driver", "gpu_ids": []}]
 
+    def loaded(self) -> int:
+        return 1
+
     def shutdown(self) -> None:
         self._queue.clear()
 

@@ -163,6 +163,9 @@ class WorkerPool:
         """Where each loaded worker runs: its node id and the GPU ids Ray pinned it to."""
         return [dict(w.placement) for w in self._workers if w.setup_ref is None]
 
+    def loaded(self) -> int:
+        return sum(w.setup_ref is None for w in self._workers)
+
     def shutdown(self) -> None:
         for worker in self._workers:
             ray.kill(worker.actor, no_restart=True)

@@ -40,6 +40,9 @@ class Pool(Protocol):
     def placements(self) -> list[dict]:
         """Where each loaded worker runs: node_id and gpu_ids."""
 
+    def loaded(self) -> int:
+        """Workers that have loaded their model (taking shards, or retiring)."""
+
     def demand(self, workers: int) -> None:
         """How many workers the remaining work could keep busy: an elastic pool grows toward
         it as capacity appears; 0 at the tail, where idle workers retire."""

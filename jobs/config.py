@@ -14,10 +14,11 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from jobs import params
 from jobs.params import MAX_FPS
@@ -227,12 +228,33 @@ class OutputConfig(_Section):
     _uri = field_validator("uri")(_check_uri)
 
 
+class WorkerRange(_Section):
+    """A stage's workers as a range: the balancer splits the cluster between the stages within it."""
+
+    min: int = Field(1, ge=1, description="workers the stage keeps at least")
+    max: int | None = Field(None, ge=1, description="the most it grows to (none: no limit)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WorkerRange":
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
+# A count or a {min, max} range: one error names what is wrong with either, not both readings.
+_Workers = Annotated[Annotated[Annotated[int, Field(ge=1)], Tag("count")]
+                     | Annotated[WorkerRange, Tag("range")],
+                     Discriminator(lambda v: "range" if isinstance(v, (dict, WorkerRange)) else "count")]
+
+
 class ResourcesConfig(_Section):
     """What one worker of a stage holds, and how many workers the stage gets."""
 
     gpus: float = Field(1.0, gt=0, le=64, description="GPUs per worker on a GPU cluster; a fraction shares one (0.5: two workers a GPU)")
     cpus: float = Field(1.0, gt=0, description="CPUs per worker (on a CPU cluster: its torch threads, at least 1)")
-    workers: int | None = Field(None, ge=1, description="a fixed number of workers, never rebalanced")
+    workers: _Workers | None = Field(
+        None, description="a fixed number of workers, never rebalanced, or {min, max}: "
+                                "a range the balancer keeps the stage within")
     weight: float = Field(1.0, gt=0, description="the stage's share of the cluster until seconds per row are measured")
 
 
@@ -566,10 +588,12 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 def _first_error(exc: ValidationError) -> str:
     """One line naming the key: the first problem pydantic found, in our words."""
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])
+    loc = tuple(p for i, p in enumerate(err["loc"])  # not the reading of resources.workers
+                if not (i and err["loc"][i - 1] == "workers" and p in ("count", "range")))
+    key = ".".join(str(p) for p in loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{key}: unknown key{_did_you_mean(err['loc'])}"
+        return f"{key}: unknown key{_did_you_mean(loc)}"
     if kind == "missing":
         return f"{key}: required key is missing"
     message = err["msg"]

@@ -26,6 +26,7 @@ class Progress:
         self._bar = None
         self._enabled = enabled
         self.stages: dict[str, list[int]] = {}  # stage -> [rows it made, rows it failed]
+        self.workers: dict[str, int] = {}  # stage -> workers taking shards (they follow the cluster)
 
     def rendering_started(self) -> None:
         """The workers are loaded: from now on the rate means rendering."""
@@ -43,7 +44,7 @@ class Progress:
         self.failed += failed
         if self._bar is not None:
             self._bar.update(ok + failed)
-            self._bar.set_postfix_str(f"failed={self.failed}" + (
+            self._bar.set_postfix_str(f"failed={self.failed}{self._workers_text()}" + (
                 f" | {self.stage_line()}" if len(self.stages) > 1 else ""), refresh=False)
         elif self._enabled and self._clock() - self._last_log >= LOG_EVERY_S:
             self._last_log = self._clock()
@@ -76,7 +77,12 @@ class Progress:
             return f"{head}, rendering"
         rate = rendered / elapsed
         eta = (self.total - done) / rate if self.total > done else 0.0
-        return f"{head}, {rate:.2f} rows/s, ETA {_duration(eta)}"
+        return f"{head}, {rate:.2f} rows/s, ETA {_duration(eta)}{self._workers_text()}"
+
+    def _workers_text(self) -> str:
+        if len(self.workers) == 1:
+            return f", {next(iter(self.workers.values()))} worker(s)"
+        return "".join(f", {name} {n} worker(s)" for name, n in self.workers.items())
 
     def close(self) -> None:
         if self._bar is not None:

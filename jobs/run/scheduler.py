@@ -131,8 +131,9 @@ class Scheduler:
                 if stage.pool is not None and not stage.inflight:
                     stage.pool.wait(0)
             self._tell_demand(source_done)
-            self.timeline.sample({s.spec.name: len(s.pool.placements())
-                                  for s in self.stages if s.pool is not None})
+            self.progress.workers = {s.spec.name: s.pool.loaded()
+                                     for s in self.stages if s.pool is not None}
+            self.timeline.sample(self.progress.workers)
             if self.balancer is not None:
                 self.balancer.consider(self.stages)
 

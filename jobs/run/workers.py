@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 from cluster.protocol import Pool
-from jobs.config import JobConfig
+from jobs.config import JobConfig, WorkerRange
 from jobs.input.media import media_roots
 from jobs.run.balancer import Balancer, StageNeed
 from jobs.stages import Stage, job_stages, stage_media_root
@@ -111,7 +111,15 @@ def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Bala
 def _balancer(cfg: JobConfig, stages: list[Stage], resources: dict, use_gpu: bool) -> Balancer:
     """What the stages need of the cluster: GPUs on a GPU cluster, else CPUs."""
     capacity = float(resources.get("GPU" if use_gpu else "CPU", 1))
-    needs = [StageNeed(s.name, s.resources.gpus if use_gpu else s.resources.cpus,
-                       s.resources.workers, s.resources.weight) for s in stages]
+    needs = []
+    for s in stages:
+        workers = s.resources.workers
+        ranged = workers if isinstance(workers, WorkerRange) else None
+        needs.append(StageNeed(s.name, s.resources.gpus if use_gpu else s.resources.cpus,
+                               None if ranged else workers, s.resources.weight,
+                               ranged.min if ranged else 1, ranged.max if ranged else None))
+    from cluster.capacity import total
+
     return Balancer(capacity, needs, cfg.cluster.rebalance_every_s, cfg.cluster.num_workers,
+                    follow=lambda: total("GPU" if use_gpu else "CPU"),
                     unit="GPUs" if use_gpu else "CPUs")

@@ -275,6 +275,30 @@ def test_nodes_in_other_folders_write_one_output_where_the_driver_names_it(clust
     assert verify(str(out)).problems == []
 
 
+def test_a_two_stage_job_grows_both_stages_onto_a_node_that_joins(cluster, tmp_path):
+    first = cluster.add_node(num_cpus=2, num_gpus=2)  # one worker a stage
+    cluster.wait_for_nodes()
+    # Enough rows (about 20 s of rendering here) that the job outlasts the joined node's loads.
+    rows, out, log = 96, tmp_path / "out", tmp_path / "driver.log"
+    cfg = stages_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),
+                        output={"shard_size": 2}, render={"num_inference_steps": 48},
+                        cluster={"num_workers": None, "shard_timeout_s": 600})
+    with CliDriver("render", write_config(tmp_path, cfg), "--quiet", "--address",
+                   cluster.address, log=log) as driver:
+        _wait_for_commits(out, driver, at_least=2, timeout_s=150)
+        second = cluster.add_node(num_cpus=2, num_gpus=2)
+        driver.communicate(timeout=300)
+    stderr = driver.log_text()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert re.search(r"the cluster now holds 4 GPUs \(it held 2\): workers from keyframe 1, "
+                     r"video 1 to keyframe \d, video \d", stderr), stderr[-3000:]
+    table = read_manifest(out)
+    assert len(table) == rows and {r["status"] for r in table} == {"ok"}
+    nodes = {entry["node_id"] for row in table for entry in row["stages"]}
+    assert nodes == {first.node_id, second.node_id}  # rows were rendered on the joined node
+    assert verify(str(out)).problems == []
+
+
 def _two_stage_job(tmp_path, rows: int, out) -> dict:
     """A keyframe stage of one worker and a video stage of three, one GPU each."""
     return stages_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)), str(out),

@@ -27,6 +27,16 @@ def test_the_split_makes_the_slowest_stage_as_fast_as_the_cluster_allows(capacit
     assert split(capacity, needs) == expected
 
 
+def test_a_stage_range_is_kept_at_its_min_and_grows_no_further_than_its_max():
+    keyframe, video = StageNeed("keyframe", 1, None, 1), StageNeed("video", 1, None, 4)
+    ranged = StageNeed("video", 1, None, 4, least=1, most=3)
+    assert split(16, [keyframe, video]) == [4, 12]
+    assert split(16, [keyframe, ranged]) == [1, 3]  # the slowest stage at its max: no more
+    assert split(16, [StageNeed("keyframe", 1, None, 1, least=5), video]) == [5, 11]
+    with pytest.raises(NotEnoughResources):
+        split(4, [StageNeed("keyframe", 1, None, 1, least=4), video])
+
+
 def test_the_split_respects_a_total_number_of_workers():
     assert split(16, _needs((1, None, 1), (1, None, 4)), max_workers=5) == [1, 4]
 
@@ -51,6 +61,35 @@ class _Pool:
 def _stage(name: str, workers: int, ok: int, seconds: float):
     return SimpleNamespace(spec=SimpleNamespace(name=name), pool=_Pool(workers), ok=ok,
                            seconds=seconds)
+
+
+def test_a_node_that_joins_or_leaves_is_split_between_the_stages_at_once():
+    clock, holds = [0.0], [2.0]
+    balancer = Balancer(2, _needs((1, None, 1), (1, None, 3)), every_s=300,
+                        clock=lambda: clock[0], follow=lambda: holds[0])
+    assert balancer.initial() == [1, 1]
+    stages = [_stage("keyframe", 1, 0, 0.0), _stage("video", 1, 0, 0.0)]
+    balancer.consider(stages)
+    assert [s.pool.resized for s in stages] == [[], []]  # the cluster as it was
+    holds[0] = 6.0  # a node of 4 GPUs joins: split by the weights (nothing measured yet)
+    clock[0] = 1.0
+    balancer.consider(stages)
+    assert [s.pool.resized for s in stages] == [[], []]  # looked 1 s ago: not yet
+    clock[0] = 2.5
+    balancer.consider(stages)
+    assert [s.pool.resized for s in stages] == [[2], [4]] and balancer.moves == 0
+    # Measured 1 s and 1 s a row; the node leaves again: back to what 2 GPUs hold.
+    stages = [_stage("keyframe", 2, 20, 20.0), _stage("video", 4, 20, 20.0)]
+    holds[0] = 2.0
+    clock[0] = 5.0
+    balancer.consider(stages)
+    assert [s.pool.resized for s in stages] == [[1], [1]]
+    # Less than a worker a stage: the pools keep their sizes and wait for capacity.
+    stages = [_stage("keyframe", 1, 20, 20.0), _stage("video", 1, 20, 20.0)]
+    holds[0] = 1.0
+    clock[0] = 8.0
+    balancer.consider(stages)
+    assert [s.pool.resized for s in stages] == [[], []] and balancer.capacity == 2.0
 
 
 def test_workers_move_to_the_slow_stage_once_measured_and_not_again_too_soon():

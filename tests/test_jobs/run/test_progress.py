@@ -27,6 +27,10 @@ def test_rate_and_eta_leave_out_start_up_and_rows_done_before_rendering():
     progress.advance(20, 0)
     # 20 rows in 10 s of rendering: 2 rows/s, 70 rows left: 35 s.
     assert progress.line() == "30/100 rows (30%), 10 failed, 2.00 rows/s, ETA 0m35s"
+    progress.workers = {"video": 3}  # as the scheduler finds them: they follow the cluster
+    assert progress.line() == "30/100 rows (30%), 10 failed, 2.00 rows/s, ETA 0m35s, 3 worker(s)"
+    progress.workers = {"keyframe": 1, "video": 3}
+    assert progress.line().endswith("ETA 0m35s, keyframe 1 worker(s), video 3 worker(s)")
 
 
 def test_each_stage_shows_what_it_made_and_failed_and_its_rate_since_rendering_began():

@@ -48,6 +48,9 @@ class ScriptedPool:
     def placements(self) -> list[dict]:
         return [{"node_id": "fake", "gpu_ids": []}]
 
+    def loaded(self) -> int:
+        return self.num_workers
+
     def demand(self, workers: int) -> None:
         if not self.demands or self.demands[-1] != workers:
             self.demands.append(workers)

@@ -205,6 +205,17 @@ def test_changing_a_stage_of_a_finished_job_is_refused_naming_the_stage(tmp_path
                  {"name": "v", "model": {"path": "tiny:svd"}, "render": {"height": 64}}]},
      "stages.v.render: height and width of the last stage are the row's"),
     ({"stages": []}, "stages: list at least one stage"),
+    ({"stages": [{"name": "k", "model": {"path": "tiny:sd"}},
+                 {"name": "v", "model": {"path": "tiny:svd"},
+                  "resources": {"workers": {"min": 4, "max": 2}}}]},
+     "stages.1.resources.workers: max (2) is below min (4)"),
+    ({"stages": [{"name": "k", "model": {"path": "tiny:sd"}},
+                 {"name": "v", "model": {"path": "tiny:svd"},
+                  "resources": {"workers": {"mni": 2}}}]},
+     "stages.1.resources.workers.mni: unknown key; did you mean stages.1.resources.workers.min?"),
+    ({"stages": [{"name": "k", "model": {"path": "tiny:sd"}},
+                 {"name": "v", "model": {"path": "tiny:svd"}, "resources": {"workers": 0}}]},
+     "stages.1.resources.workers: Input should be greater than or equal to 1 (got 0)"),
 ])
 def test_stage_configs_that_cannot_work_are_refused_in_one_line(tmp_path, change, message):
     cfg = {"input": {"uri": "x.parquet"}, "output": {"uri": str(tmp_path / "out")}, **change}

@@ -10,7 +10,7 @@ GPUs; the tiny model renders on the CPU), each job a ``reelfarm render`` driver 
    bound a loss can cost (``shards_in_flight_per_worker`` x ``shard_size`` per worker).
 
     python -m bench.elastic           # 3 rounds
-    python -m bench.elastic --quick   # 1 round, fewer rows
+    python -m bench.elastic --quick   # 1 round, fewer and faster rows: a smoke run
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from datetime import datetime
 from bench.common import OUT, REPO, machine, median, python, save
 from bench.driver_throughput import write_prompts
 
-SLOW_S = 20.0
+SLOW_S = 20.0  # --quick: 6 s
 SHARD_SIZE = 2
 IN_FLIGHT = 2  # cluster.shards_in_flight_per_worker, its default
 
@@ -39,11 +39,12 @@ SLOW_WORKER_DRIVER = """
 import os, sys, time
 import ray
 import cluster.pool as pool
+from cluster.actor import ACTOR_OPTIONS, PlacedRenderer
 from jobs.cli import main
 
 marker, slow_id, sleep_s = sys.argv.pop(1), sys.argv.pop(1), float(sys.argv.pop(1))
 
-class SlowOnce(pool._PlacedRenderer):
+class SlowOnce(PlacedRenderer):
     def render_shard(self, tasks):
         if any(task.id == slow_id for task in tasks):
             try:
@@ -53,7 +54,7 @@ class SlowOnce(pool._PlacedRenderer):
                 pass
         return super().render_shard(tasks)
 
-pool.RenderActor = ray.remote(**pool._ACTOR_OPTIONS)(SlowOnce)
+pool.RenderActor = ray.remote(**ACTOR_OPTIONS)(SlowOnce)
 sys.exit(main())
 """
 
@@ -114,10 +115,10 @@ def _commits(folder: str) -> int:
     return len(os.listdir(manifests)) if os.path.isdir(manifests) else 0
 
 
-def join(cluster, folder: str, rows: int) -> dict:
+def join(cluster, folder: str, rows: int, steps: int) -> dict:
     """A second node joins once the first has committed a few shards."""
     first = cluster.add_node(num_cpus=2, num_gpus=1)
-    proc = _start(folder, cluster.address, _job(folder, rows, 16))
+    proc = _start(folder, cluster.address, _job(folder, rows, steps))
     _wait(lambda: _commits(folder) >= 3, 300, proc)
     joined_at = time.time()
     second = cluster.add_node(num_cpus=2, num_gpus=1)
@@ -139,13 +140,13 @@ def join(cluster, folder: str, rows: int) -> dict:
             "rows_per_s_before": _rate(before), "rows_per_s_after": _rate(after)}
 
 
-def tail(cluster, folder: str, rows: int, backups: bool) -> dict:
-    """Two nodes; the first worker to get the last row sleeps SLOW_S before it."""
+def tail(cluster, folder: str, rows: int, backups: bool, slow_s: float) -> dict:
+    """Two nodes; the first worker to get the last row sleeps ``slow_s`` before it."""
     nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     started = time.time()
     args = _job(folder, rows, 8, f"cluster.backups={str(backups).lower()}")
-    proc = _start(folder, cluster.address, args, f"row-{rows - 1:08d}", SLOW_S)
+    proc = _start(folder, cluster.address, args, f"row-{rows - 1:08d}", slow_s)
     _finish(proc, folder)
     ended = time.time()
     table = _rows(folder)
@@ -164,11 +165,11 @@ def tail(cluster, folder: str, rows: int, backups: bool) -> dict:
             "backups_first": capacity.get("backups_first", 0)}
 
 
-def preemption(cluster, folder: str, rows: int) -> dict:
+def preemption(cluster, folder: str, rows: int, steps: int) -> dict:
     """Three nodes; one is removed once its worker takes shards and a few are committed."""
     nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
-    proc = _start(folder, cluster.address, _job(folder, rows, 16))
+    proc = _start(folder, cluster.address, _job(folder, rows, steps))
     _wait(lambda: _commits(folder) >= 3 and _log(folder).count("loaded its model on node") >= 2,
           300, proc)
     cluster.remove_node(nodes[1])
@@ -197,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 round, fewer rows")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round, fewer and faster rows, a shorter straggler")
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
-    rows = 16 if args.quick else 48
+    rows, steps, slow_s = (12, 4, 6.0) if args.quick else (48, 16, SLOW_S)
     root = os.path.join(OUT, "elastic" + ("_quick" if args.quick else ""))
     shutil.rmtree(root, ignore_errors=True)
     runs: dict[str, list[dict]] = {"join": [], "tail_backups": [], "tail_no_backups": [],
@@ -211,18 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(rounds):
             print(f"round {r + 1} of {rounds}", flush=True)
-            runs["join"].append(join(cluster, os.path.join(root, f"join-{r}"), rows))
+            runs["join"].append(join(cluster, os.path.join(root, f"join-{r}"), rows, steps))
             for backups in (True, False):
                 name = "tail_backups" if backups else "tail_no_backups"
-                runs[name].append(tail(cluster, os.path.join(root, f"{name}-{r}"), 8, backups))
-            runs["preemption"].append(preemption(cluster, os.path.join(root, f"loss-{r}"), rows))
+                runs[name].append(tail(cluster, os.path.join(root, f"{name}-{r}"), 8, backups,
+                                       slow_s))
+            # A node is removed only once its worker takes shards: rows as in a full run.
+            runs["preemption"].append(preemption(cluster, os.path.join(root, f"loss-{r}"),
+                                                 max(rows, 24), 16))
             print(json.dumps({k: v[-1] for k, v in runs.items()}), flush=True)
     finally:
         cluster.shutdown()
     summary = {name: {key: median([run[key] for run in group]) for key in group[0]
                       if isinstance(group[0][key], (int, float)) and key != "backups"}
                for name, group in runs.items()}
-    result = {"machine": machine(), "rounds": rounds, "slow_s": SLOW_S, "runs": runs,
+    result = {"machine": machine(), "rounds": rounds, "slow_s": slow_s, "runs": runs,
               "summary": summary}
     print(json.dumps(summary, indent=2))
     print("saved", save("elastic" + ("_quick" if args.quick else ""), result))

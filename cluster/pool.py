@@ -24,35 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 
 from cluster import capacity
+from cluster.actor import ACTOR_OPTIONS, RenderActor
 from cluster.protocol import ShardOutcome
 from rendering import storage
 from rendering.contract import Task, WorkerSpec
-from rendering.worker import ShardRenderer
 
 logger = logging.getLogger(__name__)
-
-
-class _PlacedRenderer(ShardRenderer):
-    """A ShardRenderer that can say where Ray placed it, so placement can be logged, checked and
-    recorded with every row it renders."""
-
-    def placement(self) -> dict:
-        context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(),
-                "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])]}
-
-    def setup(self) -> dict:
-        return {**super().setup(), **self.placement()}
-
-
-# The one place the plain worker class becomes an actor. Two concurrent calls let the next shard
-# render while the previous one finishes encoding and uploading; the worker's render lock keeps
-# the GPU to one batch at a time. Ray must not restart it behind our back: the pool replaces it.
-_ACTOR_OPTIONS = dict(max_restarts=0, max_task_retries=0, max_concurrency=2)
-RenderActor = ray.remote(**_ACTOR_OPTIONS)(_PlacedRenderer)
 
 
 class PoolError(RuntimeError):
@@ -61,7 +41,6 @@ class PoolError(RuntimeError):
 
 LOOK_EVERY_S = 2.0  # how often the pool looks at the cluster: capacity, draining nodes
 LOAD_FAILURES_IN_A_ROW = 3  # workers failing to load, one after another, on healthy nodes
-WAITING_LOG_EVERY_S = 30.0
 # At the tail, a shard held this many times as long as a shard typically takes gets a backup copy
 # on an idle worker (MapReduce's backup tasks): the first copy back is delivered.
 BACKUP_AFTER = 1.5
@@ -96,7 +75,7 @@ class WorkerPool:
         self.spec = spec
         # A stand-in for ShardRenderer with the same methods (the benchmarks' do-nothing one).
         self._actor_class = (RenderActor if worker_class is None
-                             else ray.remote(**_ACTOR_OPTIONS)(worker_class))
+                             else ray.remote(**ACTOR_OPTIONS)(worker_class))
         self.num_workers = num_workers  # held at least, placed or waiting for capacity
         # Grown to while there is work (math.inf: no limit); None: a fixed pool.
         self.max_workers = num_workers if max_workers is None else max_workers
@@ -126,11 +105,13 @@ class WorkerPool:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> list[dict]:
         """Start the workers and load the model; the loaded ones' setup info."""
+        from cluster.startup import start_pools
+
         return start_pools([self])[0]
 
-    def launch(self) -> list:
+    def launch(self) -> list[_Worker]:
         """Create the first workers (what the cluster can hold now, ``num_workers`` at least,
-        ``max_workers`` at most) and ask each to load the model; the setup calls' refs."""
+        ``max_workers`` at most) and ask each to load the model (``setup_ref``)."""
         first = self.num_workers
         if self._elastic:
             first = int(min(self.max_workers, max(first, self._fits(ray.cluster_resources()))))
@@ -138,7 +119,7 @@ class WorkerPool:
         for worker in self._workers:
             worker.setup_ref = worker.actor.setup.remote()
         self._ask_autoscaler(first)
-        return [w.setup_ref for w in self._workers]
+        return list(self._workers)
 
     def resize(self, num_workers: int) -> None:
         """Grow to ``num_workers`` (new workers load the model, then take shards) or shrink
@@ -213,14 +194,14 @@ class WorkerPool:
                 self._timed(time.monotonic() - started)
             except RayActorError as exc:
                 with_node = self._lost_with_node(worker, exc)
-                why = "lost with its node" if with_node else f"died: {_first_line(exc)}"
+                why = "lost with its node" if with_node else f"died: {first_line(exc)}"
                 outcomes += self._one_copy(worker, ShardOutcome(token, None, f"worker {why}",
                                                                 lost_with_node=with_node))
                 outcomes += self._replace(worker, "lost with its node" if with_node else "died",
                                           with_node)
             except Exception as exc:  # noqa: BLE001 - a broken call loses the shard, not the job
                 outcomes += self._one_copy(worker, ShardOutcome(
-                    token, None, f"worker error: {_first_line(exc)}"))
+                    token, None, f"worker error: {first_line(exc)}"))
         now = time.monotonic()
         for worker in list(self._workers):
             if worker.inflight and now - worker.busy_since > self.shard_timeout_s:
@@ -256,7 +237,8 @@ class WorkerPool:
             # Idle workers stay for the shards in flight without a copy (each may need a backup);
             # one stays anyway, for a retry that may come back.
             tokens = {token for w in self._workers for _, token in w.inflight}
-            for worker in idle[len(tokens - set(self._backups)):][:len(serving) - 1]:
+            keep = len(tokens - set(self._backups)) if self.backups else 0
+            for worker in idle[keep:][:len(serving) - 1]:
                 worker.retiring = True
                 self.events["retired_idle"] += 1
             self._stop_drained()
@@ -321,7 +303,9 @@ class WorkerPool:
         is rendered again (two renders on different GPUs may differ in their last bits)."""
         token = outcome.token
         self._tasks.pop(token, None)
-        holder = next(w for w in self._workers if any(t == token for _, t in w.inflight))
+        holder = next((w for w in self._workers if any(t == token for _, t in w.inflight)), None)
+        if holder is None:  # its worker is gone already, and so is the copy
+            return [outcome]
         ref = next(r for r, t in holder.inflight if t == token)
         holder.inflight = deque((r, t) for r, t in holder.inflight if r != ref)
         others = self._replace(holder, f"stopped: worker {first.index} finished its shard's "
@@ -336,6 +320,11 @@ class WorkerPool:
     def _fits(self, resources: dict) -> int:
         """How many more workers ``resources`` can hold."""
         return int(min(resources.get(k, 0.0) // v for k, v in self._bundle.items() if v > 0))
+
+    @property
+    def unit(self) -> str:
+        """What its workers wait for when the cluster has no room: GPU or CPU capacity."""
+        return "GPU" if "GPU" in self._bundle else "CPU"
 
     def _ask_autoscaler(self, workers: int) -> None:
         capacity.request(id(self), workers, self._bundle)
@@ -431,15 +420,16 @@ class WorkerPool:
             self._load_failures += 1
             if self._load_failures >= LOAD_FAILURES_IN_A_ROW:
                 raise PoolError(f"{self._load_failures} workers in a row failed to load the "
-                                f"model (last: {_first_line(exc)}); check the worker logs "
+                                f"model (last: {first_line(exc)}); check the worker logs "
                                 f"(ray logs) and the model") from None
-            return self._replace(worker, f"failed to load the model: {_first_line(exc)}")
-        self._loaded(worker, info)
+            return self._replace(worker, f"failed to load the model: {first_line(exc)}")
+        self.took_loaded(worker, info)
         logger.info("worker %d loaded its model on node %s; it takes shards", worker.index,
                     (worker.node_id or "?")[:12])
         return []
 
-    def _loaded(self, worker: _Worker, info: dict) -> None:
+    def took_loaded(self, worker: _Worker, info: dict) -> None:
+        """``worker`` loaded its model (``info``: its setup): it takes shards from now on."""
         self._load_failures = 0
         worker.setup_ref = None
         worker.placement = {"node_id": info.get("node_id"), "gpu_ids": info.get("gpu_ids", [])}
@@ -447,83 +437,6 @@ class WorkerPool:
             self.on_loaded(info)
 
 
-def start_pools(pools: list[WorkerPool]) -> list[list[dict]]:
-    """Start the workers of every pool (every stage) and load their models, all at once, so
-    the stages' loads overlap; return once each pool has loaded ``num_workers`` (an elastic
-    pool's minimum; the rest take shards as they load). While no worker of a pool can be placed (no GPU node yet: an
-    autoscaler is bringing one up), say so every ``WAITING_LOG_EVERY_S``, up to the pools'
-    ``capacity_timeout_s``. On failure every worker is killed: the caller never holds a pool
-    that did not start, so nothing else would free their GPUs."""
-    try:
-        return _wait_for_one_each(pools, [pool.launch() for pool in pools])
-    except BaseException as exc:
-        for pool in pools:
-            pool.shutdown()
-        raise _start_error(exc) from None
-
-
-def _wait_for_one_each(pools: list[WorkerPool], refs: list[list]) -> list[list[dict]]:
-    started = time.monotonic()
-    capacity_s = max(p.capacity_timeout_s for p in pools)
-    loaded: list[list[dict]] = [[] for _ in pools]
-    pending = {ref: (i, w) for i, (pool, group) in enumerate(zip(pools, refs))
-               for ref, w in zip(group, pool._workers)}
-    # An actor answers placement() as soon as Ray has placed it, while its model loads.
-    unplaced = {w.actor.placement.remote(): i for i, pool in enumerate(pools) for w in pool._workers}
-    placed = [0] * len(pools)
-    next_log = started + 2.0  # the first word soon, then every WAITING_LOG_EVERY_S
-
-    def enough() -> bool:  # every pool has its num_workers (an elastic one: its minimum)
-        return all(len(got) >= pool.num_workers for got, pool in zip(loaded, pools))
-
-    while pending and not enough():
-        ready, _ = ray.wait([*pending, *unplaced], num_returns=1, timeout=1.0)
-        for ref in ready:
-            if ref in unplaced:
-                placed[unplaced.pop(ref)] += 1
-                continue
-            i, worker = pending.pop(ref)
-            info = ray.get(ref)  # a load that fails raises: the model cannot be loaded
-            pools[i]._loaded(worker, info)
-            loaded[i].append(info)
-        waited = time.monotonic() - started
-        if not all(placed) and waited > capacity_s:
-            raise GetTimeoutError(f"no worker could be placed within cluster.capacity_timeout_s "
-                                  f"= {capacity_s:g} s")
-        if waited > capacity_s + max(p.setup_timeout_s for p in pools):
-            raise GetTimeoutError(f"workers did not load the model within {waited:.0f} s")
-        if time.monotonic() > next_log and not enough():
-            next_log = time.monotonic() + WAITING_LOG_EVERY_S
-            workers = sum(len(group) for group in refs)
-            unit = "GPU" if any("GPU" in p._bundle for p in pools) else "CPU"
-            logger.info("waiting for %s capacity: %d of %d workers placed and loaded, asking "
-                        "the autoscaler for %d", unit, sum(map(len, loaded)), workers, workers)
-    # Those loaded in the meantime take shards at once; the rest settle in wait().
-    for ref, (i, worker) in list(pending.items()):
-        if ray.wait([ref], timeout=0)[0]:
-            try:
-                info = ray.get(ref)
-            except Exception:  # noqa: BLE001 - settled (and replaced) by the pool later
-                continue
-            pools[i]._loaded(worker, info)
-            loaded[i].append(info)
-    return loaded
-
-
-def _start_error(exc: BaseException) -> BaseException:
-    """The PoolError that says why workers did not start, or ``exc`` itself if unexpected."""
-    if isinstance(exc, GetTimeoutError):
-        return PoolError(f"{exc}: are there enough free GPUs/CPUs for a worker, or can the "
-                         f"cluster's autoscaler add nodes?")
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause if getattr(exc, "cause", None) else exc
-        return PoolError(f"the model could not be loaded: {type(cause).__name__}: {cause}")
-    if isinstance(exc, RayActorError):
-        return PoolError(f"a worker died while loading the model ({_first_line(exc)}): "
-                         "check the cluster's health, then rerun to resume")
-    return exc
-
-
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__

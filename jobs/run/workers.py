@@ -62,7 +62,8 @@ def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Bala
         start = lambda: [pool.start() for pool in pools]  # noqa: E731
     else:
         from cluster.connect import connect
-        from cluster.pool import WorkerPool, start_pools
+        from cluster.pool import WorkerPool
+        from cluster.startup import start_pools
 
         resources = connect(cfg.cluster.address)
         use_gpu = (cfg.cluster.gpus_per_worker if cfg.cluster.gpus_per_worker is not None

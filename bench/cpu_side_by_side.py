@@ -27,9 +27,11 @@ import sys
 from bench.common import (OUT, has_pandas, machine, median, python, run_process, save,
                           steady_rate)
 
-SYSTEMS = ("handloop", "reelfarm", "raydata", "reelfarm-wds")
-# reelfarm-wds: reelfarm packing WebDataset shards of 8 rows as it runs (it must not slow rendering)
-_PACKING = ["output.webdataset={rows_per_shard: 8}"]
+SYSTEMS = ("handloop", "reelfarm", "raydata", "reelfarm-wds", "reelfarm-nometrics")
+# reelfarm-wds: reelfarm packing WebDataset shards of 8 rows as it runs (it must not slow rendering);
+# reelfarm-nometrics: reelfarm exporting no metrics (what exporting them costs)
+_EXTRA = {"reelfarm-wds": ["output.webdataset={rows_per_shard: 8}"],
+          "reelfarm-nometrics": ["metrics.enabled=false"]}
 DEMO_CONFIG = "configs/demo.yaml"
 QUICK_OVERRIDES = ["render.num_frames=8", "render.height=32", "render.width=32",
                    "render.num_inference_steps=2", "encode.preset=ultrafast"]
@@ -61,9 +63,9 @@ def write_prompts(path: str, n: int) -> str:
 def _argv(system: str, prompts: str, out: str, overrides: list[str]) -> list[str]:
     sets = [a for o in overrides for a in ("--set", o)]
     if system.startswith("reelfarm"):
-        packing = [a for o in _PACKING for a in ("--set", o)] if system == "reelfarm-wds" else []
+        extra = [a for o in _EXTRA.get(system, []) for a in ("--set", o)]
         return [python(), "-m", "jobs.cli", "render", DEMO_CONFIG, "--input", prompts,
-                "--output", out, "--quiet", *sets, *packing]
+                "--output", out, "--quiet", *sets, *extra]
     return [python(), "-m", "bench.cpu_side_by_side", "--child", system, "--prompts", prompts,
             "--out", out, *sets]
 

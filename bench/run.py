@@ -1,8 +1,8 @@
 """``make bench``: run every benchmark this machine can run, then print where results are.
 
     python -m bench.run            # full: plan scale, driver throughput, CPU side by side,
-                                   # multi-stage jobs, products, elastic capacity, GPU if
-                                   # any, options on the CPU
+                                   # multi-stage jobs, products, elastic capacity, metrics'
+                                   # series, GPU if any, options on the CPU
     python -m bench.run --quick    # each benchmark's --quick mode (a smoke run)
 
 Raw results land in bench/out/*.json (git-ignored); bench/RESULTS.md is written by hand from
@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import (cpu_side_by_side, driver_throughput, elastic, gpu, options, plan_scale,
-                   products, stages)
+from bench import (cpu_side_by_side, driver_throughput, elastic, gpu, metrics, options,
+                   plan_scale, products, stages)
 
 
 # In the order they run. The options on the CPU's tiny models come last (on a GPU the gpu step
 # measures them at full size): they set this process's torch threads.
 STEPS = {"plan": plan_scale.main, "driver": driver_throughput.main, "cpu": cpu_side_by_side.main,
          "stages": stages.main, "products": products.main, "elastic": elastic.main,
+         "metrics": metrics.main,
          "gpu": gpu.main, "options": lambda flags: options.main(flags + ["--device", "cpu"])}
 
 

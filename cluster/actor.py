@@ -13,7 +13,7 @@ class PlacedRenderer(ShardRenderer):
 
     def placement(self) -> dict:
         context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(),
+        return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])]}
 
     def setup(self) -> dict:

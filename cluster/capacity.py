@@ -49,6 +49,30 @@ def _gcs_client(address: str):
     return GcsClient(address=address)
 
 
+def autoscaler_can_add(resource: str) -> bool:
+    """Whether the cluster's autoscaler reported node types holding ``resource``: the cluster
+    config an autoscaler reports to the GCS, which Ray Data and Ray Train read too. Ray's own
+    autoscaler (2.60) reports none, and a cluster without an autoscaler has none: False."""
+    try:
+        from ray._private.state import state
+
+        return bool((state.get_max_resources_from_cluster_config() or {}).get(resource))
+    except Exception as exc:  # noqa: BLE001 - an older Ray, or a GCS hiccup: none reported
+        logger.debug("could not read the autoscaler's cluster config: %s", exc)
+        return False
+
+
+def actor_placed(actor) -> bool:
+    """Whether Ray has created ``actor`` on a node (not still waiting for resources)."""
+    try:
+        from ray._private.state import state
+
+        return state.actor_table(actor._actor_id.hex()).get("State") == "ALIVE"
+    except Exception as exc:  # noqa: BLE001 - a GCS hiccup: say not yet, ask again later
+        logger.debug("could not read an actor's state: %s", exc)
+        return False
+
+
 def node_alive(node_id: str) -> bool:
     return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
 

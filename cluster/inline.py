@@ -40,6 +40,9 @@ class InlinePool:
     def loaded(self) -> int:
         return 1
 
+    def states(self) -> Counter:
+        return Counter(busy=1) if self._queue else Counter(ready=1)
+
     def shutdown(self) -> None:
         self._queue.clear()
 

@@ -58,7 +58,8 @@ class _Worker:
     # comes back, and shards queued on it would only time out.
     setup_ref: Any = None
     retiring: bool = False  # takes no new shards; stopped once those it holds are done
-    placement: dict = field(default_factory=dict)  # node_id, gpu_ids: known once it loaded
+    placement: dict = field(default_factory=dict)  # node_id, ip, gpu_ids: known once it loaded
+    placed: bool = False  # Ray has created it on a node (it may still be loading its model)
     draining: bool = False  # its node is being drained: retiring, and watched for the deadline
 
     @property
@@ -146,6 +147,17 @@ class WorkerPool:
 
     def loaded(self) -> int:
         return sum(w.setup_ref is None for w in self._workers)
+
+    def states(self) -> Counter:
+        """Workers by state; whether a loading one is placed yet is asked of Ray's GCS."""
+        counts: Counter = Counter()
+        for worker in self._workers:
+            if worker.setup_ref is not None:
+                worker.placed = worker.placed or capacity.actor_placed(worker.actor)
+                counts["loading" if worker.placed else "pending"] += 1
+            else:
+                counts["retiring" if worker.retiring else "busy" if worker.inflight else "ready"] += 1
+        return counts
 
     def shutdown(self) -> None:
         for worker in self._workers:
@@ -432,7 +444,8 @@ class WorkerPool:
         """``worker`` loaded its model (``info``: its setup): it takes shards from now on."""
         self._load_failures = 0
         worker.setup_ref = None
-        worker.placement = {"node_id": info.get("node_id"), "gpu_ids": info.get("gpu_ids", [])}
+        worker.placement = {"node_id": info.get("node_id"), "ip": info.get("ip"),
+                            "gpu_ids": info.get("gpu_ids", [])}
         if self.on_loaded is not None:
             self.on_loaded(info)
 

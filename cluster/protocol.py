@@ -21,7 +21,7 @@ class ShardOutcome:
     # The worker went down with its node (preempted, drained, removed): no fault of its rows,
     # whose attempts it does not spend.
     lost_with_node: bool = False
-    placement: dict = field(default_factory=dict)  # where it ran: node_id, gpu_ids
+    placement: dict = field(default_factory=dict)  # where it ran: node_id, ip, gpu_ids
 
 
 class Pool(Protocol):
@@ -38,10 +38,13 @@ class Pool(Protocol):
         """Start the workers and load the model; what each loaded (device, load_s, ...)."""
 
     def placements(self) -> list[dict]:
-        """Where each loaded worker runs: node_id and gpu_ids."""
+        """Where each loaded worker runs: node_id, ip and gpu_ids."""
 
     def loaded(self) -> int:
         """Workers that have loaded their model (taking shards, or retiring)."""
+
+    def states(self) -> Counter:
+        """Workers by state: pending (not placed yet), loading, ready, busy, retiring."""
 
     def demand(self, workers: int) -> None:
         """How many workers the remaining work could keep busy: an elastic pool grows toward

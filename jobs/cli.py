@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--output", help="output URI (output.uri)")
         cmd.add_argument("--workers", type=int, help="number of workers (cluster.num_workers)")
         cmd.add_argument("--address", help="Ray address: auto or host:port (cluster.address)")
+        cmd.add_argument("--job-name", help="the job's name in its metrics, the reelfarm_job label "
+                                            "(metrics.job_name; default: the output's folder name)")
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, e.g. --set render.num_frames=16")
         cmd.add_argument("--quiet", action="store_true", help="no progress output")
@@ -131,6 +134,8 @@ def _load(args):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "job_name", None) is not None:  # a name, even one YAML would read as a date
+        overrides.append(f"metrics.job_name={json.dumps(args.job_name)}")
     return with_absolute_paths(load_config(args.config, overrides))
 
 
@@ -300,6 +305,8 @@ def _status(args) -> int:
     expected = report["expected_rows"]
     print(f"{args.output}: {report['rows']} of {expected if expected is not None else '?'} rows "
           f"committed{' (complete)' if report['complete'] else ''}")
+    if report["running"]:
+        _print_running(report["running"])
     for name, count in sorted(report["by_status"].items()):
         if name == "ok":
             count = _ok(count, report["kept_below"], report["min_score"])
@@ -331,6 +338,30 @@ def _status(args) -> int:
         for stage in sorted({name for point in over_time for name in point["workers"]}):
             print(f"workers over time ({stage}): {steps(over_time, stage)}")
     return EXIT_OK
+
+
+def _print_running(lease: dict) -> None:
+    """What the run holding the output said of itself with its last lease renewal."""
+    from jobs.run.metrics import WORKER_STATES
+    from jobs.run.progress import duration
+
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease["started_at"]))
+    print(f"running since {since} on {lease.get('host')} (pid {lease.get('pid')}), "
+          f"figures of {max(0, round(time.time() - lease['renewed_at']))} s ago")
+    live = lease.get("live")
+    if not live:
+        print("  workers starting")
+        return
+    eta = live.get("eta_s")
+    print(f"  {live['committed']} of {live['to_do']} rows committed by this run, "
+          f"{live['failed']} failed" + (f", ETA {duration(eta)}" if eta is not None else ""))
+    for stage in live["stages"]:
+        rate = stage.get("rows_per_s")
+        workers = ", ".join(f"{stage['states'][state]} {state}" for state in WORKER_STATES
+                            if stage["states"].get(state))
+        print(f"  {stage['name']}: " + (f"{rate:.2f} rows/s, " if rate is not None else "")
+              + f"workers {workers or 'none'}; {stage['inflight']} rows in flight, "
+              f"{stage['waiting']} waiting")
 
 
 # How ``status`` says what the pools did as the cluster changed (job.json's capacity figures).

@@ -302,8 +302,8 @@ class ClusterConfig(_Section):
     max_workers: int | None = Field(
         None, ge=1, description="elastic: the most workers (none: as many as the cluster can hold, now or later)")
     gpus_per_worker: float | None = Field(
-        None, ge=0, le=64, description="GPUs each worker holds (none: 1 when the cluster has GPUs, else 0; "
-                                       "set 1 for a cluster that scales GPU nodes from zero)")
+        None, ge=0, le=64, description="GPUs each worker holds (none: 1 when the cluster has GPUs or its "
+                                       "autoscaler reports GPU node types, else 0)")
     capacity_timeout_s: float = Field(
         1800.0, gt=0, description="how long a job waits for its first worker to be placed (GPU nodes to come up)")
     cpus_per_worker: int = Field(1, ge=1)
@@ -330,6 +330,13 @@ class ClusterConfig(_Section):
         return self
 
 
+class MetricsConfig(_Section):
+    enabled: bool = Field(True, description="export the job's metrics through Ray's metrics agents "
+                                            "(Prometheus)")
+    job_name: str | None = Field(None, min_length=1, max_length=128,
+                                 description="the reelfarm_job label (none: the output's folder name)")
+
+
 class JobConfig(_Section):
     input: InputConfig
     model: ModelConfig | None = Field(None, description="the model of a single-stage job")
@@ -342,6 +349,7 @@ class JobConfig(_Section):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     output: OutputConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _one_model_or_stages(self) -> "JobConfig":

@@ -27,6 +27,7 @@ from jobs.store.location import check_output_is_folder, remove_probes
 from jobs.products.webdataset.packer import Packer
 from jobs.products.webdataset.tars import PackSpec
 from jobs.input.plan import PlanCounts, PlannedRow, plan_rows
+from jobs.run.metrics import JobMetrics
 from jobs.run.workers import start_workers
 from jobs.run.progress import Progress
 from jobs.store.receipts import Receipts
@@ -119,11 +120,19 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     shards = _while_held(lease, _shards(rows, cfg.output.shard_size))
     bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
     packer = _packer(cfg, dataset.num_rows)
+    metrics = JobMetrics(job_name(cfg), enabled=cfg.metrics.enabled)
+
+    def live(figures: dict) -> None:
+        """The figures go to Prometheus, and with the lease's next renewal to ``status``."""
+        metrics.sample(figures, lease.renewed_at)
+        lease.live = figures
+
     scheduler = Scheduler(stages, lambda: start_workers(cfg, stages), cfg.output.uri, bar,
                           max_attempts=cfg.cluster.max_attempts, shard_size=cfg.output.shard_size,
                           shards_per_worker=cfg.cluster.shards_in_flight_per_worker,
                           on_commit=packer.add if packer else None,
-                          backlog_rows=cfg.cluster.stage_backlog_rows)
+                          backlog_rows=cfg.cluster.stage_backlog_rows, metrics=metrics,
+                          on_sample=live)
     try:
         with packer or contextlib.nullcontext():
             scheduler.run(shards)
@@ -150,6 +159,11 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
                          tally.rows == dataset.num_rows,
                          [(code, n) for code, n, _ in tally.top_errors()],
                          dict(tally.kept_below))
+
+
+def job_name(cfg: JobConfig) -> str:
+    """The job's name in its metrics: ``metrics.job_name``, else the output's folder name."""
+    return cfg.metrics.job_name or cfg.output.uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,

@@ -6,12 +6,14 @@ import pyarrow.compute as pc
 
 from jobs.store import layout, manifest
 from jobs.store.job_file import read_job, require_output
+from jobs.store.lease import holder
 from rendering import storage
 
 
 def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
     """Counts by status, the most common errors, the ok rows the quality gate kept below its
-    ``min_score``, and the last run's figures. ``must_exist``: a path that holds no output is an
+    ``min_score``, the last run's figures, and the run holding the output now, if any, with the
+    live figures it last wrote (``running``). ``must_exist``: a path that holds no output is an
     error (a typo), not an output of zero rows."""
     fs, root = storage.filesystem(output_uri)
     if must_exist:
@@ -25,6 +27,7 @@ def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
             "min_score": (job.get("config", {}).get("quality") or {}).get("min_score"),
             "expected_rows": job.get("counts", {}).get("rows"),
             "last_run": job.get("last_run"),
+            "running": holder(output_uri),
             "complete": fs.exists(storage.join(root, layout.SUCCESS_FILE))}
 
 

@@ -120,12 +120,23 @@ class ShardRenderer:
                     pending.append((task, self._io.submit(self._store, task, frames, render_s,
                                                           metrics)))
         by_id = {task.id: _stored(task, outcome) for task, outcome in pending}
+        peak = self._gpu_memory_peak()
         results = []
         for task, flag in zip(tasks, truncated):
             result = by_id[task.id]
-            results.append(dataclasses.replace(result, metrics={**result.metrics,
-                                                                "prompt_truncated": flag}))
+            results.append(dataclasses.replace(result, metrics={
+                **result.metrics, "prompt_truncated": flag,
+                **({"gpu_memory_peak_bytes": peak} if peak is not None else {})}))
         return results
+
+    def _gpu_memory_peak(self) -> int | None:
+        """The most CUDA memory this worker has allocated so far (None off CUDA): how close a
+        model and batch size run to the card's limit."""
+        if not str(self._load_info["device"]).startswith("cuda"):
+            return None
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(self._load_info["device"]))
 
     def _batches(self, tasks: list[Task]):
         """Group tasks of one batch key (kept in input order within a group) into batches of
@@ -216,12 +227,14 @@ class ShardRenderer:
         if not rendered:
             return outcomes
         with self._render_lock:  # the scorer shares the device with the pipeline
+            started = time.monotonic()
             scores = self._scorer.score([batch[i].prompt for i in rendered],
                                         [to_uint8(outcomes[i][0]) for i in rendered])
+            score_s = (time.monotonic() - started) / len(rendered)
         outcomes = list(outcomes)
         for i, score in zip(rendered, scores):
             frames, render_s, metrics = outcomes[i]
-            outcomes[i] = (frames, render_s, {**metrics, **score})
+            outcomes[i] = (frames, render_s, {**metrics, **score, "score_s": score_s})
         return outcomes
 
     def _judge(self, task: Task, outcome):
@@ -247,6 +260,7 @@ class ShardRenderer:
                    "quality_tries": [{"seed": s, "clip_score": c}
                                      for s, c in zip(seeds, _scores(tries))]}
         render_s = sum(t[1] for t in tries if not isinstance(t, Result))
+        metrics["score_s"] = sum(t[2]["score_s"] for t in tries if not isinstance(t, Result))
         if not passed and gate.on_fail == "fail":
             return Result.failure(task.id, "below_min_score",
                                   f"clip_score {metrics['clip_score']:.2f} is under "
@@ -277,7 +291,9 @@ class ShardRenderer:
 
     def _store(self, task: Task, frames: np.ndarray, render_s: float, metrics: dict) -> Result:
         """Encode to a local temp file, check it, and publish it atomically."""
-        timings = {"render_s": render_s}
+        metrics = dict(metrics)
+        timings = {"render_s": render_s, **({"score_s": metrics.pop("score_s")}
+                                            if "score_s" in metrics else {})}
         # A failed clean-up of the temp folder must not fail a video that is already stored.
         with tempfile.TemporaryDirectory(prefix="reelfarm-", ignore_cleanup_errors=True) as tmp:
             pixels = to_uint8(frames)  # what is encoded, previewed and was scored

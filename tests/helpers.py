@@ -247,6 +247,38 @@ def stop_process_group(head: subprocess.Popen) -> None:
     head.wait(timeout=30)
 
 
+def system_tool(package: str, *names: str) -> str:
+    """The path of a tool of a Debian ``package`` (``names``: what it may be called), which
+    ``.ci/run`` installs: without it a test skips here, and fails under CI (``CI`` set)."""
+    import shutil
+
+    import pytest
+
+    found = next((path for path in map(shutil.which, names) if path), None)
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but there is no {names[0]} on PATH: .ci/run installs Debian's "
+                    f"{package} package (apt-get install {package})")
+    pytest.skip(f"no {names[0]} on PATH (apt-get install {package}); under CI this fails instead")
+
+
+def render_actor_pids(root_pid: int) -> list[int]:
+    """The render actors' processes under ``root_pid`` (a test itself, with its local cluster,
+    or a Ray head it started): none of another Ray cluster on the machine."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:  # exited while we looked
+            continue
+        if cmd.startswith("ray::") and "Renderer" in cmd:
+            pids.append(proc.pid)
+    return pids
+
+
 def elastic_config(tmp_path, rows: int, steps: int = 4, **cluster) -> str:
     """A tiny job that follows its cluster: GPU workers (one GPU each), as many as it holds."""
     cfg = tiny_config(write_prompts(tmp_path / "prompts.parquet", prompts(rows)),
@@ -266,3 +298,39 @@ def every_row_ok_once(out, rows: int) -> list[dict]:
     assert {r["status"] for r in table} == {"ok"}
     assert verify(str(out)).problems == []
     return table
+
+
+def monitoring_queries(job: str) -> list[tuple[str, str, str | None]]:
+    """(where, PromQL, needs) for every expression in the dashboard and the alert rules of
+    ``cluster/monitoring/``, the dashboard's variables filled in for ``job`` as Grafana does:
+    the queries a test runs against Prometheus. ``where`` is ``"dashboard: <panel title>"``
+    (``(refId)`` added where a panel has several) or ``"alert: <name>"``. ``needs`` names what
+    a series needs beyond a running job, or is None: ``"cuda"`` (Ray's GPU metrics and the peak
+    GPU memory exist only on CUDA nodes), ``"scoring"`` (CLIP scores, only with quality scoring
+    on)."""
+    import json
+    import re
+
+    needs = {"ray_node_gpus_utilization": "cuda", "ray_reelfarm_gpu_memory_peak_bytes": "cuda",
+             "ray_reelfarm_clip_score": "scoring"}
+    folder = os.path.join(REPO, "cluster", "monitoring")
+    with open(os.path.join(folder, "reelfarm-dashboard.json")) as f:
+        panels = json.load(f)["panels"]
+    panels += [p for row in panels for p in row.get("panels", [])]  # a collapsed row holds its own
+    # A multi-value variable goes into =~ as a regex, escaped, in a PromQL string.
+    value = re.escape(job).replace("\\", "\\\\")
+    found = []
+    for panel in panels:
+        targets = panel.get("targets", [])
+        for target in targets:
+            where = f"dashboard: {panel['title']}"
+            if len(targets) > 1:
+                where += f" ({target['refId']})"
+            found.append((where, target["expr"].replace("$job", value)
+                          .replace("$__rate_interval", "1m")))
+    with open(os.path.join(folder, "reelfarm-alerts.yml")) as f:
+        rules = [rule for group in yaml.safe_load(f)["groups"] for rule in group["rules"]]
+    found += [(f"alert: {rule['alert']}", rule["expr"].strip())
+              for rule in rules if "alert" in rule]
+    return [(where, expr, next((need for name, need in needs.items() if name in expr), None))
+            for where, expr in found]

@@ -37,6 +37,36 @@ def test_failed_rows_give_exit_3_and_status_shows_them(tmp_path):
     assert "5 of 5 rows committed (complete)" in status.stdout
     assert "failed: 2" in status.stdout and "ok: 3" in status.stdout
     assert "invalid_prompt" in status.stdout
+    assert "running since" not in status.stdout
+
+
+def test_status_of_a_running_job_shows_what_its_driver_last_wrote(tmp_path):
+    """A run holding the output writes its live figures with each lease renewal."""
+    import time
+
+    from jobs.store.lease import acquire, holder
+
+    config = write_config(tmp_path, rows=prompts(2), cluster={"backend": "inline"})
+    assert run_cli("render", config, "--quiet").returncode == 0
+    out = str(tmp_path / "out")
+    live = {"to_do": 40, "committed": 12, "failed": 1, "remaining": 28, "eta_s": 75.0,
+            "stages": [{"name": "keyframe", "rows_per_s": 1.5, "inflight": 2, "waiting": 0,
+                        "states": {"busy": 1, "ready": 0}},
+                       {"name": "video", "rows_per_s": None, "inflight": 4, "waiting": 6,
+                        "states": {"pending": 1, "loading": 2, "busy": 0}}]}
+    with acquire(out, ttl_s=30, heartbeat_s=0.1) as held:
+        held.live = live
+        deadline = time.monotonic() + 10
+        while holder(out).get("live") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running = run_cli("status", out)
+    assert running.returncode == 0, running.stderr
+    lines = running.stdout.splitlines()
+    assert lines[1].startswith("running since ") and " (pid " in lines[1]
+    assert lines[2:5] == [
+        "  12 of 40 rows committed by this run, 1 failed, ETA 1m15s",
+        "  keyframe: 1.50 rows/s, workers 1 busy; 2 rows in flight, 0 waiting",
+        "  video: workers 1 pending, 2 loading; 4 rows in flight, 6 waiting"]
 
 
 def test_plan_counts_without_ray_or_a_model(tmp_path):

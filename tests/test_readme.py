@@ -236,3 +236,17 @@ def test_make_setup_torch_index_overrides_the_choice(tmp_path):
     assert cuda.split()[-2:] == ["--index-url", CUDA_INDEX]
     default = _torch_install(tmp_path, {"PIP_CONFIG_FILE": os.devnull}, "TORCH_INDEX=")
     assert "--index-url" not in default and "download.pytorch.org" not in default
+
+
+def test_the_metrics_table_lists_every_metric_as_declared():
+    """The metrics are a contract: the README's table has each name, type and labels as
+    ``jobs.run.metrics`` declares them, in order."""
+    from jobs.run.metrics import METRICS
+
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    table = text.split("| metric (as Prometheus sees it) | type | labels | meaning |\n")[1]
+    rows = [line.split(" | ") for line in table.split("\n\n")[0].splitlines()[1:]]
+    shown = [(name.strip("| `"), kind, tuple(re.findall(r"`(\w+)`", labels)))
+             for name, kind, labels, _ in rows]
+    assert shown == [(f"ray_{m.name}", m.kind, m.labels) for m in METRICS]

@@ -56,14 +56,32 @@ class Progress:
         """A stage finished a row (it made it, or failed it for good)."""
         self.stages.setdefault(stage, [0, 0])[0 if ok else 1] += 1
 
+    def stage_rate(self, stage: str) -> float | None:
+        """Rows ``stage`` made per second since rendering began."""
+        elapsed = self._clock() - self._rendering_since if self._rendering_since else 0.0
+        return self.stages.get(stage, [0, 0])[0] / elapsed if elapsed > 0 else None
+
     def stage_line(self) -> str:
         """Per stage: rows made, failed, and the rate since rendering began."""
-        elapsed = self._clock() - self._rendering_since if self._rendering_since else 0.0
         parts = []
         for name, (ok, failed) in self.stages.items():
-            rate = f", {ok / elapsed:.2f}/s" if elapsed > 0 else ""
+            rate = self.stage_rate(name)
+            rate = f", {rate:.2f}/s" if rate is not None else ""
             parts.append(f"{name} {ok} made{f', {failed} failed' if failed else ''}{rate}")
         return "; ".join(parts)
+
+    def rate(self) -> float | None:
+        """Rows committed per second since the workers were ready (None: none yet)."""
+        if self._rendering_since is None:
+            return None
+        elapsed = self._clock() - self._rendering_since
+        rendered = self.ok + self.failed - self._done_before
+        return rendered / elapsed if rendered > 0 and elapsed > 0 else None
+
+    def eta_s(self) -> float | None:
+        """Seconds to the last commit at that rate."""
+        rate, left = self.rate(), self.total - self.ok - self.failed
+        return 0.0 if left <= 0 else left / rate if rate else None
 
     def line(self) -> str:
         done = self.ok + self.failed
@@ -71,13 +89,10 @@ class Progress:
         head = f"{done}/{self.total} rows ({pct:.0f}%), {self.failed} failed"
         if self._rendering_since is None:
             return f"{head}, workers starting"
-        elapsed = self._clock() - self._rendering_since
-        rendered = done - self._done_before
-        if rendered <= 0 or elapsed <= 0:
+        rate = self.rate()
+        if rate is None:
             return f"{head}, rendering"
-        rate = rendered / elapsed
-        eta = (self.total - done) / rate if self.total > done else 0.0
-        return f"{head}, {rate:.2f} rows/s, ETA {_duration(eta)}{self._workers_text()}"
+        return f"{head}, {rate:.2f} rows/s, ETA {duration(self.eta_s())}{self._workers_text()}"
 
     def _workers_text(self) -> str:
         if len(self.workers) == 1:
@@ -89,7 +104,8 @@ class Progress:
             self._bar.close()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A person's reading of a duration: 1h05m, 3m07s."""
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

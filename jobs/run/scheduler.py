@@ -25,6 +25,7 @@ from cluster.protocol import Pool, ShardOutcome
 from jobs.run.balancer import Balancer
 from jobs.store import manifest
 from jobs.input.plan import PlannedRow
+from jobs.run.metrics import JobMetrics
 from jobs.run.records import kept_artifacts, record
 from jobs.run.progress import Progress
 from jobs.run.timeline import WorkersTimeline
@@ -38,6 +39,7 @@ WAIT_SLICE_S = 5.0  # how long one wait for results may block before progress is
 # memory, say): from then on its losses count against its rows' attempts.
 NODE_LOSSES_PER_SHARD = 10
 POLL_S = 0.05  # with several stages at work, each pool is asked in turn this often
+SAMPLE_EVERY_S = 5.0  # how often the live figures (metrics' gauges, status) are taken
 
 
 @dataclass
@@ -82,7 +84,8 @@ class Scheduler:
                  start_workers: Callable[[], tuple[list[Pool], Balancer | None]], output_uri: str,
                  progress: Progress, max_attempts: int, shard_size: int, shards_per_worker: int,
                  on_commit: Callable[[list[dict]], None] | None = None,
-                 backlog_rows: int | None = None):
+                 backlog_rows: int | None = None, metrics: JobMetrics | None = None,
+                 on_sample: Callable[[dict], None] | None = None):
         self._start_workers = start_workers  # each stage's pool, and the balancer that moves them
         self._on_commit = on_commit  # products built from committed rows (WebDataset tars)
         self.balancer: Balancer | None = None  # comes with the pools
@@ -101,6 +104,10 @@ class Scheduler:
         self.recovered = 0  # rows whose every stage an interrupted run had stored
         self._tokens = itertools.count()
         self.timeline = WorkersTimeline()  # workers per stage taking shards, as they change
+        self.metrics = metrics or JobMetrics("", enabled=False)
+        self._on_sample = on_sample  # gets the live figures every SAMPLE_EVERY_S
+        self._next_sample = 0.0
+        self._gpu_peaks: dict[tuple[str, str, str], int] = {}  # (stage, ip, GPU) -> bytes
 
     def run(self, shards: Iterator[Shard]) -> None:
         first = self.stages[0]
@@ -121,6 +128,7 @@ class Scheduler:
                     if self.rendering_since is not None:
                         self.rendering_s = time.monotonic() - self.rendering_since
                     self.timeline.close()
+                    self.sample()
                     return
                 continue
             slice_s = WAIT_SLICE_S if len(busy) == 1 else POLL_S
@@ -134,6 +142,9 @@ class Scheduler:
             self.progress.workers = {s.spec.name: s.pool.loaded()
                                      for s in self.stages if s.pool is not None}
             self.timeline.sample(self.progress.workers)
+            if time.monotonic() >= self._next_sample:
+                self._next_sample = time.monotonic() + SAMPLE_EVERY_S
+                self.sample()
             if self.balancer is not None:
                 self.balancer.consider(self.stages)
 
@@ -148,6 +159,31 @@ class Scheduler:
             for name, count in (stage.pool.events.items() if stage.pool is not None else ()):
                 total[name] = total.get(name, 0) + count
         return total
+
+    def sample(self) -> dict:
+        """The live figures: per stage its workers by state, rows in flight and waiting, made,
+        failed and per second, the pool's events and the GPUs its workers hold; the job's rows
+        to do, committed, failed, remaining and ETA. They go to ``on_sample``."""
+        stages = []
+        for stage in self.stages:
+            pool, name = stage.pool, stage.spec.name
+            gpus = [(p["ip"], gpu, self._gpu_peaks.get((name, p["ip"], gpu)))
+                    for p in (pool.placements() if pool is not None else ()) if p.get("ip")
+                    for gpu in p.get("gpu_ids") or ()]
+            rate = self.progress.stage_rate(name)
+            stages.append({"name": name, "states": dict(pool.states()) if pool else {},
+                           "inflight": stage.rows_inflight(),
+                           "waiting": stage.rows_held() - stage.rows_inflight(),
+                           "made": stage.ok, "failed": stage.failed,
+                           "rows_per_s": round(rate, 4) if rate is not None else None,
+                           "events": dict(pool.events) if pool else {}, "gpus": gpus})
+        p = self.progress
+        figures = {"stages": stages, "to_do": p.total, "committed": p.ok + p.failed,
+                   "failed": p.failed, "remaining": max(0, p.total - p.ok - p.failed),
+                   "eta_s": p.eta_s()}
+        if self._on_sample is not None:
+            self._on_sample(figures)
+        return figures
 
     def _tell_demand(self, source_done: bool) -> None:
         """Tell each pool how many workers the work left could keep busy (a round of shards
@@ -257,7 +293,9 @@ class Scheduler:
         if outcome.lost_with_node and shard.node_losses < NODE_LOSSES_PER_SHARD:
             shard.node_losses += 1
             stage.retries.append(shard)
+            self.metrics.retried(stage.spec.name, "lost_with_node", len(shard.rows))
             return
+        self._note_peak(stage, outcome)
         results = outcome.results
         records = list(shard.records)
         retry: list[PlannedRow] = []
@@ -269,6 +307,7 @@ class Scheduler:
                 row.id, "worker_lost", outcome.error or "worker lost", retryable=True)
             if not result.ok and result.retryable and row.attempts < self.max_attempts:
                 retry.append(row)
+                self.metrics.retried(stage.spec.name, result.error_code or "unknown")
                 continue
             self._advance(stage, row, result, placement=outcome.placement)
             if result.ok and not final:
@@ -286,6 +325,14 @@ class Scheduler:
             for i in range(0, len(retry), size):
                 stage.retries.append(Shard(retry[i:i + size], node_losses=shard.node_losses))
 
+    def _note_peak(self, stage: _StageState, outcome: ShardOutcome) -> None:
+        """The CUDA memory peak the shard's worker reported, for each GPU it holds."""
+        peaks = [r.metrics["gpu_memory_peak_bytes"] for r in outcome.results or ()
+                 if "gpu_memory_peak_bytes" in r.metrics]
+        ip = outcome.placement.get("ip")
+        for gpu in outcome.placement.get("gpu_ids") or () if peaks and ip else ():
+            self._gpu_peaks[(stage.spec.name, ip, gpu)] = max(peaks)
+
     def _advance(self, stage: _StageState, row: PlannedRow, result: Result,
                  recovered: bool = False, placement: dict | None = None) -> None:
         """Close the row's account with ``stage``: its log entry (with where it was rendered),
@@ -299,7 +346,9 @@ class Scheduler:
         row.attempts = 0
         if recovered:
             stage.recovered += 1
+            self.metrics.recovered(stage.spec.name)
             return
+        self.metrics.made(stage.spec.name, result)
         if result.ok:
             stage.ok += 1
             stage.seconds += seconds
@@ -318,6 +367,7 @@ class Scheduler:
                                    if s["name"] == stage.spec.name and s["status"] == "ok"])
         if self._on_commit is not None:
             self._on_commit(records)
+        self.metrics.committed(records)
         ok = sum(r["status"] == "ok" for r in records)
         self.progress.advance(ok, len(records) - ok)
 

@@ -61,13 +61,16 @@ def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Bala
         pools = [InlinePool(spec) for spec in specs]
         start = lambda: [pool.start() for pool in pools]  # noqa: E731
     else:
+        from cluster import capacity
         from cluster.connect import connect
         from cluster.pool import WorkerPool
         from cluster.startup import start_pools
 
         resources = connect(cfg.cluster.address)
-        use_gpu = (cfg.cluster.gpus_per_worker if cfg.cluster.gpus_per_worker is not None
-                   else resources.get("GPU", 0)) > 0
+        asked = cfg.cluster.gpus_per_worker
+        # GPU workers on a cluster with GPUs, or whose autoscaler can launch GPU nodes.
+        use_gpu = asked > 0 if asked is not None else \
+            bool(resources.get("GPU")) or capacity.autoscaler_can_add("GPU")
         elastic = len(stages) == 1 and cfg.cluster.num_workers is None
         if len(stages) == 1:
             split = [cfg.cluster.num_workers or cfg.cluster.min_workers]

@@ -15,7 +15,8 @@ Protocol. The lease lives under ``<output>/_lease/`` as generation-numbered JSON
   older generation), else we hold it and delete the generations below ours.
 - Renew (heartbeat thread, every ``heartbeat_s``): list; if a generation above ours exists someone
   took the output over and the lease is lost; else overwrite our own generation with a new
-  ``renewed_at``/``expires_at``. Only the holder ever writes its generation after creating it, and a
+  ``renewed_at``/``expires_at`` and the run's ``live`` figures (what ``reelfarm status`` shows
+  of a running job). Only the holder ever writes its generation after creating it, and a
   takeover writes a new generation, never ours, so a plain atomic overwrite is safe.
 - Release: overwrite our generation with ``released_at`` set; the next run takes n + 1 at once.
   Only generations below a verified holder's are ever deleted, so the highest one never goes
@@ -85,6 +86,7 @@ class Lease:
         self._lease_dir = lease_dir
         self._record = record
         self._renewed_mono = renewed_mono  # monotonic time at which the last valid renewal began
+        self.live: dict | None = None  # the run's live figures, written with each renewal
         self._lost_reason: str | None = None
         self._released = False
         self._lock = threading.Lock()  # no renewal is written after (or during) the release
@@ -104,6 +106,11 @@ class Lease:
             self._lost_reason = (f"the lease went unrenewed for more than {self.ttl_s:g} s "
                                  "(storage unreachable or this process stalled)")
         return self._lost_reason
+
+    @property
+    def renewed_at(self) -> float:
+        """Unix time of the last renewal written."""
+        return self._record["renewed_at"]
 
     def check(self) -> None:
         """Raise ``LeaseError`` if the lease is lost: this run must stop writing the output."""
@@ -152,7 +159,7 @@ class Lease:
             with self._lock:
                 if self._released:
                     return
-                record = _stamp(self._record, self.ttl_s)
+                record = _stamp({**self._record, "live": self.live}, self.ttl_s)
                 _overwrite(self._fs, self._path(), record)
             if not self.lost:  # a renewal that completes after the deadline does not count
                 self._record, self._renewed_mono = record, began

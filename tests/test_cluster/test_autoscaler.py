@@ -1,7 +1,10 @@
 """A job on a cluster with an autoscaler, Ray's own fake multi-node one: the head holds no GPU,
 the job asks for GPU workers, the autoscaler launches GPU nodes (processes on this machine,
 with fake GPUs) for that request, the job renders there, and when it ends its request is
-cleared and the idle nodes are released.
+cleared and the idle nodes are released. The job leaves ``cluster.gpus_per_worker`` at its
+default: the autoscaler's node types say GPUs can come, so its workers are GPU workers. Ray's
+fake provider, like Ray's own autoscaler, does not report its node types to the GCS; the test
+reports them as an autoscaler that does (the cluster config Ray Data and Ray Train read).
 
 The head runs from ``ray start --head --block`` on its own port and temp dir, in its own
 process group; the nodes the autoscaler launches are its descendants, and the test stops them
@@ -64,11 +67,25 @@ def autoscaling_head():
     address = f"127.0.0.1:{gcs}"
     try:
         wait_for(lambda: _alive_nodes(address, env) == [HEAD_NODE_ID], 120, "the head", head)
+        subprocess.run([sys.executable, "-c", _REPORT_NODE_TYPES, address, str(GPU_NODES)],
+                       env=env, check=True, timeout=120)
         yield {"address": address, "env": env}
     finally:
         stop_process_group(head)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The autoscaler's node types as an autoscaler reports them to the GCS: up to N nodes of a GPU.
+_REPORT_NODE_TYPES = """
+import sys
+from ray._raylet import GcsClient
+from ray.core.generated.autoscaler_pb2 import ClusterConfig
+config = ClusterConfig()
+group = config.node_group_configs.add(name="gpu", max_count=int(sys.argv[2]))
+group.resources.update({"CPU": 2, "GPU": 1})
+GcsClient(address=sys.argv[1]).report_cluster_config(config.SerializeToString())
+"""
 
 
 def _alive_nodes(address: str, env: dict) -> list[str] | None:
@@ -89,13 +106,15 @@ def _alive_nodes(address: str, env: dict) -> list[str] | None:
 def test_the_autoscaler_launches_gpu_nodes_for_the_job_and_releases_them_when_it_ends(
         autoscaling_head, tmp_path):
     rows, out = 16, tmp_path / "out"
-    result = run_cli("render", elastic_config(tmp_path, rows, steps=8), "--quiet",
+    config = elastic_config(tmp_path, rows, steps=8, gpus_per_worker=None)  # the default
+    result = run_cli("render", config, "--quiet",
                      "--address", autoscaling_head["address"], env=autoscaling_head["env"])
     assert result.returncode == 0, result.stderr[-3000:]
     table = every_row_ok_once(out, rows)
     # Rendered on the nodes the autoscaler launched for the job's request, not on the head.
     used = {r["stages"][0]["node_id"] for r in table}
     assert used and HEAD_NODE_ID not in used and all(n.startswith("f" * 51) for n in used), used
+    assert all(r["stages"][0]["gpu_ids"] for r in table)  # GPU workers, by default
     # The job cleared its request when it ended: the idle GPU nodes are released (a request
     # left standing would hold them).
     wait_for(lambda: _alive_nodes(**autoscaling_head) == [HEAD_NODE_ID], 120,

@@ -67,3 +67,19 @@ def test_options_are_validated_and_fingerprinted():
 def test_model_offload_on_a_gpu():
     pipe = load_pipeline(ModelSpec("tiny:wan", dtype="float16"), "cuda", OptimizeSpec(offload="model"))
     assert pipe.transformer.device.type == "cpu"  # moved to the GPU only while it runs
+
+
+@pytest.mark.gpu
+def test_a_cuda_worker_reports_its_peak_gpu_memory_with_each_row(tmp_path):
+    """What ``ray_reelfarm_gpu_memory_peak_bytes`` shows: torch's peak allocation on the card."""
+    from jobs.input.dataset import open_dataset
+    from jobs.input.plan import PlanCounts, plan_rows
+    from jobs.store.hashset import HashSet
+    from rendering.worker import ShardRenderer
+
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(2))
+    cfg = validate(tiny_config(src, str(tmp_path / "out"), cluster={"backend": "inline"}))
+    planned = list(plan_rows(open_dataset(src, []), cfg, HashSet(), PlanCounts()))
+    results = ShardRenderer(worker_spec(cfg)).render_shard([p.outcome for p in planned])
+    peaks = {r.metrics["gpu_memory_peak_bytes"] for r in results}
+    assert all(r.ok for r in results) and len(peaks) == 1 and peaks.pop() > 0

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import prompts, tiny_config, write_prompts
+from helpers import prompts, system_tool, tiny_config, write_prompts
 
 from jobs.store import layout, manifest
 from jobs.products.report.bins import Bins, score_widths
@@ -445,13 +445,7 @@ class Chromium:
 
 
 def _chromium_or_skip() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe:
-        return exe
-    if os.environ.get("CI"):
-        pytest.fail("CI is set but there is no chromium on PATH: .ci/run installs Debian's "
-                    "chromium (apt-get install chromium); the browser tests must run in CI")
-    pytest.skip("no chromium on PATH (apt-get install chromium); under CI this fails instead")
+    return system_tool("chromium", "chromium", "chromium-browser")
 
 
 @pytest.fixture(scope="module")

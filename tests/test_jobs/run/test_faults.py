@@ -15,6 +15,7 @@ import psutil
 import pytest
 from helpers import prompts, run_cli, stages_config, stored, tiny_config, write_prompts
 from helpers import CliDriver, by_id, committed_shards, read_manifest, wait_for, write_config
+from helpers import render_actor_pids
 
 from jobs.verify import verify
 from jobs.config import validate
@@ -91,20 +92,6 @@ def _packed_ids(out) -> list[str]:
     return sorted(json.loads(s["json"])["id"] for s in wds.WebDataset(tars, shardshuffle=False))
 
 
-def _worker_pids() -> list[int]:
-    """The render actors' processes: descendants of this test's own local cluster, not of any
-    other Ray cluster on the machine."""
-    pids = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(proc.cmdline())
-        except psutil.Error:  # exited while we looked
-            continue
-        if cmd.startswith("ray::") and "Renderer" in cmd:
-            pids.append(proc.pid)
-    return pids
-
-
 def _render_in_background(cfg):
     outcome = {}
 
@@ -128,7 +115,7 @@ def test_a_dead_or_hung_worker_is_replaced_and_its_shard_done_elsewhere(tmp_path
                                cluster={"shard_timeout_s": 15 if fault == "hang" else 120}))
     thread, outcome = _render_in_background(cfg)
     wait_for(lambda: _committed(out) >= 1, 120, "a committed shard")
-    victim = psutil.Process(_worker_pids()[0])
+    victim = psutil.Process(render_actor_pids(os.getpid())[0])
     started = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL if fault == "sigkill" else signal.SIGSTOP)
     thread.join(300)

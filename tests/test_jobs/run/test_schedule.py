@@ -51,6 +51,10 @@ class ScriptedPool:
     def loaded(self) -> int:
         return self.num_workers
 
+    def states(self) -> Counter:
+        return Counter(busy=min(len(self.queue), self.num_workers),
+                       ready=max(0, self.num_workers - len(self.queue)))
+
     def demand(self, workers: int) -> None:
         if not self.demands or self.demands[-1] != workers:
             self.demands.append(workers)
@@ -286,3 +290,23 @@ def test_rows_whose_first_stage_an_interrupted_run_stored_start_at_the_second(tm
     assert sorted(i for shard in pools[1].submitted for i in shard) == ["done", "todo"]
     assert by_id["done"]["stages"][0]["attempts"] == 1 and by_id["done"]["status"] == "ok"
     assert not (output / "receipts" / "k" / "done.json").exists()  # removed once committed
+
+
+def test_the_live_figures_count_the_rows_each_stage_settled(tmp_path):
+    """What ``on_sample`` gets (the metrics' gauges and ``status``'s live lines): figures after
+    the first results, and the last once every row is committed."""
+    pool = ScriptedPool({"a": ["retry", "ok"], "b": ["ok"], "c": ["fail"], "d": ["ok"]})
+    output, samples = str(tmp_path / "out"), []
+    scheduler = Scheduler(_stages(output, ["video"]), lambda: ([pool], None), output,
+                          Progress(4, enabled=False), max_attempts=3, shard_size=2,
+                          shards_per_worker=2, on_sample=samples.append)
+    rows = _rows(["a", "b", "c", "d"])
+    scheduler.run(iter([Shard(rows[:2]), Shard(rows[2:])]))
+    first, last = samples[0], samples[-1]
+    assert first["to_do"] == 4 and first["committed"] + first["remaining"] == 4
+    assert first["remaining"] > 0 and len(samples) >= 2
+    assert (last["committed"], last["failed"], last["remaining"], last["eta_s"]) == (4, 1, 0, 0.0)
+    (video,) = last["stages"]
+    assert (video["name"], video["made"], video["failed"]) == ("video", 3, 1)
+    assert (video["inflight"], video["waiting"]) == (0, 0)
+    assert video["states"] == {"ready": 1, "busy": 0} and video["gpus"] == []

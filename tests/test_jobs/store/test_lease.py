@@ -247,3 +247,14 @@ def test_a_stalled_driver_is_taken_over_after_its_ttl_and_learns_it_lost(tmp_pat
     finally:
         driver.kill()
         driver.wait(10)
+
+
+def test_the_runs_live_figures_are_written_with_each_renewal(tmp_path):
+    output = str(tmp_path / "out")
+    with acquire(output, ttl_s=1.5, heartbeat_s=0.1) as held:
+        assert lease.holder(output).get("live") is None
+        held.live = {"committed": 3, "to_do": 10}
+        time.sleep(0.5)
+        assert lease.holder(output)["live"] == {"committed": 3, "to_do": 10}
+        assert 0 <= time.time() - held.renewed_at < 0.5
+    assert lease.holder(output) is None  # released: no run holds it, whatever it last said

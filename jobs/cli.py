@@ -147,9 +147,13 @@ def _render(args) -> int:
     out = cfg.output.uri.rstrip("/")
     startup = (f"; workers started and loaded the model in {summary.startup_s:.1f} s"
                if summary.startup_s else "")
-    print(f"rendered {summary.rendered} video(s) in {summary.seconds:.1f} s "
-          f"({summary.videos_per_s:.2f} videos/s while rendering{startup}); "
-          f"{summary.skipped} row(s) were already done")
+    if summary.nothing_to_do:
+        print(f"nothing to do: every row is committed, and the input is unchanged since the run "
+              f"that completed the output (checked in {summary.seconds:.2f} s)")
+    else:
+        print(f"rendered {summary.rendered} video(s) in {summary.seconds:.1f} s "
+              f"({summary.videos_per_s:.2f} videos/s while rendering{startup}); "
+              f"{summary.skipped} row(s) were already done")
     ok = _ok(summary.ok, summary.kept_below, cfg.quality.min_score)
     print(f"rows: {summary.total_rows}  ok: {ok}  failed: {summary.failed}")
     for code, count in summary.top_errors:

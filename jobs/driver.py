@@ -19,10 +19,10 @@ from typing import Iterator
 from jobs.store import layout, manifest
 from jobs.verify import rows_to_redo, unlisted_artifacts
 from jobs.config import JobConfig, with_absolute_paths
-from jobs.input.dataset import open_dataset
+from jobs.input.dataset import open_dataset, signature
 from jobs.store.lease import acquire as acquire_lease
-from jobs.store.job_file import (OutputError, check_resumable, finish_job, read_job, start_job,
-                                 unwritable)
+from jobs.store.job_file import (OutputError, check_resumable, finish_job, finished_before,
+                                 read_job, start_job, unwritable)
 from jobs.store.location import check_output_is_folder, remove_probes
 from jobs.products.webdataset.packer import Packer
 from jobs.products.webdataset.tars import PackSpec
@@ -64,6 +64,7 @@ class RenderSummary:
     complete: bool
     top_errors: list[tuple[str, int]]
     kept_below: dict[int, int]  # tries -> ok rows the quality gate kept below quality.min_score
+    nothing_to_do: bool = False  # complete already, for this very input: nothing was read or run
 
     @property
     def videos_per_s(self) -> float:
@@ -98,6 +99,9 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
                     started: float) -> RenderSummary:
     job = read_job(cfg.output.uri)
     check_resumable(cfg, job)
+    input_signature = signature(dataset)
+    if not redo and finished_before(cfg.output.uri, job, input_signature):
+        return _already_complete(cfg, job, dataset.num_rows, started)
     to_redo = rows_to_redo(cfg.output.uri, "failed" in redo, "damaged" in redo) if redo else {}
     if redo:
         logger.info("repairing %d committed row(s) (%s)", len(to_redo), ", ".join(sorted(redo)))
@@ -150,7 +154,7 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
 
     # Step 4: consolidate the manifest, record how the run ended, and write the report.
     lease.check()
-    tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler)
+    tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler, input_signature)
     _write_report(cfg.output.uri)
     return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,
                          scheduler.rendered, counts.done, scheduler.recovered,
@@ -166,8 +170,22 @@ def job_name(cfg: JobConfig) -> str:
     return cfg.metrics.job_name or cfg.output.uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _already_complete(cfg: JobConfig, job: dict, input_rows: int, started: float) -> RenderSummary:
+    """A rerun on a complete output whose input is unchanged: the last run's counts, with
+    nothing read but ``job.json`` (no manifest is consolidated, no report rewritten)."""
+    counts, run = job["counts"], job["last_run"]
+    logger.info("nothing to do: %s is complete and its input is unchanged since the run that "
+                "finished it", cfg.output.uri)
+    kept_below = {int(tries): rows for tries, rows in
+                  (counts.get("kept_below_min_score_tries") or {}).items()}
+    return RenderSummary(cfg.output.uri, input_rows, counts["ok"], counts["failed"], 0, input_rows,
+                         0, 0, time.monotonic() - started, 0.0, 0.0, True,
+                         [tuple(e) for e in run.get("top_errors", [])], kept_below,
+                         nothing_to_do=True)
+
+
 def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
-            scheduler: Scheduler) -> manifest.Tally:
+            scheduler: Scheduler, input_signature: str | None = None) -> manifest.Tally:
     """Write manifest.parquet and job.json; mark the output complete when it is."""
     tally = manifest.consolidate(cfg.output.uri)
     complete = status == "finished" and tally.rows == input_rows
@@ -181,14 +199,15 @@ def _finish(cfg: JobConfig, job: dict, status: str, input_rows: int,
                "capacity": scheduler.pool_events(),
                "workers_over_time": scheduler.timeline.points,
                "startup_s": round(scheduler.startup_s, 3),
-               "rendering_s": round(scheduler.rendering_s, 3)}
+               "rendering_s": round(scheduler.rendering_s, 3),
+               "top_errors": [[code, n] for code, n, _ in tally.top_errors()]}
     if len(scheduler.stages) > 1:
         figures["stages"] = _stage_figures(scheduler)
         figures["workers_moved"] = scheduler.balancer.moves if scheduler.balancer else 0
     gate = tally.gate_counts() if cfg.quality.min_score is not None else {}
     finish_job(cfg, job, status, {"rows": input_rows, "ok": tally.ok,
                                   "failed": tally.rows - tally.ok, "committed": tally.rows, **gate},
-               figures, complete)
+               figures, complete, input_signature)
     if unlisted:
         fs, root = storage.filesystem(cfg.output.uri)
         storage.remove_quietly(fs, storage.join(root, layout.SUCCESS_FILE))  # an earlier run's

@@ -3,6 +3,7 @@ sha256, and nothing stored is unaccounted for; and what a repair must render aga
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     temp file is unlisted.
 
     Streams the manifests a shard at a time and keeps only 8-byte hashes of rows and artifact
-    paths, so an output of millions of rows is checked in bounded memory.
+    paths, so an output of millions of rows is checked in bounded memory. Which objects exist,
+    and their sizes, come from one listing of each artifact folder (``_Listing``), not from a
+    request per row; only hashing reads each object.
     """
     fs, root = storage.filesystem(output_uri)
     if not fs.exists(root):
@@ -45,8 +48,14 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     seen_rows, listed = HashSet(), HashSet()
     repeats: Counter = Counter()  # (id, occurrence) -> extra commits
     packed = _packed(output_uri)
+    tables = manifest.iter_shards(output_uri, columns=_ARTIFACT_COLUMNS)
+    # The shards to check are fixed as the first is read, before the folders are listed: every
+    # row checked had its objects stored before the listing, so what a running job commits
+    # meanwhile is never reported missing.
+    first = next(tables, None)
+    listing = _Listing(fs, root, strays=True)
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for table in manifest.iter_shards(output_uri, columns=_ARTIFACT_COLUMNS):
+        for table in itertools.chain(() if first is None else (first,), tables):
             rows += table.num_rows
             _count_repeats(table, seen_rows, repeats)
             # Failed rows may list artifacts too: what an earlier stage made (a keyframe).
@@ -54,14 +63,15 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
             ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
             listed.add(_path_hashes(storage.join(root, a["path"])
                                     for r in stored_rows for a in r["artifacts"]))
-            problems += [p for found in _artifact_problems(fs, root, stored_rows, check_hashes,
-                                                           packed, pool) for p in found]
+            problems += [p for found in _artifact_problems(fs, root, listing, stored_rows,
+                                                           check_hashes, packed, pool)
+                         for p in found]
     if packed is not None:
         problems += check_tars(output_uri)
     if rows == 0:
         problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
-    strays = sorted(_stray_objects(fs, root, listed), key=lambda stray: stray[1])
+    strays = sorted(_stray_objects(fs, listing, listed), key=lambda stray: stray[1])
     problems += [problem for _, problem in strays]
 
     success = fs.exists(storage.join(root, layout.SUCCESS_FILE))
@@ -109,6 +119,7 @@ def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, dict
     fs, root = storage.filesystem(output_uri)
     redo: dict[int, dict] = {}
     packed = _packed(output_uri) if damaged else None
+    listing = _Listing(fs, root) if damaged else None
     columns = list(dict.fromkeys([*_ARTIFACT_COLUMNS, *manifest.TASK_COLUMNS, "committed_at"]))
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         for table in manifest.iter_shards(output_uri, columns=columns):
@@ -118,7 +129,7 @@ def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, dict
                             for r in rows if r["status"] == "failed")
             if damaged:
                 ok = [r for r in rows if r["status"] == "ok"]
-                found = _artifact_problems(fs, root, ok, True, packed, pool)
+                found = _artifact_problems(fs, root, listing, ok, True, packed, pool)
                 redo.update((row_hash(r["id"], r["occurrence"]), r)
                             for r, problems in zip(ok, found) if problems)
     return redo
@@ -132,19 +143,92 @@ def _packed(output_uri: str) -> HashSet | None:
     return packed_samples(output_uri) if read_markers(output_uri) else None
 
 
-def _artifact_problems(fs, root: str, rows: list[dict], check_hashes: bool,
+class _Listing:
+    """One listing of each folder artifacts are stored in (``FOLDERS``, and each stage's under
+    ``stages/``): which objects exist, and at which sizes, as 8-byte hashes. The folders are
+    flat and may hold millions of objects: each is listed once (on S3 a request per 1,000
+    keys), its details dropped once hashed.
+
+    With ``strays``, the names of the objects are kept too, for ``_stray_objects``.
+    """
+
+    FOLDERS = (layout.VIDEOS_DIR, layout.PREVIEWS_DIR, layout.STAGES_DIR)
+
+    def __init__(self, fs, root: str, strays: bool = False):
+        try:  # refresh: what this process listed before may have changed since
+            self.entries = fs.ls(root, detail=False, refresh=True)  # the output's own
+        except FileNotFoundError:
+            self.entries = []
+        self.sized, self.paths = HashSet(), HashSet()  # hashes of path\0size, and of path
+        self.temps: list[str] = []
+        self.names: list[tuple[str, list[str]]] = []  # (what, paths) of videos and stages'
+        self._strays = strays
+        self._videos, self._previews, self._stages = (storage.join(root, name)
+                                                      for name in self.FOLDERS)
+        present = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.entries}
+        for name in self.FOLDERS:
+            subfolders = self._add(fs, storage.join(root, name)) if name in present else []
+            for stage in subfolders if name == layout.STAGES_DIR else ():
+                self._add(fs, stage)
+
+    def _add(self, fs, folder: str) -> list[str]:
+        """Take in the objects of ``folder``; return its subfolders."""
+        entries = fs.ls(folder, detail=True, refresh=True)
+        fs.invalidate_cache(folder)  # the details the filesystem keeps cost the most memory
+        files = [(o["name"], o["size"]) for o in entries if o["type"] == "file"]
+        subfolders = [o["name"] for o in entries if o["type"] == "directory"]
+        del entries
+        self.sized.add(_path_hashes(f"{name}\0{size}" for name, size in files))
+        self.paths.add(_path_hashes(name for name, _ in files))
+        if self._strays:
+            names = [name for name, _ in files]
+            self.temps += [name for name in names if storage.is_temp(name)]
+            if folder != self._previews:  # a preview unlisted is not reported (only temps)
+                self.names.append(("video" if folder == self._videos else "object",
+                                   [name for name in names if not storage.is_temp(name)]))
+        return subfolders
+
+    def shown(self, artifacts: list[tuple[str, int]]) -> list[bool | None]:
+        """For each (path, bytes): True when the listing shows the object at that size, False
+        when it shows none at that path; None when it cannot tell, where the object has
+        another size (then asking its size says which) or is outside the folders listed."""
+        sized = self.sized.contains(_path_hashes(f"{path}\0{size}" for path, size in artifacts))
+        named = self.paths.contains(_path_hashes(path for path, _ in artifacts))
+        return [True if at_size else None if there or not self._covers(path) else False
+                for (path, _), at_size, there in zip(artifacts, sized.tolist(), named.tolist())]
+
+    def _covers(self, path: str) -> bool:
+        """An object at ``path`` would be in the listing: it is directly in a folder listed, or
+        in a stage's (each one under ``stages/`` was listed). A row's artifact may be anywhere
+        under the output (its path is the manifest's word): one elsewhere is asked for itself,
+        one request each, rather than listing all the output holds for it."""
+        folder = path.rsplit("/", 1)[0]
+        return folder in (self._videos, self._previews, self._stages) \
+            or folder.rsplit("/", 1)[0] == self._stages
+
+
+def _artifact_problems(fs, root: str, listing: _Listing, rows: list[dict], check_hashes: bool,
                        packed: HashSet | None, pool) -> list[list[str]]:
-    """Each row's artifact problems. A loose object that is gone is no problem when the row is
-    packed in a shard (``output.keep_videos: false`` drops them; the shard check covers it)."""
-    def check(row: dict) -> list[str]:
-        problems = [_check_artifact(fs, row["id"], storage.join(root, a["path"]), a, check_hashes)
-                    for a in row["artifacts"]]
+    """Each row's artifact problems, as ``listing`` shows its objects. A loose object that is
+    gone is no problem when the row is packed in a shard (``output.keep_videos: false`` drops
+    them; the shard check covers it)."""
+    paths = [[storage.join(root, a["path"]) for a in row["artifacts"]] for row in rows]
+    shown = listing.shown([(path, a["bytes"]) for row, row_paths in zip(rows, paths)
+                           for path, a in zip(row_paths, row["artifacts"])])
+    ordered = iter(shown)
+    row_shown = [[next(ordered) for _ in row_paths] for row_paths in paths]
+
+    def check(row: dict, row_paths: list[str], seen: list[bool | None]) -> list[str]:
+        problems = [_check_artifact(fs, row["id"], path, a, known, check_hashes)
+                    for path, a, known in zip(row_paths, row["artifacts"], seen)]
         problems = [p for p in problems if p]
         if problems and all(" is missing: " in p for p in problems) and _in_shards(packed, row):
             return []
         return problems
 
-    return list(pool.map(check, rows))
+    # Threads only where objects are read or asked: checking a listing is a lookup.
+    run = pool.map if check_hashes or None in shown else map
+    return list(run(check, rows, paths, row_shown))
 
 
 def _in_shards(packed: HashSet | None, row: dict) -> bool:
@@ -159,27 +243,23 @@ def unlisted_artifacts(output_uri: str, examples: int = 3) -> tuple[int, list[st
     output whose workers stored elsewhere is never reported complete. One listing per folder
     and one read of the consolidated manifest, not a request per row."""
     fs, root = storage.filesystem(output_uri)
-    fs.invalidate_cache()
-    present = HashSet()
-    stages_dir = storage.join(root, layout.STAGES_DIR)
-    folders = [storage.join(root, layout.VIDEOS_DIR), storage.join(root, layout.PREVIEWS_DIR),
-               *(fs.ls(stages_dir, detail=False) if fs.exists(stages_dir) else [])]
-    for folder in folders:
-        if fs.exists(folder):
-            present.add(_path_hashes(f"{o['name']}\0{o['size']}"
-                                     for o in fs.ls(folder, detail=True) if o["type"] == "file"))
+    listing = _Listing(fs, root)
     packed = _packed(output_uri)
     count, first = 0, []
     for table in manifest.iter_consolidated(output_uri, _ARTIFACT_COLUMNS):
-        stored = [(r, a) for r in table.to_pylist() for a in r["artifacts"] or ()]
-        shown = present.contains(_path_hashes(f"{storage.join(root, a['path'])}\0{a['bytes']}"
-                                              for _, a in stored))
-        for (row, artifact), ok in zip(stored, shown):
-            if not ok and not _in_shards(packed, row):
+        stored = [(r, a, storage.join(root, a["path"]))
+                  for r in table.to_pylist() for a in r["artifacts"] or ()]
+        shown = listing.shown([(path, a["bytes"]) for _, a, path in stored])
+        for (row, artifact, path), known in zip(stored, shown):
+            if known is True or _in_shards(packed, row):
+                continue
+            # Where the listing cannot tell (another size, a folder not listed) the object is
+            # asked: one request for each, which only a damaged or unusual output has.
+            if _stored_size(fs, path, artifact["bytes"], known) != artifact["bytes"]:
                 count += 1
                 if len(first) < examples:
                     first.append(f"{artifact['name']} of row {row['id']!r} at "
-                                 f"{storage.to_uri(fs, storage.join(root, artifact['path']))}")
+                                 f"{storage.to_uri(fs, path)}")
     return count, first
 
 
@@ -195,28 +275,23 @@ def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
     seen.add(hashes)
 
 
-def _stray_objects(fs, root: str, listed: HashSet):
+def _stray_objects(fs, listing: _Listing, listed: HashSet):
     """(path, problem) of the videos (and earlier stages' keyframes) no manifest row lists, and
     of temp objects anywhere under the output but the lease's (it cleans its own).
 
-    The videos folder, and each stage's, is flat and may hold millions of objects: their names
-    alone are listed (``find`` would hold a dict of details per object) and looked up a chunk at
-    a time.
+    The artifact folders are flat and may hold millions of objects: their names, from
+    ``listing``, are looked up a chunk at a time. The other folders are searched (``find``)
+    for temp objects only.
     """
-    stages_dir = storage.join(root, layout.STAGES_DIR)
-    stages = fs.ls(stages_dir, detail=False) if fs.exists(stages_dir) else []
-    for folder, what in [(storage.join(root, layout.VIDEOS_DIR), "video"),
-                         *((stage, "object") for stage in stages)]:
-        names = fs.ls(folder, detail=False) if fs.exists(folder) else []
+    yield from ((path, f"leftover temporary object {path}") for path in listing.temps)
+    for what, names in listing.names:
         for start in range(0, len(names), _LISTING_CHUNK):
             chunk = names[start:start + _LISTING_CHUNK]
-            for path, known in zip(chunk, listed.contains(_path_hashes(chunk))):
-                if storage.is_temp(path):
-                    yield path, f"leftover temporary object {path}"
-                elif not known:
-                    yield path, f"{what} {path} is not in any manifest"
-    skip = (layout.VIDEOS_DIR, layout.STAGES_DIR, layout.LEASE_DIR)  # above, or the lease's
-    for entry in fs.ls(root, detail=False):
+            yield from ((path, f"{what} {path} is not in any manifest")
+                        for path, known in zip(chunk, listed.contains(_path_hashes(chunk)))
+                        if not known)
+    skip = (*_Listing.FOLDERS, layout.LEASE_DIR)  # listed, or the lease's
+    for entry in listing.entries:
         if entry.rstrip("/").rsplit("/", 1)[-1] not in skip:
             yield from ((p, f"leftover temporary object {p}") for p in fs.find(entry)
                         if storage.is_temp(p))
@@ -226,14 +301,29 @@ def _path_hashes(paths) -> np.ndarray:
     return key_hashes([p.encode("utf-8", "surrogatepass") for p in paths])
 
 
-def _check_artifact(fs, row_id: str, path: str, artifact: dict, check_hashes: bool) -> str | None:
+def _check_artifact(fs, row_id: str, path: str, artifact: dict, shown: bool | None,
+                    check_hashes: bool) -> str | None:
+    """The artifact's problem, if any; ``shown``: what the listing says of it
+    (``_Listing.shown``)."""
     uri, what = storage.to_uri(fs, path), f"{artifact['name']} of row {row_id!r}"
-    try:
-        size = fs.size(path)
-    except FileNotFoundError:
+    size = _stored_size(fs, path, artifact["bytes"], shown)
+    if size is None:
         return f"{what} is missing: {uri}"
     if size != artifact["bytes"]:
         return f"{what} has {size} bytes, manifest says {artifact['bytes']}: {uri}"
-    if check_hashes and storage.sha256_object(fs, path) != artifact["sha256"]:
+    if check_hashes and storage.sha256_object(fs, path, size) != artifact["sha256"]:
         return f"{what} does not match its sha256: {uri}"
     return None
+
+
+def _stored_size(fs, path: str, recorded: int, shown: bool | None) -> int | None:
+    """The size of the object at ``path``, None when there is none: ``recorded`` when the
+    listing shows it so, or asked of the object where the listing cannot tell (one request)."""
+    if shown is not None:
+        return recorded if shown else None
+    try:
+        return fs.size(path)
+    except FileNotFoundError:
+        return None
+
+

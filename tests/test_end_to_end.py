@@ -92,10 +92,27 @@ def test_a_saved_model_folder_loads_through_from_pretrained(tmp_path):
 
 def test_rerun_renders_nothing_and_keeps_the_videos(tmp_path):
     cfg, first = _render(tmp_path, prompts(5), "inline")
-    before = {p: os.path.getmtime(p) for p in (tmp_path / "out" / "videos").iterdir()}
+    out = tmp_path / "out"
+    before = {p: os.path.getmtime(p) for p in (out / "videos").iterdir()}
+    derived = {name: os.path.getmtime(out / name) for name in ("manifest.parquet", "report.html",
+                                                               "job.json")}
     second = render(cfg, progress=False)
     assert (first.rendered, second.rendered, second.skipped, second.ok) == (5, 0, 5, 5)
-    assert {p: os.path.getmtime(p) for p in (tmp_path / "out" / "videos").iterdir()} == before
+    assert {p: os.path.getmtime(p) for p in (out / "videos").iterdir()} == before
+    # Complete, for this very input: nothing is consolidated or rewritten.
+    assert second.nothing_to_do and second.complete
+    assert {name: os.path.getmtime(out / name) for name in derived} == derived
+
+
+def test_a_rerun_after_the_input_changed_looks_at_every_row_again(tmp_path):
+    cfg, _ = _render(tmp_path, prompts(3), "inline")
+    write_prompts(cfg.input.uri, prompts(5))  # two rows more
+    grown = render(cfg, progress=False)
+    assert not grown.nothing_to_do and (grown.rendered, grown.skipped, grown.ok) == (2, 3, 5)
+    write_prompts(cfg.input.uri, prompts(5))  # the same rows, written again
+    rewritten = render(cfg, progress=False)
+    assert not rewritten.nothing_to_do and (rewritten.rendered, rewritten.ok) == (0, 5)
+    assert render(cfg, progress=False).nothing_to_do
 
 
 def test_verify_catches_a_deleted_and_a_corrupted_video(tmp_path):

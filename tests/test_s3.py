@@ -150,3 +150,36 @@ def test_the_endpoint_goes_away_mid_job_and_comes_back(tmp_path, proxied):
     assert verify(out).problems == []
     print(f"S3 outage of 6 s: job done {lost_s:.1f} s after it began; "
           f"stopped and resumed: {'error' in outcome}")
+
+
+def test_verify_lists_each_folder_rather_than_asking_per_row(s3_bucket):
+    """At millions of rows a request per artifact is millions of requests: verify's requests
+    must not grow with the rows (existence and sizes come from listings), and still find a
+    deleted and a truncated video; hashing reads each object but asks nothing more of it."""
+    from collections import Counter
+
+    from helpers import committed_output
+
+    _, client = s3_bucket
+    out = f"s3://{BUCKET}/out/listed"
+    rows = committed_output(out, 200)
+    client.delete_object(Bucket=BUCKET, Key=f"out/listed/{rows[7]['video_uri']}")
+    client.put_object(Bucket=BUCKET, Key=f"out/listed/{rows[9]['video_uri']}", Body=b"cut")
+    fs, _ = storage.filesystem(out)
+    fs.ls(BUCKET)  # the client exists once a request was made
+    calls = Counter()
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+
+    videos = f"s3://{BUCKET}/out/listed/videos"
+    expected = [f"video of row 'row-00007' is missing: {videos}/row-00007.mp4",
+                f"video of row 'row-00009' has 3 bytes, manifest says {rows[9]['bytes']}: "
+                f"{videos}/row-00009.mp4"]
+    assert verify(out, check_hashes=False).problems == expected
+    plain = Counter(calls)
+    print(f"verify of {len(rows)} rows on S3: {plain.total()} requests {dict(plain)}")
+    assert plain.total() < 30
+
+    calls.clear()
+    assert verify(out).problems == expected
+    print(f"... hashing: {calls.total()} requests {dict(calls)}")
+    assert calls - plain == Counter(GetObject=len(rows) - 2) and not plain - calls

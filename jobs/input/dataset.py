@@ -16,6 +16,8 @@ bad bytes replaced (carried columns), never as a decode error that would stop th
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -69,6 +71,19 @@ def open_dataset(uri: str, carry_columns: list[str]) -> InputDataset:
                              f"{paths[0]} has {sorted(columns)}: all files must share one schema")
         files.append(InputFile(file_path, num_rows))
     return InputDataset(uri, tuple(files), tuple(columns), ignored)
+
+
+def signature(dataset: InputDataset) -> str:
+    """What identifies the input's files as they are now: their paths, sizes and modification
+    stamps (mtime, or an object store's ETag). A rerun whose input has the same signature as
+    the run that completed the output has nothing to do."""
+    fs, _ = storage.filesystem(dataset.uri)
+    stamps = []
+    for file in dataset.files:
+        info = fs.info(file.path)
+        stamps.append([file.path, info.get("size"),
+                       *(str(info.get(k)) for k in ("mtime", "ETag", "LastModified", "etag"))])
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:32]
 
 
 def warn_ignored(dataset: InputDataset) -> None:

@@ -117,18 +117,30 @@ def start_job(cfg: JobConfig, job: dict | None, planned_rows: int) -> dict:
     return job
 
 
+def finished_before(output_uri: str, job: dict | None, input_signature: str) -> bool:
+    """The output is complete for this very input: a run finished it, nothing was committed
+    since (``_SUCCESS`` stands), and the input's files are as that run read them."""
+    if not job or job.get("input_signature") != input_signature:
+        return False
+    fs, root = storage.filesystem(output_uri)
+    return job.get("last_run", {}).get("status") == "finished" and \
+        fs.exists(storage.join(root, SUCCESS_FILE))
+
+
 def unwritable(output_uri: str, exc: OSError) -> OutputError:
     return OutputError(f"cannot write to output {output_uri} ({exc.strerror or exc}): choose a "
                        f"writable output.uri (or --output), or fix its permissions")
 
 
 def finish_job(cfg: JobConfig, job: dict, status: str, counts: dict, work: dict,
-               complete: bool) -> dict:
+               complete: bool, input_signature: str | None = None) -> dict:
     """Record how the run ended; write ``_SUCCESS`` once every input row is accounted for.
 
     ``work`` holds the run's own figures: rendered, recovered, workers_replaced, startup_s and
-    rendering_s; videos/hour is over rendering_s, start-up left out.
+    rendering_s; videos/hour is over rendering_s, start-up left out. A complete output keeps
+    its input's signature: a rerun on the same input has nothing to do (``finished_before``).
     """
+    job["input_signature"] = input_signature if complete else None
     now = time.time()
     run = job["last_run"]
     elapsed = now - run["started_at"]

@@ -191,7 +191,12 @@ def iter_shards(output_uri: str, columns: list[str] | None = None,
     """Committed rows one shard at a time, in input order (memory: one shard). ``current``:
     without the commits a repair replaced."""
     fs, _ = storage.filesystem(output_uri)
-    footers = _footers(fs, shard_paths(output_uri))
+    yield from _read_shards(fs, _footers(fs, shard_paths(output_uri)), columns, current)
+
+
+def _read_shards(fs, footers: list[_Footer], columns: list[str] | None,
+                 current: bool) -> Iterator[pa.Table]:
+    """``iter_shards`` over footers already read."""
     replaced = _superseded(fs, footers) if current else set()
     keys = ["id", "occurrence", "committed_at", "row_index"]
     for footer in footers:
@@ -220,20 +225,30 @@ def tally(output_uri: str) -> Tally:
 
 
 def consolidate(output_uri: str) -> Tally:
-    """Write ``manifest.parquet`` from the shard manifests, streaming, and count its rows."""
+    """Write ``manifest.parquet`` from the shard manifests, streaming, and count its rows. Each
+    shard's footer is read once; rows are written in row groups of ``ROW_GROUP_ROWS``, so the
+    file's footer stays small however many shards made it."""
     fs, root = storage.filesystem(output_uri)
-    paths = shard_paths(output_uri)
-    schema = pa.unify_schemas([SCHEMA, *(_schema(fs, p) for p in paths)],
-                              promote_options="permissive")
+    footers = _footers(fs, shard_paths(output_uri))
+    schema = pa.unify_schemas([SCHEMA, *(f.schema for f in footers)], promote_options="permissive")
     counts = Tally()
     with tempfile.TemporaryDirectory(prefix="reelfarm-manifest-") as tmp:
         local = os.path.join(tmp, layout.MANIFEST_FILE)
         with pq.ParquetWriter(local, schema) as writer:
-            for table in iter_shards(output_uri):
+            pending: list[pa.Table] = []
+            for table in _read_shards(fs, footers, None, current=True):
                 counts.add(table)
-                writer.write_table(_conform(table, schema))
+                pending.append(_conform(table, schema))
+                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
+                    pending = []
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
         storage.upload_file(local, fs, storage.join(root, layout.MANIFEST_FILE))
     return counts
+
+
+ROW_GROUP_ROWS = 65536  # manifest.parquet's row groups: a footer of KBs at ten million rows
 
 
 def iter_consolidated(output_uri: str, columns: list[str],
@@ -260,7 +275,11 @@ class _Footer:
     path: str
     first_row: int  # the shard's smallest row_index: shards are read in input order
     repairs: bool  # its redo_of column holds a value: some row in it replaces an earlier commit
-    columns: frozenset  # its top-level columns
+    schema: pa.Schema
+
+    @property
+    def columns(self) -> frozenset:
+        return frozenset(self.schema.names)
 
 
 def _footers(fs, paths: list[str]) -> list[_Footer]:
@@ -273,7 +292,7 @@ def _footers(fs, paths: list[str]) -> list[_Footer]:
         first_row = min((s.min for s in starts if s is not None and s.has_min_max), default=0)
         repairs = any(stats is None or not stats.has_null_count or stats.null_count < rows
                       for stats, rows in _stats(meta, "redo_of"))
-        found.append(_Footer(path, first_row, repairs, frozenset(meta.schema.to_arrow_schema().names)))
+        found.append(_Footer(path, first_row, repairs, meta.schema.to_arrow_schema()))
     return sorted(found, key=lambda footer: footer.first_row)
 
 
@@ -298,7 +317,3 @@ def _superseded(fs, footers: list[_Footer]) -> set[tuple[int, float]]:
             replaced.update(zip(row_hashes(table).tolist(), table["redo_of"].to_pylist()))
     return replaced
 
-
-def _schema(fs, path: str) -> pa.Schema:
-    with fs.open(path, "rb") as f:
-        return pq.read_schema(f)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow  # minutes: whole jobs and processes
 
 
 @pytest.mark.parametrize("name", ["plan_scale", "driver_throughput", "cpu_side_by_side", "gpu",
-                                  "products", "stages", "elastic", "metrics"])
+                                  "products", "stages", "elastic", "metrics",
+                                  "bookkeeping"])
 def test_quick_mode_runs_and_saves_its_results(name):
     result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)

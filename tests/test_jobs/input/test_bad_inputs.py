@@ -218,7 +218,8 @@ def test_the_output_of_bad_rows_verifies_and_a_rerun_renders_nothing(corpus, man
     rerun = run_cli("render", str(corpus.root / "job.yaml"), "--quiet",
                     env={"RAY_TMPDIR": str(corpus.ray_tmp)})
     assert rerun.returncode == 3, rerun.stderr
-    assert "rendered 0 video(s)" in rerun.stdout and f"{len(CASES)} row(s) were already done" in rerun.stdout
+    assert "nothing to do: every row is committed" in rerun.stdout
+    assert f"rows: {len(CASES)}  ok: " in rerun.stdout and "failed with invalid_" in rerun.stdout
     assert len(pq.read_table(corpus.output / "manifest.parquet")) == len(manifest_rows)
 
 

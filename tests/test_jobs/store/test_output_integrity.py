@@ -157,4 +157,4 @@ def test_a_second_driver_on_a_live_output_is_refused_at_once(tmp_path, place):
     assert run_cli("verify", out).returncode == 0
     assert len(by_id(read_manifest(out))) == 12
     rerun = run_cli("render", config, "--quiet")  # the lease was released: no wait
-    assert rerun.returncode == 0 and "rendered 0 video(s)" in rerun.stdout
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stdout

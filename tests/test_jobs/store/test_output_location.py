@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from helpers import prompts, run_cli, tiny_config, write_prompts
 from helpers import write_config
@@ -61,7 +62,9 @@ def test_success_waits_for_a_listing_that_shows_every_committed_object(tmp_path)
     count, examples = unlisted_artifacts(str(out))
     assert count == 2 and all(e.startswith("video of row 'row-00") for e in examples), examples
 
-    # A rerun has nothing to render, and does not call the output complete.
+    # A rerun that looks at the output again (its input was written again since) has nothing to
+    # render, and does not call the output complete.
+    os.utime(cfg.input.uri, (time.time() + 5, time.time() + 5))
     result = run_cli("render", write_config(tmp_path, cfg.model_dump(mode="json")), "--quiet")
     assert result.returncode == 1
     assert "2 committed object(s) are not in the output where its manifests say" in result.stderr

@@ -191,7 +191,8 @@ def iter_shards(output_uri: str, columns: list[str] | None = None,
     """Committed rows one shard at a time, in input order (memory: one shard). ``current``:
     without the commits a repair replaced."""
     fs, _ = storage.filesystem(output_uri)
-    yield from _read_shards(fs, _footers(fs, shard_paths(output_uri)), columns, current)
+    footers, _ = _footers(fs, shard_paths(output_uri))
+    yield from _read_shards(fs, footers, columns, current)
 
 
 def _read_shards(fs, footers: list[_Footer], columns: list[str] | None,
@@ -229,8 +230,7 @@ def consolidate(output_uri: str) -> Tally:
     shard's footer is read once; rows are written in row groups of ``ROW_GROUP_ROWS``, so the
     file's footer stays small however many shards made it."""
     fs, root = storage.filesystem(output_uri)
-    footers = _footers(fs, shard_paths(output_uri))
-    schema = pa.unify_schemas([SCHEMA, *(f.schema for f in footers)], promote_options="permissive")
+    footers, schema = _footers(fs, shard_paths(output_uri), SCHEMA)
     counts = Tally()
     with tempfile.TemporaryDirectory(prefix="reelfarm-manifest-") as tmp:
         local = os.path.join(tmp, layout.MANIFEST_FILE)
@@ -275,15 +275,14 @@ class _Footer:
     path: str
     first_row: int  # the shard's smallest row_index: shards are read in input order
     repairs: bool  # its redo_of column holds a value: some row in it replaces an earlier commit
-    schema: pa.Schema
-
-    @property
-    def columns(self) -> frozenset:
-        return frozenset(self.schema.names)
+    columns: frozenset  # its top-level columns
 
 
-def _footers(fs, paths: list[str]) -> list[_Footer]:
-    """What each shard's footer statistics say, one footer read per shard, no data read."""
+def _footers(fs, paths: list[str],
+             schema: pa.Schema | None = None) -> tuple[list[_Footer], pa.Schema | None]:
+    """What each shard's footer statistics say, one footer read per shard, no data read; and
+    given a ``schema``, its union with every shard's (a shard's schema is not kept: holding
+    thousands of them slows reading the shards by half)."""
     found = []
     for path in paths:
         with fs.open(path, "rb") as f:
@@ -292,8 +291,11 @@ def _footers(fs, paths: list[str]) -> list[_Footer]:
         first_row = min((s.min for s in starts if s is not None and s.has_min_max), default=0)
         repairs = any(stats is None or not stats.has_null_count or stats.null_count < rows
                       for stats, rows in _stats(meta, "redo_of"))
-        found.append(_Footer(path, first_row, repairs, meta.schema.to_arrow_schema()))
-    return sorted(found, key=lambda footer: footer.first_row)
+        shard_schema = meta.schema.to_arrow_schema()
+        if schema is not None and not shard_schema.equals(schema):
+            schema = pa.unify_schemas([schema, shard_schema], promote_options="permissive")
+        found.append(_Footer(path, first_row, repairs, frozenset(shard_schema.names)))
+    return sorted(found, key=lambda footer: footer.first_row), schema
 
 
 def _stats(meta: pq.FileMetaData, column: str) -> list[tuple]:

@@ -33,6 +33,6 @@ def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
 
 def failed_rows(output_uri: str):
     """(id, error) of every row whose current commit failed, in input order, streaming."""
-    for table in manifest.iter_shards(output_uri, columns=["id", "status", "error"]):
+    for table in manifest.current_rows(output_uri, ["id", "status", "error"]):
         for row in table.filter(pc.equal(table["status"], "failed")).to_pylist():
             yield row["id"], row["error"]

@@ -218,9 +218,8 @@ def _read_shards(fs, footers: list[_Footer], columns: list[str] | None,
 
 def tally(output_uri: str) -> Tally:
     counts = Tally()
-    for table in iter_shards(output_uri, columns=["row_index", "occurrence", "status",
-                                                  "error_code", "error", "stages",
-                                                  "quality_passed", "quality_tries"]):
+    for table in current_rows(output_uri, ["row_index", "occurrence", "status", "error_code",
+                                           "error", "stages", "quality_passed", "quality_tries"]):
         counts.add(table)
     return counts
 
@@ -253,12 +252,62 @@ ROW_GROUP_ROWS = 65536  # manifest.parquet's row groups: a footer of KBs at ten 
 
 def iter_consolidated(output_uri: str, columns: list[str],
                       batch_rows: int = 65536) -> Iterator[pa.Table]:
-    """``manifest.parquet`` a batch at a time: one object to read, where the shards are many."""
+    """``manifest.parquet`` a batch at a time: one object to read, where the shards are many.
+    A column it was written without (by an older reelfarm) reads as nulls."""
     fs, root = storage.filesystem(output_uri)
     with fs.open(storage.join(root, layout.MANIFEST_FILE), "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns,
-                                                    use_threads=False):
-            yield pa.Table.from_batches([batch])
+        reader = pq.ParquetFile(f)
+        present = set(reader.schema_arrow.names)
+        for batch in reader.iter_batches(batch_size=batch_rows, use_threads=False,
+                                         columns=[c for c in columns if c in present]):
+            table = pa.Table.from_batches([batch])
+            for name in columns:
+                if name not in present:
+                    table = table.append_column(SCHEMA.field(name),
+                                                pa.nulls(table.num_rows, SCHEMA.field(name).type))
+            yield table.select(columns)
+
+
+def consolidated_schema(output_uri: str) -> pa.Schema:
+    fs, root = storage.filesystem(output_uri)
+    with fs.open(storage.join(root, layout.MANIFEST_FILE), "rb") as f:
+        return pq.read_schema(f)
+
+
+def current_rows(output_uri: str, columns: list[str]) -> Iterator[pa.Table]:
+    """Every current commit's ``columns``: from ``manifest.parquet`` when it holds them all (one
+    object), else shard by shard. For what reads them all (status, the report), not verify,
+    which checks the commits themselves."""
+    if consolidated_is_current(output_uri):
+        yield from iter_consolidated(output_uri, columns)
+    else:
+        yield from iter_shards(output_uri, columns=columns)
+
+
+def consolidated_is_current(output_uri: str) -> bool:
+    """``manifest.parquet`` was written after every shard manifest now committed (one listing of
+    ``manifests/``, and the file's own stamp): it holds every current commit. A stamp that
+    cannot be read, or a tie, says no: reading the shards is slower, never wrong."""
+    fs, root = storage.filesystem(output_uri)
+    directory = storage.join(root, layout.MANIFESTS_DIR)
+    fs.invalidate_cache(root)
+    try:
+        made = _modified(fs.info(storage.join(root, layout.MANIFEST_FILE)))
+        shards = [o for o in fs.ls(directory, detail=True)
+                  if o["name"].rsplit("/", 1)[-1].startswith(layout.SHARD_PREFIX)]
+    except FileNotFoundError:
+        return False
+    stamps = [_modified(o) for o in shards]
+    return made is not None and None not in stamps and all(stamp < made for stamp in stamps)
+
+
+def _modified(info: dict) -> float | None:
+    """An object's modification time in seconds: ``mtime`` on local disk, ``LastModified`` on
+    object stores; None when the filesystem gives neither."""
+    stamp = info.get("mtime", info.get("LastModified"))
+    if hasattr(stamp, "timestamp"):
+        return stamp.timestamp()
+    return float(stamp) if isinstance(stamp, (int, float)) else None
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -191,9 +191,15 @@ _READ = ("status", "committed_at", SCORE_COLUMN, "quality_passed", *_ROW_COLUMNS
 
 
 def gather(output_uri: str, sample_size: int = 48) -> Gathered:
-    """Read the committed manifests once, a shard at a time, into what the page shows."""
+    """Read the committed manifests once, into what the page shows: ``manifest.parquet`` when
+    it holds every commit (the report a run writes comes right after it), else shard by shard."""
     gathered = Gathered(sample_size=sample_size)
-    for table in manifest.iter_shards(output_uri, columns=_columns(output_uri)):
+    if manifest.consolidated_is_current(output_uri):
+        present = set(manifest.consolidated_schema(output_uri).names)
+        tables = manifest.iter_consolidated(output_uri, [c for c in _READ if c in present])
+    else:
+        tables = manifest.iter_shards(output_uri, columns=_columns(output_uri))
+    for table in tables:
         gathered.add(table)
     return gathered
 

@@ -158,3 +158,39 @@ def test_a_second_driver_on_a_live_output_is_refused_at_once(tmp_path, place):
     assert len(by_id(read_manifest(out))) == 12
     rerun = run_cli("render", config, "--quiet")  # the lease was released: no wait
     assert rerun.returncode == 0 and "nothing to do" in rerun.stdout
+
+
+def test_status_and_the_report_read_manifest_parquet_only_while_it_holds_every_commit(tmp_path):
+    """One object instead of a shard manifest each, but never a stale one: a commit made after
+    the consolidation (a repair, a resumed run) sends the readers back to the shards."""
+    from helpers import committed_output
+
+    from jobs.products.report.gather import gather
+    from jobs.status import status
+
+    out = str(tmp_path / "out")
+    rows = committed_output(out, 6, shard_size=2)
+    assert not manifest.consolidated_is_current(out)  # none written yet
+    manifest.consolidate(out)
+    assert manifest.consolidated_is_current(out)
+    for path in manifest.shard_paths(out):  # what is read now is manifest.parquet alone
+        os.rename(path, path + ".aside")
+    assert status(out, must_exist=False)["rows"] == 6 and gather(out).rows == 6
+    for name in os.listdir(f"{out}/manifests"):  # back
+        os.rename(f"{out}/manifests/{name}", f"{out}/manifests/{name[:-len('.aside')]}")
+    manifest.write_shard(out, [{**rows[0], "id": "later", "row_index": 6}])
+    assert not manifest.consolidated_is_current(out)
+    assert status(out)["rows"] == 7 and gather(out).rows == 7
+
+
+def test_a_manifest_parquet_written_before_a_column_existed_reads_it_as_nulls(tmp_path):
+    from helpers import committed_output
+
+    out = str(tmp_path / "out")
+    committed_output(out, 4, shard_size=2)
+    manifest.consolidate(out)
+    path = f"{out}/manifest.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["stages", "quality_tries"]), path)
+    (table,) = manifest.iter_consolidated(out, ["id", "stages", "quality_tries"])
+    assert table.column_names == ["id", "stages", "quality_tries"]
+    assert table["stages"].null_count == 4 and manifest.tally(out).rows == 4

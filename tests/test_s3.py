@@ -183,3 +183,20 @@ def test_verify_lists_each_folder_rather_than_asking_per_row(s3_bucket):
     assert verify(out).problems == expected
     print(f"... hashing: {calls.total()} requests {dict(calls)}")
     assert calls - plain == Counter(GetObject=len(rows) - 2) and not plain - calls
+
+
+def test_manifest_parquet_is_read_alone_only_once_it_is_newer_than_every_shard(s3_bucket):
+    """S3 stamps objects to the second: a consolidation in the second of a commit is a tie, and
+    a tie sends the readers to the shards."""
+    from helpers import committed_output
+
+    from jobs.store import manifest
+
+    out = f"s3://{BUCKET}/out/stamped"
+    rows = committed_output(out, 4, shard_size=2)
+    time.sleep(1.1)
+    manifest.consolidate(out)
+    assert manifest.consolidated_is_current(out)
+    time.sleep(1.1)
+    manifest.write_shard(out, [{**rows[0], "id": "later", "row_index": 4}])
+    assert not manifest.consolidated_is_current(out) and manifest.tally(out).rows == 5

@@ -290,9 +290,11 @@ def consolidated_is_current(output_uri: str) -> bool:
     cannot be read, or a tie, says no: reading the shards is slower, never wrong."""
     fs, root = storage.filesystem(output_uri)
     directory = storage.join(root, layout.MANIFESTS_DIR)
-    fs.invalidate_cache(root)
+    consolidated = storage.join(root, layout.MANIFEST_FILE)
+    for path in (directory, consolidated):  # (and their parents) as they are now, not as cached
+        fs.invalidate_cache(path)
     try:
-        made = _modified(fs.info(storage.join(root, layout.MANIFEST_FILE)))
+        made = _modified(fs.info(consolidated))
         shards = [o for o in fs.ls(directory, detail=True)
                   if o["name"].rsplit("/", 1)[-1].startswith(layout.SHARD_PREFIX)]
     except FileNotFoundError:

@@ -12,6 +12,7 @@ DIR COMMIT``), interleaved round by round, so the two are compared side by side 
 
     python -m bench.bookkeeping --rows 100000 [--before DIR] [--rounds 3]
     python -m bench.bookkeeping --quick        # 2,000 rows, 1 round
+    python -m bench.bookkeeping --rows 100000 --rounds 1 --status-runs 60   # the abort loop
 """
 
 from __future__ import annotations
@@ -64,12 +65,29 @@ def time_commands(tree: str, out: str, config: str) -> dict[str, float]:
     return times
 
 
+def status_exits(out: str, runs: int) -> dict[str, int]:
+    """``reelfarm status`` run ``runs`` times on the shard manifests (a shard newer than
+    ``manifest.parquet`` sends it there): how often it exited with each code. A loop to catch
+    an abort at exit, which struck once in tens of runs on a loaded machine."""
+    from jobs.store import manifest
+
+    os.utime(manifest.shard_paths(out)[0])  # manifest.parquet is no longer current
+    exits: dict[str, int] = {}
+    for _ in range(runs):
+        code = str(run_process([python(), "-m", "jobs.cli", "status", out]).returncode)
+        exits[code] = exits.get(code, 0) + 1
+    print("status exits:", exits, flush=True)
+    return exits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2,000 rows, 1 round")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--before", help="another checkout of reelfarm, timed side by side")
+    parser.add_argument("--status-runs", type=int, default=0,
+                        help="then run status this many times, counting its exit codes")
     args = parser.parse_args(argv)
     rows, rounds = args.rows or (2_000 if args.quick else 100_000), args.rounds or (1 if args.quick else 3)
     root = os.path.join(OUT, "bookkeeping")
@@ -83,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: {c: median([run[c] for run in group]) for c in COMMANDS}
                for name, group in runs.items()}
     result = {"machine": machine(), "rows": rows, "shard_size": SHARD_SIZE, "rounds": rounds,
-              "trees": trees, "runs": runs, "summary": summary}
+              "trees": trees, "runs": runs, "summary": summary,
+              "status_exits": status_exits(out, args.status_runs) if args.status_runs else None}
     print(json.dumps(summary, indent=2))
     print("saved", save("bookkeeping" + ("_quick" if args.quick else ""), result))
     return 0

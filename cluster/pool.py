@@ -53,9 +53,8 @@ class _Worker:
     actor: Any
     inflight: deque = field(default_factory=deque)  # (ref, token)
     busy_since: float = 0.0  # when the oldest in-flight shard became the oldest
-    # A replacement's pending setup() call. Until it returns the worker gets no shards while
-    # another can take them: after a node is lost, a replacement may wait for a GPU that never
-    # comes back, and shards queued on it would only time out.
+    # Its pending setup() call: until it returns it gets no shards while another can take them
+    # (a replacement may wait for a GPU that never comes back; shards queued there time out).
     setup_ref: Any = None
     retiring: bool = False  # takes no new shards; stopped once those it holds are done
     placement: dict = field(default_factory=dict)  # node_id, ip, gpu_ids: known once it loaded
@@ -150,14 +149,11 @@ class WorkerPool:
 
     def states(self) -> Counter:
         """Workers by state; whether a loading one is placed yet is asked of Ray's GCS."""
-        counts: Counter = Counter()
-        for worker in self._workers:
-            if worker.setup_ref is not None:
-                worker.placed = worker.placed or capacity.actor_placed(worker.actor)
-                counts["loading" if worker.placed else "pending"] += 1
-            else:
-                counts["retiring" if worker.retiring else "busy" if worker.inflight else "ready"] += 1
-        return counts
+        for worker in (w for w in self._workers if w.setup_ref is not None and not w.placed):
+            worker.placed = capacity.actor_placed(worker.actor)
+        return Counter(("loading" if w.placed else "pending") if w.setup_ref is not None else
+                       "retiring" if w.retiring else "busy" if w.inflight else "ready"
+                       for w in self._workers)
 
     def shutdown(self) -> None:
         for worker in self._workers:
@@ -444,8 +440,7 @@ class WorkerPool:
         """``worker`` loaded its model (``info``: its setup): it takes shards from now on."""
         self._load_failures = 0
         worker.setup_ref = None
-        worker.placement = {"node_id": info.get("node_id"), "ip": info.get("ip"),
-                            "gpu_ids": info.get("gpu_ids", [])}
+        worker.placement = {**{k: info.get(k) for k in ("node_id", "ip")}, "gpu_ids": info.get("gpu_ids", [])}
         if self.on_loaded is not None:
             self.on_loaded(info)
 

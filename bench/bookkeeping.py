@@ -7,12 +7,19 @@ finished output is timed as a whole process, from launch to exit:
 - ``render`` again on the same input (a nightly retry): nothing to do;
 - ``status``; ``verify --no-hash`` (the metadata part of verify); ``report``.
 
-``--before DIR`` runs the same commands from another checkout of reelfarm too (``git worktree add
-DIR COMMIT``), interleaved round by round, so the two are compared side by side on one output.
-
-    python -m bench.bookkeeping --rows 100000 [--before DIR] [--rounds 3]
+    python -m bench.bookkeeping --rows 100000 [--rounds 3]
     python -m bench.bookkeeping --quick        # 2,000 rows, 1 round
     python -m bench.bookkeeping --rows 100000 --rounds 1 --status-runs 60   # the abort loop
+
+``--synthetic`` writes the output with ``bench.synthetic_output`` instead (the same files a run
+writes: shard manifests committed and folded into segments; videos only with ``--videos``), for
+1M and 10M rows, and adds ``plan`` on an input grown by a ninth (the output is 90% done: what a
+resume reads before it renders). ``--s3 ROWS`` counts each command's requests on moto's S3
+server, in process.
+
+    python -m bench.bookkeeping --synthetic --rows 10000000 --rounds 1
+    python -m bench.bookkeeping --synthetic --videos --shards-too --rows 1000000
+    python -m bench.bookkeeping --s3 20000
 """
 
 from __future__ import annotations
@@ -30,10 +37,94 @@ from bench.driver_throughput import run_one, write_prompts
 
 WORKERS, SHARD_SIZE = 16, 64
 COMMANDS = ("render", "status", "verify", "report")
+SYNTHETIC_COMMANDS = ("render", "plan", "status", "verify", "report")
 
 
-def commit_output(rows: int, root: str) -> tuple[str, str]:
-    """A finished output of ``rows`` rows, and the config that made it."""
+def synthetic(rows: int, root: str, videos: bool, folded: bool) -> tuple[str, dict]:
+    """A synthetic finished output of ``rows`` rows (``folded`` into segments, or one manifest
+    per shard as before segments); each command's argv on it."""
+    import shutil
+    import time
+
+    import fsspec
+
+    from bench.synthetic_output import config_for, write_output, write_prompts
+
+    name = f"synthetic-{rows}-{'folded' if folded else 'shards'}"
+    out = os.path.join(root, name)
+    shutil.rmtree(out, ignore_errors=True)
+    prompts, grown = (os.path.join(root, f"{name}-{kind}.parquet") for kind in ("input", "grown"))
+    started = time.monotonic()
+    write_output(prompts, out, rows, videos=videos, folded=folded)
+    print(f"wrote {name} in {time.monotonic() - started:.0f} s", flush=True)
+    write_prompts(fsspec.filesystem("file"), grown, rows * 10 // 9)
+    configs = {}
+    for kind, source in (("done", prompts), ("grown", grown)):
+        configs[kind] = os.path.join(root, f"{name}-{kind}.yaml")
+        with open(configs[kind], "w") as f:
+            yaml.safe_dump(config_for(source, out), f)
+    argvs = {"render": ["render", configs["done"], "--quiet"], "plan": ["plan", configs["grown"]],
+             "status": ["status", out], "verify": ["verify", out, "--no-hash"],
+             "report": ["report", out]}
+    if not videos:
+        del argvs["verify"]
+    return out, argvs
+
+
+def s3_requests(rows: int) -> dict:
+    """Each command's S3 requests on an output of ``rows`` rows on moto's server."""
+    import tempfile
+    from collections import Counter
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from bench.synthetic_output import config_for, write_output, write_prompts
+    from jobs.cli import main as cli
+    from rendering import storage
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server._server.server_port
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                       "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bench")
+        out, prompts = "s3://bench/out", "s3://bench/prompts.parquet"
+        write_output(prompts, out, rows, videos=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_prompts(fs, "bench/prompts-grown.parquet", rows * 10 // 9)
+            configs = {}
+            for name, source in (("done", prompts), ("grown", "s3://bench/prompts-grown.parquet")):
+                configs[name] = os.path.join(tmp, f"{name}.yaml")
+                with open(configs[name], "w") as f:
+                    yaml.safe_dump(config_for(source, out), f)
+            fs_out, _ = storage.filesystem(out)
+            fs_out.ls("bench")
+            calls: Counter = Counter()
+            fs_out.s3.meta.events.register("before-call.s3",
+                                           lambda model, **_: calls.update([model.name]))
+            argvs = {"render": ["render", configs["done"], "--quiet"],
+                     "plan": ["plan", configs["grown"]], "status": ["status", out],
+                     "verify": ["verify", out, "--no-hash"], "report": ["report", out]}
+            counts = {}
+            for name, argv in argvs.items():
+                calls.clear()
+                cli(argv)
+                counts[name] = dict(calls, total=calls.total())
+                print(f"S3, {rows:,} rows: {name} {calls.total()} requests {dict(calls)}", flush=True)
+        return counts
+    finally:
+        server.stop()
+
+
+def commit_output(rows: int, root: str) -> tuple[str, dict[str, list[str]]]:
+    """A finished output of ``rows`` rows rendered by the do-nothing renderer; each command's
+    argv on it."""
     from cluster.connect import connect
 
     logging.basicConfig(level=logging.WARNING)
@@ -46,32 +137,40 @@ def commit_output(rows: int, root: str) -> tuple[str, str]:
         yaml.safe_dump({"input": {"uri": prompts}, "model": {"path": "tiny:modelscope"},
                         "output": {"uri": out, "shard_size": SHARD_SIZE},
                         "cluster": {"num_workers": WORKERS, "cpus_per_worker": 1}}, f)
-    return out, config
+    return out, {"render": ["render", config, "--quiet"], "status": ["status", out],
+                 "verify": ["verify", out, "--no-hash"], "report": ["report", out]}
 
 
-def time_commands(tree: str, out: str, config: str) -> dict[str, float]:
-    """Each command's wall time, run from the checkout ``tree``."""
-    argvs = {"render": ["render", config, "--quiet"], "status": ["status", out],
-             "verify": ["verify", out, "--no-hash"], "report": ["report", out]}
+def time_commands(tree: str, argvs: dict[str, list[str]], memory: dict | None = None) -> dict:
+    """Each command's wall time, run from the checkout ``tree`` (and its peak RSS, MB)."""
     times = {}
-    for name in COMMANDS:
+    for name in argvs:
         run = run_process([python(), "-c", f"import sys; sys.path.insert(0, {tree!r}); "
                                            f"from jobs.cli import main; sys.exit(main())",
                            *argvs[name]], timeout_s=3600)
         if run.returncode not in (0, 3):
             raise SystemExit(f"{name} from {tree} failed ({run.returncode}):\n{run.output[-2000:]}")
         times[name] = round(run.wall_s, 2)
+        if memory is not None:
+            memory[name] = max(memory.get(name, 0), round(run.peak_rss_mb))
         print(f"{tree}: {name} {times[name]} s", flush=True)
     return times
+
+
+def _newer_than_consolidated(out: str) -> None:
+    """A commit after the consolidation, as while a job runs: its newest manifest restamped."""
+    from jobs.store import manifest
+
+    listed = manifest.committed(out)
+    newest = max(listed.listing.values(), key=lambda info: info.get("mtime", 0))
+    os.utime(newest["name"])
 
 
 def status_exits(out: str, runs: int) -> dict[str, int]:
     """``reelfarm status`` run ``runs`` times on the shard manifests (a shard newer than
     ``manifest.parquet`` sends it there): how often it exited with each code. A loop to catch
     an abort at exit, which struck once in tens of runs on a loaded machine."""
-    from jobs.store import manifest
-
-    os.utime(manifest.shard_paths(out)[0])  # manifest.parquet is no longer current
+    _newer_than_consolidated(out)
     exits: dict[str, int] = {}
     for _ in range(runs):
         code = str(run_process([python(), "-m", "jobs.cli", "status", out]).returncode)
@@ -85,26 +184,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2,000 rows, 1 round")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--before", help="another checkout of reelfarm, timed side by side")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="write the output without rendering (for millions of rows)")
+    parser.add_argument("--videos", action="store_true", help="--synthetic: with video objects")
+    parser.add_argument("--shards-too", action="store_true",
+                        help="--synthetic: also an output left in shards, timed side by side")
+    parser.add_argument("--s3", type=int, metavar="ROWS", help="count S3 requests instead")
     parser.add_argument("--status-runs", type=int, default=0,
                         help="then run status this many times, counting its exit codes")
     args = parser.parse_args(argv)
+    if args.s3:
+        result = {"machine": machine(), "rows": args.s3, "requests": s3_requests(args.s3)}
+        print("saved", save("bookkeeping_s3", result))
+        return 0
     rows, rounds = args.rows or (2_000 if args.quick else 100_000), args.rounds or (1 if args.quick else 3)
     root = os.path.join(OUT, "bookkeeping")
     os.makedirs(root, exist_ok=True)
-    out, config = commit_output(rows, root)
-    trees = {"this": REPO, **({"before": os.path.abspath(args.before)} if args.before else {})}
-    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    if args.synthetic:
+        outputs = {"folded": synthetic(rows, root, args.videos, folded=True)}
+        if args.shards_too:
+            outputs["shards"] = synthetic(rows, root, args.videos, folded=False)
+    else:
+        outputs = {"run": commit_output(rows, root)}
+    runs: dict[str, list[dict]] = {name: [] for name in outputs}
+    memory: dict[str, dict] = {name: {} for name in outputs}
     for r in range(rounds):
-        for name in (list(trees) if r % 2 == 0 else list(reversed(trees))):
-            runs[name].append(time_commands(trees[name], out, config))
-    summary = {name: {c: median([run[c] for run in group]) for c in COMMANDS}
+        for name in (list(outputs) if r % 2 == 0 else list(reversed(outputs))):
+            runs[name].append(time_commands(REPO, outputs[name][1], memory[name]))
+    if args.synthetic:  # a running job's status: manifest.parquet older than the last commit
+        for name, (out, argvs) in outputs.items():
+            _newer_than_consolidated(out)
+            for run in runs[name]:
+                run["status_running"] = time_commands(REPO, {"status": argvs["status"]})["status"]
+    summary = {name: {c: median([run[c] for run in group]) for c in group[0]}
                for name, group in runs.items()}
+    out = next(iter(outputs.values()))[0]
     result = {"machine": machine(), "rows": rows, "shard_size": SHARD_SIZE, "rounds": rounds,
-              "trees": trees, "runs": runs, "summary": summary,
+              "synthetic": args.synthetic, "videos": args.videos, "runs": runs,
+              "summary": summary, "peak_rss_mb": memory,
               "status_exits": status_exits(out, args.status_runs) if args.status_runs else None}
-    print(json.dumps(summary, indent=2))
-    print("saved", save("bookkeeping" + ("_quick" if args.quick else ""), result))
+    print(json.dumps({"summary": summary, "peak_rss_mb": memory}, indent=2))
+    print("saved", save("bookkeeping" + ("_quick" if args.quick else "")
+                        + (f"_synthetic_{rows}" if args.synthetic else ""), result))
     return 0
 
 

@@ -207,6 +207,8 @@ class WebDatasetConfig(_Section):
 class OutputConfig(_Section):
     uri: str = Field(description="output prefix on any fsspec URL")
     shard_size: int = Field(64, ge=1, description="rows per shard: the unit of scheduling and commit")
+    segment_shards: int = Field(64, ge=1, description="committed shards folded into one manifest "
+                                "segment: what is done stays a few reads at millions of rows")
     webdataset: WebDatasetConfig | None = Field(
         None, description="pack rows into WebDataset tar shards: true, or a mapping of options")
     keep_videos: bool = Field(True, description="false: drop the loose videos once packed into shards")

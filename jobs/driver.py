@@ -31,6 +31,7 @@ from jobs.run.metrics import JobMetrics
 from jobs.run.workers import start_workers
 from jobs.run.progress import Progress
 from jobs.store.receipts import Receipts
+from jobs.store.segments import Folder
 from jobs.products.report.page import write_report
 from jobs.input.preflight import preflight
 from jobs.input.rows import RowFailure
@@ -105,8 +106,12 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     to_redo = rows_to_redo(cfg.output.uri, "failed" in redo, "damaged" in redo) if redo else {}
     if redo:
         logger.info("repairing %d committed row(s) (%s)", len(to_redo), ", ".join(sorted(redo)))
-    committed = manifest.committed_hashes(cfg.output.uri, to_redo)
     job = start_job(cfg, job, dataset.num_rows)
+    # Shards earlier runs left (all of an output made before segments) are folded first,
+    # after job.json says the output's format is the one that has segments.
+    folder = Folder(cfg.output.uri, cfg.output.segment_shards)
+    folder.fold_listed()
+    committed = manifest.committed_hashes(cfg.output.uri, to_redo)
 
     # Step 2: clear what an interrupted run left half-written; find what it left complete.
     fs, root = storage.filesystem(cfg.output.uri)
@@ -136,7 +141,7 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
                           shards_per_worker=cfg.cluster.shards_in_flight_per_worker,
                           on_commit=packer.add if packer else None,
                           backlog_rows=cfg.cluster.stage_backlog_rows, metrics=metrics,
-                          on_sample=live)
+                          on_sample=live, folder=folder)
     try:
         with packer or contextlib.nullcontext():
             scheduler.run(shards)
@@ -152,8 +157,10 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
         bar.close()
         scheduler.close()
 
-    # Step 4: consolidate the manifest, record how the run ended, and write the report.
+    # Step 4: fold what is left once there is a segment's worth, consolidate the manifest,
+    # record how the run ended, and write the report.
     lease.check()
+    folder.fold_listed()
     tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler, input_signature)
     _write_report(cfg.output.uri)
     return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,

@@ -19,6 +19,7 @@ from jobs.status import status
 from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
+from jobs.store import manifest
 from jobs.store.job_file import FORMAT_VERSION, OutputError
 from jobs.products.report.page import write_report
 
@@ -44,12 +45,18 @@ def test_a_golden_output_verifies_and_reports_as_it_was(golden):
 
 
 def test_a_golden_output_resumes_a_grown_input_and_repairs_a_damaged_video(golden):
-    folder, cfg = golden
+    """... and is migrated: its shard manifests (two, as a format 1 output keeps them) are
+    folded into a segment by the resume, two shards a segment."""
+    folder, _ = golden
+    cfg = job_config(os.path.basename(folder), folder)
+    cfg = validate({**cfg, "output": {**cfg["output"], "segment_shards": 2}})
     before = by_id(read_manifest(folder))
     write_prompts(folder, 4)  # the dataset grew by a row: the resume renders only that one
     summary = render(cfg, progress=False)
     assert (summary.skipped, summary.rendered, summary.ok, summary.failed) == (3, 1, 3, 1)
     assert summary.complete and verify(folder).problems == []
+    listed = manifest.committed(folder)
+    assert len(listed.checkpoint["segments"]) == 1 and len(listed.shards) == 1
 
     lost = before["golden-0"]
     with open(os.path.join(folder, lost["video_uri"]), "r+b") as video:
@@ -63,6 +70,7 @@ def test_a_golden_output_resumes_a_grown_input_and_repairs_a_damaged_video(golde
     job = json.load(open(os.path.join(folder, "job.json")))
     assert job["counts"] == {"rows": 4, "ok": 3, "failed": 1, "committed": 4}
     assert job["format_version"] == FORMAT_VERSION  # the golden's has none: version 1
+    assert len(manifest.committed(folder).checkpoint["segments"]) == 2  # the repair's, folded
 
 
 def test_an_output_of_a_newer_format_is_refused_not_misread(golden):

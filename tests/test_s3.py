@@ -200,3 +200,40 @@ def test_manifest_parquet_is_read_alone_only_once_it_is_newer_than_every_shard(s
     time.sleep(1.1)
     manifest.write_shard(out, [{**rows[0], "id": "later", "row_index": 4}])
     assert not manifest.consolidated_is_current(out) and manifest.tally(out).rows == 5
+def test_a_folded_output_is_read_in_a_few_requests_and_its_absorbed_shards_once(s3_bucket,
+                                                                             monkeypatch):
+    """On S3 each shard manifest is a request: folded, "what is done" is a listing, the
+    checkpoint and its segments. Absorbed shards not yet deleted are known by their listing
+    (size, LastModified) and skipped; once deleted, reads are the same."""
+    from collections import Counter
+
+    from helpers import committed_output
+
+    from jobs.store import manifest, segments
+
+    out = f"s3://{BUCKET}/out/folded"
+    committed_output(out, 400, shard_size=4)
+    fs, _ = storage.filesystem(out)
+    calls = Counter()
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+
+    def reads() -> tuple:
+        calls.clear()
+        state = (len(manifest.committed_hashes(out)), manifest.tally(out).rows,
+                 [r for t in manifest.iter_shards(out, ["id"]) for r in t["id"].to_pylist()])
+        return state, calls.total()
+
+    before, shard_requests = reads()
+    assert before[:2] == (400, 400) and len(before[2]) == 400
+    segments.Folder(out, 50).fold_listed()
+    during, folded_requests = reads()
+    monkeypatch.setattr(segments, "RETENTION_S", 0.0)
+    segments.Folder(out, 50).fold_listed()
+    assert not [p for p in fs.ls(f"{BUCKET}/out/folded/manifests") if "/shard-" in p]
+    after, deleted_requests = reads()
+    print(f"three readers of 400 rows in 100 shards on S3: {shard_requests} requests; folded "
+          f"into 2 segments: {folded_requests} (absorbed shards still there), "
+          f"{deleted_requests} (deleted)")
+    assert during == after == before
+    assert deleted_requests <= folded_requests < 20 < shard_requests
+    assert verify(out).problems == []

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 from cluster.protocol import Pool, ShardOutcome
 from jobs.run.balancer import Balancer
 from jobs.store import manifest
+from jobs.store.segments import Folder
 from jobs.input.plan import PlannedRow
 from jobs.run.metrics import JobMetrics
 from jobs.run.records import kept_artifacts, record
@@ -85,8 +86,9 @@ class Scheduler:
                  progress: Progress, max_attempts: int, shard_size: int, shards_per_worker: int,
                  on_commit: Callable[[list[dict]], None] | None = None,
                  backlog_rows: int | None = None, metrics: JobMetrics | None = None,
-                 on_sample: Callable[[dict], None] | None = None):
+                 on_sample: Callable[[dict], None] | None = None, folder: Folder | None = None):
         self._start_workers = start_workers  # each stage's pool, and the balancer that moves them
+        self._folder = folder  # folds committed shards into segments
         self._on_commit = on_commit  # products built from committed rows (WebDataset tars)
         self.balancer: Balancer | None = None  # comes with the pools
         self.stages = [_StageState(stage, Receipts(output_uri, stage.receipts_folder,
@@ -360,8 +362,8 @@ class Scheduler:
         """Write the shard's manifest (the commit), then drop the receipts it makes redundant."""
         if not records:
             return
-        storage.with_retries("commit of a shard manifest", manifest.write_shard,
-                             self.output_uri, records)
+        path, table = storage.with_retries("commit of a shard manifest", manifest.write_shard,
+                                           self.output_uri, records)
         for stage in self.stages:  # each stage's receipts of the rows it made
             stage.receipts.remove([r["key"] for r in records for s in r["stages"]
                                    if s["name"] == stage.spec.name and s["status"] == "ok"])
@@ -370,6 +372,8 @@ class Scheduler:
         self.metrics.committed(records)
         ok = sum(r["status"] == "ok" for r in records)
         self.progress.advance(ok, len(records) - ok)
+        if self._folder is not None:
+            self._folder.committed(path, table)
 
 
 def _where(placement: dict | None) -> dict:

@@ -13,6 +13,7 @@ from importlib import metadata
 
 from jobs.config import JobConfig, fingerprint, fingerprint_fields
 from jobs.store.layout import JOB_FILE, MANIFESTS_DIR, RECEIPTS_DIR, SUCCESS_FILE
+from jobs.store.segments import read_committed
 from rendering import storage
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 # The version of the output's layout and manifests. Outputs written before it was recorded are
 # version 1. A change of format raises it and migrates older outputs explicitly; tests/golden/
 # holds outputs of earlier versions that must keep resuming, verifying and repairing.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: committed shards are folded into segments behind a checkpoint
 
 _VERSIONED = ("reelfarm", "diffusers", "torch", "transformers", "ray", "pyarrow", "fsspec")
 
@@ -65,10 +66,8 @@ def read_json(output_uri: str, name: str) -> dict | None:
 
 def require_output(output_uri: str) -> None:
     """Refuse a path that holds no reelfarm output: a typo is an error, not an empty output."""
-    from jobs.store.manifest import shard_paths
-
     fs, root = storage.filesystem(output_uri)
-    if not fs.exists(storage.join(root, JOB_FILE)) and not shard_paths(output_uri):
+    if not fs.exists(storage.join(root, JOB_FILE)) and read_committed(fs, root).empty:
         raise OutputError(f"{output_uri} holds no reelfarm output (no {JOB_FILE}, no "
                           f"{MANIFESTS_DIR}/): check the path")
 
@@ -95,11 +94,9 @@ def check_resumable(cfg: JobConfig, job: dict | None) -> None:
 
 def _holds_work(output_uri: str) -> bool:
     """A shard manifest is committed, or a receipt says a row's objects are stored."""
-    from jobs.store.manifest import shard_paths
-
     fs, root = storage.filesystem(output_uri)
     receipts = storage.join(root, RECEIPTS_DIR)
-    return bool(shard_paths(output_uri)) or (fs.isdir(receipts) and bool(fs.find(receipts)))
+    return not read_committed(fs, root).empty or (fs.isdir(receipts) and bool(fs.find(receipts)))
 
 
 def start_job(cfg: JobConfig, job: dict | None, planned_rows: int) -> dict:

@@ -6,6 +6,8 @@
 <output>/previews/<key>.gif|.webp|.jpg   its previews, when encode.previews asks for them
 <output>/stages/<stage>/<key>.png|.mp4   what an earlier stage made for a row (its keyframe)
 <output>/manifests/shard-*.parquet   committed shards (a shard is committed when this exists)
+<output>/manifests/segment-<generation>.parquet   shards folded into one (jobs/store/segments.py)
+<output>/manifests/_checkpoint-<generation>.json  the segments, and the shards they absorbed
 <output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work);
                              a multi-stage job's under receipts/<stage>/, one per stage done
 <output>/manifest.parquet    every committed row, in input order, written at the end of a run
@@ -28,6 +30,8 @@ RECEIPTS_DIR = "receipts"
 MANIFEST_FILE = "manifest.parquet"
 SUCCESS_FILE = "_SUCCESS"
 SHARD_PREFIX = "shard-"
+SEGMENT_PREFIX = "segment-"
+CHECKPOINT_PREFIX = "_checkpoint-"
 LEASE_DIR = "_lease"
 PROBES_DIR = "_probes"
 SHARDS_DIR = "shards"

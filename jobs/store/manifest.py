@@ -16,17 +16,16 @@ import hashlib
 import os
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.store import layout
+from jobs.store import layout, segments
 from jobs import params
 from jobs.store.hashset import HashSet, row_hashes
+from jobs.store.tally import Tally
 from jobs.store.parquet_files import parquet_bytes, read_parquet
 from rendering import storage
 from rendering.contract import MEDIA_ROLES
@@ -109,117 +108,97 @@ def shard_name(records: list[dict]) -> str:
     return f"{layout.SHARD_PREFIX}{digest}.parquet"
 
 
-def write_shard(output_uri: str, records: list[dict]) -> str:
-    """Commit a shard: write its manifest in one atomic write. Returns the manifest's path."""
+def write_shard(output_uri: str, records: list[dict]) -> tuple[str, pa.Table]:
+    """Commit a shard: write its manifest in one atomic write. Returns its path and rows."""
     fs, root = storage.filesystem(output_uri)
     path = storage.join(root, layout.MANIFESTS_DIR, shard_name(records))
-    storage.write_bytes(fs, path, parquet_bytes(to_table(records)))
-    return path
+    table = to_table(records)
+    storage.write_bytes(fs, path, parquet_bytes(table))
+    return path, table
 
 
-def shard_paths(output_uri: str) -> list[str]:
+def committed(output_uri: str) -> segments.Committed:
+    """``manifests/`` listed once: what the readers below read."""
     fs, root = storage.filesystem(output_uri)
-    directory = storage.join(root, layout.MANIFESTS_DIR)
-    fs.invalidate_cache(directory)  # workers and other drivers write here too
-    if not fs.exists(directory):
-        return []
-    return sorted(p for p in fs.ls(directory, detail=False)
-                  if p.rsplit("/", 1)[-1].startswith(layout.SHARD_PREFIX) and p.endswith(".parquet"))
+    return segments.read_committed(fs, root)
 
 
 def committed_hashes(output_uri: str, redo: dict[int, float] | None = None) -> HashSet:
-    """The rows every committed shard holds, as row hashes, less those to ``redo``."""
-    fs, _ = storage.filesystem(output_uri)
-    committed = HashSet()
-    for path in shard_paths(output_uri):
-        hashes = row_hashes(read_parquet(fs, path, columns=["id", "occurrence"])).tolist()
-        committed.add([h for h in hashes if h not in redo] if redo else hashes)
-    return committed
-
-
-@dataclass
-class Tally:
-    """Counts over committed rows, gathered one shard at a time."""
-
-    rows: int = 0
-    by_status: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)  # error_code -> failed rows
-    examples: dict = field(default_factory=dict)  # error_code -> its first error message
-    by_stage: dict = field(default_factory=dict)  # stage -> Counter of what it did with rows
-    kept_below: Counter = field(default_factory=Counter)  # tries -> ok rows kept under the gate
-
-    @property
-    def ok(self) -> int:
-        return self.by_status.get("ok", 0)
-
-    def add(self, table: pa.Table) -> None:
-        self.rows += table.num_rows
-        self.by_status.update(table["status"].to_pylist())
-        if "stages" in table.column_names:
-            for stages in table["stages"].to_pylist():
-                for stage in stages or ():
-                    self.by_stage.setdefault(stage["name"], Counter())[stage["status"]] += 1
-        failed = table.filter(pc.equal(table["status"], "failed"))
-        for code, error in zip(failed["error_code"].to_pylist(), failed["error"].to_pylist()):
-            self.errors[code] += 1
-            self.examples.setdefault(code, error)
-        self.add_gate(table)
-
-    def add_gate(self, table: pa.Table) -> pa.Table | None:
-        """Count the ok rows the quality gate kept below ``quality.min_score`` (they pass as ok,
-        so only this makes them visible), by their tries, and return them. None: the rows
-        predate the gate's columns."""
-        if "quality_passed" not in table.column_names:
-            return None
-        kept = table.filter(pc.and_(pc.equal(table["status"], "ok"),
-                                    pc.equal(table["quality_passed"], False)))
-        self.kept_below.update(len(tries) for tries in kept["quality_tries"].to_pylist())
-        return kept
-
-    def gate_counts(self) -> dict:
-        """The gate's counts as ``job.json`` keeps them."""
-        by_tries = {str(tries): rows for tries, rows in sorted(self.kept_below.items())}
-        return {"kept_below_min_score": sum(self.kept_below.values()),
-                "kept_below_min_score_tries": by_tries}
-
-    def top_errors(self, limit: int = 5) -> list[tuple[str, int, str]]:
-        return [(code, n, self.examples[code]) for code, n in self.errors.most_common(limit)]
+    """The rows every committed manifest holds, as row hashes, less those to ``redo``."""
+    listed = committed(output_uri)
+    sources, _ = listed.sources()
+    hashes = HashSet()
+    reads = [(s.path, ["id", "occurrence"]) for s in sources]
+    for table in segments.read_in_order(listed.fs, reads):
+        found = row_hashes(table).tolist()
+        hashes.add([h for h in found if h not in redo] if redo else found)
+    return hashes
 
 
 def iter_shards(output_uri: str, columns: list[str] | None = None,
                 current: bool = True) -> Iterator[pa.Table]:
-    """Committed rows one shard at a time, in input order (memory: one shard). ``current``:
-    without the commits a repair replaced."""
-    fs, _ = storage.filesystem(output_uri)
-    footers, _ = _footers(fs, shard_paths(output_uri))
-    yield from _read_shards(fs, footers, columns, current)
+    """Committed rows in input order, a table at a time (memory: the manifests whose rows
+    overlap, read a few at once). ``current``: without the commits a repair replaced."""
+    listed = committed(output_uri)
+    sources, _ = listed.sources()
+    yield from _read_sources(listed.fs, sources, columns, current)
 
 
-def _read_shards(fs, footers: list[_Footer], columns: list[str] | None,
-                 current: bool) -> Iterator[pa.Table]:
-    """``iter_shards`` over footers already read."""
-    replaced = _superseded(fs, footers) if current else set()
+def _read_sources(fs, sources: list[segments.Source], columns: list[str] | None,
+                  current: bool) -> Iterator[pa.Table]:
+    """``iter_shards`` over sources already found: each is read (on threads, ahead), and its
+    rows held until no source yet to come can hold an earlier row."""
+    replaced = _superseded(fs, sources) if current else set()
     keys = ["id", "occurrence", "committed_at", "row_index"]
-    for footer in footers:
-        wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
-        # A shard written before a column existed reads it as nulls.
-        table = read_parquet(fs, footer.path, wanted and [c for c in wanted if c in footer.columns])
-        for name in wanted or ():
-            if name not in footer.columns:
-                table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows,
-                                                                         SCHEMA.field(name).type))
+    wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
+    held: pa.Table | None = None
+    tables = segments.read_in_order(fs, [(s.path, wanted and [c for c in wanted if c in s.columns])
+                                         for s in sources])
+    for i, (source, table) in enumerate(zip(sources, tables)):
+        table = _with_nulls(table, wanted or ())  # a column a manifest predates reads as nulls
         if replaced:
             keep = [(h, t) not in replaced
                     for h, t in zip(row_hashes(table).tolist(), table["committed_at"].to_pylist())]
             table = table.filter(pa.array(keep, pa.bool_()))
-        table = table.sort_by([("row_index", "ascending"), ("occurrence", "ascending")])
-        yield table if columns is None else table.select(columns)
+        held = table if held is None else pa.concat_tables([held, table],
+                                                           promote_options="permissive")
+        limit = sources[i + 1].first_row if i + 1 < len(sources) else None
+        ready = held if limit is None else held.filter(pc.less(held["row_index"], limit))
+        held = None if limit is None else held.filter(pc.greater_equal(held["row_index"], limit))
+        if ready.num_rows:
+            ready = ready.sort_by([("row_index", "ascending"), ("occurrence", "ascending")])
+            yield ready if columns is None else ready.select(columns)
+
+
+def _with_nulls(table: pa.Table, names) -> pa.Table:
+    for name in names:
+        if name not in table.column_names:
+            spec = SCHEMA.field(name)
+            table = table.append_column(spec, pa.nulls(table.num_rows, spec.type))
+    return table
+
+
+_TALLIED = ["row_index", "occurrence", "status", "error_code", "error", "stages",
+            "quality_passed", "quality_tries"]
 
 
 def tally(output_uri: str) -> Tally:
+    """Counts over the current commits: from ``manifest.parquet`` when it holds them all; else
+    the checkpoint's counts of what is folded plus the shards committed since, unless a
+    repair's replaced commit would be counted twice; else every manifest."""
     counts = Tally()
-    for table in current_rows(output_uri, ["row_index", "occurrence", "status", "error_code",
-                                           "error", "stages", "quality_passed", "quality_tries"]):
+    if consolidated_is_current(output_uri):
+        tables = iter_consolidated(output_uri, _TALLIED)
+    else:
+        listed = committed(output_uri)
+        folded = (listed.checkpoint or {}).get("tally")
+        shards, _ = segments.shard_sources(listed.fs, listed.shards)
+        if folded is not None and not any(s.repairs for s in shards):
+            counts = Tally.from_json(folded)
+            tables = _read_sources(listed.fs, shards, _TALLIED, current=False)
+        else:
+            tables = iter_shards(output_uri, _TALLIED)
+    for table in tables:
         counts.add(table)
     return counts
 
@@ -229,13 +208,13 @@ def consolidate(output_uri: str) -> Tally:
     shard's footer is read once; rows are written in row groups of ``ROW_GROUP_ROWS``, so the
     file's footer stays small however many shards made it."""
     fs, root = storage.filesystem(output_uri)
-    footers, schema = _footers(fs, shard_paths(output_uri), SCHEMA)
+    sources, schema = segments.read_committed(fs, root).sources(SCHEMA)
     counts = Tally()
     with tempfile.TemporaryDirectory(prefix="reelfarm-manifest-") as tmp:
         local = os.path.join(tmp, layout.MANIFEST_FILE)
         with pq.ParquetWriter(local, schema) as writer:
             pending: list[pa.Table] = []
-            for table in _read_shards(fs, footers, None, current=True):
+            for table in _read_sources(fs, sources, None, current=True):
                 counts.add(table)
                 pending.append(_conform(table, schema))
                 if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
@@ -285,31 +264,18 @@ def current_rows(output_uri: str, columns: list[str]) -> Iterator[pa.Table]:
 
 
 def consolidated_is_current(output_uri: str) -> bool:
-    """``manifest.parquet`` was written after every shard manifest now committed (one listing of
+    """``manifest.parquet`` was written after every manifest now committed (one listing of
     ``manifests/``, and the file's own stamp): it holds every current commit. A stamp that
-    cannot be read, or a tie, says no: reading the shards is slower, never wrong."""
+    cannot be read, or a tie, says no: reading the manifests is slower, never wrong."""
     fs, root = storage.filesystem(output_uri)
-    directory = storage.join(root, layout.MANIFESTS_DIR)
     consolidated = storage.join(root, layout.MANIFEST_FILE)
-    for path in (directory, consolidated):  # (and their parents) as they are now, not as cached
-        fs.invalidate_cache(path)
+    fs.invalidate_cache(consolidated)  # (and its parents) as they are now, not as cached
     try:
-        made = _modified(fs.info(consolidated))
-        shards = [o for o in fs.ls(directory, detail=True)
-                  if o["name"].rsplit("/", 1)[-1].startswith(layout.SHARD_PREFIX)]
+        made = segments.stamp(fs.info(consolidated))
     except FileNotFoundError:
         return False
-    stamps = [_modified(o) for o in shards]
-    return made is not None and None not in stamps and all(stamp < made for stamp in stamps)
-
-
-def _modified(info: dict) -> float | None:
-    """An object's modification time in seconds: ``mtime`` on local disk, ``LastModified`` on
-    object stores; None when the filesystem gives neither."""
-    stamp = info.get("mtime", info.get("LastModified"))
-    if hasattr(stamp, "timestamp"):
-        return stamp.timestamp()
-    return float(stamp) if isinstance(stamp, (int, float)) else None
+    stamps = segments.read_committed(fs, root).stamps()
+    return made is not None and bool(stamps) and None not in stamps and max(stamps) < made
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -321,51 +287,13 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-@dataclass(frozen=True)
-class _Footer:
-    path: str
-    first_row: int  # the shard's smallest row_index: shards are read in input order
-    repairs: bool  # its redo_of column holds a value: some row in it replaces an earlier commit
-    columns: frozenset  # its top-level columns
-
-
-def _footers(fs, paths: list[str],
-             schema: pa.Schema | None = None) -> tuple[list[_Footer], pa.Schema | None]:
-    """What each shard's footer statistics say, one footer read per shard, no data read; and
-    given a ``schema``, its union with every shard's (a shard's schema is not kept: holding
-    thousands of them slows reading the shards by half)."""
-    found = []
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        starts = [stats for stats, _ in _stats(meta, "row_index")]
-        first_row = min((s.min for s in starts if s is not None and s.has_min_max), default=0)
-        repairs = any(stats is None or not stats.has_null_count or stats.null_count < rows
-                      for stats, rows in _stats(meta, "redo_of"))
-        shard_schema = meta.schema.to_arrow_schema()
-        if schema is not None and not shard_schema.equals(schema):
-            schema = pa.unify_schemas([schema, shard_schema], promote_options="permissive")
-        found.append(_Footer(path, first_row, repairs, frozenset(shard_schema.names)))
-    return sorted(found, key=lambda footer: footer.first_row), schema
-
-
-def _stats(meta: pq.FileMetaData, column: str) -> list[tuple]:
-    """(statistics, rows) of each row group's chunk of a top-level ``column`` (none if absent).
-    Nested columns take several chunks, so the chunk is found by its path, not the field index."""
-    index = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == column), None)
-    if index is None:
-        return []
-    return [(meta.row_group(g).column(index).statistics, meta.row_group(g).num_rows)
-            for g in range(meta.num_row_groups)]
-
-
-def _superseded(fs, footers: list[_Footer]) -> set[tuple[int, float]]:
+def _superseded(fs, sources: list[segments.Source]) -> set[tuple[int, float]]:
     """(row hash, committed_at) of every commit a repair replaced (few: one per redone row),
-    read only from the shards whose footer says they hold repairs."""
+    read only from the manifests said to hold repairs."""
     replaced = set()
-    for footer in footers:
-        if footer.repairs:
-            table = read_parquet(fs, footer.path, columns=["id", "occurrence", "redo_of"])
+    for source in sources:
+        if source.repairs:
+            table = read_parquet(fs, source.path, columns=["id", "occurrence", "redo_of"])
             table = table.filter(pc.is_valid(table["redo_of"]))
             replaced.update(zip(row_hashes(table).tolist(), table["redo_of"].to_pylist()))
     return replaced

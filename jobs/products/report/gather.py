@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs import params
 from jobs.products.report.bins import Bins, score_widths, time_widths
@@ -25,7 +24,6 @@ from jobs.products.report.media import media_links
 from jobs.products.report.text import ERROR_CHARS, ID_CHARS, PROMPT_CHARS, cut
 from jobs.store import manifest
 from jobs.store.hashset import row_hashes
-from rendering import storage
 
 SCORE_COLUMN = "clip_score"
 LOWEST_ROWS = 12  # lowest-scoring rows listed
@@ -204,15 +202,9 @@ def gather(output_uri: str, sample_size: int = 48) -> Gathered:
     return gathered
 
 
-def _columns(output_uri: str) -> list[str] | None:
+def _columns(output_uri: str) -> list[str]:
     """The columns the page reads (hashes and input identities are most of a manifest's
-    bytes), or None (all) when shards differ in them, as when a later run added scores."""
-    fs, _ = storage.filesystem(output_uri)
-    present = None
-    for path in manifest.shard_paths(output_uri):
-        with fs.open(path, "rb") as f:
-            names = {n for n in pq.read_schema(f).names if n in _READ}
-        if present is not None and names != present:
-            return None
-        present = names
-    return [c for c in _READ if c in (present or ())] or None
+    bytes) that any manifest holds; one that predates a column reads it as nulls."""
+    sources, _ = manifest.committed(output_uri).sources()
+    present = set().union(*(s.columns for s in sources))
+    return [c for c in _READ if c in present]

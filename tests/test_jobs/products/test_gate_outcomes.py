@@ -74,7 +74,7 @@ def test_on_fail_keep_counts_one_try_and_an_output_without_the_columns_says_noth
     assert "<section id=\"gate\">" in (out / layout.REPORT_FILE).read_text()
 
     # As written before the gate existed: no quality columns, no quality settings.
-    for path in manifest.shard_paths(str(out)):
+    for path in manifest.committed(str(out)).shards:
         table = pq.read_table(path)
         pq.write_table(table.drop_columns([n for n in table.column_names
                                            if n.startswith("quality_")]), path)

@@ -17,6 +17,7 @@ from helpers import prompts, run_cli, stages_config, stored, tiny_config, write_
 from helpers import CliDriver, by_id, committed_shards, read_manifest, wait_for, write_config
 from helpers import render_actor_pids
 
+from jobs.store import manifest
 from jobs.verify import verify
 from jobs.config import validate
 from jobs.driver import render
@@ -50,8 +51,9 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     out = tmp_path / "out"
     src = write_prompts(tmp_path / "prompts.parquet", prompts(24))
     # WebDataset shards of 5 rows are packed as the job runs: they too must come out whole.
+    # Committed shards are folded into segments two at a time, as the job runs and at resume.
     config = write_config(tmp_path, tiny_config(src, str(out), output={
-        "shard_size": 2, "webdataset": {"rows_per_shard": 5}}))
+        "shard_size": 2, "segment_shards": 2, "webdataset": {"rows_per_shard": 5}}))
     _sigkill_driver(config, lambda: _committed(out) >= 3, "three committed shards")
     committed = by_id(read_manifest(out, shards=True))
     mtimes = {i: os.path.getmtime(stored(out, r)) for i, r in committed.items()}
@@ -69,6 +71,8 @@ def test_sigkill_of_the_driver_then_rerun_renders_only_what_was_not_committed(tm
     assert f"; {len(committed)} row(s) were already done" in result.stdout
     assert run_cli("verify", str(out)).returncode == 0  # the shards' check included
     assert _packed_ids(out) == sorted(r["id"] for r in rows)  # every row once, in 5 shards
+    listed = manifest.committed(str(out))
+    assert len(listed.checkpoint["segments"]) >= 5 and len(listed.shards) < 2
     job = json.loads((out / "job.json").read_text())["last_run"]
     print(f"driver SIGKILL: {len(committed)} rows committed before the kill; the rerun took "
           f"{rerun_s:.1f} s, rendered {job['rendered']} and recovered {job['recovered']} from receipts")

@@ -173,7 +173,7 @@ def test_status_and_the_report_read_manifest_parquet_only_while_it_holds_every_c
     assert not manifest.consolidated_is_current(out)  # none written yet
     manifest.consolidate(out)
     assert manifest.consolidated_is_current(out)
-    for path in manifest.shard_paths(out):  # what is read now is manifest.parquet alone
+    for path in manifest.committed(out).shards:  # what is read now is manifest.parquet alone
         os.rename(path, path + ".aside")
     assert status(out, must_exist=False)["rows"] == 6 and gather(out).rows == 6
     for name in os.listdir(f"{out}/manifests"):  # back

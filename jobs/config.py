@@ -415,11 +415,11 @@ class JobConfig(_Section):
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ValueError(f"stages: names must differ; {', '.join(repeated)} is used twice")
+            self._text_stage_leads()
             reserved = [n for n in names[:-1] if n in _RESERVED_STAGE_NAMES]
             if reserved:
                 raise ValueError(f"stages: {reserved[0]!r} names an artifact of the final video; "
                                  f"name the stage otherwise (e.g. keyframe)")
-            self._text_stage_leads()
             self._stage_sizes_fit()
         return self
 

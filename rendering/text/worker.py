@@ -111,11 +111,13 @@ class TextRewriter:
             self._memory.popitem(last=False)
 
     def _generate(self, tasks: list[Task], keys: list[str],
-                  known: dict[str, tuple[str, bool] | Exception | None]) -> dict[str, float]:
-        """Generate each key's text (its first task's chat) into ``known``, ``batch_size`` at a
-        time; a chat that fails alone gets its exception. Seconds per key, its batch's share."""
+                  known: dict[str, tuple[str, bool] | Exception | None],
+                  size: int | None = None) -> dict[str, float]:
+        """Generate each key's text (its first task's chat) into ``known``, ``size`` (default
+        ``batch_size``) at a time; a chat that fails alone gets its exception. Seconds per key,
+        its batch's share."""
         seconds: dict[str, float] = {}
-        size = max(1, self.spec.batch_size)
+        size = size or max(1, self.spec.batch_size)
         for start in range(0, len(tasks), size):
             batch, batch_keys = tasks[start:start + size], keys[start:start + size]
             started = time.monotonic()
@@ -128,7 +130,7 @@ class TextRewriter:
                     continue
                 logger.warning("a batch of %d rewrites failed (%s); generating them one by one",
                                len(batch), exc)
-                seconds.update(self._generate(batch, batch_keys, known))
+                seconds.update(self._generate(batch, batch_keys, known, size=1))
                 continue
             share = (time.monotonic() - started) / len(batch)
             for key, generated in zip(batch_keys, made):

@@ -156,3 +156,31 @@ def test_system_prompts_are_shipped_or_read_from_a_file_with_the_target_length(t
     (tmp_path / "blank.txt").write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):
         system_prompt(str(tmp_path / "blank.txt"), 12)
+
+
+def test_a_failing_batch_is_generated_again_a_chat_at_a_time_and_a_poison_row_fails_alone(
+        tmp_path, monkeypatch):
+    from rendering.contract import Task, TextSpec, WorkerSpec
+    from rendering.text.generate import CausalLM
+    from rendering.text.worker import TextRewriter
+
+    real = CausalLM.generate
+
+    def refusing(self, system, prompts, seeds, sampling):
+        if "poison" in " ".join(prompts):
+            raise RuntimeError("out of memory")
+        return real(self, system, prompts, seeds, sampling)
+
+    monkeypatch.setattr(CausalLM, "generate", refusing)
+    spec = WorkerSpec(ModelSpec("tiny:lm"), None, str(tmp_path), "stages/rewrite",
+                      "receipts/rewrite", "previews", batch_size=4, artifact_name="rewrite",
+                      final=False, text=TextSpec("Rewrite it.", sha256("Rewrite it."), 8))
+    worker = TextRewriter(spec, "cpu")
+    tasks = [Task(f"r{i}", f"r{i}", i, p, {}) for i, p in enumerate(["a fox", "poison", "an owl"])]
+    results = worker.render_shard(tasks)
+    assert [r.ok for r in results] == [True, False, True]
+    assert (results[1].error_code, results[1].retryable) == ("render_error", True)
+    assert worker.generated == 2
+    stored = json.loads((tmp_path / results[0].artifacts[0].path).read_text())
+    assert stored["prompt"] == "a fox" and results[0].artifacts[0].kind == "text"
+    assert (tmp_path / "receipts" / "rewrite" / "r0.json").exists()

@@ -331,6 +331,8 @@ def _status(args) -> int:
             figures = run.get("stages", {}).get(name, {})
             rate = f", {figures['rows_per_s']:.2f} rows/s with {figures['workers']} worker(s)" \
                 if figures.get("rows_per_s") is not None else ""
+            if "cache_hits" in figures:  # a text stage's rewrites the last run took from its cache
+                rate += f", {figures['cache_hits']} of {figures['made']} from the cache"
             print(f"  {name}: {counts.get('ok', 0)} made, {counts.get('failed', 0)} failed{rate}")
     if report["top_errors"]:
         print("most common errors:")

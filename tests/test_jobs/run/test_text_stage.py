@@ -97,6 +97,8 @@ def test_repeated_prompts_are_generated_once_each_and_a_rerun_hits_the_cache(tmp
     for row in manifest:
         by_prompt.setdefault(row["prompt"], set()).add(row["rewritten_prompt"])
     assert all(len(texts) == 1 for texts in by_prompt.values())
+    shown = run_cli("status", str(tmp_path / "a")).stdout
+    assert "  rewrite: 12 made, 0 failed, " in shown and ", 8 of 12 from the cache" in shown
 
     # Another output over the same cache generates nothing; a damaged entry is made again.
     entry = sorted(cache.glob("*.json"))[0]

@@ -33,7 +33,7 @@ import time
 
 import yaml
 
-from bench.common import OUT, machine, median, python, run_process, save
+from bench.common import machine, median, python, run_process, save
 
 SUBJECTS = ["a red fox", "an old man", "a small boat", "a neon city street", "a white owl",
             "two children", "a black horse", "a glass tower", "a quiet lake", "a paper lantern",

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
 from rendering import model_cache
 from rendering.contract import ModelSpec
-from rendering.model_cache import ModelCacheError
 from rendering.text import tiny
 
 logger = logging.getLogger(__name__)
@@ -180,7 +178,7 @@ def load_causal_lm(folder: str, dtype: torch.dtype):
 
     from rendering.pipelines.weights import quiet_progress_bars
 
-    _complete(folder, folder)
+    model_cache.transformers_folder(f"text model {folder!r}", folder)
     keyword = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     with quiet_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
@@ -192,17 +190,5 @@ def load_causal_lm(folder: str, dtype: torch.dtype):
 def _download(spec: ModelSpec, local_files_only: bool) -> str:
     """A causal LM's config, tokenizer, chat template and safetensors in the hub cache (the
     node-local fetch around it is model_cache's, as for pipelines)."""
-    from huggingface_hub import snapshot_download
-
-    return _complete(spec.path, snapshot_download(spec.path, revision=spec.revision,
-                                                  allow_patterns=_HUB_FILES,
-                                                  local_files_only=local_files_only))
-
-
-def _complete(name: str, folder: str) -> str:
-    """``folder`` if it holds a config and safetensors weights (all reelfarm loads)."""
-    names = set(os.listdir(folder))
-    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-        raise ModelCacheError(f"text model {name!r} has no config.json or no safetensors "
-                              f"weights (reelfarm loads safetensors only)")
-    return folder
+    return model_cache.transformers_snapshot(f"text model {spec.path!r}", spec.path,
+                                             spec.revision, _HUB_FILES, local_files_only)

@@ -2,7 +2,8 @@
 
     python -m bench.run            # full: plan scale, driver throughput, bookkeeping at
                                    # 100k rows, CPU side by side,
-                                   # multi-stage jobs, products, elastic capacity, metrics'
+                                   # multi-stage jobs, the text stage, products, elastic
+                                   # capacity, metrics'
                                    # series, GPU if any, options on the CPU
     python -m bench.run --quick    # each benchmark's --quick mode (a smoke run)
 
@@ -16,14 +17,15 @@ import argparse
 import sys
 
 from bench import (bookkeeping, cpu_side_by_side, driver_throughput, elastic, gpu, metrics,
-                   options, plan_scale, products, stages)
+                   options, plan_scale, products, stages, text_stage)
 
 
 # In the order they run. The options on the CPU's tiny models come last (on a GPU the gpu step
 # measures them at full size): they set this process's torch threads.
 STEPS = {"plan": plan_scale.main, "driver": driver_throughput.main,
          "bookkeeping": bookkeeping.main, "cpu": cpu_side_by_side.main,
-         "stages": stages.main, "products": products.main, "elastic": elastic.main,
+         "stages": stages.main, "text": text_stage.main, "products": products.main,
+         "elastic": elastic.main,
          "metrics": metrics.main,
          "gpu": gpu.main, "options": lambda flags: options.main(flags + ["--device", "cpu"])}
 

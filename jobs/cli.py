@@ -19,6 +19,7 @@ import time
 import pyarrow as pa
 
 from rendering.pipelines.tiny import TINY_KINDS
+from rendering.text.tiny import TINY_LM_KINDS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ROWS_FAILED = 0, 1, 2, 3
 
@@ -106,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("make-tiny-model", parents=[common], help="write a random-weight pipeline, built offline")
     cmd.add_argument("directory")
-    cmd.add_argument("--kind", choices=TINY_KINDS, default="modelscope",
-                     help="pipeline family: " + ", ".join(TINY_KINDS))
+    cmd.add_argument("--kind", choices=TINY_KINDS + TINY_LM_KINDS, default="modelscope",
+                     help="pipeline family: " + ", ".join(TINY_KINDS) + "; or lm, a causal "
+                          "language model for a text stage")
     cmd.add_argument("--replace", action="store_true",
                      help="empty a non-empty DIRECTORY first (else it is refused)")
     cmd.set_defaults(func=_make_tiny_model)
@@ -225,8 +227,10 @@ def _plan(args) -> int:
     if cfg.stages is None:
         print(f"model:      {cfg.model.path} " + _shape_source(*shapes.values()))
     for stage in cfg.stages or ():
-        print(f"stage:      {stage.name}: {stage.model.path} " + _shape_source(shapes[stage.name]))
-    print(f"rows:       {counts.rows}")
+        print(f"stage:      {stage.name}: {stage.model.path} " + (
+            _text_stage(stage.text) if stage.text else _shape_source(shapes[stage.name])))
+    print(f"rows:       {counts.rows}" + (f" ({cfg.variations} variations of each input row)"
+                                           if cfg.variations > 1 else ""))
     print(f"done:       {counts.done}")
     refused = sum(counts.refused_rows(code) for code in counts.refused)
     print(f"to do:      {counts.todo} ({counts.invalid} invalid, of which {counts.duplicates} "
@@ -244,6 +248,11 @@ def _plan(args) -> int:
           f"{cfg.output.shard_size} rows")
     print(f"planned in {time.monotonic() - started:.1f} s")
     return EXIT_OK
+
+
+def _text_stage(text) -> str:
+    return (f"(a text stage: rewrites each row's prompt, {text.system_prompt} system prompt, "
+            f"{'greedy' if text.temperature == 0 else f'temperature {text.temperature:g}'})")
 
 
 def _shape_source(shapes) -> str:
@@ -322,6 +331,8 @@ def _status(args) -> int:
             figures = run.get("stages", {}).get(name, {})
             rate = f", {figures['rows_per_s']:.2f} rows/s with {figures['workers']} worker(s)" \
                 if figures.get("rows_per_s") is not None else ""
+            if "cache_hits" in figures:  # a text stage's rewrites the last run took from its cache
+                rate += f", {figures['cache_hits']} of {figures['made']} from the cache"
             print(f"  {name}: {counts.get('ok', 0)} made, {counts.get('failed', 0)} failed{rate}")
     if report["top_errors"]:
         print("most common errors:")
@@ -397,6 +408,12 @@ def _make_tiny_model(args) -> int:
                              f"pass --replace to empty it first")
         shutil.rmtree(args.directory)
 
+    if args.kind in TINY_LM_KINDS:
+        from rendering.text.tiny import save_tiny_lm
+
+        save_tiny_lm(args.directory)
+        print(f"wrote a tiny random-weight causal language model to {args.directory}")
+        return EXIT_OK
     save_tiny_pipeline(args.kind, args.directory)
     print(f"wrote a tiny random-weight {args.kind} pipeline to {args.directory}")
     return EXIT_OK

@@ -25,6 +25,8 @@ from jobs.params import MAX_FPS
 from rendering import storage
 from rendering.pipelines import adapter_named, final_stage_problem, tiny
 from rendering.pipelines.schedulers import declared_scheduler_names, unknown_scheduler
+from rendering.text import prompts as text_prompts
+from rendering.text.tiny import is_tiny_lm
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
 # A password may hold '/' and '+' (AWS secret keys do), so after a ':' anything up to '@' counts.
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/@\s:]+|[^/@\s:]*:[^@\s]*?)@")
@@ -113,7 +115,7 @@ class ModelConfig(_Section):
     @field_validator("path")
     @classmethod
     def _known_tiny(cls, value: str) -> str:
-        if tiny.is_tiny(value):
+        if tiny.is_tiny(value) and not is_tiny_lm(value):  # tiny:lm: a text stage's model
             tiny.tiny_kind(value)  # raises ValueError naming the kinds there are
         return value
 
@@ -285,10 +287,57 @@ class StageRenderConfig(_Section):
 _RESERVED_STAGE_NAMES = ("video", "gif", "webp", "poster")
 
 
+class TextStageConfig(_Section):
+    """A text stage (the first of ``stages:``): its model, a causal LM, rewrites each row's
+    prompt for the stages after it (see rendering.text)."""
+
+    system_prompt: str = Field("t2v", description="t2v or i2v (shipped), or the path of a UTF-8 "
+                                                  "text file; {words} becomes target_words")
+    target_words: int = Field(80, ge=5, le=2000, description="the rewrite's length the system prompt asks for")
+    max_new_tokens: int = Field(256, ge=1, le=16384, description="tokens the model may write at most")
+    temperature: float = Field(0.0, ge=0, le=10, description="0: greedy; else sampled, seeded by the row's seed")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1, description="chats in one generate call")
+    variations: int = Field(1, ge=1, le=1000, description="rows made of each input row, each with its own rewrite")
+    on_bad_rewrite: Literal["fallback", "fail"] = Field(
+        "fallback", description="an empty, too long or non-text rewrite: render the row's own "
+                                "prompt (the reason recorded), or fail the row")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="the rewrite's limit in the video model's prompt tokens (none: "
+                                "the limit its pipeline reads)")
+    cache_uri: str | None = Field(None, description="where rewrites are cached (none: cache/rewrites under the output)")
+
+    _finite = field_validator("temperature", "top_p")(lambda value: _check_finite(value))
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        text_prompts.system_prompt(value, 1)  # raises ValueError naming the file's problem
+        return value
+
+    @field_validator("cache_uri")
+    @classmethod
+    def _cache_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _check_uri(value)
+
+    @model_validator(mode="after")
+    def _variations_need_sampling(self) -> "TextStageConfig":
+        if self.variations > 1 and self.temperature == 0:
+            raise ValueError("variations > 1 needs sampling (greedy decoding writes one rewrite "
+                             "per prompt): set temperature, e.g. 0.8")
+        return self
+
+    def system_prompt_text(self) -> str:
+        return text_prompts.system_prompt(self.system_prompt, self.target_words)
+
+
 class StageConfig(_Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$",
                       description="names the stage in logs, the manifest and stages/<name>/ under the output")
     model: ModelConfig
+    text: TextStageConfig | None = Field(
+        None, description="a text stage: model is a causal LM that rewrites each row's prompt")
     render: StageRenderConfig = Field(default_factory=StageRenderConfig)
     optimize: OptimizeConfig | None = Field(None, description="default: the job's optimize section")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -368,12 +417,43 @@ class JobConfig(_Section):
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ValueError(f"stages: names must differ; {', '.join(repeated)} is used twice")
+            self._text_stage_leads()
             reserved = [n for n in names[:-1] if n in _RESERVED_STAGE_NAMES]
             if reserved:
                 raise ValueError(f"stages: {reserved[0]!r} names an artifact of the final video; "
                                  f"name the stage otherwise (e.g. keyframe)")
             self._stage_sizes_fit()
         return self
+
+    @property
+    def variations(self) -> int:
+        """Rows made of each input row: a text stage's ``variations``, else 1."""
+        text = self.stages[0].text if self.stages else None
+        return text.variations if text is not None else 1
+
+    def _text_stage_leads(self) -> None:
+        """A text stage comes first, with later stages to render what it writes, and only it
+        takes a language model."""
+        for i, stage in enumerate(self.stages):
+            key = f"stages.{stage.name}"
+            if stage.text is None:
+                if is_tiny_lm(stage.model.path):
+                    raise ValueError(f"{key}.model: {stage.model.path} is a language model: "
+                                     f"only a text stage (with text:) takes it")
+                continue
+            if i != 0 or len(self.stages) == 1:
+                raise ValueError(f"{key}: a text stage must lead stages:, before the stages that "
+                                 f"render what it writes")
+            model = stage.model
+            if tiny.is_tiny(model.path) and not is_tiny_lm(model.path):
+                raise ValueError(f"{key}.model: {model.path} is a diffusers pipeline: a text "
+                                 f"stage takes a causal LM (a hub id, a folder, or tiny:lm)")
+            if model.pipeline or model.scheduler or model.scheduler_config or model.variant:
+                raise ValueError(f"{key}.model: a text stage's model takes path, revision and "
+                                 f"dtype only")
+            if stage.render.overrides() or stage.render.batch_size or stage.optimize:
+                raise ValueError(f"{key}: a text stage renders nothing: its settings go under "
+                                 f"text: (batch_size too), not render: or optimize:")
 
     def _stage_sizes_fit(self) -> None:
         """The video's size is the row's: only an earlier stage renders at a size of its own,
@@ -427,9 +507,15 @@ class JobConfig(_Section):
         local_cluster = self.cluster.address is None and not os.environ.get("RAY_ADDRESS")
         models = ([("model", self.model)] if self.model is not None else
                   [(f"stages.{s.name}.model", s.model) for s in self.stages])
+        texts = {f"stages.{s.name}.model" for s in self.stages or () if s.text is not None}
         for key, model in models:
             path = model.path
-            if local_cluster and path.startswith(("/", "./", "../", "~")):
+            if local_cluster and path.startswith(("/", "./", "../", "~")) and key in texts:
+                if not (Path(path).expanduser() / "config.json").is_file():
+                    raise ValueError(f"{key}.path: {path} is not a transformers model folder (no "
+                                     f"config.json there): check the path, or give a hub id or "
+                                     f"tiny:lm")
+            elif local_cluster and path.startswith(("/", "./", "../", "~")):
                 folder = Path(path).expanduser()
                 if not (folder / "model_index.json").is_file():
                     raise ValueError(f"{key}.path: {path} is not a diffusers model folder (no "
@@ -504,12 +590,22 @@ def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
         optimize = stage.optimize or cfg.optimize
         for section, values in (("model", stage.model.model_dump()),
                                 ("render", stage.render.overrides()),
-                                ("optimize", optimize.model_dump())):
+                                ("optimize", optimize.model_dump()), ("text", _text_fields(stage))):
             for key, value in values.items():
                 fields[f"stages.{i}.{stage.name}.{section}.{key}"] = value
     for section, key in _ALSO_FINGERPRINTED:
         fields[f"{section}.{key}"] = getattr(getattr(cfg, section), key)
     return fields
+
+
+def _text_fields(stage: StageConfig) -> dict[str, Any]:
+    """A text stage's settings that change what it writes, the system prompt's text by its
+    sha256 (a file edited since is a change); its batch size and cache are speed only."""
+    if stage.text is None:
+        return {}
+    values = stage.text.model_dump(exclude={"batch_size", "cache_uri"})
+    values["system_prompt_sha256"] = text_prompts.sha256(stage.text.system_prompt_text())
+    return values
 
 
 def fingerprint(cfg: JobConfig) -> str:
@@ -535,6 +631,10 @@ def _relative_to(data: dict, folder: Path) -> dict:
     stages = data.get("stages")
     stage_models = [(stage, "model") for stage in stages if isinstance(stage, dict)] \
         if isinstance(stages, list) else []
+    for stage, _ in stage_models:  # a text stage's own system prompt file, like a model folder
+        text = stage.get("text")
+        if isinstance(text, dict) and isinstance(text.get("system_prompt"), str):
+            text["system_prompt"] = resolve(text["system_prompt"], False)
     for (section, key), bare in _PATH_KEYS.items():
         holders = [data] + ([s for s, _ in stage_models] if section == "model" else [])
         for holder in holders:

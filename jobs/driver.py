@@ -98,15 +98,16 @@ def render(cfg: JobConfig, progress: bool = True, redo: frozenset[str] = frozens
 
 def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozenset[str],
                     started: float) -> RenderSummary:
+    total_rows = dataset.num_rows * cfg.variations  # a text stage's variations: K rows an input row
     job = read_job(cfg.output.uri)
     check_resumable(cfg, job)
     input_signature = signature(dataset)
     if not redo and finished_before(cfg.output.uri, job, input_signature):
-        return _already_complete(cfg, job, dataset.num_rows, started)
+        return _already_complete(cfg, job, total_rows, started)
     to_redo = rows_to_redo(cfg.output.uri, "failed" in redo, "damaged" in redo) if redo else {}
     if redo:
         logger.info("repairing %d committed row(s) (%s)", len(to_redo), ", ".join(sorted(redo)))
-    job = start_job(cfg, job, dataset.num_rows)
+    job = start_job(cfg, job, total_rows)
     # Shards earlier runs left (all of an output made before segments) are folded first,
     # after job.json says the output's format is the one that has segments.
     folder = Folder(cfg.output.uri, cfg.output.segment_shards)
@@ -117,7 +118,8 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     fs, root = storage.filesystem(cfg.output.uri)
     stages = job_stages(cfg)
     folders = dict.fromkeys([*layout.FOLDERS, *(s.folder for s in stages),
-                             *(s.receipts_folder for s in stages)])
+                             *(s.receipts_folder for s in stages),
+                             *(layout.REWRITE_CACHE_DIR for s in stages if s.text is not None)])
     removed = storage.remove_temp_objects(fs, root, tuple(folders))
     if removed:
         logger.info("removed %d temporary object(s) left by an interrupted run", removed)
@@ -127,8 +129,8 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     counts = PlanCounts()
     rows = plan_rows(dataset, cfg, committed, counts, redo=to_redo, checks=preflight(cfg))
     shards = _while_held(lease, _shards(rows, cfg.output.shard_size))
-    bar = Progress(max(0, dataset.num_rows - len(committed)), enabled=progress)
-    packer = _packer(cfg, dataset.num_rows)
+    bar = Progress(max(0, total_rows - len(committed)), enabled=progress)
+    packer = _packer(cfg, total_rows)
     metrics = JobMetrics(job_name(cfg), enabled=cfg.metrics.enabled)
 
     def live(figures: dict) -> None:
@@ -147,11 +149,11 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
             scheduler.run(shards)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Interrupted)
         if not lease.lost:
-            _finish_quietly(cfg, job, "interrupted", dataset.num_rows, scheduler)
+            _finish_quietly(cfg, job, "interrupted", total_rows, scheduler)
         raise Interrupted("stopped: committed work is kept; rerun the same command to resume") from None
     except BaseException:
         if not lease.lost:  # a run that lost the output must not write its state any more
-            _finish_quietly(cfg, job, "failed", dataset.num_rows, scheduler)
+            _finish_quietly(cfg, job, "failed", total_rows, scheduler)
         raise
     finally:
         bar.close()
@@ -161,13 +163,13 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     # record how the run ended, and write the report.
     lease.check()
     folder.fold_listed()
-    tally = _finish(cfg, job, "finished", dataset.num_rows, scheduler, input_signature)
+    tally = _finish(cfg, job, "finished", total_rows, scheduler, input_signature)
     _write_report(cfg.output.uri)
-    return RenderSummary(cfg.output.uri, dataset.num_rows, tally.ok, tally.rows - tally.ok,
+    return RenderSummary(cfg.output.uri, total_rows, tally.ok, tally.rows - tally.ok,
                          scheduler.rendered, counts.done, scheduler.recovered,
                          scheduler.workers_replaced, time.monotonic() - started,
                          scheduler.startup_s, scheduler.rendering_s,
-                         tally.rows == dataset.num_rows,
+                         tally.rows == total_rows,
                          [(code, n) for code, n, _ in tally.top_errors()],
                          dict(tally.kept_below))
 
@@ -234,7 +236,8 @@ def _stage_figures(scheduler: Scheduler) -> dict:
             "made": stage.ok, "failed": stage.failed, "recovered": stage.recovered,
             "seconds_per_row": round(stage.seconds / stage.ok, 4) if stage.ok else None,
             "rows_per_s": round(stage.ok / rendering_s, 4) if rendering_s > 0 else None,
-            "workers": stage.pool.num_workers if stage.pool is not None else 0}
+            "workers": stage.pool.num_workers if stage.pool is not None else 0,
+            **({"cache_hits": stage.cache_hits} if stage.spec.text is not None else {})}
     return out
 
 

@@ -6,17 +6,19 @@ storing ``videos/``). A multi-stage job chains stages: each stage's task is the 
 the stage's fixed render settings, plus the previous stage's stored artifact as its
 conditioning input (an image artifact becomes the ``image``, a video the ``video``). Only that
 artifact's path, kind and sha256 travel between stages; the worker of the next stage reads it
-from the output, and the sha256 makes it refuse an artifact that changed in between. As in
+from the output, and the sha256 makes it refuse an artifact that changed in between. A text
+stage (a causal LM rewriting prompts) may lead: its artifact, of kind ``text``, is not an input
+of the next stage; the rewritten prompt it recorded becomes that stage's prompt. As in
 cosmos-xenna's stage specs, the scheduler and the balancer read these declarations; a stage
 never schedules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from jobs import params as P
-from jobs.config import JobConfig, ModelConfig, OptimizeConfig, ResourcesConfig
+from jobs.config import JobConfig, ModelConfig, OptimizeConfig, ResourcesConfig, TextStageConfig
 from jobs.store import layout
 from rendering import storage
 from rendering.contract import Artifact, MediaInput, Result, ScoringSpec, Task
@@ -25,6 +27,7 @@ from rendering.quality import GateSpec
 FINAL_ARTIFACT = "video"  # the last stage's artifact: the row's video, under videos/
 # The conditioning input an earlier stage's artifact becomes, by the artifact's kind.
 ROLE_OF_KIND = {"image": "image", "video": "video"}
+TEXT_KIND = "text"  # a text stage's artifact: the next stage takes its rewrite as the prompt
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Stage:
     output_uri: str  # the job's output, where the stage before stored what it takes
     scoring: ScoringSpec | None = None  # the last stage scores its videos (quality.clip_model)
     gate: GateSpec | None = None  # and keeps, fails or retries those under quality.min_score
+    text: TextStageConfig | None = None  # a text stage: its model rewrites the row's prompt
 
     @property
     def final(self) -> bool:
@@ -51,12 +55,18 @@ class Stage:
     def task(self, task: Task, results: list[Result]) -> Task:
         """The row's ``task`` as this stage renders it: its fixed settings applied, and what
         the stage before stored for it (``results``: the row's results so far, one a stage) as
-        a conditioning input checked by its sha256."""
-        previous = results[self.index - 1].artifact(self.takes) if self.takes else None
+        a conditioning input checked by its sha256; after a text stage, the prompt it wrote."""
+        result = results[self.index - 1] if self.takes else None
+        previous = result.artifact(self.takes) if result is not None else None
+        if previous is not None and previous.kind == TEXT_KIND:
+            task = replace(task, prompt=result.metrics["rewritten_prompt"])
+            previous = None
         return self.task_given(task, previous)
 
-    def size(self, task: Task) -> tuple[int, int]:
-        """(height, width) this stage renders the row's ``task`` at."""
+    def size(self, task: Task) -> tuple[int | None, int | None]:
+        """(height, width) this stage renders the row's ``task`` at (a text stage: none)."""
+        if self.text is not None:
+            return None, None
         params = {**task.params, **self.overrides}
         return params["height"], params["width"]
 
@@ -88,12 +98,13 @@ def job_stages(cfg: JobConfig) -> list[Stage]:
         final = i == last
         stages.append(Stage(
             i, s.name, s.model, s.optimize or cfg.optimize, s.render.overrides(),
-            s.render.batch_size or cfg.render.batch_size, s.resources,
+            s.text.batch_size if s.text else s.render.batch_size or cfg.render.batch_size,
+            s.resources,
             FINAL_ARTIFACT if final else s.name,
             layout.VIDEOS_DIR if final else f"{layout.STAGES_DIR}/{s.name}",
             layout.RECEIPTS_DIR if last == 0 else f"{layout.RECEIPTS_DIR}/{s.name}",
             stages[-1].artifact if stages else None, output,
-            _scoring(cfg, s.model) if final else None, _gate(cfg) if final else None))
+            _scoring(cfg, s.model) if final else None, _gate(cfg) if final else None, s.text))
     return stages
 
 

@@ -68,6 +68,22 @@ class EncodeSpec:
 
 
 @dataclass(frozen=True)
+class TextSpec:
+    """A text stage: how its causal LM rewrites each row's prompt (see rendering.text)."""
+
+    system_prompt: str  # the text itself, target length filled in
+    system_prompt_sha256: str
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy; else sampled with the row's seed
+    top_p: float = 1.0
+    top_k: int | None = None
+    on_bad_rewrite: str = "fallback"  # fallback (to the row's prompt) | fail (the row)
+    cache_uri: str | None = None  # where rewrites are cached (None: not at all)
+    limit_model: ModelSpec | None = None  # the video model, whose prompt limit a rewrite fits
+    max_prompt_tokens: int | None = None  # overrides that model's own limit
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     model: ModelSpec
     encode: EncodeSpec
@@ -92,6 +108,7 @@ class WorkerSpec:
     # Where the worker stores a probe object at start (None: none): the driver reads it back
     # to prove that it and the worker see one output.
     probes_dir: str | None = None
+    text: TextSpec | None = None  # a text stage: model is a causal LM that rewrites prompts
 
 
 MEDIA_ROLES = ("image", "video")  # conditioning inputs a row may carry, by role

@@ -138,6 +138,26 @@ def _download_pipeline(spec: ModelSpec, local_files_only: bool) -> str:
         raise ModelCacheError(_hub_failure(spec, exc)) from exc
 
 
+def transformers_snapshot(name: str, repo: str, revision: str | None, patterns: list[str],
+                          local_files_only: bool) -> str:
+    """A transformers model's files (``patterns``) in the hub cache, checked by
+    ``transformers_folder`` (the node-local fetch around it is ``fetch_hub``'s)."""
+    from huggingface_hub import snapshot_download
+
+    return transformers_folder(name, snapshot_download(
+        repo, revision=revision, allow_patterns=patterns, local_files_only=local_files_only))
+
+
+def transformers_folder(name: str, folder: str) -> str:
+    """``folder`` if it holds a transformers config and safetensors weights (all reelfarm
+    loads); ``name`` says whose (``scoring model 'x'``) in the refusal."""
+    names = set(os.listdir(folder))
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        raise ModelCacheError(f"{name} has no config.json or no safetensors weights (reelfarm "
+                              f"loads safetensors only)")
+    return folder
+
+
 def _hub_failure(spec: ModelSpec, exc: OSError) -> str:
     """Why a hub model could not be fetched and what to do, in one line. diffusers' own message
     ends "see the stacktrace above", and the command line shows none without --debug: its cause

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import numpy as np
 import torch
 
 from rendering import model_cache
 from rendering.contract import ScoringSpec
-from rendering.model_cache import ModelCacheError
 
 logger = logging.getLogger(__name__)
 
@@ -208,17 +206,10 @@ def load_clip(folder: str, dtype: torch.dtype):
 def _download_clip(spec: ScoringSpec, local_files_only: bool) -> str:
     """A CLIP model's config, processor, tokenizer and safetensors files in the hub cache (the
     node-local fetch around it is model_cache's, as for pipelines)."""
-    from huggingface_hub import snapshot_download
-
-    return _complete(spec.model, snapshot_download(spec.model, revision=spec.revision,
-                                                   allow_patterns=_HUB_FILES,
-                                                   local_files_only=local_files_only))
+    return model_cache.transformers_snapshot(f"scoring model {spec.model!r}", spec.model,
+                                             spec.revision, _HUB_FILES, local_files_only)
 
 
 def _complete(name: str, folder: str) -> str:
     """``folder`` if it holds a CLIP config and safetensors weights (all reelfarm loads)."""
-    names = set(os.listdir(folder))
-    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-        raise ModelCacheError(f"scoring model {name!r} has no config.json or no safetensors "
-                              f"weights (reelfarm loads safetensors only)")
-    return folder
+    return model_cache.transformers_folder(f"scoring model {name!r}", folder)

@@ -49,6 +49,7 @@ class ShardRenderer:
         self._pipe = None
         self._adapter = None
         self._scorer = None  # a ClipScorer when the job scores its videos
+        self._text = None  # a text stage's TextRewriter, in place of the pipeline
         self._render_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._load_info: dict | None = None
@@ -71,6 +72,15 @@ class ShardRenderer:
                     torch.set_num_threads(self.spec.torch_threads)
                 device = pick_device()
                 started = time.monotonic()
+                if self.spec.text is not None:  # a text stage: a causal LM, no pipeline
+                    from rendering.text.worker import TextRewriter
+
+                    self._text = TextRewriter(self.spec, device)
+                    self._load_info = {"device": device, "pid": os.getpid(),
+                                       "pipeline": self._text.model_class,
+                                       "load_s": round(time.monotonic() - started, 3),
+                                       "probe": self._store_probe()}
+                    return self._load_info
                 self._pipe = load_pipeline(self.spec.model, device, self.spec.optimize)
                 self._adapter = adapter_for(self._pipe)
                 problem = final_stage_problem(self._adapter) if self.spec.final else None
@@ -103,6 +113,8 @@ class ShardRenderer:
         from rendering.pipelines.load import prompts_truncated
 
         self.setup()
+        if self._text is not None:
+            return self._text.render_shard(tasks)
         with self._render_lock:  # a tokenizer must not be shared between threads
             truncated = prompts_truncated(self._pipe, [t.prompt for t in tasks]) \
                 if self._adapter.takes_prompt else [None] * len(tasks)

@@ -18,7 +18,8 @@ from jobs.input.dataset import InputDataset, iter_batches, warn_ignored
 from jobs.input.preflight import Preflight, Refusal
 from jobs.store.hashset import HashSet, key_hashes, row_hash
 from jobs import params
-from jobs.input.rows import NOT_UTF8, RowFailure, content_id, decoded, resolve
+from jobs.input.rows import (NOT_UTF8, RowFailure, content_id, decoded, resolve, variant_id,
+                             variant_row)
 from rendering.contract import MEDIA_ROLES, Task
 
 INVALID_EXAMPLES = 5  # invalid rows ``reelfarm plan`` shows with their errors, first in input order
@@ -36,6 +37,8 @@ class PlannedRow:
     results: list = field(default_factory=list)  # a Result per stage it went through
     stages: list = field(default_factory=list)  # per stage: name, status, attempts, seconds
     replaces: dict | None = None  # a repair: the committed row it replaces (as rows_to_redo reads it)
+    variation: int | None = None  # a text stage's variations: which one of its input row it is
+    source_id: str | None = None  # and that input row's id
 
     @property
     def hash(self) -> int:
@@ -93,25 +96,34 @@ def plan_rows(dataset: InputDataset, cfg: JobConfig, committed: HashSet, counts:
     repeats: dict[int, int] = {}  # ids seen more than once: first-occurrence hash -> repeats
     index = 0
     has_id = "id" in dataset.columns
+    variations = cfg.variations  # rows made of each input row (a text stage's)
     for batch in iter_batches(dataset, cfg.input.batch_rows):
         rows = batch.to_pylist()
         ids, id_errors = zip(*(_row_id(row, has_id) for row in rows)) if rows else ((), ())
         first_hashes = [row_hash(i) for i in ids]
         occurrences = _occurrences(first_hashes, seen.contains(first_hashes), repeats)
         hashes = [h if n == 0 else row_hash(i, n) for h, i, n in zip(first_hashes, ids, occurrences)]
-        is_done = committed.contains(hashes) if len(committed) else [False] * len(rows)
-        for row, row_id, id_error, occurrence, done, h in zip(rows, ids, id_errors, occurrences,
-                                                             is_done, hashes):
-            index += 1
+        entries = [(*entry, None, None) for entry in
+                   zip(rows, ids, id_errors, occurrences, hashes)]
+        if variations > 1:  # each input row is K rows, ids and hashes of their own
+            entries = [(row, variant_id(i, k), error, n, row_hash(variant_id(i, k), n), k, i)
+                       for row, i, error, n, _, _, _ in entries for k in range(variations)]
+        is_done = committed.contains([e[4] for e in entries]) if len(committed) \
+            else [False] * len(entries)
+        for (row, row_id, id_error, occurrence, h, k, source), done in zip(entries, is_done):
+            index += not k  # an input row's first (or only) row
             counts.rows += 1
             if done:
                 counts.done += 1
                 continue
-            planned = PlannedRow(index - 1, row_id, occurrence, _text(row.get("prompt")),
+            planned = PlannedRow((index - 1) * variations + (k or 0), row_id, occurrence,
+                                 _text(row.get("prompt")),
                                  {c: row.get(c) for c in cfg.input.carry_columns},
-                                 replaces=redo.get(h) if redo else None)
+                                 replaces=redo.get(h) if redo else None, variation=k,
+                                 source_id=source)
             if resolve_rows:
-                planned.outcome = _outcome(row, planned, id_error, cfg)
+                planned.outcome = _outcome(row if k is None else variant_row(row, row_id),
+                                           planned, id_error, cfg)
                 refusal = checks and isinstance(planned.outcome, Task) and \
                     checks.refusal(planned.outcome)
                 if refusal:
@@ -197,9 +209,15 @@ def count_plan(dataset: InputDataset, cfg: JobConfig, committed: HashSet,
     joined in one buffer); any row the fast checks cannot vouch for (a null, binary or unusual
     id or prompt, a per-row override, a repeated id) is decided by the same code as
     ``plan_rows`` (``_row_id``, ``_occurrences``, ``_outcome``), so the counts are the same.
+    With a text stage's ``variations`` (K rows of each input row, ids and seeds of their own),
+    the counts are ``plan_rows``'s, every row resolved.
     """
-    warn_ignored(dataset)
     counts = PlanCounts()
+    if cfg.variations > 1:  # rows of their own ids and seeds: each one is resolved
+        for _ in plan_rows(dataset, cfg, committed, counts, checks=checks):
+            pass
+        return counts
+    warn_ignored(dataset)
     seen = HashSet()
     repeats: dict[int, int] = {}
     has_id = "id" in dataset.columns

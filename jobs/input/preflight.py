@@ -52,10 +52,16 @@ class Preflight:
 
     def refusal(self, task: Task) -> Refusal | None:
         previous: Artifact | None = None
+        after_text = False  # a text stage hands on a prompt, no input
         for check in self._checks:
             stage, adapter, facts = check.stage, check.known.adapter, check.known.facts
+            if stage.text is not None:  # it renders no shape; whatever it writes, it falls back
+                after_text = True
+                continue
             # Without the earlier stage's adapter, what it hands on is unknown: only shapes.
-            staged = stage.task_given(task, previous) if previous or not stage.takes else None
+            staged = stage.task_given(task, previous) \
+                if previous or not stage.takes or after_text else None
+            after_text = False
             params = staged.params if staged else {**task.params, **stage.overrides}
             problem = facts and facts.problem(params["num_frames"], params["height"],
                                               params["width"])
@@ -70,6 +76,10 @@ class Preflight:
 
 def preflight(cfg: JobConfig) -> Preflight:
     """The checks of every stage of ``cfg``, its models' config files read once."""
-    return Preflight([_StageCheck(stage, known_shapes(stage.model.path, stage.model.pipeline,
-                                                      stage.model.revision))
+    return Preflight([_StageCheck(stage, TEXT_STAGE if stage.text is not None else
+                                  known_shapes(stage.model.path, stage.model.pipeline,
+                                               stage.model.revision))
                       for stage in job_stages(cfg)])
+
+
+TEXT_STAGE = KnownShapes(None, "a text stage renders no shapes")

@@ -50,6 +50,22 @@ def row_seed(job_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:8], "big") % P.SEED_LIMIT
 
 
+def variant_id(row_id: str, k: int) -> str:
+    """The id of variation ``k`` of an input row (a text stage's ``variations``): distinct for
+    distinct (id, k), as the suffix ``.v<k>`` is read from the right."""
+    return f"{row_id}.v{k}"
+
+
+def variant_row(row: dict, variant: str) -> dict:
+    """An input row as its variation ``variant`` (an id from ``variant_id``) resolves it: a seed
+    of its own is hashed with the variation's id, so variations never share one (without one,
+    the seed is hashed from the job seed and that id, as for any row)."""
+    seed = P.from_row(row, "seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < P.SEED_LIMIT:
+        return {**row, "seed": row_seed(seed, variant)}
+    return row
+
+
 def output_key(row_id: str) -> str:
     """An object name for a row's video that no id can turn into a path or an option.
 

@@ -25,6 +25,7 @@ def record(row: PlannedRow) -> dict:
     metrics = _merged_metrics(row.results)
     rec = {"key": outcome.key if isinstance(outcome, Task) else None,  # not stored
            "id": row.id, "row_index": row.index, "occurrence": row.occurrence,
+           "source_id": row.source_id, "variation": row.variation,
            "prompt": row.prompt, **{p: values.get(p) for p in params.NAMES},
            "attempts": sum(s["attempts"] for s in row.stages), "video_uri": None,
            "bytes": None, "sha256": None, "artifacts": [], "render_s": None,

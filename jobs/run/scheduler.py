@@ -64,6 +64,7 @@ class _StageState:
     failed: int = 0
     recovered: int = 0  # rows an interrupted run had made (their receipts say)
     seconds: float = 0.0  # worker seconds of the rows it made (render, encode, upload)
+    cache_hits: int = 0  # a text stage's rows whose rewrite came from its cache
 
     def rows_inflight(self) -> int:
         return sum(len(s.rows) for s in self.inflight.values())
@@ -354,6 +355,7 @@ class Scheduler:
         if result.ok:
             stage.ok += 1
             stage.seconds += seconds
+            stage.cache_hits += bool(result.metrics.get("rewrite_cache_hit"))
         else:
             stage.failed += 1
         self.progress.stage_advance(stage.spec.name, result.ok)

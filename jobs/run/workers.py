@@ -16,7 +16,9 @@ from jobs.run.balancer import Balancer, StageNeed
 from jobs.stages import Stage, job_stages, stage_media_root
 from jobs.store import layout
 from jobs.store.location import check_probes
-from rendering.contract import EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, WorkerSpec
+from rendering import storage
+from rendering.contract import EncodeSpec, MediaSpec, ModelSpec, OptimizeSpec, TextSpec, WorkerSpec
+from rendering.text.prompts import sha256
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,7 @@ def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
     model, limits = stage.model, cfg.limits
     roots = media_roots(cfg) + ((stage_media_root(cfg.output.uri),) if stage.index else ())
     return WorkerSpec(
-        model=ModelSpec(model.path, model.revision, model.variant, model.dtype, model.pipeline,
-                        model.scheduler, tuple(sorted(model.scheduler_config.items()))),
+        model=_model_spec(model), text=_text_spec(cfg, stage),
         encode=EncodeSpec(crf=cfg.encode.crf, preset=cfg.encode.preset),
         output_uri=cfg.output.uri, artifact_dir=stage.folder, receipts_dir=stage.receipts_folder,
         probes_dir=layout.PROBES_DIR,
@@ -46,6 +47,25 @@ def worker_spec(cfg: JobConfig, stage: Stage | None = None) -> WorkerSpec:
                         max_bytes=limits.max_media_bytes, max_pixels=limits.max_media_pixels,
                         max_video_frames=limits.max_media_frames,
                         decode_timeout_s=limits.media_decode_timeout_s))
+
+
+def _model_spec(model) -> ModelSpec:
+    return ModelSpec(model.path, model.revision, model.variant, model.dtype, model.pipeline,
+                     model.scheduler, tuple(sorted(model.scheduler_config.items())))
+
+
+def _text_spec(cfg: JobConfig, stage: Stage) -> TextSpec | None:
+    """A text stage's settings: its system prompt read here (the driver's file), its cache
+    (under the output unless it names one), and the video model whose prompt limit it fits."""
+    text = stage.text
+    if text is None:
+        return None
+    system = text.system_prompt_text()
+    cache = storage.absolute(text.cache_uri) if text.cache_uri else \
+        storage.join(storage.absolute(cfg.output.uri), layout.REWRITE_CACHE_DIR)
+    return TextSpec(system, sha256(system), text.max_new_tokens, text.temperature, text.top_p,
+                    text.top_k, text.on_bad_rewrite, cache, _model_spec(cfg.stages[-1].model),
+                    text.max_prompt_tokens)
 
 
 def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Balancer | None]:

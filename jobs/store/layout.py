@@ -18,6 +18,8 @@
                              its temp files are its own to clean)
 <output>/_probes/<token>.json   what each worker stored at start for the driver to read back
                              (that they see one output); removed once read
+<output>/cache/rewrites/<sha256>.json   a text stage's rewrites by content (unless it caches
+                             them at a URI of its own): entries, not rows' artifacts
 ```
 """
 
@@ -38,5 +40,6 @@ SHARDS_DIR = "shards"
 REPORT_FILE = "report.html"
 PREVIEWS_DIR = "previews"
 STAGES_DIR = "stages"
+REWRITE_CACHE_DIR = "cache/rewrites"  # a text stage's cache under the output (see rendering.text)
 FOLDERS = (VIDEOS_DIR, PREVIEWS_DIR, STAGES_DIR, MANIFESTS_DIR, RECEIPTS_DIR, SHARDS_DIR)  # every folder reelfarm writes objects into
 

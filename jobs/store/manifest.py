@@ -51,6 +51,15 @@ TASK_COLUMNS = ["id", "prompt", *params.NAMES, *(name for name, _ in INPUT_COLUM
 # What a worker measured of a row (Result.metrics), one column each; null when not measured.
 METRIC_COLUMNS = [
     ("prompt_truncated", pa.bool_()),  # the text encoder read only the prompt's first tokens
+    # A text stage's rewrite: the prompt the later stages rendered (the row's own after a
+    # fallback), the model that wrote it (path@revision), the sha256 of its system prompt, why
+    # it fell back (empty, too_long, not_text; null: the rewrite was used), and whether it came
+    # from the cache. All null without a text stage.
+    ("rewritten_prompt", pa.string()),
+    ("rewrite_model", pa.string()),
+    ("rewrite_system_prompt_sha256", pa.string()),
+    ("rewrite_fallback", pa.string()),
+    ("rewrite_cache_hit", pa.bool_()),
     ("clip_scores", pa.list_(pa.float64())),  # per frame: max(100 * cos(image, text), 0)
     ("clip_score", pa.float64()),  # their mean
     ("clip_score_min", pa.float64()),
@@ -69,6 +78,8 @@ SCHEMA = pa.schema([
     ("id", pa.string()),
     ("row_index", pa.int64()),
     ("occurrence", pa.int32()),
+    ("source_id", pa.string()),  # a text stage's variations: the input row's id (else null)
+    ("variation", pa.int32()),  # and which of its variations this row is, from 0
     ("prompt", pa.string()),
     ("status", pa.string()),
     ("error_code", pa.string()),

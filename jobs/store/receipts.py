@@ -10,9 +10,12 @@ commit, so a row whose keyframe is stored goes straight to the video stage on re
 
 from __future__ import annotations
 
+import json
+
 from jobs.store.layout import RECEIPTS_DIR
 from rendering import storage
 from rendering.contract import Artifact, Result, Task, read_receipt
+from rendering.text.worker import KIND as TEXT_KIND, artifact_metrics
 
 
 class Receipts:
@@ -43,7 +46,14 @@ class Receipts:
         mine = [a for a in kept if a.name == self._artifact]
         if not mine or not storage.stored_intact(self._fs, self._root, mine):
             return None
-        return Result(id=task.id, ok=True, artifacts=mine)
+        metrics = {}
+        if mine[0].kind == TEXT_KIND:  # a rewrite: the next stage's prompt is in it
+            try:
+                record = json.loads(self._fs.cat_file(storage.join(self._root, mine[0].path)))
+                metrics = artifact_metrics(record)
+            except (ValueError, KeyError, TypeError):
+                return None
+        return Result(id=task.id, ok=True, artifacts=mine, metrics=metrics)
 
     def remove(self, keys: list[str]) -> None:
         """Drop the receipts of committed rows (a leftover one is harmless, just untidy)."""

@@ -133,7 +133,19 @@ def _dispatches_attention(denoiser) -> bool:
 
 
 def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
-    """For each prompt, whether the text encoder will read only its first tokens.
+    """For each prompt, whether the text encoder will read only its first tokens."""
+    found = prompt_tokenizer(pipe)
+    if found is None:
+        return [False] * len(prompts)
+    tokenizer, limit = found
+    ids = tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    return [len(i) > limit for i in ids]
+
+
+def prompt_tokenizer(pipe) -> tuple[object, int] | None:
+    """The tokenizer a pipeline reads its prompt with and how many of its tokens it keeps, or
+    None for a pipeline that takes no prompt. ``pipe`` may be anything with the pipeline's
+    ``__call__`` and tokenizers (a text stage reads the video model's limit without its weights).
 
     The pipeline cuts prompts to its ``max_sequence_length`` (Wan, CogVideoX) or else to its
     tokenizer's ``model_max_length`` (CLIP-based models); a longer prompt still renders.
@@ -144,11 +156,10 @@ def prompts_truncated(pipe, prompts: list[str]) -> list[bool]:
     tokenizer = (param is not None and getattr(pipe, "tokenizer_2", None)) \
         or getattr(pipe, "tokenizer", None)
     if tokenizer is None:
-        return [False] * len(prompts)
+        return None
     limit = param.default if param is not None and isinstance(param.default, int) \
         else tokenizer.model_max_length
-    ids = tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    return [len(i) > limit for i in ids]
+    return tokenizer, int(limit)
 
 
 def render_batch(pipe, adapter: type[Adapter], tasks: list[Task], media: list[dict]) -> np.ndarray:

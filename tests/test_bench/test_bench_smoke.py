@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # minutes: whole jobs and processes
 
 @pytest.mark.parametrize("name", ["plan_scale", "driver_throughput", "cpu_side_by_side", "gpu",
                                   "products", "stages", "elastic", "metrics",
-                                  "bookkeeping"])
+                                  "bookkeeping", "text_stage"])
 def test_quick_mode_runs_and_saves_its_results(name):
     # The GPU run's options part is bench.options, whose quick mode has its own test below.
     parts = ["--parts", "plain", "reelfarm"] if name == "gpu" else []

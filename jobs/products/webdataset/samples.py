@@ -2,8 +2,9 @@
 
 - ``{key}.json`` holds every manifest field of the row (carried columns under their own names)
   except the five that describe a run rather than the sample (``RUN_FIELDS``); ``{key}.txt``
-  the prompt; ``{key}.mp4`` the video; any other artifact ``{key}.{name}.{ext}`` (its name and
-  its file's extension: a stage's keyframe is ``{key}.keyframe.png``).
+  the prompt the video was rendered from (a text stage's rewrite, else the row's own);
+  ``{key}.mp4`` the video; any other artifact ``{key}.{name}.{ext}`` (its name and its file's
+  extension: a stage's keyframe is ``{key}.keyframe.png``).
 - An artifact is read from its loose object or, when a ``keep_videos=False`` run already
   dropped that, from the tar's previous copy; either way its size and sha256 must match the
   manifest before it is packed.
@@ -58,7 +59,9 @@ class Sources:
         key = sample_key(rec["id"])
         members = Members()
         members[f"{key}.json"] = _sample_json(rec)
-        members[f"{key}.txt"] = (rec["prompt"] or "").encode("utf-8")
+        # The caption is what the video was rendered from: a text stage's rewrite, if any.
+        caption = rec.get("rewritten_prompt") or rec["prompt"] or ""
+        members[f"{key}.txt"] = caption.encode("utf-8")
         for artifact in artifacts(rec):
             member = f"{key}.{_extension(artifact)}"
             if member in members:

@@ -14,10 +14,14 @@ of every video in a call. For a video of frames ``x_0 .. x_{F-1}`` and prompt ``
 - ``clip_temporal_consistency``: ``mean_{i=1..F-1} cos(I(x_{i-1}), I(x_i))``, raw cosines
   (-1 to 1, neither scaled nor clamped, as EvalCrafter averages them); None for a single frame;
 - ``clip_drift_frames``: the number of frames with ``s_i < drift_threshold`` (on the same 0 to
-  100 scale as ``s_i``).
+  100 scale as ``s_i``);
+- ``clip_embedding``: the video's embedding, ``m / |m|`` with ``m = mean_i I(x_i) / |I(x_i)|``
+  (the normalized mean of the frames' unit image embeddings), float16, of the CLIP model's
+  projection size (768 for ViT-L/14, 32 for ``tiny:clip``): what near-duplicates are found by;
+- ``aesthetic_score``: the aesthetic head's mean over the first, middle and last frames' unit
+  embeddings (see rendering.aesthetic); None without ``aesthetic_model``.
 
-A row with no prompt (``None``) gets only ``clip_temporal_consistency``; its prompt columns are
-None. Text longer than CLIP's context (77 tokens) is cut to it, as CLIP-conditioned pipelines do.
+A row with no prompt (``None``) gets only the ``IMAGE_COLUMNS``; its prompt columns are None. Text longer than CLIP's context (77 tokens) is cut to it, as CLIP-conditioned pipelines do.
 
 Frames are resized, center-cropped and normalised by the model's own image processor, always its
 PIL backend (torchvision's resize differs slightly, and a node with torchvision installed must
@@ -42,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 TINY_CLIP = "tiny:clip"
 COLUMNS = ("clip_scores", "clip_score", "clip_score_min", "clip_worst_frame",
-           "clip_temporal_consistency", "clip_drift_frames")
+           "clip_temporal_consistency", "clip_drift_frames", "clip_embedding", "aesthetic_score")
+IMAGE_COLUMNS = ("clip_temporal_consistency", "clip_embedding", "aesthetic_score")  # no prompt needed
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_IMAGE_SIZE = 32
 _WEIGHT_SEED = 0
@@ -75,6 +80,12 @@ class ClipScorer:
         self.model = model.to(self.device).eval()
         context = self.model.config.text_config.max_position_embeddings  # 77 for CLIP
         self.max_tokens = min(int(self.tokenizer.model_max_length), int(context))
+        self.aesthetic = None
+        if spec.aesthetic_model is not None:
+            from rendering.aesthetic import load_head
+
+            self.aesthetic = load_head(spec.aesthetic_model, spec.aesthetic_revision,
+                                       int(self.model.config.projection_dim)).to(self.device)
         logger.info("loaded CLIP %s on %s as %s", spec.model, self.device, spec.dtype)
 
     def score(self, prompts: list[str | None], videos: list[np.ndarray]) -> list[dict]:
@@ -121,6 +132,12 @@ class ClipScorer:
     def _columns(self, frames: torch.Tensor, text: torch.Tensor | None) -> dict:
         """One video's columns from its frames' (F, D) and its prompt's (D,) unit embeddings."""
         row = dict.fromkeys(COLUMNS)
+        row["clip_embedding"] = [float(x) for x in _unit(frames.mean(0, keepdim=True))[0].half()]
+        if self.aesthetic is not None:
+            from rendering.aesthetic import score_frames
+
+            picked = frames[score_frames(len(frames))].to(self.device)
+            row["aesthetic_score"] = float(self.aesthetic(picked).mean())
         if len(frames) > 1:
             row["clip_temporal_consistency"] = float((frames[:-1] * frames[1:]).sum(-1).mean())
         if text is not None:

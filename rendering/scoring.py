@@ -168,9 +168,11 @@ def _pil_image_processor_class():
     return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
-def build_tiny_clip():
+def build_tiny_clip(initializer_factor: float = 1.0):
     """A seeded random-weight CLIP (model, image processor, tokenizer) built offline, for tests
-    and the demo; small images (32 px) keep it at milliseconds per video on a CPU."""
+    and the demo; small images (32 px) keep it at milliseconds per video on a CPU. At the default
+    initialization every picture embeds nearly alike (cosines over 0.999); a larger
+    ``initializer_factor`` (5) tells pictures apart, as near-duplicate tests need."""
     from transformers import CLIPConfig, CLIPModel
 
     from rendering.pipelines.tiny_components import clip_tokenizer
@@ -181,8 +183,9 @@ def build_tiny_clip():
                          hidden_size=32, intermediate_size=37, num_attention_heads=4,
                          num_hidden_layers=2, max_position_embeddings=77),
         vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2, image_size=TINY_IMAGE_SIZE, patch_size=4),
-        projection_dim=32)
+                           num_hidden_layers=2, image_size=TINY_IMAGE_SIZE, patch_size=4,
+                           initializer_factor=initializer_factor),
+        projection_dim=32, initializer_factor=initializer_factor)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_WEIGHT_SEED)
         model = CLIPModel(config)
@@ -191,13 +194,14 @@ def build_tiny_clip():
     return model.eval(), processor, tokenizer
 
 
-def save_tiny_clip(directory: str) -> None:
-    """Write ``tiny:clip`` as a CLIP model folder (safetensors), loadable as a local folder."""
+def save_tiny_clip(directory: str, initializer_factor: float = 1.0) -> None:
+    """Write ``tiny:clip`` (or its twin of another ``initializer_factor``) as a CLIP model
+    folder (safetensors), loadable as a local folder."""
     from transformers import CLIPProcessor
 
     from rendering.pipelines.weights import quiet_progress_bars
 
-    model, image_processor, tokenizer = build_tiny_clip()
+    model, image_processor, tokenizer = build_tiny_clip(initializer_factor)
     with quiet_progress_bars():
         model.save_pretrained(directory)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)

@@ -18,6 +18,7 @@ import time
 
 import pyarrow as pa
 
+from jobs.products.dedup import BLOCK_ROWS, DEFAULT_THRESHOLD
 from rendering.pipelines.tiny import TINY_KINDS
 from rendering.text.tiny import TINY_LM_KINDS
 
@@ -104,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("report", parents=[common], help="write report.html: summary, plots, gallery, failures")
     cmd.add_argument("output", help="output URI")
     cmd.set_defaults(func=_report)
+
+    cmd = sub.add_parser("dedup", parents=[common],
+                         help="find ok rows whose video embeddings are near-copies of earlier ones")
+    cmd.add_argument("output", help="output URI")
+    cmd.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                     help=f"cosine similarity at or above which a row is a duplicate (default "
+                          f"{DEFAULT_THRESHOLD})")
+    cmd.add_argument("--block-rows", type=int, default=BLOCK_ROWS,
+                     help=f"rows compared at once: memory is about 4 * N^2 bytes (default "
+                          f"{BLOCK_ROWS})")
+    cmd.set_defaults(func=_dedup)
 
     cmd = sub.add_parser("make-tiny-model", parents=[common], help="write a random-weight pipeline, built offline")
     cmd.add_argument("directory")
@@ -392,6 +404,16 @@ def _report(args) -> int:
     from jobs.products.report.page import write_report
 
     print(f"report: {write_report(args.output)}")
+    return EXIT_OK
+
+
+def _dedup(args) -> int:
+    from jobs.products.dedup import DUPLICATES_FILE, dedup
+
+    found = dedup(args.output, args.threshold, args.block_rows)
+    print(f"dedup: {found.duplicates} of {found.rows} ok rows are near-duplicates of earlier rows "
+          f"(similarity >= {args.threshold:g}), in {found.seconds:.1f} s; listed in "
+          f"{DUPLICATES_FILE} and manifest.parquet's duplicate_of column")
     return EXIT_OK
 
 

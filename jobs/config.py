@@ -25,6 +25,7 @@ from jobs.params import MAX_FPS
 from rendering import storage
 from rendering.pipelines import adapter_named, final_stage_problem, tiny
 from rendering.pipelines.schedulers import declared_scheduler_names, unknown_scheduler
+from rendering.quality import ON_FAIL, RULE_COLUMNS
 from rendering.text import prompts as text_prompts
 from rendering.text.tiny import is_tiny_lm
 # ``scheme://user[:password]@`` in a URL: credentials that must never be stored or printed.
@@ -163,8 +164,25 @@ class EncodeConfig(_Section):
     preview_max_side: int = Field(256, ge=16, description="previews are scaled down to this longer side")
 
 
+class RuleConfig(_Section):
+    """One filter over a score column (see rendering.quality)."""
+
+    column: Literal[RULE_COLUMNS] = Field(description="the score column it tests")
+    min: float | None = Field(None, description="the column must be at least this")
+    max: float | None = Field(None, description="the column must be at most this")
+    on_fail: Literal[ON_FAIL] = Field(
+        "keep", description="out of bounds: keep it (marked), fail the row, or render it again with new seeds")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "RuleConfig":
+        if self.min is None and self.max is None:
+            raise ValueError(f"quality rule on {self.column} needs min or max")
+        return self
+
+
 class QualityConfig(_Section):
-    """CLIP scores of every rendered frame against the prompt, and a gate on them."""
+    """CLIP scores of every rendered frame against the prompt, embeddings, aesthetic and motion
+    scores, and a gate of rules on them."""
 
     clip_model: str | None = Field(
         None, description="a CLIP model: hub id, local folder, URL, or tiny:clip (none: no scores)")
@@ -174,6 +192,14 @@ class QualityConfig(_Section):
     on_fail: Literal["keep", "fail", "retry"] = Field(
         "keep", description="below min_score: keep it (marked), fail the row, or render it again with new seeds")
     max_tries: int = Field(3, ge=1, le=20, description="retry: renders per row at most; the best is kept")
+    aesthetic_model: str | None = Field(
+        None, description="an aesthetic MLP head over CLIP image embeddings: hub id, local folder, "
+                          "URL, or tiny:aesthetic (none: no aesthetic_score)")
+    aesthetic_revision: str | None = None
+    static_threshold: float = Field(
+        0.2, ge=0, description="mean optical flow (pixels per frame at 128 px) under which a clip is static")
+    rules: list[RuleConfig] = Field(
+        default_factory=list, description="more filters: {column, min and/or max, on_fail}")
     on_unsafe: Literal["keep", "fail", "retry"] = Field(
         "keep", description="a picture the pipeline's safety checker flags (and blacks out): keep "
                             "it (flagged in safety_flagged), fail the row (unsafe_content), or "
@@ -183,6 +209,11 @@ class QualityConfig(_Section):
     def _gate_needs_scores(self) -> "QualityConfig":
         if self.min_score is not None and self.clip_model is None:
             raise ValueError("quality.min_score needs quality.clip_model to score the videos")
+        if (self.rules or self.aesthetic_model) and self.clip_model is None:
+            raise ValueError("quality.rules and quality.aesthetic_model need quality.clip_model "
+                             "to score the videos")
+        if self.aesthetic_model is None and any(r.column == "aesthetic_score" for r in self.rules):
+            raise ValueError("a quality rule on aesthetic_score needs quality.aesthetic_model")
         return self
 
 
@@ -530,7 +561,9 @@ OUTPUT_SECTIONS = ("model", "render", "optimize", "encode", "quality")
 _NOT_FINGERPRINTED = {"render": {"batch_size"}}
 # Settings added after format 1, left out of the fingerprint at the value that behaves as
 # reelfarm did before them, so outputs made before they existed resume.
-_FINGERPRINTED_UNLESS = {"quality.on_unsafe": "keep"}
+_FINGERPRINTED_UNLESS = {"quality.on_unsafe": "keep", "quality.aesthetic_model": None,
+                         "quality.aesthetic_revision": None, "quality.static_threshold": 0.2,
+                         "quality.rules": []}
 # Settings elsewhere that change what the output holds: the carried columns are manifest
 # columns, and shards with other columns would not read back as one table.
 _ALSO_FINGERPRINTED = (("input", "carry_columns"),)

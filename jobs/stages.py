@@ -22,7 +22,7 @@ from jobs.config import JobConfig, ModelConfig, OptimizeConfig, ResourcesConfig,
 from jobs.store import layout
 from rendering import storage
 from rendering.contract import Artifact, MediaInput, Result, ScoringSpec, Task
-from rendering.quality import GateSpec
+from rendering.quality import GateSpec, Rule
 
 FINAL_ARTIFACT = "video"  # the last stage's artifact: the row's video, under videos/
 # The conditioning input an earlier stage's artifact becomes, by the artifact's kind.
@@ -117,9 +117,16 @@ def _scoring(cfg: JobConfig, model: ModelConfig) -> ScoringSpec | None:
     q = cfg.quality
     if q.clip_model is None:
         return None
-    return ScoringSpec(q.clip_model, q.revision, q.drift_threshold, dtype=model.dtype)
+    return ScoringSpec(q.clip_model, q.revision, q.drift_threshold, dtype=model.dtype,
+                       aesthetic_model=q.aesthetic_model, aesthetic_revision=q.aesthetic_revision,
+                       static_threshold=q.static_threshold)
 
 
 def _gate(cfg: JobConfig) -> GateSpec | None:
+    """quality.min_score (the rule clip_score >= min_score) and quality.rules, in that order."""
     q = cfg.quality
-    return None if q.min_score is None else GateSpec(q.min_score, q.on_fail, q.max_tries)
+    rules = [Rule("clip_score", q.min_score, None, q.on_fail, "quality.min_score")] \
+        if q.min_score is not None else []
+    rules += [Rule(r.column, r.min, r.max, r.on_fail, f"quality.rules[{i}]")
+              for i, r in enumerate(q.rules)]
+    return GateSpec(tuple(rules), q.max_tries) if rules else None

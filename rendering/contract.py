@@ -39,13 +39,17 @@ class MediaSpec:
 
 @dataclass(frozen=True)
 class ScoringSpec:
-    """The CLIP model that scores every rendered video (see rendering.scoring)."""
+    """The models and settings that score every rendered video: CLIP (rendering.scoring), the
+    aesthetic head (rendering.aesthetic) and motion (rendering.motion)."""
 
     model: str  # a hub id, a local folder, an fsspec URL of a folder, or tiny:clip
     revision: str | None = None
     drift_threshold: float = 20.0  # a frame scoring below this (0-100 scale) has drifted
     batch_frames: int = 64  # frames through the image encoder at once
     dtype: str = "float32"
+    aesthetic_model: str | None = None  # an MLP head over the image embedding (rendering.aesthetic)
+    aesthetic_revision: str | None = None
+    static_threshold: float = 0.2  # mean flow (px per frame, rendering.motion) under which a clip is static
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,11 @@
-"""The quality gate: whether a rendered row's CLIP score passes, the seeds of its retries,
-which try is kept, and how summaries name the rows kept below it.
+"""The quality gate: which rules a rendered row's scores miss (CLIP, aesthetic, motion), the
+seeds of its retries, which try is kept, and how summaries name the rows kept below it.
+
+``quality.min_score`` is the rule ``clip_score >= min_score`` with ``quality.on_fail``; every
+entry of ``quality.rules`` is one more. A row is rendered again while it misses a ``retry``
+rule (up to ``max_tries`` renders); the kept try is the one that misses fewest rules (then the
+best by the first rule); a ``fail`` rule it still misses fails the row; ``keep`` rules only mark
+it (``quality_passed`` false, ``quality_failed_rules`` naming them).
 
 A retry renders the row again with a seed derived from the row's seed and the try number, so
 the same config and input keep the same videos. The tries happen inside one attempt at the row:
@@ -15,10 +21,58 @@ from dataclasses import dataclass
 SEED_LIMIT = 2**63  # as the driver's row seeds: torch.Generator takes signed 64-bit values
 
 
+# The columns a rule may test: one number (or flag, as 0 / 1) per row, from rendering.scoring
+# and rendering.motion.
+RULE_COLUMNS = ("clip_score", "clip_score_min", "clip_temporal_consistency", "clip_drift_frames",
+                "aesthetic_score", "motion_score", "motion_static_share", "motion_static")
+ON_FAIL = ("keep", "fail", "retry")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One filter: ``column`` must be at least ``min`` and at most ``max``; a row that misses is
+    kept (marked), failed, or rendered again with derived seeds (``on_fail``)."""
+
+    column: str
+    min: float | None = None
+    max: float | None = None
+    on_fail: str = "keep"  # keep | fail | retry
+    source: str = "quality.rules"  # the setting it came from, named in errors
+
+    def passes(self, metrics: dict) -> bool | None:
+        """Whether the row's value is within bounds; None when it has none (no prompt, one
+        frame, no aesthetic model)."""
+        value = metrics.get(self.column)
+        if value is None:
+            return None
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def quality(self, metrics: dict) -> float:
+        """The row's value oriented so that higher is better (for choosing a try)."""
+        value = metrics.get(self.column)
+        if value is None:
+            return float("-inf")
+        return float(value) if self.min is not None else -float(value)
+
+    @property
+    def text(self) -> str:
+        bounds = [f">= {self.min:g}"] if self.min is not None else []
+        bounds += [f"<= {self.max:g}"] if self.max is not None else []
+        return f"{self.column} {' and '.join(bounds)}"
+
+    def failure(self, metrics: dict) -> tuple[str, str]:
+        """(error code, message) of a row this rule fails."""
+        value = float(metrics[self.column])
+        if self.min is not None and value < self.min:
+            return "below_min_score", f"{self.column} {value:.2f} is under {self.source} = {self.min:g}"
+        return "above_max_score", f"{self.column} {value:.2f} is over {self.source} = {self.max:g}"
+
+
 @dataclass(frozen=True)
 class GateSpec:
-    min_score: float  # on the 0-100 clip_score scale
-    on_fail: str  # keep (mark it) | fail (the row fails as below_min_score) | retry
+    """The rules every scored video is held to, and the renders a retry may take."""
+
+    rules: tuple[Rule, ...]
     max_tries: int  # renders per row at most, the first included
 
 
@@ -32,18 +86,38 @@ def retry_seed(seed: int, try_number: int, reason: str = "try") -> int:
     return int.from_bytes(digest[:8], "big") % SEED_LIMIT
 
 
-def passes(score: float | None, gate: GateSpec) -> bool | None:
-    """Whether a video's clip_score reaches the gate; None when it has no score (no prompt)."""
-    return None if score is None else score >= gate.min_score
+def failing(metrics: dict, gate: GateSpec) -> list[Rule]:
+    """The rules a scored video misses (a rule with no value to test is not missed)."""
+    return [rule for rule in gate.rules if rule.passes(metrics) is False]
 
 
-def kept_try(scores: list[float | None]) -> int:
-    """The index of the try to keep: the highest score, the earliest of equals."""
-    best = 0
-    for i, score in enumerate(scores):
-        if score is not None and (scores[best] is None or score > scores[best]):
-            best = i
-    return best
+def judged(metrics: dict, gate: GateSpec) -> bool:
+    """Whether any rule has a value to test: a video with none (no prompt) is not gated."""
+    return any(rule.passes(metrics) is not None for rule in gate.rules)
+
+
+def wants_retry(metrics: dict, gate: GateSpec) -> bool:
+    return any(rule.on_fail == "retry" for rule in failing(metrics, gate))
+
+
+def kept_try(tries: list[dict | None], gate: GateSpec) -> int:
+    """The index of the try to keep (None: a try that failed): the one missing fewest rules,
+    then the best value of the first rule, the earliest of equals."""
+    def rank(i: int) -> tuple:
+        if tries[i] is None:
+            return (1, -1, 0.0, -i)
+        return (0, -len(failing(tries[i], gate)), gate.rules[0].quality(tries[i]), -i)
+
+    return max(range(len(tries)), key=rank)
+
+
+def verdict(metrics: dict, gate: GateSpec) -> tuple[bool | None, list[str], tuple[str, str] | None]:
+    """What the gate says of the kept try: passed (None: nothing to test), the rules it misses
+    (as text), and the (error code, message) that fails the row, if a ``fail`` rule is missed."""
+    missed = failing(metrics, gate)
+    passed = None if not judged(metrics, gate) else not missed
+    fatal = next((rule for rule in missed if rule.on_fail == "fail"), None)
+    return passed, [rule.text for rule in missed], fatal and fatal.failure(metrics)
 
 
 def kept_below_text(kept_below: dict[int, int], min_score: float | None) -> str:

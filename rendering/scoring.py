@@ -14,10 +14,14 @@ of every video in a call. For a video of frames ``x_0 .. x_{F-1}`` and prompt ``
 - ``clip_temporal_consistency``: ``mean_{i=1..F-1} cos(I(x_{i-1}), I(x_i))``, raw cosines
   (-1 to 1, neither scaled nor clamped, as EvalCrafter averages them); None for a single frame;
 - ``clip_drift_frames``: the number of frames with ``s_i < drift_threshold`` (on the same 0 to
-  100 scale as ``s_i``).
+  100 scale as ``s_i``);
+- ``clip_embedding``: the video's embedding, ``m / |m|`` with ``m = mean_i I(x_i) / |I(x_i)|``
+  (the normalized mean of the frames' unit image embeddings), float16, of the CLIP model's
+  projection size (768 for ViT-L/14, 32 for ``tiny:clip``): what near-duplicates are found by;
+- ``aesthetic_score``: the aesthetic head's mean over the first, middle and last frames' unit
+  embeddings (see rendering.aesthetic); None without ``aesthetic_model``.
 
-A row with no prompt (``None``) gets only ``clip_temporal_consistency``; its prompt columns are
-None. Text longer than CLIP's context (77 tokens) is cut to it, as CLIP-conditioned pipelines do.
+A row with no prompt (``None``) gets only the ``IMAGE_COLUMNS``; its prompt columns are None. Text longer than CLIP's context (77 tokens) is cut to it, as CLIP-conditioned pipelines do.
 
 Frames are resized, center-cropped and normalised by the model's own image processor, always its
 PIL backend (torchvision's resize differs slightly, and a node with torchvision installed must
@@ -40,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 TINY_CLIP = "tiny:clip"
 COLUMNS = ("clip_scores", "clip_score", "clip_score_min", "clip_worst_frame",
-           "clip_temporal_consistency", "clip_drift_frames")
+           "clip_temporal_consistency", "clip_drift_frames", "clip_embedding", "aesthetic_score")
+IMAGE_COLUMNS = ("clip_temporal_consistency", "clip_embedding", "aesthetic_score")  # no prompt needed
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_IMAGE_SIZE = 32
 _WEIGHT_SEED = 0
@@ -73,6 +78,12 @@ class ClipScorer:
         self.model = model.to(self.device).eval()
         context = self.model.config.text_config.max_position_embeddings  # 77 for CLIP
         self.max_tokens = min(int(self.tokenizer.model_max_length), int(context))
+        self.aesthetic = None
+        if spec.aesthetic_model is not None:
+            from rendering.aesthetic import load_head
+
+            self.aesthetic = load_head(spec.aesthetic_model, spec.aesthetic_revision,
+                                       int(self.model.config.projection_dim)).to(self.device)
         logger.info("loaded CLIP %s on %s as %s", spec.model, self.device, spec.dtype)
 
     def score(self, prompts: list[str | None], videos: list[np.ndarray]) -> list[dict]:
@@ -119,6 +130,12 @@ class ClipScorer:
     def _columns(self, frames: torch.Tensor, text: torch.Tensor | None) -> dict:
         """One video's columns from its frames' (F, D) and its prompt's (D,) unit embeddings."""
         row = dict.fromkeys(COLUMNS)
+        row["clip_embedding"] = [float(x) for x in _unit(frames.mean(0, keepdim=True))[0].half()]
+        if self.aesthetic is not None:
+            from rendering.aesthetic import score_frames
+
+            picked = frames[score_frames(len(frames))].to(self.device)
+            row["aesthetic_score"] = float(self.aesthetic(picked).mean())
         if len(frames) > 1:
             row["clip_temporal_consistency"] = float((frames[:-1] * frames[1:]).sum(-1).mean())
         if text is not None:
@@ -149,9 +166,11 @@ def _pil_image_processor_class():
     return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
-def build_tiny_clip():
+def build_tiny_clip(initializer_factor: float = 1.0):
     """A seeded random-weight CLIP (model, image processor, tokenizer) built offline, for tests
-    and the demo; small images (32 px) keep it at milliseconds per video on a CPU."""
+    and the demo; small images (32 px) keep it at milliseconds per video on a CPU. At the default
+    initialization every picture embeds nearly alike (cosines over 0.999); a larger
+    ``initializer_factor`` (5) tells pictures apart, as near-duplicate tests need."""
     from transformers import CLIPConfig, CLIPModel
 
     from rendering.pipelines.tiny_components import clip_tokenizer
@@ -162,8 +181,9 @@ def build_tiny_clip():
                          hidden_size=32, intermediate_size=37, num_attention_heads=4,
                          num_hidden_layers=2, max_position_embeddings=77),
         vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2, image_size=TINY_IMAGE_SIZE, patch_size=4),
-        projection_dim=32)
+                           num_hidden_layers=2, image_size=TINY_IMAGE_SIZE, patch_size=4,
+                           initializer_factor=initializer_factor),
+        projection_dim=32, initializer_factor=initializer_factor)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_WEIGHT_SEED)
         model = CLIPModel(config)
@@ -172,13 +192,14 @@ def build_tiny_clip():
     return model.eval(), processor, tokenizer
 
 
-def save_tiny_clip(directory: str) -> None:
-    """Write ``tiny:clip`` as a CLIP model folder (safetensors), loadable as a local folder."""
+def save_tiny_clip(directory: str, initializer_factor: float = 1.0) -> None:
+    """Write ``tiny:clip`` (or its twin of another ``initializer_factor``) as a CLIP model
+    folder (safetensors), loadable as a local folder."""
     from transformers import CLIPProcessor
 
     from rendering.pipelines.weights import quiet_progress_bars
 
-    model, image_processor, tokenizer = build_tiny_clip()
+    model, image_processor, tokenizer = build_tiny_clip(initializer_factor)
     with quiet_progress_bars():
         model.save_pretrained(directory)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)

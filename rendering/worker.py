@@ -234,15 +234,23 @@ class ShardRenderer:
                               retryable=False, metrics=metrics)
 
     def _scored(self, batch: list[Task], outcomes: list) -> list:
-        """Each rendered row's CLIP scores (of the pixels that will be encoded) in its metrics."""
+        """Each rendered row's scores (of the pixels that will be encoded) in its metrics: CLIP,
+        embedding and aesthetic on the device, then motion on the CPU, outside the lock, so the
+        other shard's batch renders meanwhile."""
+        from rendering.motion import motion_columns
+
         rendered = [i for i, o in enumerate(outcomes) if not isinstance(o, Result)]
         if not rendered:
             return outcomes
+        pixels = [to_uint8(outcomes[i][0]) for i in rendered]
         with self._render_lock:  # the scorer shares the device with the pipeline
-            started = time.monotonic()
-            scores = self._scorer.score([batch[i].prompt for i in rendered],
-                                        [to_uint8(outcomes[i][0]) for i in rendered])
-            score_s = (time.monotonic() - started) / len(rendered)
+            started = time.monotonic()  # not the wait for the other shard's batch
+            scores = self._scorer.score([batch[i].prompt for i in rendered], pixels)
+            score_s = time.monotonic() - started
+        started = time.monotonic()
+        for score, video in zip(scores, pixels):
+            score.update(motion_columns(video, self.spec.scoring.static_threshold))
+        score_s = (score_s + time.monotonic() - started) / len(rendered)
         outcomes = list(outcomes)
         for i, score in zip(rendered, scores):
             frames, render_s, metrics = outcomes[i]
@@ -250,34 +258,32 @@ class ShardRenderer:
         return outcomes
 
     def _judge(self, task: Task, outcome):
-        """Apply the quality gate: keep a low-scoring row (marked), fail it, or render it again
-        with new seeds, up to max_tries, keeping the best try. Every try is recorded."""
+        """Apply the quality gate's rules (rendering.quality): keep a row that misses them
+        (marked), fail it, or render it again with new seeds, up to max_tries, keeping the best
+        try. Every try is recorded."""
         gate = self.spec.gate
-        if gate is None or isinstance(outcome, Result) or outcome[2]["clip_score"] is None:
+        if gate is None or isinstance(outcome, Result) or not quality.judged(outcome[2], gate):
             return outcome
         tries, seeds = [outcome], [task.seed]
 
         def best() -> int:
-            return quality.kept_try(_scores(tries))
+            return quality.kept_try([None if isinstance(t, Result) else t[2] for t in tries], gate)
 
-        while gate.on_fail == "retry" and len(tries) < gate.max_tries \
-                and not quality.passes(tries[best()][2]["clip_score"], gate):
+        while len(tries) < gate.max_tries and quality.wants_retry(tries[best()][2], gate):
             seeds.append(quality.retry_seed(task.seed, len(tries) + 1))
             retry = dataclasses.replace(task, seed=seeds[-1])
             tries.append(self._scored([retry], self._checked([retry]))[0])
         kept = best()
         frames, _, metrics = tries[kept]
-        passed = quality.passes(metrics["clip_score"], gate)
-        metrics = {**metrics, "quality_passed": passed, "quality_kept_try": kept,
+        passed, missed, failure = quality.verdict(metrics, gate)
+        metrics = {**metrics, "quality_passed": passed, "quality_failed_rules": missed,
+                   "quality_kept_try": kept,
                    "quality_tries": [{"seed": s, "clip_score": c}
                                      for s, c in zip(seeds, _scores(tries))]}
         render_s = sum(t[1] for t in tries if not isinstance(t, Result))
         metrics["score_s"] = sum(t[2]["score_s"] for t in tries if not isinstance(t, Result))
-        if not passed and gate.on_fail == "fail":
-            return Result.failure(task.id, "below_min_score",
-                                  f"clip_score {metrics['clip_score']:.2f} is under "
-                                  f"quality.min_score = {gate.min_score:g}", retryable=False,
-                                  metrics=metrics)
+        if failure is not None:
+            return Result.failure(task.id, *failure, retryable=False, metrics=metrics)
         return frames, render_s, metrics
 
     def _inputs(self, task: Task) -> tuple[dict, dict] | Result:

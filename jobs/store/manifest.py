@@ -66,7 +66,15 @@ METRIC_COLUMNS = [
     ("clip_worst_frame", pa.int32()),
     ("clip_temporal_consistency", pa.float64()),  # mean cos of consecutive frames' embeddings
     ("clip_drift_frames", pa.int32()),  # frames under quality.drift_threshold
-    ("quality_passed", pa.bool_()),  # clip_score reached quality.min_score
+    # The normalized mean of the frames' unit CLIP image embeddings (rendering.scoring), float16,
+    # of the CLIP model's projection size: a list, since that size is the model's.
+    ("clip_embedding", pa.list_(pa.float16())),
+    ("aesthetic_score", pa.float64()),  # the aesthetic head on first, middle, last frame (mean)
+    ("motion_score", pa.float64()),  # mean optical flow, pixels per frame at 128 px
+    ("motion_static_share", pa.float64()),  # share of frame pairs under quality.static_threshold
+    ("motion_static", pa.bool_()),  # motion_score is under quality.static_threshold
+    ("quality_passed", pa.bool_()),  # the kept try meets every quality rule (min_score included)
+    ("quality_failed_rules", pa.list_(pa.string())),  # the rules it misses, as "column >= min"
     ("quality_tries", pa.list_(pa.struct([("seed", pa.int64()), ("clip_score", pa.float64())]))),
     ("quality_kept_try", pa.int32()),  # the index in quality_tries of the video kept
     # The pipeline's safety checker flagged (and blacked out) a picture the row kept, in any
@@ -99,6 +107,10 @@ SCHEMA = pa.schema([
     ("render_s", pa.float64()),
     ("committed_at", pa.float64()),
     ("redo_of", pa.float64()),  # the committed_at of the commit this repair replaces
+    # Written into manifest.parquet by `reelfarm dedup` (null in shards): the id of an earlier
+    # ok row whose clip_embedding is this close, and their cosine similarity.
+    ("duplicate_of", pa.string()),
+    ("duplicate_similarity", pa.float64()),
 ])
 
 

@@ -109,3 +109,46 @@ def test_the_gate_can_fail_the_rows_below_it(tmp_path, scored):
             assert (row["status"], row["error_code"]) == ("failed", "below_min_score")
             assert f"is under quality.min_score = {threshold:g}" in row["error"]
             assert row["clip_score"] == before["clip_score"] and row["video_uri"] is None
+
+
+@pytest.fixture(scope="module")
+def rated(tmp_path_factory):
+    """The rows scored with the tiny aesthetic head too, and no gate."""
+    folder = tmp_path_factory.mktemp("rated")
+    return _job(folder, "out", aesthetic_model="tiny:aesthetic")
+
+
+def test_every_ok_row_has_an_embedding_an_aesthetic_and_a_motion_score(rated):
+    for row in rated:
+        assert len(row["clip_embedding"]) == 32  # tiny:clip's projection size
+        assert sum(x * x for x in row["clip_embedding"]) == pytest.approx(1.0, abs=1e-2)
+        assert isinstance(row["aesthetic_score"], float)
+        assert row["motion_score"] >= 0 and 0 <= row["motion_static_share"] <= 1
+        assert row["motion_static"] == (row["motion_score"] < 0.2)
+    assert len({tuple(r["clip_embedding"]) for r in rated}) == len(rated)
+
+
+def test_rules_retry_and_fail_exactly_the_rows_they_name(tmp_path, rated):
+    motion = sorted(r["motion_score"] for r in rated)[-2]  # all but the most moving retry
+    steady = max(rated, key=lambda r: r["motion_score"])  # the one row not retried
+    aesthetic = steady["aesthetic_score"] + 1e-6  # fails it, whatever the others' retries make
+    rules = [{"column": "motion_score", "min": motion, "on_fail": "retry"},
+             {"column": "aesthetic_score", "min": aesthetic, "on_fail": "fail"}]
+    rows = _job(tmp_path, "rules", aesthetic_model="tiny:aesthetic", rules=rules, max_tries=2)
+    for before, row in zip(rated, rows, strict=True):
+        tries = row["quality_tries"]
+        retried = before["motion_score"] < motion
+        assert len(tries) == (2 if retried else 1)
+        if not retried:  # its only try is the plain render, and is judged as such
+            assert row["aesthetic_score"] == before["aesthetic_score"]
+        missed = ([f"motion_score >= {motion:g}"] if row["motion_score"] < motion else []) + \
+            ([f"aesthetic_score >= {aesthetic:g}"] if row["aesthetic_score"] < aesthetic else [])
+        assert row["quality_failed_rules"] == missed
+        assert row["quality_passed"] == (not missed)
+        if row["aesthetic_score"] < aesthetic:
+            assert (row["status"], row["error_code"]) == ("failed", "below_min_score")
+            assert "aesthetic_score" in row["error"] and "quality.rules[1]" in row["error"]
+        else:
+            assert row["status"] == "ok"
+    assert rows[rated.index(steady)]["status"] == "failed"
+    assert any(len(r["quality_tries"]) == 2 for r in rows)

@@ -12,7 +12,7 @@ import torch
 from rendering import model_cache
 from rendering.contract import ScoringSpec
 from rendering.model_cache import ModelCacheError
-from rendering.scoring import (COLUMNS, TINY_CLIP, ClipScorer, build_tiny_clip,
+from rendering.scoring import (COLUMNS, IMAGE_COLUMNS, TINY_CLIP, ClipScorer, build_tiny_clip,
                                save_tiny_clip)
 
 # With the tiny model's weights these three score well above 0 on noise frames (a prompt such
@@ -129,7 +129,8 @@ def test_long_prompts_are_cut_to_clips_context_and_rows_without_a_prompt_get_con
     assert len(cut["clip_scores"]) == len(video)
     assert none["clip_temporal_consistency"] == pytest.approx(cut["clip_temporal_consistency"],
                                                               abs=1e-6)
-    assert all(none[key] is None for key in COLUMNS if key != "clip_temporal_consistency")
+    assert none["clip_embedding"] == cut["clip_embedding"]
+    assert all(none[key] is None for key in COLUMNS if key not in IMAGE_COLUMNS)
 
 
 def test_a_saved_model_scores_the_same_from_a_folder_a_url_and_the_hub_cache(

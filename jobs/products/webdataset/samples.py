@@ -1,10 +1,12 @@
 """A committed row as a WebDataset sample: its members, checked against the manifest.
 
 - ``{key}.json`` holds every manifest field of the row (carried columns under their own names)
-  except the five that describe a run rather than the sample (``RUN_FIELDS``); ``{key}.txt``
-  the prompt the video was rendered from (a text stage's rewrite, else the row's own);
-  ``{key}.mp4`` the video; any other artifact ``{key}.{name}.{ext}`` (its name and its file's
-  extension: a stage's keyframe is ``{key}.keyframe.png``).
+  except the five that describe a run rather than the sample (``RUN_FIELDS``) and the embedding;
+  ``{key}.txt`` the prompt the video was rendered from (a text stage's rewrite, else the row's
+  own); ``{key}.mp4`` the video; ``{key}.clip.npy`` the video's CLIP embedding
+  (``clip_embedding``: a float16 vector, ``numpy.save`` format) when it was scored; any other
+  artifact ``{key}.{name}.{ext}`` (its name and its file's extension: a stage's keyframe is
+  ``{key}.keyframe.png``).
 - An artifact is read from its loose object or, when a ``keep_videos=False`` run already
   dropped that, from the tar's previous copy; either way its size and sha256 must match the
   manifest before it is packed.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import json
 import os
 import posixpath
@@ -21,6 +24,7 @@ import re
 import tarfile
 import threading
 
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs.products.webdataset.tars import COPY_CHUNK, VIDEO, PackError, artifacts, sample_key
@@ -29,7 +33,8 @@ from rendering import storage
 # Fields that describe a run, not the sample: two renders of the same row differ in them, so
 # they stay out of the sample's JSON (the manifests keep them).
 RUN_FIELDS = frozenset({"attempts", "render_s", "committed_at", "redo_of", "stages"})
-RESERVED_EXTENSIONS = frozenset({"json", "txt"})
+EMBEDDING = "clip_embedding"  # the manifest column packed as {key}.clip.npy, not in the JSON
+RESERVED_EXTENSIONS = frozenset({"json", "txt", "clip.npy"})
 _EXT_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -62,6 +67,8 @@ class Sources:
         # The caption is what the video was rendered from: a text stage's rewrite, if any.
         caption = rec.get("rewritten_prompt") or rec["prompt"] or ""
         members[f"{key}.txt"] = caption.encode("utf-8")
+        if rec.get(EMBEDDING) is not None:
+            members[f"{key}.clip.npy"] = embedding_npy(rec[EMBEDDING])
         for artifact in artifacts(rec):
             member = f"{key}.{_extension(artifact)}"
             if member in members:
@@ -116,8 +123,16 @@ class Sources:
             return local
 
 
+def embedding_npy(values: list[float]) -> bytes:
+    """A row's embedding as a ``.npy`` file's bytes (float16, shape (D,)): what ``np.load`` and
+    webdataset's default decoder read."""
+    out = io.BytesIO()
+    np.save(out, np.asarray(values, dtype=np.float16), allow_pickle=False)
+    return out.getvalue()
+
+
 def _sample_json(rec: dict) -> bytes:
-    fields = {k: v for k, v in rec.items() if k not in RUN_FIELDS}
+    fields = {k: v for k, v in rec.items() if k not in RUN_FIELDS and k != EMBEDDING}
     text = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=_json_value)
     return text.encode("utf-8")
 

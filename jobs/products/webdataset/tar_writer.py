@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from jobs.products.webdataset.samples import Sources
+from jobs.products.webdataset.samples import EMBEDDING, Sources
 from jobs.products.webdataset.tar_index import read_marker
 from jobs.products.webdataset.tars import (FORMAT, INDEX_SCHEMA, INDEX_SUFFIX, MARKER_SUFFIX,
                                            TAR_SUFFIX, VIDEO, PackError, PackSpec, artifacts,
@@ -100,6 +100,7 @@ def pack_tar(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
                 index["offset"].append(offset)
                 index["bytes"].append(video["bytes"] if video_member else None)
                 index["sha256"].append(video["sha256"] if video_member else None)
+                index["embeddings"].append(rec.get(EMBEDDING) if video_member else None)
         size, digest = os.path.getsize(local_tar), storage.sha256_file(local_tar)
         # Step 4: publish the tar whole (never partial), then its index.
         storage.with_retries(f"upload of {tar_path}", storage.upload_file, local_tar, fs,

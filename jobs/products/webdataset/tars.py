@@ -5,7 +5,7 @@ rows are packed into tars from the manifests, never from in-flight state, so rer
 and repairs all agree on what a tar holds:
 
 ```
-<output>/shards/00000.tar      samples: {key}.json, {key}.mp4, {key}.txt (+ other artifacts)
+<output>/shards/00000.tar      samples: {key}.json, {key}.mp4, {key}.txt (+ {key}.clip.npy, artifacts)
 <output>/shards/00000.parquet  its index: every row of its range (ok and failed), sample offsets
 <output>/shards/00000.done     its marker, written last: samples, bytes, sha256 of the tar
 ```
@@ -49,6 +49,9 @@ INDEX_SCHEMA = pa.schema([
     ("offset", pa.int64()),  # where the video's bytes start in the tar (for range reads)
     ("bytes", pa.int64()),  # the video's size
     ("sha256", pa.string()),  # the video's sha256
+    # The row's clip_embedding (float16, the CLIP model's projection size; null: not scored),
+    # so training code can select or dedup samples without opening the tar.
+    ("embeddings", pa.list_(pa.float16())),
 ])
 
 

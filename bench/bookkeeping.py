@@ -40,9 +40,11 @@ COMMANDS = ("render", "status", "verify", "report")
 SYNTHETIC_COMMANDS = ("render", "plan", "status", "verify", "report")
 
 
-def synthetic(rows: int, root: str, videos: bool, folded: bool) -> tuple[str, dict]:
+def synthetic(rows: int, root: str, videos: bool, folded: bool,
+              reuse: bool = False) -> tuple[str, dict]:
     """A synthetic finished output of ``rows`` rows (``folded`` into segments, or one manifest
-    per shard as before segments); each command's argv on it."""
+    per shard as before segments; ``reuse``: the one an earlier run left); each command's argv
+    on it."""
     import shutil
     import time
 
@@ -52,11 +54,12 @@ def synthetic(rows: int, root: str, videos: bool, folded: bool) -> tuple[str, di
 
     name = f"synthetic-{rows}-{'folded' if folded else 'shards'}"
     out = os.path.join(root, name)
-    shutil.rmtree(out, ignore_errors=True)
     prompts, grown = (os.path.join(root, f"{name}-{kind}.parquet") for kind in ("input", "grown"))
-    started = time.monotonic()
-    write_output(prompts, out, rows, videos=videos, folded=folded)
-    print(f"wrote {name} in {time.monotonic() - started:.0f} s", flush=True)
+    if not (reuse and os.path.exists(os.path.join(out, "_SUCCESS"))):
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.monotonic()
+        write_output(prompts, out, rows, videos=videos, folded=folded)
+        print(f"wrote {name} in {time.monotonic() - started:.0f} s", flush=True)
     write_prompts(fsspec.filesystem("file"), grown, rows * 10 // 9)
     configs = {}
     for kind, source in (("done", prompts), ("grown", grown)):
@@ -141,18 +144,25 @@ def commit_output(rows: int, root: str) -> tuple[str, dict[str, list[str]]]:
                  "verify": ["verify", out, "--no-hash"], "report": ["report", out]}
 
 
+# The command's own peak RSS, printed at its exit: VmHWM starts anew at exec, where a child's
+# ru_maxrss keeps the high-water mark of the (large) bench process it was forked from.
+_PEAK = ("import atexit; atexit.register(lambda: print('peak_rss_kb', open('/proc/self/status')"
+         ".read().split('VmHWM:')[1].split()[0]))")
+
+
 def time_commands(tree: str, argvs: dict[str, list[str]], memory: dict | None = None) -> dict:
     """Each command's wall time, run from the checkout ``tree`` (and its peak RSS, MB)."""
     times = {}
     for name in argvs:
-        run = run_process([python(), "-c", f"import sys; sys.path.insert(0, {tree!r}); "
+        run = run_process([python(), "-c", f"import sys; sys.path.insert(0, {tree!r}); {_PEAK}; "
                                            f"from jobs.cli import main; sys.exit(main())",
                            *argvs[name]], timeout_s=3600)
         if run.returncode not in (0, 3):
             raise SystemExit(f"{name} from {tree} failed ({run.returncode}):\n{run.output[-2000:]}")
         times[name] = round(run.wall_s, 2)
-        if memory is not None:
-            memory[name] = max(memory.get(name, 0), round(run.peak_rss_mb))
+        if memory is not None and "peak_rss_kb " in run.output:
+            peak_mb = int(run.output.rsplit("peak_rss_kb ", 1)[1].split()[0]) / 1024
+            memory[name] = max(memory.get(name, 0), round(peak_mb))
         print(f"{tree}: {name} {times[name]} s", flush=True)
     return times
 
@@ -189,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", action="store_true", help="--synthetic: with video objects")
     parser.add_argument("--shards-too", action="store_true",
                         help="--synthetic: also an output left in shards, timed side by side")
+    parser.add_argument("--reuse", action="store_true",
+                        help="--synthetic: time the outputs an earlier run wrote, if complete")
     parser.add_argument("--s3", type=int, metavar="ROWS", help="count S3 requests instead")
     parser.add_argument("--status-runs", type=int, default=0,
                         help="then run status this many times, counting its exit codes")
@@ -201,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     root = os.path.join(OUT, "bookkeeping")
     os.makedirs(root, exist_ok=True)
     if args.synthetic:
-        outputs = {"folded": synthetic(rows, root, args.videos, folded=True)}
+        outputs = {"folded": synthetic(rows, root, args.videos, True, args.reuse)}
         if args.shards_too:
-            outputs["shards"] = synthetic(rows, root, args.videos, folded=False)
+            outputs["shards"] = synthetic(rows, root, args.videos, False, args.reuse)
     else:
         outputs = {"run": commit_output(rows, root)}
     runs: dict[str, list[dict]] = {name: [] for name in outputs}

@@ -18,7 +18,12 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     """The table at ``path`` on ``fs`` (only ``columns``, if given), read whole into memory
     first: given a Python file object, Arrow reads it from its I/O threads (``pre_buffer``),
     even with ``use_threads=False``, and that is what aborted ``reelfarm status`` at exit."""
-    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns, use_threads=False)
+    return decode_parquet(fs.cat_file(path), columns)
+
+
+def decode_parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet object already in memory, decoded on the caller's thread."""
+    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.store import layout
-from jobs.store.parquet_files import parquet_bytes, read_parquet
+from jobs.store.parquet_files import decode_parquet, parquet_bytes, read_parquet
 from jobs.store.tally import Tally
 from rendering import storage
 
@@ -172,23 +172,18 @@ def _union(schema: pa.Schema, other: pa.Schema) -> pa.Schema:
 
 def shard_sources(fs, paths: list[str],
                   schema: pa.Schema | None = None) -> tuple[list[Source], pa.Schema | None]:
-    """What each shard's footer says (one footer read per shard, on threads, no data read);
-    given a ``schema``, its union with every shard's."""
-    def footer(path: str) -> tuple[Source, pa.Schema]:
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
+    """What each shard's footer says; given a ``schema``, its union with every shard's. A shard
+    manifest is small: it is fetched whole and its footer decoded from memory."""
+    sources = []
+    for path, data in zip(paths, fetch_in_order(fs, paths)):
+        meta = pq.read_metadata(pa.BufferReader(data))
         first_row = min((s.min for s, _ in column_stats(meta, "row_index")
                          if s is not None and s.has_min_max), default=0)
         repairs = any(s is None or not s.has_null_count or s.null_count < rows
                       for s, rows in column_stats(meta, "redo_of"))
         own = meta.schema.to_arrow_schema()
-        return Source(path, first_row, repairs, frozenset(own.names)), own
-
-    sources = []
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        for source, own in pool.map(footer, paths):
-            sources.append(source)
-            schema = None if schema is None else _union(schema, own)
+        sources.append(Source(path, first_row, repairs, frozenset(own.names)))
+        schema = None if schema is None else _union(schema, own)
     return sources, schema
 
 
@@ -203,12 +198,20 @@ def column_stats(meta: pq.FileMetaData, column: str) -> list[tuple]:
 
 
 def read_in_order(fs, reads: list[tuple[str, list[str] | None]]):
-    """The tables of ``reads`` (a path and its columns, None: all), read ``READ_THREADS`` at a
-    time, yielded in order (at most twice as many read ahead as threads)."""
+    """The tables of ``reads`` (a path and its columns, None: all), yielded in order."""
+    for data, (_, columns) in zip(fetch_in_order(fs, [path for path, _ in reads]), reads):
+        yield decode_parquet(data, columns)
+
+
+def fetch_in_order(fs, paths: list[str]):
+    """The bytes of each object at ``paths``, in order, fetched ``READ_THREADS`` at a time
+    (at most twice as many ahead): small objects are bound by latency. They are decoded by the
+    caller: Arrow decoding footers on pool threads held 1.8 GB for 15,625 shard manifests
+    (120 MB on the caller's thread)."""
     with ThreadPoolExecutor(READ_THREADS) as pool:
         ahead = []
-        for path, columns in reads:
-            ahead.append(pool.submit(read_parquet, fs, path, columns))
+        for path in paths:
+            ahead.append(pool.submit(fs.cat_file, path))
             if len(ahead) >= 2 * READ_THREADS:
                 yield ahead.pop(0).result()
         for future in ahead:

@@ -5,6 +5,7 @@ be stopped or killed part way)."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import signal
@@ -361,3 +362,13 @@ def committed_output(uri: str, rows: int, shard_size: int = 100) -> list[dict]:
     for start in range(0, rows, shard_size):
         manifest.write_shard(uri, records[start:start + shard_size])
     return records
+
+
+def run_quick_bench(name: str, *args: str) -> dict:
+    """``python -m bench.<name> --quick``, which must succeed; the results it saved."""
+    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "saved " in result.stdout
+    with open(result.stdout.rsplit("saved ", 1)[1].split()[0]) as f:
+        return json.load(f)

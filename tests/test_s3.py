@@ -203,8 +203,9 @@ def test_manifest_parquet_is_read_alone_only_once_it_is_newer_than_every_shard(s
 def test_a_folded_output_is_read_in_a_few_requests_and_its_absorbed_shards_once(s3_bucket,
                                                                              monkeypatch):
     """On S3 each shard manifest is a request: folded, "what is done" is a listing, the
-    checkpoint and its segments. Absorbed shards not yet deleted are known by their listing
-    (size, LastModified) and skipped; once deleted, reads are the same."""
+    checkpoint and its segments. A fold cut before its checkpoint is not seen; absorbed shards
+    not yet deleted are known by their listing (size, LastModified) and skipped; once deleted,
+    reads are the same."""
     from collections import Counter
 
     from helpers import committed_output
@@ -225,6 +226,19 @@ def test_a_folded_output_is_read_in_a_few_requests_and_its_absorbed_shards_once(
 
     before, shard_requests = reads()
     assert before[:2] == (400, 400) and len(before[2]) == 400
+    # A fold that dies between its segment and its checkpoint changes nothing readers see.
+    write = storage.write_bytes
+
+    def crash_at_checkpoint(fs, path, data):
+        if "_checkpoint-" in path:  # an error not retried: the process dies here
+            raise PermissionError("killed")
+        write(fs, path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", crash_at_checkpoint)
+    with pytest.raises(PermissionError):
+        segments.Folder(out, 50).fold_listed()
+    monkeypatch.setattr(storage, "write_bytes", write)
+    assert reads()[0] == before
     segments.Folder(out, 50).fold_listed()
     during, folded_requests = reads()
     monkeypatch.setattr(segments, "RETENTION_S", 0.0)

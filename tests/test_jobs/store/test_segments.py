@@ -80,12 +80,12 @@ def test_a_crash_between_the_segment_and_the_checkpoint_loses_and_duplicates_not
     write = storage.write_bytes
 
     def crash_at_checkpoint(fs, path, data):
-        if "_checkpoint-" in path:
-            raise OSError("killed")
+        if "_checkpoint-" in path:  # an error not retried: the process dies here
+            raise PermissionError("killed")
         write(fs, path, data)
 
     monkeypatch.setattr(storage, "write_bytes", crash_at_checkpoint)
-    with pytest.raises(OSError):
+    with pytest.raises(PermissionError):
         segments.Folder(output, PER_SEGMENT).fold_listed()
     assert "segment-00000001.parquet" in _names(output)  # named by no checkpoint: not read
     assert _state(output) == before

@@ -372,3 +372,19 @@ def run_quick_bench(name: str, *args: str) -> dict:
     assert "saved " in result.stdout
     with open(result.stdout.rsplit("saved ", 1)[1].split()[0]) as f:
         return json.load(f)
+
+
+def crash_at_checkpoint(monkeypatch) -> Callable[[], None]:
+    """Make a fold of shard manifests die after its segment, as it writes its checkpoint (an
+    error storage does not retry); returns what undoes it."""
+    from rendering import storage
+
+    write = storage.write_bytes
+
+    def crashing(fs, path, data):
+        if "_checkpoint-" in path:
+            raise PermissionError("killed")
+        write(fs, path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", crashing)
+    return lambda: monkeypatch.setattr(storage, "write_bytes", write)

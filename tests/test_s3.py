@@ -208,7 +208,7 @@ def test_a_folded_output_is_read_in_a_few_requests_and_its_absorbed_shards_once(
     reads are the same."""
     from collections import Counter
 
-    from helpers import committed_output
+    from helpers import committed_output, crash_at_checkpoint
 
     from jobs.store import manifest, segments
 
@@ -227,17 +227,10 @@ def test_a_folded_output_is_read_in_a_few_requests_and_its_absorbed_shards_once(
     before, shard_requests = reads()
     assert before[:2] == (400, 400) and len(before[2]) == 400
     # A fold that dies between its segment and its checkpoint changes nothing readers see.
-    write = storage.write_bytes
-
-    def crash_at_checkpoint(fs, path, data):
-        if "_checkpoint-" in path:  # an error not retried: the process dies here
-            raise PermissionError("killed")
-        write(fs, path, data)
-
-    monkeypatch.setattr(storage, "write_bytes", crash_at_checkpoint)
+    undo = crash_at_checkpoint(monkeypatch)
     with pytest.raises(PermissionError):
         segments.Folder(out, 50).fold_listed()
-    monkeypatch.setattr(storage, "write_bytes", write)
+    undo()
     assert reads()[0] == before
     segments.Folder(out, 50).fold_listed()
     during, folded_requests = reads()

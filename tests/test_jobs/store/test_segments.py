@@ -6,10 +6,9 @@ import os
 
 import pytest
 
-from helpers import committed_output
+from helpers import committed_output, crash_at_checkpoint
 from jobs.store import manifest, segments
 from jobs.verify import verify
-from rendering import storage
 
 ROWS, SHARD, PER_SEGMENT = 20, 2, 4
 
@@ -77,19 +76,12 @@ def test_shards_committed_during_a_run_fold_from_memory_in_input_order(tmp_path)
 def test_a_crash_between_the_segment_and_the_checkpoint_loses_and_duplicates_nothing(
         output, monkeypatch):
     before = _state(output)
-    write = storage.write_bytes
-
-    def crash_at_checkpoint(fs, path, data):
-        if "_checkpoint-" in path:  # an error not retried: the process dies here
-            raise PermissionError("killed")
-        write(fs, path, data)
-
-    monkeypatch.setattr(storage, "write_bytes", crash_at_checkpoint)
+    undo = crash_at_checkpoint(monkeypatch)
     with pytest.raises(PermissionError):
         segments.Folder(output, PER_SEGMENT).fold_listed()
     assert "segment-00000001.parquet" in _names(output)  # named by no checkpoint: not read
     assert _state(output) == before
-    monkeypatch.setattr(storage, "write_bytes", write)
+    undo()
     segments.Folder(output, PER_SEGMENT).fold_listed()  # writes generation 1 again
     assert _state(output) == before
 

@@ -317,7 +317,7 @@ def _strays(args, strays: list[str]) -> int:
 
 def _status(args) -> int:
     from jobs.run.timeline import steps
-    from jobs.status import failed_rows, status
+    from jobs.status import CAPACITY_EVENTS, failed_rows, print_running, status
 
     report = status(args.output)
     if args.failed:
@@ -331,7 +331,7 @@ def _status(args) -> int:
     print(f"{args.output}: {report['rows']} of {expected if expected is not None else '?'} rows "
           f"committed{' (complete)' if report['complete'] else ''}")
     if report["running"]:
-        _print_running(report["running"])
+        print_running(report["running"])
     for name, count in sorted(report["by_status"].items()):
         if name == "ok":
             count = _ok(count, report["kept_below"], report["min_score"])
@@ -359,45 +359,12 @@ def _status(args) -> int:
                                              f"{left_out})" if rate is not None else ""))
         capacity = run.get("capacity") or {}
         if capacity:
-            print("workers: " + ", ".join(f"{count} {_CAPACITY_EVENTS[name]}"
+            print("workers: " + ", ".join(f"{count} {CAPACITY_EVENTS[name]}"
                                           for name, count in sorted(capacity.items())))
         over_time = run.get("workers_over_time") or []
         for stage in sorted({name for point in over_time for name in point["workers"]}):
             print(f"workers over time ({stage}): {steps(over_time, stage)}")
     return EXIT_OK
-
-
-def _print_running(lease: dict) -> None:
-    """What the run holding the output said of itself with its last lease renewal."""
-    from jobs.run.metrics import WORKER_STATES
-    from jobs.run.progress import duration
-
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease["started_at"]))
-    print(f"running since {since} on {lease.get('host')} (pid {lease.get('pid')}), "
-          f"figures of {max(0, round(time.time() - lease['renewed_at']))} s ago")
-    live = lease.get("live")
-    if not live:
-        print("  workers starting")
-        return
-    eta = live.get("eta_s")
-    print(f"  {live['committed']} of {live['to_do']} rows committed by this run, "
-          f"{live['failed']} failed" + (f", ETA {duration(eta)}" if eta is not None else ""))
-    for stage in live["stages"]:
-        rate = stage.get("rows_per_s")
-        workers = ", ".join(f"{stage['states'][state]} {state}" for state in WORKER_STATES
-                            if stage["states"].get(state))
-        print(f"  {stage['name']}: " + (f"{rate:.2f} rows/s, " if rate is not None else "")
-              + f"workers {workers or 'none'}; {stage['inflight']} rows in flight, "
-              f"{stage['waiting']} waiting")
-
-
-# How ``status`` says what the pools did as the cluster changed (job.json's capacity figures).
-_CAPACITY_EVENTS = {"joined": "placed as capacity appeared",
-                    "lost_with_node": "lost with their node (not counted against rows)",
-                    "drained": "handed back their shards before a drain's deadline",
-                    "retired_idle": "retired idle at the tail",
-                    "backups": "took a backup copy of a late shard at the tail",
-                    "backups_first": "of those finished first (the other copy stopped)"}
 
 
 def _report(args) -> int:

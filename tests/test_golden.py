@@ -12,7 +12,7 @@ import os
 import shutil
 
 import pytest
-from golden.make_golden import HERE, job_config, write_prompts
+from golden.make_golden import HERE, job_config, render_rows, restore_videos, write_prompts
 from helpers import by_id, read_manifest
 
 from jobs.status import status
@@ -24,11 +24,26 @@ from jobs.store.job_file import FORMAT_VERSION, OutputError
 from jobs.products.report.page import write_report
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """Each golden's rows rendered by today's code, once: where their videos come from."""
+    made = {}
+
+    def of(name: str) -> str:
+        if name not in made:
+            made[name] = str(tmp_path_factory.mktemp("golden-rows") / name)
+            render_rows(name, made[name])
+        return made[name]
+    return of
+
+
 @pytest.fixture(params=["single", "stages"])
-def golden(request, tmp_path):
-    """A copy of one golden output (the tests change it), and the config that made it."""
+def golden(request, tmp_path, rendered):
+    """A copy of one golden output (the tests change it), its videos put back, and the config
+    that made it."""
     folder = str(tmp_path / request.param)
     shutil.copytree(os.path.join(HERE, request.param), folder)
+    restore_videos(request.param, rendered(request.param), folder)
     return folder, validate(job_config(request.param, folder))
 
 

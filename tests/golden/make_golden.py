@@ -1,9 +1,12 @@
 """Write the golden outputs that tests/test_golden.py reads: a few tiny rows of a single-stage
 job (with WebDataset tars) and of a two-stage job, as this version of reelfarm writes them.
 
-The folders are committed. They are made again only on purpose, by a format change that
-migrates explicitly; the test then proves that outputs written before it still resume, verify,
-report and repair. Run from the repository root:
+The folders are committed, all but their videos (no media in the repository): the test puts
+back the videos today's code renders for the same rows (``restore_videos``), and ``verify``
+then checks them against the sha256s the old manifests recorded, byte for byte. The folders are
+made again only on purpose, by a format change that migrates explicitly; the test then proves
+that outputs written before it still resume, verify, report and repair. Run from the
+repository root:
 
     python -m tests.golden.make_golden
 """
@@ -51,15 +54,26 @@ def write_prompts(folder: str, count: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, "prompts.parquet"))
 
 
-def make(name: str, target: str) -> None:
+def render_rows(name: str, folder: str) -> None:
+    """Render the golden's rows (3: the test's input grows to 4, a resume renders the last)."""
     from jobs.config import validate
     from jobs.driver import render
 
+    os.makedirs(folder)
+    write_prompts(folder, 3)
+    render(validate(job_config(name, folder)), progress=False)
+
+
+def restore_videos(name: str, rendered: str, folder: str) -> None:
+    """Put into the golden copy ``folder`` the videos of ``render_rows(name, rendered)``."""
+    shutil.copytree(os.path.join(rendered, "videos"), os.path.join(folder, "videos"))
+
+
+def make(name: str, target: str) -> None:
     with tempfile.TemporaryDirectory(prefix="reelfarm-golden-") as tmp:
         folder = os.path.join(tmp, name)
-        os.makedirs(folder)
-        write_prompts(folder, 3)  # the test's input grows to 4: a resume renders the last
-        render(validate(job_config(name, folder)), progress=False)
+        render_rows(name, folder)
+        shutil.rmtree(os.path.join(folder, "videos"))  # not committed: see restore_videos
         os.remove(os.path.join(folder, "report.html"))  # the test writes it with today's code
         shutil.rmtree(os.path.join(folder, "_lease"), ignore_errors=True)
         _unplace(os.path.join(folder, "job.json"), folder)

@@ -304,6 +304,7 @@ class Scheduler:
         retry: list[PlannedRow] = []
         onward: list[PlannedRow] = []
         final = stage is self.stages[-1]
+        made = 0  # rows of this shard the run finished ok
         for i, row in enumerate(shard.rows):
             row.attempts += 1
             result = results[i] if results is not None else Result.failure(
@@ -317,10 +318,10 @@ class Scheduler:
                 onward.append(row)
             else:
                 records.append(record(row))
-                self.rendered += result.ok
+                made += result.ok
         if onward:
             self.stages[self.stages.index(stage) + 1].waiting.append(Shard(onward))
-        self._commit(records)
+        self._commit(records, rendered=made)
         if retry:
             # After a lost worker, retry rows one per shard: a row that kills its worker every
             # time then takes only itself down.
@@ -360,12 +361,15 @@ class Scheduler:
             stage.failed += 1
         self.progress.stage_advance(stage.spec.name, result.ok)
 
-    def _commit(self, records: list[dict]) -> None:
-        """Write the shard's manifest (the commit), then drop the receipts it makes redundant."""
+    def _commit(self, records: list[dict], rendered: int = 0) -> None:
+        """Write the shard's manifest (the commit), then drop the receipts it makes redundant.
+        ``rendered`` of its rows were made by this run: counted once the commit has landed, so
+        a run stopped mid-commit reports only what it committed."""
         if not records:
             return
         path, table = storage.with_retries("commit of a shard manifest", manifest.write_shard,
                                            self.output_uri, records)
+        self.rendered += rendered
         for stage in self.stages:  # each stage's receipts of the rows it made
             stage.receipts.remove([r["key"] for r in records for s in r["stages"]
                                    if s["name"] == stage.spec.name and s["status"] == "ok"])

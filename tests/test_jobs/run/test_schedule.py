@@ -108,7 +108,8 @@ def _rows(ids: list[str]) -> list[PlannedRow]:
 
 
 def _run(tmp_path, scripts: dict[str, list[str]], shard_size: int = 2, max_attempts: int = 3,
-         shards: list[Shard] | None = None, capacity: int = 2):
+         shards: list[Shard] | None = None, capacity: int = 2, into: dict | None = None):
+    """Schedule the scripted rows; ``into["it"]`` holds the scheduler even if the run raises."""
     pool = ScriptedPool(scripts, capacity)
     started = []
     output = str(tmp_path / "out")
@@ -116,6 +117,8 @@ def _run(tmp_path, scripts: dict[str, list[str]], shard_size: int = 2, max_attem
                           output,
                           Progress(len(scripts), enabled=False), max_attempts=max_attempts,
                           shard_size=shard_size, shards_per_worker=2)
+    if into is not None:
+        into["it"] = scheduler
     rows = _rows(list(scripts))
     if shards is None:
         shards = [Shard(rows[i:i + shard_size]) for i in range(0, len(rows), shard_size)]
@@ -130,6 +133,26 @@ def test_every_row_is_committed_once_and_the_pool_refusing_work_only_delays_it(t
     assert n == 7 and set(by_id) == set(scripts) and starts == 1
     assert all(r["status"] == "ok" and r["attempts"] == 1 for r in by_id.values())
     assert scheduler.rendered == 7 and pool.refused > 0
+
+
+def test_a_stop_inside_a_commit_counts_only_the_rows_committed_as_rendered(tmp_path, monkeypatch):
+    """A SIGTERM is a KeyboardInterrupt raised wherever the driver is: one raised while a
+    shard's manifest is written leaves that shard uncommitted and uncounted."""
+    write_shard = manifest.write_shard
+    calls = []
+
+    def stopped_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(manifest, "write_shard", stopped_on_the_third)
+    scheduler = {}
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, {f"r{i}": ["ok"] for i in range(8)}, capacity=1, into=scheduler)
+    committed = sum(t.num_rows for t in manifest.iter_shards(str(tmp_path / "out")))
+    assert committed == 4 and scheduler["it"].rendered == 4
 
 
 def test_a_retryable_failure_is_retried_and_a_final_one_is_committed_at_once(tmp_path):

@@ -338,6 +338,9 @@ class TextStageConfig(_Section):
         None, ge=1, description="the rewrite's limit in the video model's prompt tokens (none: "
                                 "the limit its pipeline reads)")
     cache_uri: str | None = Field(None, description="where rewrites are cached (none: cache/rewrites under the output)")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="what generates: vllm (the reelfarm[vllm] extra) on the "
+                                    "stage's GPU, or transformers")
 
     _finite = field_validator("temperature", "top_p")(lambda value: _check_finite(value))
 
@@ -361,6 +364,16 @@ class TextStageConfig(_Section):
 
     def system_prompt_text(self) -> str:
         return text_prompts.system_prompt(self.system_prompt, self.target_words)
+
+    def engine_problem(self, gpus: float, cluster: "ClusterConfig") -> str | None:
+        """Why the stage's workers cannot run its engine: vLLM runs on one GPU or a share of one."""
+        if self.engine != "vllm":
+            return None
+        if cluster.gpus_per_worker == 0:
+            return ("vllm needs a GPU, and cluster.gpus_per_worker: 0 gives the workers none: "
+                    "give them GPUs, or set engine: transformers")
+        return None if gpus <= 1 else (f"vllm runs on one GPU or a share of one, and "
+                                       f"resources.gpus is {gpus:g}: set it to 1 or less")
 
 
 class StageConfig(_Section):
@@ -485,6 +498,9 @@ class JobConfig(_Section):
             if stage.render.overrides() or stage.render.batch_size or stage.optimize:
                 raise ValueError(f"{key}: a text stage renders nothing: its settings go under "
                                  f"text: (batch_size too), not render: or optimize:")
+            problem = stage.text.engine_problem(stage.resources.gpus, self.cluster)
+            if problem:
+                raise ValueError(f"{key}.text.engine: {problem}")
 
     def _stage_sizes_fit(self) -> None:
         """The video's size is the row's: only an earlier stage renders at a size of its own,
@@ -633,10 +649,13 @@ def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
 
 def _text_fields(stage: StageConfig) -> dict[str, Any]:
     """A text stage's settings that change what it writes, the system prompt's text by its
-    sha256 (a file edited since is a change); its batch size and cache are speed only."""
+    sha256 (a file edited since is a change); its batch size and cache are speed only. The
+    engine counts unless it is transformers, the one before there was a choice (outputs made
+    then resume)."""
     if stage.text is None:
         return {}
-    values = stage.text.model_dump(exclude={"batch_size", "cache_uri"})
+    values = stage.text.model_dump(exclude={"batch_size", "cache_uri"} |
+                                   ({"engine"} if stage.text.engine == "transformers" else set()))
     values["system_prompt_sha256"] = text_prompts.sha256(stage.text.system_prompt_text())
     return values
 

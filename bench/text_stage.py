@@ -104,7 +104,7 @@ def batching(rows: int, rounds: int, max_new_tokens: int) -> dict:
             texts[name] = made
     shutil.rmtree(work, ignore_errors=True)
     same = texts["vendor-loop"] == texts["stage-1"] == texts["stage-16"]
-    tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"])
+    tokens = sum(len(lm.chats.tokenizer(t, add_special_tokens=False)["input_ids"])
                  for t in texts["stage-16"])
     out = {name: {"seconds": [round(t, 3) for t in ts], "rows_per_s": round(rows / median(ts), 2)}
            for name, ts in timings.items()}

@@ -264,7 +264,8 @@ def _plan(args) -> int:
 
 def _text_stage(text) -> str:
     return (f"(a text stage: rewrites each row's prompt, {text.system_prompt} system prompt, "
-            f"{'greedy' if text.temperature == 0 else f'temperature {text.temperature:g}'})")
+            f"{'greedy' if text.temperature == 0 else f'temperature {text.temperature:g}'}"
+            f"{', on vLLM' if text.engine == 'vllm' else ''})")
 
 
 def _shape_source(shapes) -> str:

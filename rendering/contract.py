@@ -85,6 +85,8 @@ class TextSpec:
     cache_uri: str | None = None  # where rewrites are cached (None: not at all)
     limit_model: ModelSpec | None = None  # the video model, whose prompt limit a rewrite fits
     max_prompt_tokens: int | None = None  # overrides that model's own limit
+    engine: str = "transformers"  # what generates: transformers | vllm (a GPU worker's)
+    gpu_fraction: float = 1.0  # the share of a GPU each worker holds: vLLM's memory budget
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,13 @@ def fingerprint_fields(cfg: JobConfig) -> dict[str, Any]:
 
 def _text_fields(stage: StageConfig) -> dict[str, Any]:
     """A text stage's settings that change what it writes, the system prompt's text by its
-    sha256 (a file edited since is a change); its batch size and cache are speed only."""
+    sha256 (a file edited since is a change); its batch size and cache are speed only. The
+    engine counts unless it is transformers, the one before there was a choice (outputs made
+    then resume)."""
     if stage.text is None:
         return {}
-    values = stage.text.model_dump(exclude={"batch_size", "cache_uri"})
+    values = stage.text.model_dump(exclude={"batch_size", "cache_uri"} |
+                                   ({"engine"} if stage.text.engine == "transformers" else set()))
     values["system_prompt_sha256"] = text_prompts.sha256(stage.text.system_prompt_text())
     return values
 

@@ -84,6 +84,9 @@ class JobConfig(Section):
             if stage.render.overrides() or stage.render.batch_size or stage.optimize:
                 raise ValueError(f"{key}: a text stage renders nothing: its settings go under "
                                  f"text: (batch_size too), not render: or optimize:")
+            problem = stage.text.engine_problem(stage.resources.gpus, self.cluster)
+            if problem:
+                raise ValueError(f"{key}.text.engine: {problem}")
 
     def _stage_sizes_fit(self) -> None:
         """The video's size is the row's: only an earlier stage renders at a size of its own,

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from jobs.config.base import Section, check_finite, check_uri
-from jobs.config.sections import ModelConfig, OptimizeConfig
+from jobs.config.sections import ClusterConfig, ModelConfig, OptimizeConfig
 from rendering.text import prompts as text_prompts
 
 
@@ -87,6 +87,9 @@ class TextStageConfig(Section):
         None, ge=1, description="the rewrite's limit in the video model's prompt tokens (none: "
                                 "the limit its pipeline reads)")
     cache_uri: str | None = Field(None, description="where rewrites are cached (none: cache/rewrites under the output)")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="what generates: vllm (the reelfarm[vllm] extra) on the "
+                                    "stage's GPU, or transformers")
 
     _finite = field_validator("temperature", "top_p")(lambda value: check_finite(value))
 
@@ -110,6 +113,16 @@ class TextStageConfig(Section):
 
     def system_prompt_text(self) -> str:
         return text_prompts.system_prompt(self.system_prompt, self.target_words)
+
+    def engine_problem(self, gpus: float, cluster: ClusterConfig) -> str | None:
+        """Why the stage's workers cannot run its engine: vLLM runs on one GPU or a share of one."""
+        if self.engine != "vllm":
+            return None
+        if cluster.gpus_per_worker == 0:
+            return ("vllm needs a GPU, and cluster.gpus_per_worker: 0 gives the workers none: "
+                    "give them GPUs, or set engine: transformers")
+        return None if gpus <= 1 else (f"vllm runs on one GPU or a share of one, and "
+                                       f"resources.gpus is {gpus:g}: set it to 1 or less")
 
 
 class StageConfig(Section):

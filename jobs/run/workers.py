@@ -65,7 +65,7 @@ def _text_spec(cfg: JobConfig, stage: Stage) -> TextSpec | None:
         storage.join(storage.absolute(cfg.output.uri), layout.REWRITE_CACHE_DIR)
     return TextSpec(system, sha256(system), text.max_new_tokens, text.temperature, text.top_p,
                     text.top_k, text.on_bad_rewrite, cache, _model_spec(cfg.stages[-1].model),
-                    text.max_prompt_tokens)
+                    text.max_prompt_tokens, text.engine, stage.resources.gpus)
 
 
 def start_workers(cfg: JobConfig, stages: list[Stage]) -> tuple[list[Pool], Balancer | None]:

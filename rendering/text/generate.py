@@ -1,4 +1,6 @@
-"""A causal language model held by a text-stage worker, and batched, per-row seeded generation.
+"""A causal language model held by a text-stage worker: what every engine shares (``Chats``:
+the chat template, the end tokens, decoding) and the transformers engine, batched and seeded
+per row.
 
 The model is ``AutoModelForCausalLM`` with its tokenizer's chat template: a hub id (with a
 revision), a local folder or an fsspec URL of one (fetched once per node, as pipelines are), or
@@ -11,6 +13,9 @@ comes from a generator of the row's own, seeded from the row's seed (the Gumbel-
 the filtered distribution: argmax(log p + Gumbel) is a draw from p). A row's text so does not
 depend on which rows share its batch, nor on torch's global RNG, up to the floating-point
 rounding a batch changes (as for ``render.batch_size``).
+
+The other engine, vLLM (``rendering.text.vllm_engine``), takes the same chats and answers with
+the same ``Generated``; an engine is an object with ``generate`` and ``model_class``.
 """
 
 from __future__ import annotations
@@ -57,36 +62,20 @@ class Generated:
     tokens: int
 
 
-class CausalLM:
-    """One causal language model and its tokenizer, loaded once per worker."""
+class Chats:
+    """The tokenizer side of a causal LM, the same for every engine: the chat template that puts
+    the system prompt and a row's prompt in their turns, the tokens that end the assistant's
+    turn, and the text a row's new tokens decode to."""
 
-    def __init__(self, spec: ModelSpec, device: str):
-        if spec.dtype not in DTYPES:
-            raise ValueError(f"dtype {spec.dtype!r}: choose one of {', '.join(DTYPES)}")
-        self.spec = spec
-        self.device = torch.device(device)
-        if tiny.is_tiny_lm(spec.path):
-            model, tokenizer = tiny.build_tiny_lm()
-            model = model.to(DTYPES[spec.dtype])
-        elif spec.path.startswith(tiny.TINY_PREFIX):
-            raise ValueError(f"unknown tiny language model {spec.path!r}: the only one is "
-                             f"{tiny.TINY_PREFIX}{tiny.TINY_LM_KINDS[0]}")
-        else:
-            folder = model_cache.resolve_folder(spec.path, spec.revision,
-                                                functools.partial(_download, spec),
-                                                marker="config.json", key="text model.path")
-            model, tokenizer = load_causal_lm(folder, DTYPES[spec.dtype])
+    def __init__(self, name: str, tokenizer, generation_config):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{spec.path}: its tokenizer has no chat template (an instruct or "
+            raise ValueError(f"{name}: its tokenizer has no chat template (an instruct or "
                              f"chat model has one; a base model cannot take a system prompt)")
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:  # many causal LMs ship none: pad with the end token
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.model = model.to(self.device).eval()
-        self.end_ids = _end_ids(model, tokenizer)
-        logger.info("loaded %s (%s) on %s as %s", spec.path, type(model).__name__, self.device,
-                    spec.dtype)
+        self.end_ids = _end_ids(generation_config, tokenizer)
 
     def chat(self, system: str, prompt: str) -> str:
         """The model's input for one row: the system prompt and the row's prompt as the user's
@@ -95,30 +84,58 @@ class CausalLM:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
 
+    def token_ids(self, system: str, prompts: list[str]) -> list[list[int]]:
+        """Each row's chat as token ids (the template writes every special token itself)."""
+        return self.tokenizer([self.chat(system, prompt) for prompt in prompts],
+                              add_special_tokens=False)["input_ids"]
+
+    def decoded(self, tokens: list[int], ended: bool | None = None) -> Generated:
+        """A row's new tokens up to the first end token, as text; ``ended`` says whether it
+        ended by itself when the engine left the end token out."""
+        ends = [i for i, t in enumerate(tokens) if t in self.end_ids]
+        kept = tokens[:ends[0]] if ends else tokens
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Generated(text, finished=bool(ends) if ended is None else ended, tokens=len(kept))
+
+
+class CausalLM:
+    """The transformers engine: one causal language model and its tokenizer, loaded once per
+    worker."""
+
+    def __init__(self, spec: ModelSpec, device: str):
+        dtype = torch_dtype(spec)
+        self.spec = spec
+        self.device = torch.device(device)
+        if tiny.is_tiny_lm(spec.path):
+            model, tokenizer = tiny.build_tiny_lm()
+            model = model.to(dtype)
+        else:
+            model, tokenizer = load_causal_lm(model_folder(spec), dtype)
+        self.chats = Chats(spec.path, tokenizer, model.generation_config)
+        self.model = model.to(self.device).eval()
+        self.model_class = type(model).__name__
+        logger.info("loaded %s (%s) on %s as %s", spec.path, self.model_class, self.device,
+                    spec.dtype)
+
     def generate(self, system: str, prompts: list[str], seeds: list[int],
                  sampling: Sampling) -> list[Generated]:
         """One ``generate`` call for the whole batch: the text each row's chat got."""
         from transformers import GenerationConfig, LogitsProcessorList
 
-        chats = [self.chat(system, prompt) for prompt in prompts]
-        encoded = self.tokenizer(chats, return_tensors="pt", padding=True,
-                                 add_special_tokens=False).to(self.device)
+        tokenizer = self.chats.tokenizer
+        chats = [self.chats.chat(system, prompt) for prompt in prompts]
+        encoded = tokenizer(chats, return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(self.device)
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False,
-                                  num_beams=1, eos_token_id=self.end_ids,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+                                  num_beams=1, eos_token_id=self.chats.end_ids,
+                                  pad_token_id=tokenizer.pad_token_id)
         processors = LogitsProcessorList(
             [] if sampling.greedy else [RowSampler(seeds, sampling)])
         with torch.inference_mode():
             output = self.model.generate(**encoded, generation_config=config,
                                          logits_processor=processors)
         new = output[:, encoded["input_ids"].shape[1]:].tolist()
-        return [self._decoded(tokens) for tokens in new]
-
-    def _decoded(self, tokens: list[int]) -> Generated:
-        ends = [i for i, t in enumerate(tokens) if t in self.end_ids]
-        kept = tokens[:ends[0]] if ends else tokens
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generated(text, finished=bool(ends), tokens=len(kept))
+        return [self.chats.decoded(tokens) for tokens in new]
 
 
 class RowSampler:
@@ -157,10 +174,10 @@ def _gumbel(size: int, generator: torch.Generator, device) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
-def _end_ids(model, tokenizer) -> list[int]:
+def _end_ids(generation_config, tokenizer) -> list[int]:
     """Every token that ends the assistant's turn: the model's generation config's end tokens
     (a chat model's end-of-turn, such as Qwen's <|im_end|>) and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
+    ids = generation_config.eos_token_id
     ids = list(ids) if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -168,6 +185,22 @@ def _end_ids(model, tokenizer) -> list[int]:
         raise ValueError("the model names no end token (generation_config.eos_token_id), and "
                          "neither does its tokenizer")
     return sorted(set(ids))
+
+
+def torch_dtype(spec: ModelSpec) -> torch.dtype:
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"dtype {spec.dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[spec.dtype]
+
+
+def model_folder(spec: ModelSpec) -> str:
+    """The local folder of a causal LM not built in memory: a hub snapshot at its revision, an
+    fsspec URL's copy (fetched once per node, as pipelines are), or the folder itself."""
+    if spec.path.startswith(tiny.TINY_PREFIX):
+        raise ValueError(f"unknown tiny language model {spec.path!r}: the only one is "
+                         f"{tiny.TINY_PREFIX}{tiny.TINY_LM_KINDS[0]}")
+    return model_cache.resolve_folder(spec.path, spec.revision, functools.partial(_download, spec),
+                                      marker="config.json", key="text model.path")
 
 
 def load_causal_lm(folder: str, dtype: torch.dtype):

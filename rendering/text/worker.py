@@ -3,20 +3,22 @@ rewrite as its artifact, under the same receipts and commit protocol as a keyfra
 
 For a shard (the steps of ``render_shard``):
 
-1. Each row's cache key (``cache.rewrite_key``); the texts already known, from this worker's
-   memory or the cache, are hits. A shard's rows are looked up and generated under one lock,
-   so two shards on one worker never generate the same chat twice.
-2. The distinct keys left are generated ``batch_size`` at a time, one ``generate`` call per
-   batch (a failing batch is retried a chat at a time, so a poison row fails alone), and put in
-   the cache.
+1. Each row's cache key (``cache.rewrite_key``: its engine too, unless it is transformers,
+   whose keys were written before there was a choice); the texts already known, from this
+   worker's memory or the cache, are hits. A shard's rows are looked up and generated under
+   one lock, so two shards on one worker never generate the same chat twice.
+2. The distinct keys left are generated ``batch_size`` at a time, one ``generate`` call of the
+   stage's ``engine`` (transformers or vLLM: the same calls and results) per batch (a failing
+   batch is retried a chat at a time, so a poison row fails alone), and put in the cache.
 3. Each row's text is judged (``judge.rewrite``: cleaned, trimmed to the video model's prompt
    limit); an unusable one (empty, too long, not text) falls back to the row's own prompt with
    the reason recorded, or fails the row as ``invalid_rewrite`` (``on_bad_rewrite: fail``).
    The row's artifact, ``<stage folder>/<key>.json``, is stored whole, then its receipt.
 
 The artifact holds what the next stage needs and what the manifest records (the rewritten
-prompt, the model, the system prompt's sha256, the fallback's reason), and nothing that depends
-on the run (a cache hit is not in it), so the same config and input give the same bytes.
+prompt, the model, the system prompt's sha256, the fallback's reason, the engine unless it is
+transformers), and nothing that depends on the run (a cache hit is not in it), so the same
+config and input give the same bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from rendering import storage
-from rendering.contract import Artifact, Result, Task, WorkerSpec, receipt_json
+from rendering.contract import Artifact, Result, Task, TextSpec, WorkerSpec, receipt_json
 from rendering.text.cache import RewriteCache, rewrite_key
 from rendering.text.judge import rewrite
 
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 KIND = "text"  # the artifact's kind: a later stage takes it as its prompt
 _MEMORY_ROWS = 65536  # texts a worker remembers (a few MB), ahead of the cache's reads
 _IO_THREADS = 4  # artifacts and receipts are small: stored a few at a time
+DEFAULT_ENGINE = "transformers"  # the engine before there was a choice: named in no key or record
 
 
 def artifact_metrics(record: dict) -> dict:
@@ -53,19 +56,17 @@ class TextRewriter:
     """One causal LM and its cache, turning shards of tasks into stored rewrites."""
 
     def __init__(self, spec: WorkerSpec, device: str):
-        from rendering.text.generate import CausalLM, Sampling
+        from rendering.text.generate import Sampling
         from rendering.text.limit import prompt_limit
 
         self.spec, self.text = spec, spec.text
-        self.lm = CausalLM(spec.model, device)
-        self.model_class = type(self.lm.model).__name__
+        self.lm = engine(spec, device)
+        self.model_class = self.lm.model_class
         text = self.text
         self.limit = prompt_limit(text.limit_model, text.max_prompt_tokens) \
             if text.limit_model is not None else None
         self.cache = RewriteCache(text.cache_uri) if text.cache_uri else None
         self.sampling = Sampling(text.max_new_tokens, text.temperature, text.top_p, text.top_k)
-        self._settings = {"max_new_tokens": text.max_new_tokens, "temperature": text.temperature,
-                          "top_p": text.top_p, "top_k": text.top_k, "dtype": spec.model.dtype}
         self._memory: OrderedDict[str, tuple[str, bool]] = OrderedDict()
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="store")
@@ -76,9 +77,7 @@ class TextRewriter:
                         self.limit.tokens, text.limit_model.path)
 
     def key(self, task: Task) -> str:
-        model = self.spec.model
-        return rewrite_key(task.prompt, model.path, model.revision, self.text.system_prompt,
-                           self._settings, None if self.sampling.greedy else task.seed)
+        return task_key(self.spec, task)
 
     def render_shard(self, tasks: list[Task]) -> list[Result]:
         """Rewrite, judge and store every task; results in the order of ``tasks``."""
@@ -155,7 +154,8 @@ class TextRewriter:
         record = {"id": task.id, "seed": task.seed, "prompt": task.prompt,
                   "rewritten_prompt": task.prompt if reason else made, "generated": text,
                   "fallback": reason, "model": model.path, "revision": model.revision,
-                  "system_prompt_sha256": self.text.system_prompt_sha256, "cache_key": key}
+                  "system_prompt_sha256": self.text.system_prompt_sha256, "cache_key": key,
+                  **_engine_named(self.text)}
         metrics = {**artifact_metrics(record), "rewrite_cache_hit": hit}
         if reason and self.text.on_bad_rewrite == "fail":
             return Result.failure(task.id, "invalid_rewrite",
@@ -186,6 +186,39 @@ class TextRewriter:
         except Exception as exc:  # noqa: BLE001
             logger.warning("could not write the receipt of %s: %s", task.key, exc)
         return result
+
+
+def task_key(spec: WorkerSpec, task: Task) -> str:
+    """A task's rewrite cache key: its prompt, the model, the system prompt, the settings that
+    decide the text, and its seed when sampling (greedy text does not depend on it)."""
+    text, model = spec.text, spec.model
+    settings = {"max_new_tokens": text.max_new_tokens, "temperature": text.temperature,
+                "top_p": text.top_p, "top_k": text.top_k, "dtype": model.dtype,
+                **_engine_named(text)}
+    return rewrite_key(task.prompt, model.path, model.revision, text.system_prompt, settings,
+                       None if text.temperature == 0 else task.seed)
+
+
+def _engine_named(text: TextSpec) -> dict:
+    """The engine, for a key's settings and an artifact: none for transformers, so the keys and
+    records made before there was a choice stay as they were."""
+    return {} if text.engine == DEFAULT_ENGINE else {"engine": text.engine}
+
+
+def engine(spec: WorkerSpec, device: str):
+    """The stage's engine, loaded: ``generate.CausalLM`` (transformers) or
+    ``vllm_engine.VllmLM``, each with ``generate(system, prompts, seeds, sampling)`` and
+    ``model_class``."""
+    name = spec.text.engine
+    if name == "vllm":
+        from rendering.text.vllm_engine import VllmLM
+
+        return VllmLM(spec.model, device, spec.text.gpu_fraction)
+    if name != DEFAULT_ENGINE:
+        raise ValueError(f"text.engine {name!r}: choose transformers or vllm")
+    from rendering.text.generate import CausalLM
+
+    return CausalLM(spec.model, device)
 
 
 def _stored(task: Task, future) -> Result:

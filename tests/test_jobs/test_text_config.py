@@ -1,13 +1,16 @@
 """A text stage's config, its rows and its tasks, without Ray: what is refused in one line,
 what the fingerprint covers, how variations make rows (ids, seeds, resume), how the stage after
-a text stage takes the rewrite as its prompt, and what plan counts."""
+a text stage takes the rewrite as its prompt, what plan counts, and a vLLM engine where vllm
+is not installed."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
-from helpers import write_prompts
+import yaml
+from helpers import run_cli, write_prompts
 
 from jobs.config import ConfigError, fingerprint, load_config, validate
 from jobs.input.dataset import open_dataset
@@ -48,6 +51,16 @@ def config(tmp_path, text: dict | None = None, **extra) -> dict:
      "stages.0.text.on_bad_rewrite: Input should be 'fallback' or 'fail'"),
     (lambda c: c["stages"][0]["model"].update(path="/no/such/lm"),
      "stages.rewrite.model.path: /no/such/lm is not a transformers model folder"),
+    (lambda c: c["stages"][0]["text"].update(engine="vllm") or c.update(
+        cluster={"gpus_per_worker": 0}),
+     "stages.rewrite.text.engine: vllm needs a GPU, and cluster.gpus_per_worker: 0 gives the "
+     "workers none"),
+    (lambda c: c["stages"][0]["text"].update(engine="vllm") or c["stages"][0].update(
+        resources={"gpus": 2}),
+     "stages.rewrite.text.engine: vllm runs on one GPU or a share of one, and resources.gpus "
+     "is 2"),
+    (lambda c: c["stages"][0]["text"].update(engine="sglang"),
+     "stages.0.text.engine: Input should be 'transformers' or 'vllm'"),
 ])
 def test_text_stage_configs_that_cannot_work_are_refused_in_one_line(tmp_path, change, message):
     cfg = config(tmp_path)
@@ -61,20 +74,41 @@ def test_the_fingerprint_covers_what_changes_a_rewrite_and_not_what_changes_its_
     own = tmp_path / "system.txt"
     own.write_text("Say it in {words} words.")
     base = fingerprint(validate(config(tmp_path, {"system_prompt": str(own)})))
-    for change in ({"batch_size": 4}, {"cache_uri": str(tmp_path / "cache")}):
+    for change in ({"batch_size": 4}, {"cache_uri": str(tmp_path / "cache")},
+                   {"engine": "transformers"}):
         assert fingerprint(validate(config(tmp_path, {"system_prompt": str(own), **change}))) \
             == base
     for change in ({"target_words": 40}, {"temperature": 0.5}, {"max_new_tokens": 12},
-                   {"system_prompt": "i2v"}, {"on_bad_rewrite": "fail"}):
+                   {"system_prompt": "i2v"}, {"on_bad_rewrite": "fail"}, {"engine": "vllm"}):
         assert fingerprint(validate(config(tmp_path, {"system_prompt": str(own), **change}))) \
             != base
     own.write_text("Say it in {words} words, please.")  # the file's text, not its name
     assert fingerprint(validate(config(tmp_path, {"system_prompt": str(own)}))) != base
 
 
-def test_a_system_prompt_file_in_a_config_resolves_against_the_configs_folder(tmp_path):
-    import yaml
+def test_a_text_stage_keeps_the_fingerprint_it_had_before_it_could_choose_an_engine(tmp_path):
+    # As the code before text.engine computed it: outputs made then resume.
+    assert fingerprint(validate(config(tmp_path))) == "82e436a3493225ed"
+    assert validate(config(tmp_path, {"engine": "vllm"})).stages[0].text.engine == "vllm"
 
+
+def test_a_vllm_stage_on_a_worker_without_vllm_stops_the_job_saying_how_to_install_it(tmp_path):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    write_prompts(tmp_path / "in.parquet", [{"id": "a", "prompt": "a fox"}])
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, {"engine": "vllm"},
+                                          cluster={"backend": "inline"})))
+    result = run_cli("render", str(path))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "reelfarm: text.engine: vllm needs the vllm package, which this worker cannot import "
+        "(No module named 'vllm'): install reelfarm's vllm extra on the GPU machines (pip "
+        "install -e '.[vllm]' in its folder; it brings its own CUDA build of torch), or set "
+        "text.engine: transformers")
+
+
+def test_a_system_prompt_file_in_a_config_resolves_against_the_configs_folder(tmp_path):
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "mine.txt").write_text("Write {words} words.")
     cfg = config(tmp_path, {"system_prompt": "./mine.txt"})

@@ -15,6 +15,15 @@ from rendering.text.cache import RewriteCache, rewrite_key
 from rendering.text.prompts import SHIPPED, sha256, system_prompt
 
 
+def text_worker(out, **text):
+    """A text stage's worker spec on the tiny LM, storing under ``out``."""
+    from rendering.contract import TextSpec, WorkerSpec
+
+    return WorkerSpec(ModelSpec("tiny:lm"), None, str(out), "stages/rewrite", "receipts/rewrite",
+                      "previews", batch_size=4, artifact_name="rewrite", final=False,
+                      text=TextSpec("Rewrite it.", sha256("Rewrite it."), 8, **text))
+
+
 @pytest.fixture(scope="module")
 def lm():
     from rendering.text.generate import CausalLM
@@ -43,7 +52,7 @@ def test_a_batch_writes_what_each_row_would_alone_whatever_its_batch_mates(lm, t
 
 
 def test_the_chat_template_puts_the_system_prompt_and_the_row_in_their_turns(lm):
-    chat = lm.chat("Rewrite it.", "a fox")
+    chat = lm.chats.chat("Rewrite it.", "a fox")
     assert chat == ("<|im_start|>system\nRewrite it.<|im_end|>\n<|im_start|>user\na fox"
                     "<|im_end|>\n<|im_start|>assistant\n")
 
@@ -160,7 +169,7 @@ def test_system_prompts_are_shipped_or_read_from_a_file_with_the_target_length(t
 
 def test_a_failing_batch_is_generated_again_a_chat_at_a_time_and_a_poison_row_fails_alone(
         tmp_path, monkeypatch):
-    from rendering.contract import Task, TextSpec, WorkerSpec
+    from rendering.contract import Task
     from rendering.text.generate import CausalLM
     from rendering.text.worker import TextRewriter
 
@@ -172,10 +181,7 @@ def test_a_failing_batch_is_generated_again_a_chat_at_a_time_and_a_poison_row_fa
         return real(self, system, prompts, seeds, sampling)
 
     monkeypatch.setattr(CausalLM, "generate", refusing)
-    spec = WorkerSpec(ModelSpec("tiny:lm"), None, str(tmp_path), "stages/rewrite",
-                      "receipts/rewrite", "previews", batch_size=4, artifact_name="rewrite",
-                      final=False, text=TextSpec("Rewrite it.", sha256("Rewrite it."), 8))
-    worker = TextRewriter(spec, "cpu")
+    worker = TextRewriter(text_worker(tmp_path), "cpu")
     tasks = [Task(f"r{i}", f"r{i}", i, p, {}) for i, p in enumerate(["a fox", "poison", "an owl"])]
     results = worker.render_shard(tasks)
     assert [r.ok for r in results] == [True, False, True]
@@ -183,4 +189,78 @@ def test_a_failing_batch_is_generated_again_a_chat_at_a_time_and_a_poison_row_fa
     assert worker.generated == 2
     stored = json.loads((tmp_path / results[0].artifacts[0].path).read_text())
     assert stored["prompt"] == "a fox" and results[0].artifacts[0].kind == "text"
+    assert "engine" not in stored  # transformers, as every rewrite before there was a choice
     assert (tmp_path / "receipts" / "rewrite" / "r0.json").exists()
+
+
+# As the code before text.engine computed them for the row below: caches made then keep hitting.
+KEYS_BEFORE_ENGINES = {0.0: "e67f222065a92b93b0ac35f1579b1f0c781f2e0dabf76909504d8298435ff5bd",
+                       0.8: "206ec12063eca33eb8275e311bda9065ff73692aaf09c6a4ad7a9b4f05fee72f"}
+
+
+@pytest.mark.parametrize("temperature", sorted(KEYS_BEFORE_ENGINES))
+def test_a_rewrite_keeps_its_cache_key_on_transformers_and_gets_another_on_vllm(tmp_path,
+                                                                               temperature):
+    from rendering.contract import Task
+    from rendering.text.worker import task_key
+
+    task = Task("a", "a", 7, "a fox", {})
+    before = KEYS_BEFORE_ENGINES[temperature]
+    assert task_key(text_worker(tmp_path, temperature=temperature, top_p=0.9), task) == before
+    assert task_key(text_worker(tmp_path, temperature=temperature, top_p=0.9,
+                                engine="transformers"), task) == before
+    assert task_key(text_worker(tmp_path, temperature=temperature, top_p=0.9, engine="vllm"),
+                    task) != before
+
+
+def test_a_vllm_worker_without_vllm_fails_at_start_saying_how_to_install_it(tmp_path):
+    import importlib.util
+
+    from rendering.text.worker import TextRewriter
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ImportError, match=r"^text.engine: vllm needs the vllm package, which "
+                                          r"this worker cannot import \(No module named 'vllm'\): "
+                                          r"install reelfarm's vllm extra on the GPU "
+                                          r"machines \(pip install -e '\.\[vllm\]'"):
+        TextRewriter(text_worker(tmp_path, engine="vllm"), "cpu")
+    with pytest.raises(ValueError, match="text.engine 'tgi': choose transformers or vllm"):
+        TextRewriter(text_worker(tmp_path, engine="tgi"), "cpu")
+
+
+def test_the_vllm_engine_gives_the_model_the_tokens_the_transformers_engine_does(tmp_path, lm):
+    from rendering.text.tiny import END, save_tiny_lm
+    from rendering.text.vllm_engine import load_chats
+
+    save_tiny_lm(str(tmp_path / "lm"))
+    chats, _ = load_chats("lm", str(tmp_path / "lm"))  # from the folder vLLM loads
+    ids = chats.token_ids("Rewrite the prompt.", PROMPTS)
+    assert ids == lm.chats.token_ids("Rewrite the prompt.", PROMPTS)
+    assert ids[0] == lm.chats.tokenizer(lm.chats.chat("Rewrite the prompt.", PROMPTS[0]),
+                                        add_special_tokens=False)["input_ids"]
+    assert chats.end_ids == lm.chats.end_ids == [chats.tokenizer.convert_tokens_to_ids(END)]
+    fox = chats.tokenizer.convert_tokens_to_ids(["a", "fox"])
+    assert chats.decoded(fox, ended=True) == lm.chats.decoded(fox + chats.end_ids)  # end left out
+
+
+@pytest.mark.gpu
+def test_both_engines_write_the_same_greedy_rewrites_of_the_tiny_lm(tmp_path):
+    pytest.importorskip("vllm")
+    from rendering.text.generate import CausalLM, Sampling
+    from rendering.text.tiny import save_tiny_lm
+    from rendering.text.vllm_engine import VllmLM
+
+    save_tiny_lm(str(tmp_path / "lm"))
+    spec = ModelSpec(str(tmp_path / "lm"))  # float32: the engines' kernels round alike
+    seeds = list(range(len(PROMPTS)))
+    with pytest.raises(ValueError, match="text.engine: vllm needs a GPU, and this worker has none"):
+        VllmLM(spec, "cpu")
+    fast = VllmLM(spec, "cuda", gpu_fraction=0.3)
+    greedy = Sampling(24)
+    made = fast.generate("Rewrite the prompt.", PROMPTS, seeds, greedy)
+    assert made == CausalLM(spec, "cuda").generate("Rewrite the prompt.", PROMPTS, seeds, greedy)
+    assert all(g.text for g in made) and fast.model_class == "LlamaForCausalLM on vLLM"
+    sampled = Sampling(24, 0.9, top_p=0.9, top_k=40)  # each row's draw seeded by its seed
+    first = fast.generate("Rewrite the prompt.", PROMPTS, seeds, sampled)
+    assert fast.generate("Rewrite the prompt.", PROMPTS[::-1], seeds[::-1], sampled)[::-1] == first

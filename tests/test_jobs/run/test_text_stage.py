@@ -1,7 +1,8 @@
 """A text stage leading a job: a causal LM rewrites each row's prompt, then the image and video
 stages render the rewrite. On real Ray with the tiny models: every row rendered and both prompts
 recorded, a rerun byte-identical, the cache's hits, variations exactly once across a driver's
-SIGKILL, a repair of a derived row, and the fallbacks of a poisoned rewrite."""
+SIGKILL, a repair of a derived row, the fallbacks of a poisoned rewrite, and (on a GPU) a vLLM
+rewrite recorded as a transformers one."""
 
 from __future__ import annotations
 
@@ -212,3 +213,31 @@ def test_variations_make_three_rows_of_each_exactly_once_across_a_driver_sigkill
     assert (stages["rewrite"]["recovered"], stages["rewrite"]["made"]) == (1, 0)
     assert stages["video"]["made"] == 1
     assert run_cli("verify", str(out)).returncode == 0
+
+
+@pytest.mark.gpu
+def test_a_vllm_rewrite_is_recorded_as_a_transformers_one(tmp_path):
+    """The same greedy three-stage job in this process on the GPU, on each engine: every row's
+    rewrite is recorded the same way (the same manifest columns, the same text), and the vLLM
+    rewrite's artifact names its engine."""
+    pytest.importorskip("vllm")
+    src = write_prompts(tmp_path / "prompts.parquet", prompts(3))
+    manifests = {}
+    for engine in ("transformers", "vllm"):
+        cfg = text_config(src, str(tmp_path / engine), text={"engine": engine},
+                          cluster={"backend": "inline"})
+        cfg["stages"][0]["resources"]["gpus"] = 0.3  # vLLM's share: the other stages use the rest
+        summary = render(validate(cfg), progress=False)
+        assert (summary.ok, summary.failed) == (3, 0)
+        assert verify(str(tmp_path / engine)).problems == []
+        manifests[engine] = by_id(read_manifest(tmp_path / engine))
+    columns = ("prompt", "rewritten_prompt", "rewrite_model", "rewrite_system_prompt_sha256",
+               "rewrite_fallback")
+    for row_id, row in manifests["vllm"].items():
+        other = manifests["transformers"][row_id]
+        assert [row[c] for c in columns] == [other[c] for c in columns]
+        made, made_before = (json.loads((tmp_path / engine / r["artifacts"][0]["path"]).read_text())
+                             for engine, r in (("vllm", row), ("transformers", other)))
+        assert made.pop("engine") == "vllm" and "engine" not in made_before
+        assert made.pop("cache_key") != made_before.pop("cache_key")
+        assert made == made_before

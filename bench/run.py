@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark this machine can run, then print where results are.
 
     python -m bench.run            # full: plan scale, driver throughput, bookkeeping at
-                                   # 100k rows, CPU side by side,
+                                   # 100k rows, the report over 1M scored rows, CPU side by side,
                                    # multi-stage jobs, the text stage, products, elastic
                                    # capacity, metrics'
                                    # series, GPU if any, options on the CPU
@@ -17,13 +17,14 @@ import argparse
 import sys
 
 from bench import (bookkeeping, cpu_side_by_side, driver_throughput, elastic, gpu, metrics,
-                   options, plan_scale, products, stages, text_stage)
+                   options, plan_scale, products, report_scores, stages, text_stage)
 
 
 # In the order they run. The options on the CPU's tiny models come last (on a GPU the gpu step
 # measures them at full size): they set this process's torch threads.
 STEPS = {"plan": plan_scale.main, "driver": driver_throughput.main,
-         "bookkeeping": bookkeeping.main, "cpu": cpu_side_by_side.main,
+         "bookkeeping": bookkeeping.main, "report": report_scores.main,
+         "cpu": cpu_side_by_side.main,
          "stages": stages.main, "text": text_stage.main, "products": products.main,
          "elastic": elastic.main,
          "metrics": metrics.main,

@@ -197,7 +197,7 @@ def _gallery_images(out: str) -> list[tuple[str, str]]:
     """(alt, src) of every image of the written report's gallery."""
     with open(write_report(out), encoding="utf-8") as f:
         text = f.read()
-    gallery = text[text.index('id="gallery"'):text.index('id="lowest"')]
+    gallery = text[text.index('id="gallery"'):text.index('id="failures"')]
     return [(attrs["alt"], attrs["src"]) for attrs in _Images(gallery).found]
 
 

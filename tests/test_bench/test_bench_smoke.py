@@ -10,6 +10,6 @@ pytestmark = pytest.mark.slow  # minutes: whole jobs and processes
 
 
 @pytest.mark.parametrize("name", ["plan_scale", "cpu_side_by_side", "elastic", "bookkeeping",
-                                  "text_stage"])
+                                  "text_stage", "report_scores"])
 def test_quick_mode_runs_and_saves_its_results(name):
     assert run_quick_bench(name)

@@ -1,15 +1,14 @@
 """What the report shows, gathered from the committed manifests a shard at a time.
 
 Bounded at any size: what is kept is fixed in size. The gallery is a deterministic sample (the
-ok rows whose ``row_hash`` is smallest, so the same output always shows the same videos), the
-lowest scores are kept in a heap, histograms widen their bins as the range grows, and prompts
-and errors are cut to a few hundred characters.
+ok rows whose ``row_hash`` is smallest, so the same output always shows the same videos), each
+score's lowest rows are kept in a heap, histograms widen their bins as the range grows, counts
+are kept per error code and per quality rule (small vocabularies, capped), and prompts and
+errors are cut to a few hundred characters.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,21 +18,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import params
-from jobs.products.report.bins import Bins, score_widths, time_widths
+from jobs.products.report.bins import Bins, time_widths
 from jobs.products.report.media import media_links
+from jobs.products.report.scores import SCORE_COLUMNS, Distribution
+from jobs.products.report.smallest import Smallest
 from jobs.products.report.text import ERROR_CHARS, ID_CHARS, PROMPT_CHARS, cut
 from jobs.store import manifest
 from jobs.store.hashset import row_hashes
 
-SCORE_COLUMN = "clip_score"
-LOWEST_ROWS = 12  # lowest-scoring rows listed
+SCORE_COLUMN = "clip_score"  # the gallery's score, and the one the gate's tries record
 KEPT_ROWS = 100  # rows kept below quality.min_score listed (all are counted)
 ERROR_EXAMPLES = 3  # example rows shown per error code
 MAX_ERROR_CODES = 50  # codes kept apart; more are counted together (codes are a small vocabulary)
-# Histograms keep at most this many bins: past it, bins widen to the next width (an exact
-# multiple of the last, so merged counts stay exact).
+MAX_RULES = 50  # rules kept apart (a config names a few); more are counted together
+# The throughput histogram keeps at most this many bins: past it, bins widen to the next width
+# (an exact multiple of the last, so merged counts stay exact).
 TIME_BINS = 120
-SCORE_BINS = 50
 
 
 @dataclass
@@ -49,16 +49,18 @@ class Gathered:
     first_commit: float | None = None
     last_commit: float | None = None
     throughput: Bins = field(default_factory=lambda: Bins(time_widths(), TIME_BINS))
-    scores: Bins = field(default_factory=lambda: Bins(score_widths(), SCORE_BINS))
-    scored: int = 0
-    score_sum: float = 0.0
-    score_min: float = math.inf
-    score_max: float = -math.inf
+    scores: dict = field(default_factory=lambda: {c: Distribution(c) for c in SCORE_COLUMNS})
+    static: int = 0  # ok rows flagged motion_static
     gate: manifest.Tally = field(default_factory=manifest.Tally)  # its kept_below counts only
     kept: list = field(default_factory=list)  # the first KEPT_ROWS rows kept below the gate
-    _sample: list = field(default_factory=list)  # max-heap of (-hash, seq, row)
-    _lowest: list = field(default_factory=list)  # max-heap of (-score, -hash, seq, row)
-    _seq: itertools.count = field(default_factory=itertools.count)
+    rule_misses: dict = field(default_factory=dict)  # rule -> Counter of status -> rows missing it
+    retried: int = 0  # rows the gate rendered again
+    extra_renders: int = 0  # the renders it made for them, past each row's first
+    duplicates: int = 0  # ok rows marked duplicate_of an earlier row (by reelfarm dedup)
+    _sample: Smallest = field(init=False)
+
+    def __post_init__(self):
+        self._sample = Smallest(self.sample_size)
 
     def add(self, table: pa.Table) -> None:
         """Take in one shard's committed rows."""
@@ -70,17 +72,24 @@ class Gathered:
             self.first_commit = min(times["min"], self.first_commit or times["min"])
             self.last_commit = max(times["max"], self.last_commit or times["max"])
         self._add_failures(table.filter(pc.fill_null(pc.equal(status, "failed"), False)))
+        self._add_rules(table)
         ok = table.filter(pc.fill_null(pc.equal(status, "ok"), False))
         self.ok += ok.num_rows
         if ok.num_rows == 0:
             return
         self.throughput.add(ok["committed_at"].to_numpy(zero_copy_only=False))
         self._add_kept(self.gate.add_gate(ok))
-        scores = _scores(ok)
         hashes = row_hashes(ok)
-        self._add_sample(ok, hashes, scores)
-        if scores is not None:
-            self._add_scores(ok, hashes, scores)
+        clip = _column(ok, SCORE_COLUMN)
+        self._sample.offer(hashes, lambda picked: _rows(ok, picked, clip))
+        for name, distribution in self.scores.items():
+            values = _column(ok, name)
+            if values is not None:
+                distribution.add(values, hashes, lambda picked, v=values: _rows(ok, picked, v))
+        if "motion_static" in ok.column_names:
+            self.static += pc.sum(ok["motion_static"]).as_py() or 0
+        if "duplicate_of" in ok.column_names:
+            self.duplicates += ok.num_rows - ok["duplicate_of"].null_count
 
     def _add_failures(self, failed: pa.Table) -> None:
         wanted: list[tuple[str, int]] = []  # (code, index) of this shard's examples
@@ -99,50 +108,37 @@ class Gathered:
         if kept is None or len(self.kept) >= KEPT_ROWS:
             return
         head = kept.slice(0, KEPT_ROWS - len(self.kept))
-        self.kept += _rows(head, list(range(head.num_rows)), _scores(head))
+        self.kept += _rows(head, list(range(head.num_rows)), _column(head, SCORE_COLUMN))
 
-    def _add_sample(self, ok: pa.Table, hashes: np.ndarray, scores: np.ndarray | None) -> None:
-        if self.sample_size <= 0:
+    def _add_rules(self, table: pa.Table) -> None:
+        """Count the rows missing each quality rule (``quality_failed_rules``), by status, and
+        the rows the gate rendered again (``quality_tries``), in Arrow."""
+        if "quality_tries" in table.column_names:
+            tries = pc.fill_null(pc.list_value_length(table["quality_tries"]), 0)
+            again = pc.greater(tries, 1)
+            self.retried += pc.sum(again).as_py() or 0
+            self.extra_renders += pc.sum(pc.subtract(pc.filter(tries, again), 1)).as_py() or 0
+        if "quality_failed_rules" not in table.column_names:
             return
-        candidates = np.arange(len(hashes))
-        if len(self._sample) >= self.sample_size:  # only rows that beat the current largest
-            candidates = candidates[hashes < np.uint64(-self._sample[0][0])]
-        candidates = candidates[np.argsort(hashes[candidates], kind="stable")][:self.sample_size]
-        for i, row in zip(candidates.tolist(), _rows(ok, candidates.tolist(), scores)):
-            entry = (-int(hashes[i]), next(self._seq), row)
-            if len(self._sample) < self.sample_size:
-                heapq.heappush(self._sample, entry)
-            elif entry[0] > self._sample[0][0]:
-                heapq.heapreplace(self._sample, entry)
-
-    def _add_scores(self, ok: pa.Table, hashes: np.ndarray, scores: np.ndarray) -> None:
-        finite = np.flatnonzero(np.isfinite(scores))
-        if len(finite) == 0:
+        lists = table["quality_failed_rules"].combine_chunks()
+        missed = pa.table({"rule": pc.list_flatten(lists),
+                           "status": table["status"].combine_chunks().take(
+                               pc.list_parent_indices(lists))})
+        if not missed.num_rows:
             return
-        values = scores[finite]
-        self.scores.add(values)
-        self.scored += len(values)
-        self.score_sum += float(values.sum())
-        self.score_min = min(self.score_min, float(values.min()))
-        self.score_max = max(self.score_max, float(values.max()))
-        # The shard's lowest few by (score, hash) are the only ones that can enter the heap.
-        order = np.lexsort((hashes[finite], values))[:LOWEST_ROWS]
-        chosen = finite[order]
-        for i, row in zip(chosen.tolist(), _rows(ok, chosen.tolist(), scores)):
-            entry = (-float(scores[i]), -int(hashes[i]), next(self._seq), row)
-            if len(self._lowest) < LOWEST_ROWS:
-                heapq.heappush(self._lowest, entry)
-            elif entry[:2] > self._lowest[0][:2]:
-                heapq.heapreplace(self._lowest, entry)
+        for entry in missed.group_by(["rule", "status"]).aggregate([([], "count_all")]).to_pylist():
+            rule = entry["rule"]
+            if rule not in self.rule_misses and len(self.rule_misses) >= MAX_RULES:
+                rule = "(other rules)"
+            self.rule_misses.setdefault(rule, Counter())[entry["status"]] += entry["count_all"]
 
     def sample(self) -> list[dict]:
         """The gallery's rows, in input order."""
-        return sorted((row for _, _, row in self._sample),
-                      key=lambda r: (r["row_index"], r["occurrence"]))
+        return sorted(self._sample.rows(), key=lambda r: (r["row_index"], r["occurrence"]))
 
-    def lowest(self) -> list[dict]:
-        """The lowest-scoring rows, lowest first."""
-        return [row for *_, row in sorted(self._lowest, key=lambda e: (-e[0], -e[1]))]
+    def shown_scores(self) -> list[Distribution]:
+        """The score columns with at least one value, in page order."""
+        return [d for d in self.scores.values() if d.count]
 
 
 def _value_counts(array) -> tuple[list, list]:
@@ -150,12 +146,12 @@ def _value_counts(array) -> tuple[list, list]:
     return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
 
 
-def _scores(table: pa.Table) -> np.ndarray | None:
-    """The rows' scores as floats (NaN where missing), or None without a score column."""
-    if SCORE_COLUMN not in table.column_names:
+def _column(table: pa.Table, name: str) -> np.ndarray | None:
+    """A score column as floats (NaN where missing), or None where the table lacks it."""
+    if name not in table.column_names:
         return None
     try:
-        column = pc.cast(table[SCORE_COLUMN], pa.float64())
+        column = pc.cast(table[name], pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     return pc.fill_null(column, math.nan).to_numpy(zero_copy_only=False)
@@ -185,7 +181,8 @@ def _rows(table: pa.Table, indices: list[int], scores: np.ndarray | None = None)
     return rows
 
 
-_READ = ("status", "committed_at", SCORE_COLUMN, "quality_passed", *_ROW_COLUMNS)
+_READ = ("status", "committed_at", *SCORE_COLUMNS, "motion_static", "quality_passed",
+         "quality_failed_rules", "duplicate_of", *_ROW_COLUMNS)
 
 
 def gather(output_uri: str, sample_size: int = 48) -> Gathered:

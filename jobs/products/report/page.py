@@ -1,10 +1,10 @@
 """``report.html``: one self-contained static page that says what an output holds.
 
 The page is built from the committed manifests (never from in-flight state) and ``job.json``:
-a run summary, throughput over time, the score distribution, the ok rows the quality gate kept
-below its threshold, a gallery of a sample of the videos, the lowest-scoring rows and the
-failures grouped by error code. It has no external assets and makes no network request: plots
-are inline SVG, the one script and the style are inline and pinned by hash in a
+a run summary, throughput over time, each score's distribution and lowest rows, the ok rows the
+quality gate kept below its rules and the rows each rule held back, a gallery of a sample of the
+videos, and the failures grouped by error code. It has no external assets and makes no network
+request: plots are inline SVG, the one script and the style are inline and pinned by hash in a
 Content-Security-Policy that allows media from the output itself only, and every link is
 relative to the output root, where the page lives, so the page works from local disk, from an
 object store, and after the output is copied. Same output, same bytes: the page carries no
@@ -55,10 +55,9 @@ def render_html(g: Gathered, job: dict, name: str = "", complete: bool = False) 
         sections.summary(g, job, complete),
         sections.throughput(g),
         sections.workers(job),
-        sections.score_histogram(g),
+        sections.scores(g),
         sections.quality_gate(g, job),
         gallery(g),
-        sections.lowest_scores(g),
         sections.failures(g),
         "<p class=\"muted\">Written by reelfarm from the committed manifests and "
         f"{esc(layout.JOB_FILE)}. Links are relative to this page: it works wherever the "
@@ -88,6 +87,7 @@ fill:#4a5468}
 .still figcaption{font-size:.8em}
 .card p{margin:.3em 0}.params{list-style:none;margin:.3em 0;padding:0;font-size:.86em}
 .params li{display:inline-block;margin-right:.8em}.params .k{color:#6b7588}
+.thumb{width:64px;display:block;background:#111}
 .prompt{white-space:pre-wrap}.err{white-space:pre-wrap;max-width:60em}
 button{font:inherit;margin-right:.4em}button[aria-pressed=true]{font-weight:700}
 details{margin:.4em 0}summary{cursor:pointer}

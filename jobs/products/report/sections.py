@@ -1,14 +1,16 @@
 """The report's sections as HTML, each a pure function of what was gathered and ``job.json``.
 
-The run, throughput and scores (inline SVG bar charts), the quality gate, the lowest scores and
-the failures; pure, so the same output gives the same page, byte for byte.
+The run, throughput and each score's distribution (inline SVG bar charts) with its lowest rows,
+the quality gate and its rules, and the failures; pure, so the same output gives the same page,
+byte for byte.
 """
 
 from __future__ import annotations
 
-from jobs.products.report.gather import ERROR_EXAMPLES, SCORE_COLUMN, Gathered
+from jobs.products.report.gather import ERROR_EXAMPLES, Gathered
+from jobs.products.report.scores import Distribution
 from jobs.products.report.text import DASH, duration, esc, num, when, width_label
-from rendering.quality import kept_below_text
+from rendering.quality import Rule, kept_below_text
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -55,6 +57,9 @@ def summary(g: Gathered, job: dict, complete: bool) -> str:
     ]
     if others:
         rows.append(("Other", others))
+    if g.duplicates:
+        rows.append(("Near-duplicates", f"{g.duplicates:,} ok rows marked <code>duplicate_of</code>"
+                     " an earlier row (<code>reelfarm dedup</code>)"))
     rows += [
         ("Videos/hour", f"{num(run.get('videos_per_hour'))} (last run, rendering time only)"),
         ("Time", f"{duration(run.get('seconds'))} in all: start-up "
@@ -148,19 +153,43 @@ def workers(job: dict) -> str:
             + "".join(charts) + "</section>\n")
 
 
-def score_histogram(g: Gathered) -> str:
-    head = f"<section id=\"scores\"><h2>Scores (<code>{esc(SCORE_COLUMN)}</code>)</h2>\n"
-    if not g.scored:
+# What each score is, as the page names it.
+SCORE_MEANINGS = {
+    "clip_score": "How well the frames match the prompt (CLIP, 0-100, mean over the frames)",
+    "aesthetic_score": "The aesthetic head's mean over the first, middle and last frames",
+    "motion_score": "Mean optical flow, in pixels per frame at 128 px",
+}
+
+
+def scores(g: Gathered) -> str:
+    """Each score with values: its distribution and its lowest ok rows."""
+    head = "<section id=\"scores\"><h2>Scores</h2>\n"
+    shown = g.shown_scores()
+    if not shown:
         return head + "<p class=\"muted\">no scores</p></section>\n"
-    bins = g.scores.dense()
-    width = g.scores.width
+    return head + "".join(_score(d, g) for d in shown) + "</section>\n"
+
+
+def _score(d: Distribution, g: Gathered) -> str:
+    bins, width = d.bins.dense(), d.bins.width
     tips = [f"[{num(x)}, {num(x + width)}): {n:,} rows" for x, n in bins]
-    stats = (f"{g.scored:,} scored rows: mean {num(g.score_sum / g.scored)}, min "
-             f"{num(g.score_min)}, max {num(g.score_max)}; bins of {num(width)}.")
+    static = (f" {g.static:,} flagged static (<code>motion_static</code>)."
+              if d.column == "motion_score" else "")
+    stats = (f"{d.count:,} scored ok rows: mean {esc(num(d.mean))}, min {esc(num(d.low))}, "
+             f"max {esc(num(d.high))}; bins of {esc(num(width))}.{static}")
     ends = (num(bins[0][0]), num(bins[-1][0] + width))
-    return (head + f"<p>{stats}</p>\n"
-            + _bars_svg([(x, float(n)) for x, n in bins], width, ends, tips, "score histogram")
-            + "</section>\n")
+    lowest = d.lowest.rows()
+    body = "".join(
+        f"<tr><td>{_thumb(r)}</td><td>{esc(num(r['score']))}</td>"
+        f"<td>{_link(r, _code(r.get('id')))}</td>"
+        f"<td class=\"prompt\"><bdi>{esc(r.get('prompt'))}</bdi></td>"
+        f"<td class=\"mono\">{esc(r.get('seed'))}</td></tr>\n" for r in lowest)
+    return (f"<h3 id=\"score-{esc(d.column)}\"><code>{esc(d.column)}</code></h3>\n"
+            f"<p>{esc(SCORE_MEANINGS[d.column])}. {stats}</p>\n"
+            + _bars_svg([(x, float(n)) for x, n in bins], width, ends, tips,
+                        f"{d.column} histogram")
+            + f"<p>The {len(lowest)} lowest:</p>\n<table class=\"lowest\"><tr><th></th>"
+            f"<th>score</th><th>id</th><th>prompt</th><th>seed</th></tr>\n{body}</table>\n")
 
 
 def _code(value) -> str:
@@ -172,18 +201,12 @@ def _link(row: dict, text: str) -> str:
     return f"<a href=\"{esc(href)}\">{text}</a>" if href else text
 
 
-def lowest_scores(g: Gathered) -> str:
-    head = "<section id=\"lowest\"><h2>Lowest scores</h2>\n"
-    rows = g.lowest()
-    if not rows:
-        return head + "<p class=\"muted\">no scores</p></section>\n"
-    body = "".join(
-        f"<tr><td>{esc(num(r['score']))}</td><td>{_link(r, _code(r.get('id')))}</td>"
-        f"<td class=\"prompt\"><bdi>{esc(r.get('prompt'))}</bdi></td>"
-        f"<td class=\"mono\">{esc(r.get('seed'))}</td></tr>\n" for r in rows)
-    return (head + f"<p>The {len(rows)} ok rows with the lowest "
-            f"<code>{esc(SCORE_COLUMN)}</code>.</p>\n<table><tr><th>score</th><th>id</th>"
-            f"<th>prompt</th><th>seed</th></tr>\n{body}</table></section>\n")
+def _thumb(row: dict) -> str:
+    """The row's preview (a poster, WebP or GIF the job made) linked to its video, else a link."""
+    preview = row["media"]["preview"]
+    if not preview:
+        return _link(row, "video") if row["media"]["video"] else DASH
+    return _link(row, f"<img class=\"thumb\" src=\"{esc(preview)}\" alt=\"preview\">")
 
 
 def _min_score(job: dict):
@@ -204,25 +227,64 @@ def _tries(row: dict) -> str:
 
 
 def quality_gate(g: Gathered, job: dict) -> str:
-    """The ok rows kept below quality.min_score: ok by status and exit code, so only this
-    section (and the counts) shows them. Nothing for an output rendered without a gate."""
-    min_score = _min_score(job)
-    if min_score is None and not g.gate.kept_below:
+    """The ok rows kept below the gate (ok by status and exit code, so only this section and the
+    counts show them), and the rows each rule held back. Nothing for an output rendered
+    without a gate."""
+    rules = _rules(job)
+    if not rules and not g.gate.kept_below and not g.rule_misses:
         return ""
-    head = "<section id=\"gate\"><h2>Quality gate</h2>\n"
+    return ("<section id=\"gate\"><h2>Quality gate</h2>\n" + _kept(g, _min_score(job))
+            + _rule_counts(g, rules) + "</section>\n")
+
+
+def _kept(g: Gathered, min_score) -> str:
     count = sum(g.gate.kept_below.values())
     if not count:
-        return (head + f"<p class=\"good\">Every scored ok row reached "
-                f"<code>quality.min_score</code> {esc(num(min_score))}.</p></section>\n")
+        reached = (f"reached <code>quality.min_score</code> {esc(num(min_score))}"
+                   if min_score is not None else "met every rule")
+        return f"<p class=\"good\">Every scored ok row {reached}.</p>\n"
     body = "".join(
         f"<tr><td>{_link(r, _code(r.get('id')))}</td><td>{esc(num(r['score']))}</td>"
         f"<td class=\"mono\">{_tries(r)}</td>"
         f"<td class=\"prompt\"><bdi>{esc(r.get('prompt'))}</bdi></td></tr>\n" for r in g.kept)
     shown = "" if len(g.kept) == count else f" The first {len(g.kept):,} are listed."
-    return (head + f"<p>{esc(kept_below_text(g.gate.kept_below, min_score))}: ok rows whose "
-            f"best try is below the gate (<code>quality_passed</code> false).{shown}</p>\n"
+    return (f"<p>{esc(kept_below_text(g.gate.kept_below, min_score))}: ok rows whose kept try "
+            f"misses a rule (<code>quality_passed</code> false).{shown}</p>\n"
             f"<table><tr><th>id</th><th>score</th><th>tries (kept in bold)</th><th>prompt</th>"
-            f"</tr>\n{body}</table></section>\n")
+            f"</tr>\n{body}</table>\n")
+
+
+def _rules(job: dict) -> list[tuple[str, str]]:
+    """(rule as quality_failed_rules names it, on_fail) of the job's gate, in its order:
+    quality.min_score, then quality.rules."""
+    q = (job.get("config") or {}).get("quality") or {}
+    rules = [{"column": "clip_score", "min": q["min_score"], "on_fail": q.get("on_fail")}] \
+        if q.get("min_score") is not None else []
+    named = []
+    for r in rules + list(q.get("rules") or []):
+        try:
+            rule = Rule(r["column"], r.get("min"), r.get("max"), r.get("on_fail") or "keep")
+            named.append((rule.text, rule.on_fail))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # not a rule this version wrote
+    return named
+
+
+def _rule_counts(g: Gathered, rules: list[tuple[str, str]]) -> str:
+    """Per rule, the ok rows kept and the failed rows that miss it (``quality_failed_rules``
+    of the kept try), and the rows the gate rendered again."""
+    on_fail = dict(rules)
+    names = [text for text, _ in rules] + sorted(set(g.rule_misses) - set(on_fail))
+    body = "".join(
+        f"<tr><td><code>{esc(name)}</code></td><td>{esc(on_fail.get(name, DASH))}</td>"
+        f"<td>{g.rule_misses.get(name, {}).get('ok', 0):,}</td>"
+        f"<td>{g.rule_misses.get(name, {}).get('failed', 0):,}</td></tr>\n" for name in names)
+    again = (f"{g.retried:,} row{'s' if g.retried != 1 else ''} rendered again "
+             f"({g.extra_renders:,} more renders, seeds derived from the row's)."
+             if g.retried else "No row was rendered again.")
+    return (f"<p>Rows whose kept try misses each rule (<code>quality_failed_rules</code>). "
+            f"{again}</p>\n<table class=\"rules\"><tr><th>rule</th><th>on_fail</th>"
+            f"<th>ok rows kept</th><th>failed rows</th></tr>\n{body}</table>\n")
 
 
 def failures(g: Gathered) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
+import html
 import html.parser
 import io
 import json
@@ -31,8 +32,9 @@ from helpers import prompts, system_tool, tiny_config, write_prompts
 
 from jobs.store import layout, manifest
 from jobs.products.report.bins import Bins, score_widths
-from jobs.products.report.gather import (ERROR_EXAMPLES, LOWEST_ROWS, SCORE_BINS, SCORE_COLUMN,
-                                         gather)
+from jobs.products.report.gather import ERROR_EXAMPLES, SCORE_COLUMN, gather
+from jobs.products.report.scores import LOWEST_ROWS, SCORE_BINS, SCORE_COLUMNS
+from jobs.products.report.smallest import Smallest
 from jobs.products.report.page import write_report
 from jobs.products.report.text import PROMPT_CHARS
 from jobs.store.hashset import row_hash
@@ -46,12 +48,45 @@ HOSTILE_IMG = "\"><img src=x onerror=\"document.title='pwned2'\">"
 # --------------------------------------------------------------------------------------------
 # Synthetic outputs: shard manifests written directly, following manifest.SCHEMA.
 
+# Gated outputs: the rules their job.json names, as quality_failed_rules names them.
+CLIP_RULE, MOTION_RULE = "clip_score >= 25", "motion_score >= 0.5"
+
+
+def synthetic_scores(index: np.ndarray, failed: np.ndarray) -> dict[str, np.ndarray]:
+    """Each score column's values (NaN: unscored, as failed rows and a few others are)."""
+    values = {"clip_score": (20 + 15 * np.sin(index * 0.37) ** 2, index % 7 == 3),
+              "aesthetic_score": (5 + 2 * np.cos(index * 0.11), index % 5 == 1),
+              "motion_score": (2 * np.abs(np.sin(index * 0.05)), index % 11 == 2)}
+    return {name: np.where(failed | unscored, np.nan, v) for name, (v, unscored) in values.items()}
+
+
+def _gate_columns(index: np.ndarray, failed: np.ndarray, scores: dict) -> dict:
+    """The gate's columns for CLIP_RULE (retry, 3 renders) and MOTION_RULE (keep; and on every
+    50th failed row), and duplicate_of on every 13th ok row."""
+    missed = [[rule for rule, miss in ((CLIP_RULE, clip < 25), (MOTION_RULE, motion < 0.5))
+               if miss] if not f else ([MOTION_RULE] if i % 50 == 49 else [])
+              for i, f, clip, motion in zip(index.tolist(), failed.tolist(),
+                                            scores["clip_score"].tolist(),
+                                            scores["motion_score"].tolist())]
+    tries = [[{"seed": i, "clip_score": 1.0}] * (3 if CLIP_RULE in m else 1)
+             for i, m in zip(index.tolist(), missed)]
+    duplicate = [f"row-{i - 1:07d}" if i % 13 == 5 and not f else None
+                 for i, f in zip(index.tolist(), failed.tolist())]
+    return {"quality_failed_rules": pa.array(missed, pa.list_(pa.string())),
+            "quality_passed": pa.array([not m for m in missed]),
+            "quality_tries": pa.array(tries, manifest.SCHEMA.field("quality_tries").type),
+            "quality_kept_try": pa.array([len(t) - 1 for t in tries], pa.int32()),
+            "duplicate_of": pa.array(duplicate, pa.string())}
+
+
 def synthetic_output(root, rows: int, per_shard: int = 1000, scores: str | None = "some",
-                     fail_every: int = 25, prompt=None, start_s: float = 1.7e9) -> str:
+                     fail_every: int = 25, prompt=None, start_s: float = 1.7e9,
+                     gated: bool = False) -> str:
     """An output of ``rows`` committed rows: every ``fail_every``-th failed (three error codes
-    in turn), the rest ok with a video path; ``scores``: None (no column), "null" (all null) or
-    "some" (one row in 7 unscored). Returns its path."""
-    assert SCORE_COLUMN in manifest.SCHEMA.names
+    in turn), the rest ok with a video path; ``scores``: None (no score columns), "null" (all
+    null) or "some" (``synthetic_scores``); ``gated``: the gate's columns (``_gate_columns``)
+    and its rules in job.json. Returns its path."""
+    assert set(SCORE_COLUMNS) <= set(manifest.SCHEMA.names)
     root = str(root)
     os.makedirs(os.path.join(root, layout.MANIFESTS_DIR), exist_ok=True)
     codes = ["invalid_prompt", "render_error", "encode_error"]
@@ -84,20 +119,28 @@ def synthetic_output(root, rows: int, per_shard: int = 1000, scores: str | None 
                                manifest.SCHEMA.field("artifacts").type),
             attempts=pa.array(np.ones(n, np.int32)),
             committed_at=pa.array(np.full(n, start_s + 3.0 * shard)))
+        values = synthetic_scores(index, failed)
         if scores == "some":
-            values = 20 + 15 * np.sin(index * 0.37) ** 2
-            columns[SCORE_COLUMN] = pa.array(
-                np.where(failed | (index % 7 == 3), np.nan, values), from_pandas=True)
+            columns.update({name: pa.array(v, from_pandas=True) for name, v in values.items()})
+            columns["motion_static"] = pa.array(values["motion_score"] < 0.2, mask=np.isnan(
+                values["motion_score"]))
+        if gated:
+            columns.update(_gate_columns(index, failed, values))
         table = pa.table(columns, schema=manifest.SCHEMA)
         if scores is None:  # a manifest from before scoring existed
-            table = table.drop_columns([SCORE_COLUMN])
+            table = table.drop_columns(list(SCORE_COLUMNS))
         pq.write_table(table, os.path.join(root, layout.MANIFESTS_DIR,
                                            f"{layout.SHARD_PREFIX}{shard:08d}.parquet"))
     job = {"fingerprint": "0123456789abcdef", "counts": {"rows": rows},
            "settings": {"model.path": "tiny:modelscope"},
            "config": {"model": {"path": "tiny:modelscope"},
                       "render": {"num_frames": 16, "height": 256, "width": 256,
-                                 "num_inference_steps": 25}},
+                                 "num_inference_steps": 25},
+                      **({"quality": {"clip_model": "tiny:clip", "min_score": 25,
+                                      "on_fail": "retry", "max_tries": 3,
+                                      "rules": [{"column": "motion_score", "min": 0.5,
+                                                 "max": None, "on_fail": "keep"}]}}
+                         if gated else {})},
            "last_run": {"status": "finished", "started_at": start_s - 10, "finished_at":
                         start_s + 3.0 * (rows // per_shard), "seconds": 100.0, "startup_s": 10.0,
                         "rendering_s": 90.0, "rendered": rows, "videos_per_hour": 1234.5}}
@@ -249,27 +292,87 @@ def test_shards_with_and_without_scores_mix(tmp_path):
     old = tmp_path / "out/manifests/shard-00000000.parquet"  # as before scoring existed
     pq.write_table(pq.read_table(old).drop_columns([SCORE_COLUMN]), old)
     gathered = gather(out)
-    assert gathered.rows == 200 and gathered.scored == sum(
+    assert gathered.rows == 200 and gathered.scores[SCORE_COLUMN].count == sum(
         1 for i in range(100, 200) if i % 25 != 24 and i % 7 != 3)
 
 
-def test_scores_histogram_and_lowest_rows(tmp_path):
-    out = synthetic_output(tmp_path / "out", 2000, per_shard=300)
-    gathered = gather(out)
-    table = pa.concat_tables(manifest.iter_shards(out))
-    scores = table[SCORE_COLUMN].to_numpy(zero_copy_only=False)
-    scored = np.isfinite(scores)
-    assert gathered.scored == scored.sum() == sum(gathered.scores.counts.values())
-    assert len(gathered.scores.dense()) <= SCORE_BINS
-    assert gathered.score_min == pytest.approx(scores[scored].min())
+def _section(text: str, start: str, end: str = "</section>") -> str:
+    """The page's text from ``start`` to the next ``end``."""
+    begin = text.index(start)
+    return text[begin:text.index(end, begin + len(start))]
+
+
+@pytest.fixture(scope="module")
+def scores_output(tmp_path_factory) -> str:
+    """2,000 rows in uneven shards, every score, the gate's columns and near-duplicates."""
+    return synthetic_output(tmp_path_factory.mktemp("scores") / "out", 2000, per_shard=300,
+                            gated=True)
+
+
+def test_each_score_shows_its_distribution_and_its_lowest_rows_in_order(scores_output):
+    gathered = gather(scores_output)
+    table = pa.concat_tables(manifest.iter_shards(scores_output))
     ids = table["id"].to_pylist()
-    expected = sorted(((scores[i], row_hash(ids[i])) , ids[i]) for i in np.flatnonzero(scored))
-    assert [r["id"] for r in gathered.lowest()] == [i for _, i in expected[:LOWEST_ROWS]]
-    text, page = _page(out)
-    lowest = text[text.index('id="lowest"'):text.index('id="failures"')]
-    assert lowest.count("<tr><td>") == LOWEST_ROWS
-    assert text.count('<rect class="bar"') == len(gathered.scores.dense()) + len(
-        gathered.throughput.dense())
+    text, page = _page(scores_output)
+    section = _section(text, 'id="scores"')
+    parts = {chunk.split('"', 1)[0]: chunk for chunk in section.split('<h3 id="score-')[1:]}
+    assert list(parts) == list(SCORE_COLUMNS)
+    assert [d.column for d in gathered.shown_scores()] == list(SCORE_COLUMNS)
+    bars = 0
+    for column in SCORE_COLUMNS:
+        values = table[column].to_numpy(zero_copy_only=False)
+        scored = np.flatnonzero(np.isfinite(values))
+        d = gathered.scores[column]
+        assert d.count == len(scored) == sum(d.bins.counts.values()) < 2000
+        assert (d.low, d.high) == (values[scored].min(), values[scored].max())
+        assert d.mean == pytest.approx(values[scored].mean())
+        assert len(d.bins.dense()) <= SCORE_BINS
+        expected = sorted((values[i], row_hash(ids[i]), ids[i]) for i in scored)[:LOWEST_ROWS]
+        assert [(r["id"], r["score"]) for r in d.lowest.rows()] == [(i, v) for v, _, i in expected]
+        # On the page: the column's heading, its count, its histogram, its lowest rows in order.
+        part = parts[column]
+        assert f"{len(scored):,} scored ok rows" in part
+        assert part.count('<rect class="bar"') == len(d.bins.dense())
+        bars += len(d.bins.dense())
+        shown = re.findall(r'<tr><td><a href="videos/(row-\d{7})\.mp4">video</a></td><td>([^<]+)'
+                           r'</td><td><a href="videos/row-\d{7}\.mp4"><code>(row-\d{7})</code>',
+                           part)
+        assert [(i, v) for i, v, same in shown if i == same] == [
+            (i, f"{v:.4g}") for v, _, i in expected]
+    assert "motion_static</code>" in section and f"{gathered.static:,} flagged static" in section
+    assert gathered.static == sum(1 for v in table["motion_static"].to_pylist() if v)
+    assert text.count('<rect class="bar"') == bars + len(gathered.throughput.dense())
+
+
+def test_the_gate_counts_the_rows_each_rule_held_back_and_the_near_duplicates(scores_output):
+    rows = pa.concat_tables(manifest.iter_shards(scores_output)).to_pylist()
+    text, page = _page(scores_output)
+    gate = _section(text, 'id="gate"')
+    for rule, on_fail in ((CLIP_RULE, "retry"), (MOTION_RULE, "keep")):
+        ok, failed = (sum(1 for r in rows if r["status"] == status
+                          and rule in r["quality_failed_rules"]) for status in ("ok", "failed"))
+        assert ok and (failed or rule == CLIP_RULE)
+        assert (f"<tr><td><code>{html.escape(rule)}</code></td><td>{on_fail}</td>"
+                f"<td>{ok:,}</td><td>{failed:,}</td></tr>") in gate
+    retried = [r for r in rows if len(r["quality_tries"]) > 1]
+    assert f"{len(retried):,} rows rendered again ({2 * len(retried):,} more renders" in gate
+    duplicates = sum(1 for r in rows if r["duplicate_of"] is not None)
+    assert duplicates and (f"<th>Near-duplicates</th><td>{duplicates:,} ok rows marked "
+                           f"<code>duplicate_of</code>") in _section(text, 'id="summary"')
+    plain = _page(synthetic_output(scores_output + "-plain", 100))[0]  # no gate, no dedup
+    assert 'id="gate"' not in plain and "Near-duplicates" not in plain
+
+
+def test_a_score_without_values_has_no_section(tmp_path):
+    out = synthetic_output(tmp_path / "out", 100, per_shard=50)
+    for path in manifest.committed(out).shards:  # scored without an aesthetic model
+        table = pq.read_table(path)
+        index = table.column_names.index("aesthetic_score")
+        pq.write_table(table.set_column(index, "aesthetic_score",
+                                        pa.nulls(table.num_rows, pa.float64())), path)
+    text, _ = _page(out)
+    assert 'id="score-clip_score"' in text and 'id="score-motion_score"' in text
+    assert "aesthetic_score" not in text
 
 
 def test_workers_over_the_last_run_are_charted_per_stage_and_absent_from_older_outputs(
@@ -315,6 +418,19 @@ def test_bins_widen_exactly_whatever_the_batches():
         batched.add(chunk)
     assert whole.width == batched.width and whole.counts == batched.counts
     assert sum(whole.counts.values()) == 5000 and len(whole.dense()) <= 20
+
+
+def test_the_lowest_rows_are_the_same_whatever_the_batches_ties_included():
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 5, 3000).astype(float)  # many ties: the hash orders them
+    hashes = rng.integers(0, 2**64 - 1, 3000, dtype=np.uint64)
+    expected = sorted(zip(values.tolist(), hashes.tolist(), range(3000)))[:LOWEST_ROWS]
+    for batches in (1, 7, 300):
+        kept = Smallest(LOWEST_ROWS)
+        for chunk in np.array_split(np.arange(3000), batches):
+            kept.offer(hashes[chunk], lambda picked, c=chunk: [{"i": int(c[p])} for p in picked],
+                       values[chunk])
+        assert [r["i"] for r in kept.rows()] == [i for *_, i in expected]
 
 
 def test_a_path_without_an_output_is_an_error(tmp_path):
@@ -529,16 +645,19 @@ def test_the_report_in_chromium_plays_its_videos_runs_nothing_hostile_and_stays_
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """A real tiny output with CLIP scores (tiny:clip) and poster and WebP previews."""
+    """A real tiny output with CLIP, aesthetic and motion scores (tiny:clip, tiny:aesthetic),
+    a rule no row meets (kept, marked), and poster and WebP previews."""
     from jobs.config import validate
     from jobs.driver import render
 
     folder = tmp_path_factory.mktemp("report-scored")
     src = write_prompts(folder / "prompts.parquet", prompts(6) + [{"id": "blank", "prompt": ""}])
     out = str(folder / "out")
+    quality = {"clip_model": "tiny:clip", "aesthetic_model": "tiny:aesthetic",
+               "rules": [{"column": "motion_score", "min": 1000}]}
     summary = render(validate(tiny_config(src, out, cluster={"backend": "inline"},
                                           encode={"previews": ["poster", "webp"]},
-                                          quality={"clip_model": "tiny:clip"})), progress=False)
+                                          quality=quality)), progress=False)
     assert (summary.ok, summary.failed) == (6, 1)
     return out
 
@@ -579,6 +698,44 @@ def test_a_copied_output_shows_its_previews_and_sorts_by_score_in_chromium(brows
                 for e in browser.session_events(session, "Network.loadingFinished")}
     posters = [r for r, u in requests.items() if u.startswith(root + "previews/")]
     assert len(posters) == 6 and set(posters) <= finished  # every poster loaded
+    logged = [e["params"]["entry"]["text"]
+              for e in browser.session_events(session, "Log.entryAdded")]
+    assert not [t for t in logged if "Content Security Policy" in t], logged
+
+
+_SCORES = """(async () => {
+  const thumbs = Array.from(document.querySelectorAll('#scores img.thumb'));
+  await Promise.all(thumbs.map(i => i.decode().catch(() => null)));
+  const tables = {};
+  document.querySelectorAll('#scores h3').forEach(h => {
+    let next = h.nextElementSibling;
+    while (next.tagName !== 'TABLE') { next = next.nextElementSibling; }
+    tables[h.id] = Array.from(next.querySelectorAll('tr'), r => Array.from(r.cells,
+      c => c.innerText)).slice(1);
+  });
+  const rules = Array.from(document.querySelectorAll('#gate table.rules tr'),
+                           r => Array.from(r.cells, c => c.innerText)).slice(1);
+  return {tables, rules, thumbs: thumbs.map(i => [i.naturalWidth, i.closest('a').href])};
+})()"""
+
+
+def test_each_score_and_its_lowest_rows_in_chromium(browser, scored):
+    session = browser.open(os.path.realpath(write_report(scored)))
+    page = browser.evaluate(session, _SCORES)
+    rows = {r["id"]: r for r in pq.read_table(os.path.join(scored, layout.MANIFEST_FILE))
+            .to_pylist() if r["status"] == "ok"}
+    assert list(page["tables"]) == [f"score-{c}" for c in SCORE_COLUMNS]
+    for column in SCORE_COLUMNS:  # six ok rows, each scored: all six, lowest first
+        shown = [(cells[2], float(cells[1])) for cells in page["tables"][f"score-{column}"]]
+        expected = sorted(((r[column], row_hash(i)), i) for i, r in rows.items())
+        assert [i for i, _ in shown] == [i for _, i in expected]
+        assert all(v == pytest.approx(rows[i][column], rel=1e-3) for i, v in shown)
+    # A thumbnail per row shown, each its poster, decoded, linked to its video.
+    root = "file://" + urllib.parse.quote(os.path.realpath(scored)) + "/"
+    assert len(page["thumbs"]) == 3 * len(rows)
+    assert all(width > 0 and href.startswith(root + "videos/") for width, href
+               in page["thumbs"]), page["thumbs"]
+    assert page["rules"] == [["motion_score >= 1000", "keep", str(len(rows)), "0"]]
     logged = [e["params"]["entry"]["text"]
               for e in browser.session_events(session, "Log.entryAdded")]
     assert not [t for t in logged if "Content Security Policy" in t], logged

@@ -168,7 +168,7 @@ def _render(args) -> int:
         print(f"rendered {summary.rendered} video(s) in {summary.seconds:.1f} s "
               f"({summary.videos_per_s:.2f} videos/s while rendering{startup}); "
               f"{summary.skipped} row(s) were already done")
-    ok = _ok(summary.ok, summary.kept_below, cfg.quality.min_score)
+    ok = _ok(summary.ok, summary.kept_below, cfg.quality.model_dump())
     print(f"rows: {summary.total_rows}  ok: {ok}  failed: {summary.failed}")
     for code, count in summary.top_errors:
         print(f"  {count} failed with {code}")
@@ -181,12 +181,12 @@ def _render(args) -> int:
     return _finished(summary.failed, args)
 
 
-def _ok(count: int, kept_below: dict[int, int], min_score: float | None) -> str:
-    """The ok count, with the rows in it the quality gate kept below its threshold: they exit 0
+def _ok(count: int, kept_below: dict[int, int], quality: dict) -> str:
+    """The ok count, with the rows in it the quality gate kept short of its rules: they exit 0
     like any ok row, so the summary must say so."""
     from rendering.quality import kept_below_text
 
-    kept = kept_below_text(kept_below, min_score)
+    kept = kept_below_text(kept_below, quality)
     return f"{count} ({kept})" if kept else str(count)
 
 
@@ -335,7 +335,7 @@ def _status(args) -> int:
         print_running(report["running"])
     for name, count in sorted(report["by_status"].items()):
         if name == "ok":
-            count = _ok(count, report["kept_below"], report["min_score"])
+            count = _ok(count, report["kept_below"], report["quality"])
         print(f"  {name}: {count}")
     run = report["last_run"] or {}
     if len(report["by_stage"]) > 1:

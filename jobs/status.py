@@ -16,8 +16,8 @@ from rendering import storage
 
 
 def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
-    """Counts by status, the most common errors, the ok rows the quality gate kept below its
-    ``min_score``, the last run's figures, and the run holding the output now, if any, with the
+    """Counts by status, the most common errors, the ok rows the quality gate kept short of its
+    rules (and the job's quality section, which names them), the last run's figures, and the run holding the output now, if any, with the
     live figures it last wrote (``running``). ``must_exist``: a path that holds no output is an
     error (a typo), not an output of zero rows."""
     fs, root = storage.filesystem(output_uri)
@@ -29,7 +29,7 @@ def status(output_uri: str, top: int = 5, must_exist: bool = True) -> dict:
             "top_errors": counts.top_errors(top),
             "by_stage": {name: dict(c) for name, c in counts.by_stage.items()},
             "kept_below": dict(counts.kept_below),
-            "min_score": (job.get("config", {}).get("quality") or {}).get("min_score"),
+            "quality": job.get("config", {}).get("quality") or {},
             "expected_rows": job.get("counts", {}).get("rows"),
             "last_run": job.get("last_run"),
             "running": holder(output_uri),

@@ -120,14 +120,23 @@ def verdict(metrics: dict, gate: GateSpec) -> tuple[bool | None, list[str], tupl
     return passed, [rule.text for rule in missed], fatal and fatal.failure(metrics)
 
 
-def kept_below_text(kept_below: dict[int, int], min_score: float | None) -> str:
-    """What the summaries say of the ok rows kept under the gate (tries -> rows), such as "8 kept
-    below quality.min_score 30 after 3 tries"; empty when there are none."""
+def gate_words(quality: dict) -> str:
+    """The gate a quality section (as job.json stores it) sets, in a few words: "quality.min_score
+    30", "quality.min_score 30 and 2 rules", "2 quality rules"."""
+    min_score, rules = quality.get("min_score"), len(quality.get("rules") or ())
+    plural = "rule" if rules == 1 else "rules"
+    if min_score is None:
+        return f"{rules} quality {plural}" if rules else "the quality gate"
+    return f"quality.min_score {min_score:g}" + (f" and {rules} {plural}" if rules else "")
+
+
+def kept_below_text(kept_below: dict[int, int], quality: dict) -> str:
+    """What the summaries say of the ok rows kept short of the gate (tries -> rows), such as "8
+    kept below quality.min_score 30 after 3 tries"; empty when there are none."""
     rows = sum(kept_below.values())
     if not rows:
         return ""
     fewest, most = min(kept_below), max(kept_below)
     tries = f"{most}" if fewest == most else f"{fewest} to {most}"
-    threshold = "" if min_score is None else f" {min_score:g}"
-    return (f"{rows} kept below quality.min_score{threshold} after {tries} "
+    return (f"{rows} kept below {gate_words(quality)} after {tries} "
             f"{'try' if most == 1 else 'tries'}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from jobs.products.report.gather import ERROR_EXAMPLES, Gathered
 from jobs.products.report.scores import Distribution
 from jobs.products.report.text import DASH, duration, esc, num, when, width_label
-from rendering.quality import Rule, kept_below_text
+from rendering.quality import Rule, gate_words, kept_below_text
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -209,12 +209,12 @@ def _thumb(row: dict) -> str:
     return _link(row, f"<img class=\"thumb\" src=\"{esc(preview)}\" alt=\"preview\">")
 
 
-def _min_score(job: dict):
-    return ((job.get("config") or {}).get("quality") or {}).get("min_score")
+def _quality(job: dict) -> dict:
+    return (job.get("config") or {}).get("quality") or {}
 
 
 def _kept_note(g: Gathered, job: dict) -> str:
-    text = kept_below_text(g.gate.kept_below, _min_score(job))
+    text = kept_below_text(g.gate.kept_below, _quality(job))
     return f" (<span class=\"bad\">{esc(text)}</span>)" if text else ""
 
 
@@ -233,22 +233,20 @@ def quality_gate(g: Gathered, job: dict) -> str:
     rules = _rules(job)
     if not rules and not g.gate.kept_below and not g.rule_misses:
         return ""
-    return ("<section id=\"gate\"><h2>Quality gate</h2>\n" + _kept(g, _min_score(job))
+    return ("<section id=\"gate\"><h2>Quality gate</h2>\n" + _kept(g, _quality(job))
             + _rule_counts(g, rules) + "</section>\n")
 
 
-def _kept(g: Gathered, min_score) -> str:
+def _kept(g: Gathered, quality: dict) -> str:
     count = sum(g.gate.kept_below.values())
     if not count:
-        reached = (f"reached <code>quality.min_score</code> {esc(num(min_score))}"
-                   if min_score is not None else "met every rule")
-        return f"<p class=\"good\">Every scored ok row {reached}.</p>\n"
+        return f"<p class=\"good\">Every scored ok row met {esc(gate_words(quality))}.</p>\n"
     body = "".join(
         f"<tr><td>{_link(r, _code(r.get('id')))}</td><td>{esc(num(r['score']))}</td>"
         f"<td class=\"mono\">{_tries(r)}</td>"
         f"<td class=\"prompt\"><bdi>{esc(r.get('prompt'))}</bdi></td></tr>\n" for r in g.kept)
     shown = "" if len(g.kept) == count else f" The first {len(g.kept):,} are listed."
-    return (f"<p>{esc(kept_below_text(g.gate.kept_below, min_score))}: ok rows whose kept try "
+    return (f"<p>{esc(kept_below_text(g.gate.kept_below, quality))}: ok rows whose kept try "
             f"misses a rule (<code>quality_passed</code> false).{shown}</p>\n"
             f"<table><tr><th>id</th><th>score</th><th>tries (kept in bold)</th><th>prompt</th>"
             f"</tr>\n{body}</table>\n")
@@ -257,7 +255,7 @@ def _kept(g: Gathered, min_score) -> str:
 def _rules(job: dict) -> list[tuple[str, str]]:
     """(rule as quality_failed_rules names it, on_fail) of the job's gate, in its order:
     quality.min_score, then quality.rules."""
-    q = (job.get("config") or {}).get("quality") or {}
+    q = _quality(job)
     rules = [{"column": "clip_score", "min": q["min_score"], "on_fail": q.get("on_fail")}] \
         if q.get("min_score") is not None else []
     named = []

@@ -14,6 +14,7 @@ from helpers import write_config
 
 from jobs.store import layout, manifest
 from jobs.products.report.page import write_report
+from rendering.quality import gate_words
 
 ROWS = 3
 
@@ -66,10 +67,19 @@ def test_the_report_lists_each_kept_row_with_its_score_tries_and_video(retried):
     assert f"{ROWS} kept below quality.min_score 100 after 3 tries" in run
 
 
+def test_the_gate_is_named_with_its_rules_not_as_min_score_alone():
+    assert gate_words({"min_score": 30.0, "rules": []}) == "quality.min_score 30"
+    assert gate_words({"min_score": 30.0, "rules": [{}, {}]}) == "quality.min_score 30 and 2 rules"
+    assert gate_words({"min_score": None, "rules": [{}]}) == "1 quality rule"
+    assert gate_words({}) == "the quality gate"
+
+
 def test_on_fail_keep_counts_one_try_and_an_output_without_the_columns_says_nothing(tmp_path):
-    result, out = _render(tmp_path, on_fail="keep")
+    # A second rule every row meets: the summaries name the whole gate, not min_score alone.
+    result, out = _render(tmp_path, on_fail="keep",
+                          rules=[{"column": "clip_score", "min": -100, "on_fail": "fail"}])
     assert result.returncode == 0, result.stderr
-    kept = f"ok: {ROWS} ({ROWS} kept below quality.min_score 100 after 1 try)"
+    kept = f"ok: {ROWS} ({ROWS} kept below quality.min_score 100 and 1 rule after 1 try)"
     assert kept in result.stdout and kept in run_cli("status", str(out)).stdout
     assert "<section id=\"gate\">" in (out / layout.REPORT_FILE).read_text()
 

@@ -180,6 +180,24 @@ class RuleConfig(_Section):
         return self
 
 
+DEDUP_THRESHOLD = 0.95  # cosine: SemDeDup's eps = 0.05
+
+
+def _switch(value):
+    """A section given as ``true`` (its defaults) or ``false`` (off), or as a mapping."""
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
+class DedupConfig(_Section):
+    """Near-duplicates found after a run's last commit, as ``reelfarm dedup`` finds them."""
+
+    threshold: float = Field(DEDUP_THRESHOLD, ge=-1, le=1, description="cosine similarity at or above which a row is a duplicate")
+    search: Literal["exact", "buckets"] = Field(
+        "exact", description="exact (quadratic), or within k-means buckets (for millions of rows; may miss a few)")
+
+
 class QualityConfig(_Section):
     """CLIP scores of every rendered frame against the prompt, embeddings, aesthetic and motion
     scores, and a gate of rules on them."""
@@ -204,14 +222,18 @@ class QualityConfig(_Section):
         "keep", description="a picture the pipeline's safety checker flags (and blacks out): keep "
                             "it (flagged in safety_flagged), fail the row (unsafe_content), or "
                             "render it again with new seeds, up to max_tries")
+    dedup: DedupConfig | None = Field(
+        None, description="find near-duplicates after the last commit: true, or {threshold, search}")
+
+    _dedup_switch = field_validator("dedup", mode="before")(_switch)
 
     @model_validator(mode="after")
     def _gate_needs_scores(self) -> "QualityConfig":
         if self.min_score is not None and self.clip_model is None:
             raise ValueError("quality.min_score needs quality.clip_model to score the videos")
-        if (self.rules or self.aesthetic_model) and self.clip_model is None:
-            raise ValueError("quality.rules and quality.aesthetic_model need quality.clip_model "
-                             "to score the videos")
+        if (self.rules or self.aesthetic_model or self.dedup) and self.clip_model is None:
+            raise ValueError("quality.rules, quality.aesthetic_model and quality.dedup need "
+                             "quality.clip_model to score the videos")
         if self.aesthetic_model is None and any(r.column == "aesthetic_score" for r in self.rules):
             raise ValueError("a quality rule on aesthetic_score needs quality.aesthetic_model")
         return self
@@ -235,6 +257,8 @@ class OptimizeConfig(_Section):
 
 class WebDatasetConfig(_Section):
     rows_per_shard: int = Field(1000, ge=1, description="rows of the input per tar shard (failed rows are listed, not packed)")
+    skip_duplicates: bool = Field(
+        False, description="leave out the rows quality.dedup marks (listed, not packed): tars are packed after it, at the end of the run")
 
 
 class OutputConfig(_Section):
@@ -246,12 +270,7 @@ class OutputConfig(_Section):
         None, description="pack rows into WebDataset tar shards: true, or a mapping of options")
     keep_videos: bool = Field(True, description="false: drop the loose videos once packed into shards")
 
-    @field_validator("webdataset", mode="before")
-    @classmethod
-    def _switch(cls, value):
-        if value is True:
-            return {}
-        return None if value is False else value
+    _webdataset_switch = field_validator("webdataset", mode="before")(_switch)
 
     @model_validator(mode="after")
     def _packing_before_dropping(self) -> "OutputConfig":
@@ -507,6 +526,14 @@ class JobConfig(_Section):
                                  f"stage: set media_resize to crop or fit")
 
     @model_validator(mode="after")
+    def _skipping_needs_dedup(self) -> "JobConfig":
+        if self.output.webdataset and self.output.webdataset.skip_duplicates \
+                and self.quality.dedup is None:
+            raise ValueError("output.webdataset.skip_duplicates leaves out what dedup finds: it "
+                             "needs quality.dedup")
+        return self
+
+    @model_validator(mode="after")
     def _last_model_makes_videos(self) -> "JobConfig":
         """An image model can only make keyframes for a later stage; refused here when its
         class is known without loading it (a tiny kind, or model.pipeline), else by the worker."""
@@ -558,7 +585,7 @@ class JobConfig(_Section):
 # The sections whose values change what a video looks like: a resumed output must match them.
 OUTPUT_SECTIONS = ("model", "render", "optimize", "encode", "quality")
 # Settings within those sections that change speed, not pixels.
-_NOT_FINGERPRINTED = {"render": {"batch_size"}}
+_NOT_FINGERPRINTED = {"render": {"batch_size"}, "quality": {"dedup"}}
 # Settings added after format 1, left out of the fingerprint at the value that behaves as
 # reelfarm did before them, so outputs made before they existed resume.
 _FINGERPRINTED_UNLESS = {"quality.on_unsafe": "keep", "quality.aesthetic_model": None,

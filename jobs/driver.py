@@ -167,8 +167,9 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     folder.fold_listed()
     try:
         _after_last_commit(cfg, total_rows)
-    except BaseException:
-        _finish_quietly(cfg, job, "failed", total_rows, scheduler)
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt)
+        _finish_quietly(cfg, job, "interrupted" if stopped else "failed", total_rows, scheduler)
         raise
     tally = _finish(cfg, job, "finished", total_rows, scheduler, input_signature)
     _write_report(cfg.output.uri)

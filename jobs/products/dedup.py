@@ -35,7 +35,7 @@ from jobs.products.webdataset.packer import pack_output
 from jobs.products.webdataset.tars import PackSpec
 from jobs.store import layout, manifest
 from jobs.store.duplicates import SCHEMA
-from jobs.store.job_file import read_job
+from jobs.store.job_file import read_job, require_output
 from jobs.store.lease import acquire as acquire_lease
 from jobs.store.parquet_files import parquet_bytes
 from rendering import storage
@@ -64,6 +64,7 @@ def dedup(output_uri: str, threshold: float = DEDUP_THRESHOLD, block_rows: int =
     near-duplicates, write ``manifest.parquet`` with them, and pack again the tars of a job
     with ``output.webdataset.skip_duplicates`` whose left-out rows changed. An output with no
     scored ok row is refused."""
+    require_output(output_uri)  # a typo is an error, not a lease taken on a new folder
     lease = acquire_lease(output_uri)
     try:
         found = find_duplicates(output_uri, threshold, block_rows, search, require_rows=True)

@@ -243,13 +243,14 @@ def test_leaving_duplicates_out_later_puts_their_dropped_videos_back(out):
     assert verify(out).problems == []
 
 
-def test_on_s3_dedup_packs_again_and_consolidation_keeps_duplicate_of(skipped, s3_bucket):
-    import s3fs
-
+def test_on_s3_a_run_leaves_copies_out_and_dedup_packs_again(inputs, skipped, s3_bucket):
     bucket, _ = s3_bucket
-    s3fs.S3FileSystem().put(str(skipped) + "/", f"{bucket}/skipped", recursive=True)
     uri = f"s3://{bucket}/skipped"
-    closest, later = _closest_distinct(read_manifest(skipped))
+    render(_config(inputs, uri, {"rows_per_shard": 4, "skip_duplicates": True},
+                   dedup={"threshold": THRESHOLD}), progress=False)
+    assert _duplicates(read_manifest(uri)) == PLANTED
+    assert {r["id"]: r["duplicate_of"] for r in _index(uri) if r["duplicate_of"]} == PLANTED
+    closest, later = _closest_distinct(read_manifest(skipped))  # the same renders
     assert dedup(uri, threshold=closest - 1e-6, block_rows=5).duplicates == len(PLANTED) + 1
     manifest.consolidate(uri)
     assert set(_duplicates(read_manifest(uri))) == {*PLANTED, later}

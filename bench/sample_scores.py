@@ -106,19 +106,47 @@ def dedup_child(output: str, block_rows: int, search: str, probes: int | None) -
     nearest.PROBES = probes or nearest.PROBES
 
     imported_mb = _peak_rss_mb()
+    anon = _AnonPeak()
     started = time.perf_counter()
     found = dedup(output, block_rows=block_rows, search=search)
     seconds = time.perf_counter() - started  # the command: the search, then consolidation
+    anon.stop()
     rows = sorted(pq.read_table(os.path.join(output, DUPLICATES_FILE))["row_index"].to_pylist())
     print(json.dumps({"seconds": round(seconds, 1), "search_s": round(found.seconds, 1),
                       "rows": found.rows,
                       "duplicates": found.duplicates, "duplicate_rows": rows,
-                      "rss_after_imports_mb": imported_mb, "peak_rss_mb": _peak_rss_mb()}))
+                      "rss_after_imports_mb": imported_mb, "peak_rss_mb": _peak_rss_mb(),
+                      "peak_anon_rss_mb": anon.peak_mb}))
+
+
+def _status_mb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return round(int(f.read().split(f"{field}:")[1].split()[0]) / 1024)
 
 
 def _peak_rss_mb() -> int:
-    with open("/proc/self/status") as f:
-        return round(int(f.read().split("VmHWM:")[1].split()[0]) / 1024)
+    return _status_mb("VmHWM")
+
+
+class _AnonPeak:
+    """The peak of ``RssAnon`` (VmHWM counts the memmap'd spill file's pages too, which the
+    kernel may drop at will), sampled on a thread every 50 ms."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_mb = _status_mb("RssAnon")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def dedup_run(rows: int, dim: int, block_rows: int, searches: list[str], rounds: int,
@@ -143,6 +171,7 @@ def dedup_run(rows: int, dim: int, block_rows: int, searches: list[str], rounds:
             "median_s": median([r["seconds"] for r in results]),
             "search_median_s": median([r["search_s"] for r in results]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "peak_anon_rss_mb": max(r["peak_anon_rss_mb"] for r in results),
             "rss_after_imports_mb": results[-1]["rss_after_imports_mb"],
             "duplicates": results[-1]["duplicates"],
             "planted_found": len(marked & set(planted)),

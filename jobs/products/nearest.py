@@ -22,8 +22,8 @@ import numpy as np
 SEARCHES = ("exact", "buckets")
 BUCKET_ROWS = 1024  # rows per bucket on average: a bucket pair is one small block
 # Buckets a row is compared in: its own centroid's and the next five nearest. On random 768-d
-# embeddings (no clusters) at 1M rows, 6 find 96% of planted copies and 3 find 87%, for 35%
-# more time (bench/RESULTS.md, section 13).
+# embeddings (no clusters) at 1M rows, 6 find 96% of planted copies and 3 find 87%, in 1.6
+# times the time (bench/RESULTS.md, section 13).
 PROBES = 6
 KMEANS_SAMPLE = 64  # rows sampled per bucket to train the centroids (k-means needs ~30+)
 KMEANS_ROUNDS = 10  # Lloyd iterations: assignments barely move after a few

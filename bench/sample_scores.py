@@ -6,8 +6,10 @@
   torch uses one thread, as a 1-CPU worker does.
 - ``dedup``: a synthetic output of ``--rows`` ok rows with random unit embeddings of ``--dim``
   floats (1% of them planted near-copies of earlier rows), committed as shard manifests; then
-  ``jobs.products.dedup.dedup`` in a child process: its wall time and peak RSS
-  (``ru_maxrss``), and whether it found exactly the planted copies.
+  ``jobs.products.dedup.dedup`` with each ``--searches`` side by side, each in its own child
+  process, in interleaved rounds: wall time of the command and of its search (medians), peak
+  RSS (``VmHWM``, the memmap'd embeddings' pages included), and which of the planted copies it
+  found (random embeddings have no clusters: the buckets' worst case).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from bench.common import machine, median, save
 
-SHARD_ROWS = 50_000
+SHARD_ROWS = 4096  # rows a manifest: a folded output's segment (64 shards of 64 rows)
 
 
 def scores(rounds: int, num_frames: int, side: int) -> dict:
@@ -92,35 +94,90 @@ def synthetic_output(folder: str, rows: int, dim: int, copies: int, seed: int = 
     return planted.tolist()
 
 
-def dedup_child(output: str, block_rows: int) -> None:
-    """Run dedup here and print what it found with this process's peak memory."""
+def dedup_child(output: str, block_rows: int, search: str, probes: int | None) -> None:
+    """Run dedup here and print what it found with this process's peak memory; ``probes``:
+    the buckets a row is compared in, in place of ``nearest.PROBES``."""
     import pyarrow.parquet as pq
 
-    from jobs.products.dedup import DUPLICATES_FILE, dedup
+    from jobs.products import nearest
+    from jobs.products.dedup import dedup
+    from jobs.store.layout import DUPLICATES_FILE
 
-    imported_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    found = dedup(output, block_rows=block_rows)
+    nearest.PROBES = probes or nearest.PROBES
 
+    imported_mb = _peak_rss_mb()
+    anon = _AnonPeak()
+    started = time.perf_counter()
+    found = dedup(output, block_rows=block_rows, search=search)
+    seconds = time.perf_counter() - started  # the command: the search, then consolidation
+    anon.stop()
     rows = sorted(pq.read_table(os.path.join(output, DUPLICATES_FILE))["row_index"].to_pylist())
-    print(json.dumps({"seconds": round(found.seconds, 1), "rows": found.rows,
+    print(json.dumps({"seconds": round(seconds, 1), "search_s": round(found.seconds, 1),
+                      "rows": found.rows,
                       "duplicates": found.duplicates, "duplicate_rows": rows,
-                      "rss_after_imports_mb": round(imported_mb),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                      "rss_after_imports_mb": imported_mb, "peak_rss_mb": _peak_rss_mb(),
+                      "peak_anon_rss_mb": anon.peak_mb}))
 
 
-def dedup_run(rows: int, dim: int, block_rows: int) -> dict:
+def _status_mb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return round(int(f.read().split(f"{field}:")[1].split()[0]) / 1024)
+
+
+def _peak_rss_mb() -> int:
+    return _status_mb("VmHWM")
+
+
+class _AnonPeak:
+    """The peak of ``RssAnon`` (VmHWM counts the memmap'd spill file's pages too, which the
+    kernel may drop at will), sampled on a thread every 50 ms."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_mb = _status_mb("RssAnon")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def dedup_run(rows: int, dim: int, block_rows: int, searches: list[str], rounds: int,
+              probes: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="reelfarm-bench-dedup-") as folder:
         started = time.perf_counter()
         planted = synthetic_output(folder, rows, dim, max(1, rows // 100))
         made_s = time.perf_counter() - started
-        code = (f"from bench.sample_scores import dedup_child; "
-                f"dedup_child({folder!r}, {block_rows})")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout
-        found = json.loads(out.strip().splitlines()[-1])
-    exact = found.pop("duplicate_rows") == planted
-    return {"rows": rows, "dim": dim, "block_rows": block_rows, "output_made_s": round(made_s, 1),
-            "found_exactly_the_planted": exact, "planted": len(planted), **found}
+        runs: dict[str, list[dict]] = {search: [] for search in searches}
+        for _ in range(rounds):
+            for search in searches:
+                code = (f"from bench.sample_scores import dedup_child; "
+                        f"dedup_child({folder!r}, {block_rows}, {search!r}, {probes!r})")
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                     text=True, check=True).stdout
+                runs[search].append(json.loads(out.strip().splitlines()[-1]))
+    found = {}
+    for search, results in runs.items():
+        marked = set(results[-1].pop("duplicate_rows"))
+        found[search] = {
+            "seconds": [r["seconds"] for r in results],
+            "median_s": median([r["seconds"] for r in results]),
+            "search_median_s": median([r["search_s"] for r in results]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "peak_anon_rss_mb": max(r["peak_anon_rss_mb"] for r in results),
+            "rss_after_imports_mb": results[-1]["rss_after_imports_mb"],
+            "duplicates": results[-1]["duplicates"],
+            "planted_found": len(marked & set(planted)),
+            "found_not_planted": len(marked - set(planted))}
+    return {"rows": rows, "dim": dim, "block_rows": block_rows, "rounds": rounds, "probes": probes,
+            "output_made_s": round(made_s, 1), "planted": len(planted), "searches": found}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,17 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--block-rows", type=int, default=4096)
+    parser.add_argument("--searches", nargs="+", default=["buckets"],
+                        help="exact is quadratic: about 3 hours at 1M rows of 768-d (RESULTS 13)")
+    parser.add_argument("--dedup-rounds", type=int, default=1)
+    parser.add_argument("--probes", type=int, help="buckets: buckets compared per row (default: "
+                                                   "jobs.products.nearest.PROBES)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds, 20k rows")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.rows = 3, 20_000
+        args.rounds, args.rows, args.searches = 3, 20_000, ["exact", "buckets"]
     result = {"machine": machine()}
     if "scores" in args.parts:
         result["scores"] = scores(args.rounds, args.frames, args.side)
     if "dedup" in args.parts:
-        result["dedup"] = dedup_run(args.rows, args.dim, args.block_rows)
+        result["dedup"] = dedup_run(args.rows, args.dim, args.block_rows, args.searches,
+                                    args.dedup_rounds, args.probes)
     print(json.dumps(result, indent=2))
-    save("sample_scores", result)
+    name = f"_{args.rows}_{args.dim}_{'_'.join(args.searches)}" if "dedup" in args.parts else ""
+    save(f"sample_scores{name}" + (f"_probes{args.probes}" if args.probes else ""), result)
     return 0
 
 

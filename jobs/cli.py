@@ -18,7 +18,9 @@ import time
 
 import pyarrow as pa
 
-from jobs.products.dedup import BLOCK_ROWS, DEFAULT_THRESHOLD
+from jobs.config import DEDUP_THRESHOLD
+from jobs.products.dedup import BLOCK_ROWS
+from jobs.products.nearest import SEARCHES
 from rendering.pipelines.tiny import TINY_KINDS
 from rendering.text.tiny import TINY_LM_KINDS
 
@@ -109,12 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("dedup", parents=[common],
                          help="find ok rows whose video embeddings are near-copies of earlier ones")
     cmd.add_argument("output", help="output URI")
-    cmd.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    cmd.add_argument("--threshold", type=float, default=DEDUP_THRESHOLD,
                      help=f"cosine similarity at or above which a row is a duplicate (default "
-                          f"{DEFAULT_THRESHOLD})")
+                          f"{DEDUP_THRESHOLD})")
     cmd.add_argument("--block-rows", type=int, default=BLOCK_ROWS,
                      help=f"rows compared at once: memory is about 4 * N^2 bytes (default "
                           f"{BLOCK_ROWS})")
+    cmd.add_argument("--search", choices=SEARCHES, default="exact",
+                     help="exact (quadratic), or within k-means buckets: for millions of rows, "
+                          "may miss a few pairs (default exact)")
     cmd.set_defaults(func=_dedup)
 
     cmd = sub.add_parser("make-tiny-model", parents=[common], help="write a random-weight pipeline, built offline")
@@ -376,12 +381,13 @@ def _report(args) -> int:
 
 
 def _dedup(args) -> int:
-    from jobs.products.dedup import DUPLICATES_FILE, dedup
+    from jobs.products.dedup import dedup
+    from jobs.store.layout import DUPLICATES_FILE
 
-    found = dedup(args.output, args.threshold, args.block_rows)
+    found = dedup(args.output, args.threshold, args.block_rows, args.search)
     print(f"dedup: {found.duplicates} of {found.rows} ok rows are near-duplicates of earlier rows "
-          f"(similarity >= {args.threshold:g}), in {found.seconds:.1f} s; listed in "
-          f"{DUPLICATES_FILE} and manifest.parquet's duplicate_of column")
+          f"(similarity >= {args.threshold:g}, {args.search} search), in {found.seconds:.1f} s; "
+          f"listed in {DUPLICATES_FILE} and manifest.parquet's duplicate_of column")
     return EXIT_OK
 
 

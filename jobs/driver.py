@@ -24,7 +24,8 @@ from jobs.store.lease import acquire as acquire_lease
 from jobs.store.job_file import (OutputError, check_resumable, finish_job, finished_before,
                                  read_job, start_job, unwritable)
 from jobs.store.location import check_output_is_folder, remove_probes
-from jobs.products.webdataset.packer import Packer
+from jobs.products.dedup import find_duplicates
+from jobs.products.webdataset.packer import Packer, pack_output
 from jobs.products.webdataset.tars import PackSpec
 from jobs.input.plan import PlanCounts, PlannedRow, plan_rows
 from jobs.run.metrics import JobMetrics
@@ -130,7 +131,7 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     rows = plan_rows(dataset, cfg, committed, counts, redo=to_redo, checks=preflight(cfg))
     shards = _while_held(lease, _shards(rows, cfg.output.shard_size))
     bar = Progress(max(0, total_rows - len(committed)), enabled=progress)
-    packer = _packer(cfg, total_rows)
+    packer = None if _packs_after_dedup(cfg) else _packer(cfg, total_rows)
     metrics = JobMetrics(job_name(cfg), enabled=cfg.metrics.enabled)
 
     def live(figures: dict) -> None:
@@ -159,10 +160,17 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
         bar.close()
         scheduler.close()
 
-    # Step 4: fold what is left once there is a segment's worth, consolidate the manifest,
-    # record how the run ended, and write the report.
+    # Step 4: fold what is left once there is a segment's worth, find the near-duplicates and
+    # pack the tars that leave them out, consolidate the manifest, record how the run ended,
+    # and write the report.
     lease.check()
     folder.fold_listed()
+    try:
+        _after_last_commit(cfg, total_rows)
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt)
+        _finish_quietly(cfg, job, "interrupted" if stopped else "failed", total_rows, scheduler)
+        raise
     tally = _finish(cfg, job, "finished", total_rows, scheduler, input_signature)
     _write_report(cfg.output.uri)
     return RenderSummary(cfg.output.uri, total_rows, tally.ok, tally.rows - tally.ok,
@@ -264,10 +272,29 @@ def _packer(cfg: JobConfig, input_rows: int) -> Packer | None:
     already complete are packed at once, off the scheduling loop)."""
     if cfg.output.webdataset is None:
         return None
-    packer = Packer(cfg.output.uri, PackSpec(cfg.output.webdataset.rows_per_shard,
-                                             cfg.output.keep_videos), input_rows)
+    packer = Packer(cfg.output.uri, _pack_spec(cfg), input_rows)
     packer.seed_from_output()
     return packer
+
+
+def _pack_spec(cfg: JobConfig) -> PackSpec:
+    webdataset = cfg.output.webdataset
+    return PackSpec(webdataset.rows_per_shard, cfg.output.keep_videos, webdataset.skip_duplicates)
+
+
+def _packs_after_dedup(cfg: JobConfig) -> bool:
+    """Tars that leave duplicates out wait for dedup: packed after the last commit."""
+    return cfg.output.webdataset is not None and cfg.output.webdataset.skip_duplicates
+
+
+def _after_last_commit(cfg: JobConfig, input_rows: int) -> None:
+    """``quality.dedup``: find the near-duplicates among every committed row (the manifest's
+    consolidation then marks them); then pack the tars that leave them out."""
+    dedup = cfg.quality.dedup
+    if dedup is not None:
+        find_duplicates(cfg.output.uri, dedup.threshold, search=dedup.search)
+    if _packs_after_dedup(cfg):
+        pack_output(cfg.output.uri, _pack_spec(cfg), input_rows)
 
 
 def _while_held(lease, shards: Iterator[Shard]) -> Iterator[Shard]:

@@ -39,6 +39,13 @@ def check_finite(value: float | None) -> float | None:
     return value
 
 
+def switch(value):
+    """A section given as ``true`` (its defaults) or ``false`` (off), or as a mapping."""
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

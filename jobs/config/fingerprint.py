@@ -15,7 +15,7 @@ from rendering.text import prompts as text_prompts
 # The sections whose values change what a video looks like: a resumed output must match them.
 OUTPUT_SECTIONS = ("model", "render", "optimize", "encode", "quality")
 # Settings within those sections that change speed, not pixels.
-_NOT_FINGERPRINTED = {"render": {"batch_size"}}
+_NOT_FINGERPRINTED = {"render": {"batch_size"}, "quality": {"dedup"}}
 # Settings added after format 1, left out of the fingerprint at the value that behaves as
 # reelfarm did before them, so outputs made before they existed resume.
 _FINGERPRINTED_UNLESS = {"quality.on_unsafe": "keep", "quality.aesthetic_model": None,

@@ -109,6 +109,14 @@ class JobConfig(Section):
                                  f"stage: set media_resize to crop or fit")
 
     @model_validator(mode="after")
+    def _skipping_needs_dedup(self) -> "JobConfig":
+        if self.output.webdataset and self.output.webdataset.skip_duplicates \
+                and self.quality.dedup is None:
+            raise ValueError("output.webdataset.skip_duplicates leaves out what dedup finds: it "
+                             "needs quality.dedup")
+        return self
+
+    @model_validator(mode="after")
     def _last_model_makes_videos(self) -> "JobConfig":
         """An image model can only make keyframes for a later stage; refused here when its
         class is known without loading it (a tiny kind, or model.pipeline), else by the worker."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from jobs.config.base import Section
+from jobs.config.base import Section, switch
 from rendering.quality import ON_FAIL, RULE_COLUMNS
 
 
@@ -24,6 +24,17 @@ class RuleConfig(Section):
         if self.min is None and self.max is None:
             raise ValueError(f"quality rule on {self.column} needs min or max")
         return self
+
+
+DEDUP_THRESHOLD = 0.95  # cosine: SemDeDup's eps = 0.05
+
+
+class DedupConfig(Section):
+    """Near-duplicates found after a run's last commit, as ``reelfarm dedup`` finds them."""
+
+    threshold: float = Field(DEDUP_THRESHOLD, ge=-1, le=1, description="cosine similarity at or above which a row is a duplicate")
+    search: Literal["exact", "buckets"] = Field(
+        "exact", description="exact (quadratic), or within k-means buckets (for millions of rows; may miss a few)")
 
 
 class QualityConfig(Section):
@@ -50,14 +61,18 @@ class QualityConfig(Section):
         "keep", description="a picture the pipeline's safety checker flags (and blacks out): keep "
                             "it (flagged in safety_flagged), fail the row (unsafe_content), or "
                             "render it again with new seeds, up to max_tries")
+    dedup: DedupConfig | None = Field(
+        None, description="find near-duplicates after the last commit: true, or {threshold, search}")
+
+    _dedup_switch = field_validator("dedup", mode="before")(switch)
 
     @model_validator(mode="after")
     def _gate_needs_scores(self) -> "QualityConfig":
         if self.min_score is not None and self.clip_model is None:
             raise ValueError("quality.min_score needs quality.clip_model to score the videos")
-        if (self.rules or self.aesthetic_model) and self.clip_model is None:
-            raise ValueError("quality.rules and quality.aesthetic_model need quality.clip_model "
-                             "to score the videos")
+        if (self.rules or self.aesthetic_model or self.dedup) and self.clip_model is None:
+            raise ValueError("quality.rules, quality.aesthetic_model and quality.dedup need "
+                             "quality.clip_model to score the videos")
         if self.aesthetic_model is None and any(r.column == "aesthetic_score" for r in self.rules):
             raise ValueError("a quality rule on aesthetic_score needs quality.aesthetic_model")
         return self

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.config.base import Section, check_finite, check_uri
+from jobs.config.base import Section, check_finite, check_uri, switch
 from jobs.params import MAX_FPS
 from rendering.pipelines import adapter_named, tiny
 from rendering.pipelines.schedulers import declared_scheduler_names, unknown_scheduler
@@ -133,6 +133,8 @@ class OptimizeConfig(Section):
 
 class WebDatasetConfig(Section):
     rows_per_shard: int = Field(1000, ge=1, description="rows of the input per tar shard (failed rows are listed, not packed)")
+    skip_duplicates: bool = Field(
+        False, description="leave out the rows quality.dedup marks (listed, not packed): tars are packed after it, at the end of the run")
 
 
 class OutputConfig(Section):
@@ -144,12 +146,7 @@ class OutputConfig(Section):
         None, description="pack rows into WebDataset tar shards: true, or a mapping of options")
     keep_videos: bool = Field(True, description="false: drop the loose videos once packed into shards")
 
-    @field_validator("webdataset", mode="before")
-    @classmethod
-    def _switch(cls, value):
-        if value is True:
-            return {}
-        return None if value is False else value
+    _webdataset_switch = field_validator("webdataset", mode="before")(switch)
 
     @model_validator(mode="after")
     def _packing_before_dropping(self) -> "OutputConfig":

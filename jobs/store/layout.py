@@ -11,6 +11,7 @@
 <output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work);
                              a multi-stage job's under receipts/<stage>/, one per stage done
 <output>/manifest.parquet    every committed row, in input order, written at the end of a run
+<output>/duplicates.parquet  the near-duplicate rows `reelfarm dedup` found (jobs/store/duplicates.py)
 <output>/_SUCCESS            every input row is accounted for
 <output>/report.html         the run's visual report (summary, plots, gallery, failures)
 <output>/shards/NNNNN.tar, .parquet, .done   WebDataset shards, their indexes, their markers
@@ -30,6 +31,7 @@ VIDEOS_DIR = "videos"
 MANIFESTS_DIR = "manifests"
 RECEIPTS_DIR = "receipts"
 MANIFEST_FILE = "manifest.parquet"
+DUPLICATES_FILE = "duplicates.parquet"
 SUCCESS_FILE = "_SUCCESS"
 SHARD_PREFIX = "shard-"
 SEGMENT_PREFIX = "segment-"

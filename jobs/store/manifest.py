@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from jobs.store import layout, segments
 from jobs import params
+from jobs.store.duplicates import Marks
 from jobs.store.hashset import HashSet, row_hashes
 from jobs.store.tally import Tally
 from jobs.store.parquet_files import parquet_bytes, read_parquet
@@ -107,7 +108,7 @@ SCHEMA = pa.schema([
     ("render_s", pa.float64()),
     ("committed_at", pa.float64()),
     ("redo_of", pa.float64()),  # the committed_at of the commit this repair replaces
-    # Written into manifest.parquet by `reelfarm dedup` (null in shards): the id of an earlier
+    # In manifest.parquet only (null in shards), from duplicates.parquet: the id of an earlier
     # ok row whose clip_embedding is this close, and their cosine similarity.
     ("duplicate_of", pa.string()),
     ("duplicate_similarity", pa.float64()),
@@ -229,9 +230,11 @@ def tally(output_uri: str) -> Tally:
 def consolidate(output_uri: str) -> Tally:
     """Write ``manifest.parquet`` from the shard manifests, streaming, and count its rows. Each
     shard's footer is read once; rows are written in row groups of ``ROW_GROUP_ROWS``, so the
-    file's footer stays small however many shards made it."""
+    file's footer stays small however many shards made it. ``duplicate_of`` and
+    ``duplicate_similarity`` come from ``duplicates.parquet``, where its entries still hold."""
     fs, root = storage.filesystem(output_uri)
     sources, schema = segments.read_committed(fs, root).sources(SCHEMA)
+    marks = Marks.read(output_uri)
     counts = Tally()
     with tempfile.TemporaryDirectory(prefix="reelfarm-manifest-") as tmp:
         local = os.path.join(tmp, layout.MANIFEST_FILE)
@@ -239,6 +242,8 @@ def consolidate(output_uri: str) -> Tally:
             pending: list[pa.Table] = []
             for table in _read_sources(fs, sources, None, current=True):
                 counts.add(table)
+                if marks is not None:
+                    table = marks.mark(table)
                 pending.append(_conform(table, schema))
                 if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
                     writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)

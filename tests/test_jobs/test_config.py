@@ -23,6 +23,10 @@ BASE = {"input": {"uri": "in.parquet"}, "model": {"path": "tiny:modelscope"},
     ("encode.crf=99", "encode.crf: Input should be less than or equal to 51"),
     ("nonsense", "--set 'nonsense': expected KEY=VALUE"),
     ("output.uri.deep=1", "--set output.uri.deep: output.uri is not a section"),
+    ("quality.dedup=true", "quality: quality.rules, quality.aesthetic_model and quality.dedup "
+                           "need quality.clip_model"),
+    ("output.webdataset.skip_duplicates=true", "output.webdataset.skip_duplicates leaves out "
+                                               "what dedup finds: it needs quality.dedup"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -51,6 +55,9 @@ def test_fingerprint_follows_output_affecting_settings_only():
         "render.batch_size=8", "cluster.num_workers=4", "output.shard_size=7", "input.uri=other"]))
     for change in ("render.num_frames=9", "model.revision=abc", "encode.crf=20", "render.seed=3"):
         assert fingerprint(load_config(base=BASE, overrides=[change])) != fingerprint(base)
+    scored = ["quality.clip_model=tiny:clip"]  # dedup finds duplicates, it changes no video
+    assert fingerprint(load_config(base=BASE, overrides=scored)) == fingerprint(load_config(
+        base=BASE, overrides=[*scored, "quality.dedup.threshold=0.9"]))
 
 
 def test_every_shipped_config_is_valid():

@@ -16,15 +16,18 @@ from jobs.products.webdataset.tars import (COPY_CHUNK, INDEX_SUFFIX, TAR_SUFFIX,
                                            sample_hash, tar_count, tar_name, tar_number,
                                            tar_range)
 from jobs.store import layout, manifest
+from jobs.store.duplicates import Marks
 from jobs.store.hashset import HashSet
 from jobs.store.job_file import read_job
 from rendering import storage
 
 
 def _state_hash(row: dict) -> int:
-    """A row as a tar's index lists it: ok with its video's sha256, or failed."""
-    return sample_hash(row["id"], row["occurrence"],
-                       row["sha256"] if row["status"] == "ok" else "failed")
+    """A row as a tar's index lists it: ok with its video's sha256, left out as a duplicate,
+    or failed."""
+    state = "failed" if row["status"] != "ok" else \
+        "duplicate" if row.get("duplicate_of") is not None else row["sha256"]
+    return sample_hash(row["id"], row["occurrence"], state)
 
 
 class _HashingReader:
@@ -42,6 +45,12 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(COPY_CHUNK):
             pass
+
+
+def _state(row: dict) -> str:
+    if row["status"] == "ok" and row.get("duplicate_of") is not None:
+        return f"a near-duplicate of {row['duplicate_of']!r}"
+    return row["status"]
 
 
 def _tar_members(fs, path: str) -> tuple[dict[str, tuple[int, str]], int, str]:
@@ -67,8 +76,10 @@ def check_tars(output_uri: str, total_rows: int | None = None) -> list[str]:
     Every marker has its tar and index; the tar's size, sha256 and sample count match the
     marker; every index row of an ok row is a sample of the tar with the video's sha256 and
     offset, and the tar holds nothing else; no row is in two tars; every ok row committed in a
-    packed tar's range is in it, as committed; a tar whose range is fully committed has a
-    marker (``total_rows``: the input's row count, by default the last run's from job.json).
+    packed tar's range is in it, as committed, but where the tar leaves duplicates out: there
+    exactly the rows ``duplicates.parquet`` marks are listed as left out; a tar whose range
+    is fully committed has a marker (``total_rows``: the input's row count, by default the
+    last run's from job.json).
     Loose videos are not looked at: with ``keep_videos=False`` they are gone.
     """
     fs, root = storage.filesystem(output_uri)
@@ -117,7 +128,7 @@ def check_tars(output_uri: str, total_rows: int | None = None) -> list[str]:
                      for r, again in zip(index, seen_rows.contains(rows)) if again]
         seen_rows.add(rows)
         listed.add([_state_hash(r) for r in index])
-        ok = [r for r in index if r["status"] == "ok"]
+        ok = [r for r in index if r["status"] == "ok" and r.get("duplicate_of") is None]
         for row in ok:
             member = members.get(row["member"] or "")
             if member is None:
@@ -136,17 +147,21 @@ def check_tars(output_uri: str, total_rows: int | None = None) -> list[str]:
         total_rows = (job.get("last_run") or {}).get("input_rows")
     per_shard = next(iter(rows_per_shard)) if len(rows_per_shard) == 1 else None
     committed: dict[int, int] = {}  # tar -> its committed rows
-    columns = ["id", "row_index", "occurrence", "status", "sha256"]
+    skipping = {n for n, m in markers.items() if m.get("skip_duplicates")}
+    marks = Marks.read(output_uri) if skipping else None
+    columns = ["id", "row_index", "occurrence", "status", "sha256", "committed_at"]
     for table in manifest.iter_shards(output_uri, columns=columns) if per_shard else ():
-        rows = table.to_pylist()
+        rows = (table if marks is None else marks.mark(table)).to_pylist()
         for row in rows:
             n = row["row_index"] // per_shard
             committed[n] = committed.get(n, 0) + 1
+            if n not in skipping:
+                row["duplicate_of"] = None  # packed whatever dedup says
         rows = [r for r in rows if r["row_index"] // per_shard in ranges]
         found = listed.contains([_state_hash(r) for r in rows])
-        problems += [f"row {r['id']!r} is {r['status']} but shard "
-                     f"{tar_name(r['row_index'] // per_shard)} does not hold it as committed "
-                     f"(a repair since? the next run packs it again)"
+        problems += [f"row {r['id']!r} is {_state(r)} but shard "
+                     f"{tar_name(r['row_index'] // per_shard)} does not hold it so (a repair "
+                     f"since, or dedup? the next run packs it again)"
                      for r, there in zip(rows, found) if not there]
     if per_shard and total_rows is not None:
         for n in range(tar_count(total_rows, per_shard)):

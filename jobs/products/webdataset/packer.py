@@ -14,6 +14,11 @@ packed and current is left as it is.
   previous copy (checked against the manifest's sha256). A ``verify`` must then look for those
   rows inside the tars (``tar_index.packed_samples``) instead of at their loose paths;
   ``check.check_tars`` checks the tars themselves.
+- **skip_duplicates** leaves out the rows ``duplicates.parquet`` marks, so it packs only after
+  dedup has judged every row: the driver runs dedup after a run's last commit, then packs from
+  the output (``pack_output``); ``reelfarm dedup`` packs again what its new result changes.
+  A tar packed before one of its rows was marked (or unmarked) differs in content and is
+  packed again, like a repaired one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from jobs.products.webdataset.tar_writer import pack_tar
 from jobs.products.webdataset.tars import (Content, PackError, PackSpec, artifacts, tar_count,
                                            tar_name, tar_range)
 from jobs.store import layout, manifest
+from jobs.store.duplicates import Marks
 from rendering import storage
 
 logger = logging.getLogger(__name__)
@@ -83,12 +89,12 @@ class Packer:
         done = {n: m for n, m in markers.items() if n < self.num_tars
                 and (m["first_row"], m["end_row"]) == self._range(n)
                 and {m["tar"], m["index"]} <= listing}  # a deleted tar is packed again
-        contents = {n: Content() for n in done}
+        contents = {n: Content(spec) for n in done}
         last_artifact: dict[int, tuple[int, str]] = {}  # tar -> (row_index, path), for step 4
 
         # Step 2: read every committed row once, in input order: rows of packed tars only
         # feed their digest; the others are held, and their tar is packed once complete.
-        for table in manifest.iter_shards(self.output_uri):
+        for table in self._committed():
             touched = set()
             for rec in _stored_rows(table):
                 n = rec["row_index"] // spec.rows_per_shard
@@ -130,6 +136,9 @@ class Packer:
         tars behind."""
         if not self._seeded:
             raise RuntimeError("Packer.seed_from_output() must run before add()")
+        if self.spec.skip_duplicates:
+            raise RuntimeError("a packer that leaves duplicates out packs from the output, "
+                               "after dedup: pack_output()")
         if not records:
             return
         touched = set()
@@ -195,6 +204,13 @@ class Packer:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _committed(self):
+        """The committed rows in input order, marked by ``duplicates.parquet`` when the tars
+        leave duplicates out."""
+        marks = Marks.read(self.output_uri) if self.spec.skip_duplicates else None
+        for table in manifest.iter_shards(self.output_uri):
+            yield table if marks is None else marks.mark(table)
+
     def _range(self, n: int) -> tuple[int, int]:
         return tar_range(n, self.spec.rows_per_shard, self.total_rows)
 
@@ -234,7 +250,7 @@ class Packer:
         """Read the current rows of ``tars`` again and pack each (``pack_tar`` writes only
         what changed, and drops loose artifacts when asked)."""
         found: dict[int, dict[int, dict]] = {n: {} for n in tars}
-        for table in manifest.iter_shards(self.output_uri):
+        for table in self._committed():
             for rec in _stored_rows(table):
                 n = rec["row_index"] // self.spec.rows_per_shard
                 if n in found:
@@ -250,6 +266,13 @@ class Packer:
                 self._submit(n, records)
             else:
                 self._pack(n, records)
+
+
+def pack_output(output_uri: str, spec: PackSpec, total_rows: int) -> Packer:
+    """Pack every tar whose rows are all committed, from the output, and wait for it."""
+    with Packer(output_uri, spec, total_rows) as packer:
+        packer.seed_from_output()
+    return packer
 
 
 def _stored_rows(table: pa.Table) -> list[dict]:

@@ -79,6 +79,17 @@ class Sources:
                 members.video = member
         return members
 
+    def keep_loose(self, rec: dict) -> None:
+        """Put back the loose artifacts of a row this tar no longer packs (a near-duplicate)
+        that a ``keep_videos=False`` run dropped, from the tar's previous copy, checked."""
+        key = sample_key(rec["id"])
+        for artifact in artifacts(rec):
+            loose = storage.join(self._root, artifact["path"])
+            if not self._fs.exists(loose):
+                path = self._fetch(rec, artifact, f"{key}.{_extension(artifact)}")
+                storage.with_retries(f"upload of {loose}", storage.upload_file, path, self._fs,
+                                     loose)
+
     def _fetch(self, rec: dict, artifact: dict, member: str) -> str:
         loose = storage.join(self._root, artifact["path"])
         local = os.path.join(self._tmp, "fetch-" + member)

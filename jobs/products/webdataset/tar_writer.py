@@ -11,7 +11,9 @@
   (a repaired row, a grown range) loses its marker first, so until the new one is written it
   reads as not packed.
 - **keep_videos=False** deletes a packed row's loose artifacts once its tar's marker is
-  written, the last one last (see ``_drop_loose``).
+  written, the last one last (see ``_drop_loose``). A row left out as a near-duplicate keeps
+  them: one packed before it was marked gets them back from the tar's previous copy before
+  the new tar replaces it, so every committed row stays somewhere ``verify`` looks.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from jobs.products.webdataset.samples import EMBEDDING, Sources
 from jobs.products.webdataset.tar_index import read_marker
 from jobs.products.webdataset.tars import (FORMAT, INDEX_SCHEMA, INDEX_SUFFIX, MARKER_SUFFIX,
                                            TAR_SUFFIX, VIDEO, PackError, PackSpec, artifacts,
-                                           content_of, sample_key, tar_name)
+                                           content_of, left_out, sample_key, tar_name)
 from jobs.store import layout
 from jobs.store.parquet_files import parquet_bytes
 from rendering import storage
@@ -58,8 +60,8 @@ def pack_tar(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
     if [r["row_index"] for r in records] != list(range(first, end)):
         raise PackError(f"shard {name} needs rows {first}..{end - 1} in order, got "
                         f"{len(records)} record(s)")
-    content = content_of(records)
-    ok = [r for r in records if r["status"] == "ok"]
+    content = content_of(records, spec)
+    ok = [r for r in records if r["status"] == "ok" and not left_out(r, spec)]
 
     # Step 1: exactly once. A marker with this content: nothing to write. A marker with other
     # content (a repaired row, a grown range) goes first, so the tar reads as not packed.
@@ -84,7 +86,10 @@ def pack_tar(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
                 tarfile.open(local_tar, "w", format=tarfile.PAX_FORMAT) as tar:
             for rec in records:
                 video_member = offset = None
-                if rec["status"] == "ok":
+                packed = rec["status"] == "ok" and not left_out(rec, spec)
+                if left_out(rec, spec) and not spec.keep_videos:
+                    sources.keep_loose(rec)
+                if packed:
                     members = next(fetched)
                     for member, source in sorted(members.items()):
                         data_offset = _add_member(tar, member, source)
@@ -93,7 +98,7 @@ def pack_tar(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
                         if isinstance(source, str) and source.startswith(tmp):
                             os.remove(source)  # a downloaded copy: disk holds one tar, not two
                 video = _video(rec)
-                index["key"].append(sample_key(rec["id"]) if rec["status"] == "ok" else None)
+                index["key"].append(sample_key(rec["id"]) if packed else None)
                 for field in ("id", "row_index", "occurrence", "status", "error_code"):
                     index[field].append(rec[field])
                 index["member"].append(video_member)
@@ -101,6 +106,7 @@ def pack_tar(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
                 index["bytes"].append(video["bytes"] if video_member else None)
                 index["sha256"].append(video["sha256"] if video_member else None)
                 index["embeddings"].append(rec.get(EMBEDDING) if video_member else None)
+                index["duplicate_of"].append(rec["duplicate_of"] if left_out(rec, spec) else None)
         size, digest = os.path.getsize(local_tar), storage.sha256_file(local_tar)
         # Step 4: publish the tar whole (never partial), then its index.
         storage.with_retries(f"upload of {tar_path}", storage.upload_file, local_tar, fs,
@@ -112,16 +118,19 @@ def pack_tar(output_uri: str, spec: PackSpec, n: int, rows: tuple[int, int],
     marker = {"format": FORMAT, "shard": n, "tar": name + TAR_SUFFIX,
               "index": name + INDEX_SUFFIX, "rows_per_shard": spec.rows_per_shard,
               "first_row": first, "end_row": end, "samples": len(ok),
-              "failed": len(records) - len(ok), "bytes": size, "sha256": digest,
-              "content": content}
+              "failed": sum(r["status"] != "ok" for r in records), "bytes": size,
+              "sha256": digest, "content": content}
+    if spec.skip_duplicates:
+        marker.update(skip_duplicates=True, duplicates=len(records) - len(ok) - marker["failed"])
     storage.with_retries(f"write of {marker_path}", storage.write_bytes, fs, marker_path,
                          json.dumps(marker, indent=2, sort_keys=True).encode())
     # Step 6: keep_videos=False: the loose copies of what the tar now holds can go.
     if not spec.keep_videos:
         _drop_loose(fs, root, ok)
     elapsed = time.monotonic() - started
-    logger.info("packed shard %s: %d sample(s), %d failed row(s), %.1f MB in %.2f s", name,
-                len(ok), len(records) - len(ok), size / 1e6, elapsed)
+    logger.info("packed shard %s: %d sample(s), %d failed row(s), %d left out as "
+                "near-duplicates, %.1f MB in %.2f s", name, len(ok), marker["failed"],
+                marker.get("duplicates", 0), size / 1e6, elapsed)
     return True
 
 

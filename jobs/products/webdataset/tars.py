@@ -14,7 +14,10 @@ and repairs all agree on what a tar holds:
   ``[n * rows_per_shard, (n + 1) * rows_per_shard)`` (clipped to the input's row count). A tar
   is packed once every row of its range is committed; its ok rows become samples, its failed
   rows are listed in the index with status ``failed`` and not packed. No row can be in two
-  tars, and no ok row of a packed tar is left out.
+  tars, and no ok row of a packed tar is left out, but with ``skip_duplicates``: an ok row
+  that ``duplicates.parquet`` marks (and whose entry holds) is listed in the index with its
+  ``duplicate_of``, and not packed. Which rows those are is part of the tar's content digest,
+  so a tar packed before dedup marked one of its rows (or unmarked it) is packed again.
 - **Sample keys** are the rows' output keys (``jobs.input.rows.output_key``) with every ``.``
   made ``_``: WebDataset cuts a file name at its first dot, so a key may hold none. Output keys
   are unique through the hash of the full id they end with (``-<12 hex>``), which the
@@ -52,6 +55,8 @@ INDEX_SCHEMA = pa.schema([
     # The row's clip_embedding (float16, the CLIP model's projection size; null: not scored),
     # so training code can select or dedup samples without opening the tar.
     ("embeddings", pa.list_(pa.float16())),
+    # skip_duplicates: the earlier row this ok row near-duplicates (not packed); else null.
+    ("duplicate_of", pa.string()),
 ])
 
 
@@ -65,6 +70,7 @@ class PackSpec:
 
     rows_per_shard: int = 1000  # input rows per tar, ok and failed: fixes each tar's range
     keep_videos: bool = True  # False: delete a row's loose artifacts once its tar is packed
+    skip_duplicates: bool = False  # leave out the rows duplicates.parquet marks
 
     def __post_init__(self):
         if not isinstance(self.rows_per_shard, int) or self.rows_per_shard < 1:
@@ -105,6 +111,11 @@ def sample_hash(row_id: str, occurrence: int, sha256: str | None) -> int:
                                           digest_size=8).digest(), "big")
 
 
+def left_out(rec: dict, spec: PackSpec) -> bool:
+    """An ok row not packed: a near-duplicate of an earlier row, with ``skip_duplicates``."""
+    return spec.skip_duplicates and rec["status"] == "ok" and rec.get("duplicate_of") is not None
+
+
 def artifacts(rec: dict) -> list[dict]:
     """A row's stored objects; manifests from before ``artifacts`` existed list only the video."""
     if rec.get("artifacts"):
@@ -117,28 +128,33 @@ def artifacts(rec: dict) -> list[dict]:
 
 class Content:
     """An order-free digest of the rows a tar was packed from: identity, status and artifact
-    hashes. Rows can be added in any order (a manifest scan meets them scattered), so a
-    resume can tell whether a packed tar still matches the manifests without holding them."""
+    hashes (and, with ``skip_duplicates``, which rows were left out). Rows can be added in any
+    order (a manifest scan meets them scattered), so a resume can tell whether a packed tar
+    still matches the manifests without holding them."""
 
-    def __init__(self):
+    def __init__(self, spec: PackSpec):
+        self.spec = spec
         self.rows = 0
         self._sum = 0
 
     def add(self, rec: dict) -> None:
         hashes = sorted(f"{a['name']}={a['sha256']}" for a in artifacts(rec))
+        status = "duplicate" if left_out(rec, self.spec) else rec["status"]
         identity = "\x00".join([str(rec["row_index"]), str(rec["occurrence"]), rec["id"],
-                                rec["status"], ",".join(hashes)])
+                                status, ",".join(hashes)])
         digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).digest()
         self._sum = (self._sum + int.from_bytes(digest, "big")) % (1 << 256)
         self.rows += 1
 
     @property
     def value(self) -> str:
-        return f"{self.rows}:{self._sum:064x}"
+        # A tar packed with the other skip_duplicates setting is packed again.
+        skip = ":skip_duplicates" if self.spec.skip_duplicates else ""
+        return f"{self.rows}:{self._sum:064x}{skip}"
 
 
-def content_of(records: Iterable[dict]) -> str:
-    content = Content()
+def content_of(records: Iterable[dict], spec: PackSpec) -> str:
+    content = Content(spec)
     for rec in records:
         content.add(rec)
     return content.value

@@ -382,12 +382,14 @@ def _report(args) -> int:
 
 def _dedup(args) -> int:
     from jobs.products.dedup import dedup
+    from jobs.products.report.page import write_report
     from jobs.store.layout import DUPLICATES_FILE
 
     found = dedup(args.output, args.threshold, args.block_rows, args.search)
     print(f"dedup: {found.duplicates} of {found.rows} ok rows are near-duplicates of earlier rows "
           f"(similarity >= {args.threshold:g}, {args.search} search), in {found.seconds:.1f} s; "
           f"listed in {DUPLICATES_FILE} and manifest.parquet's duplicate_of column")
+    print(f"report: {write_report(args.output)} (it counts them)")
     return EXIT_OK
 
 

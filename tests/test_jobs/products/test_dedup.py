@@ -23,7 +23,7 @@ from jobs.products.webdataset.packer import pack_output
 from jobs.products.webdataset.tar_index import read_index, read_markers
 from jobs.products.webdataset.tars import PackSpec
 from jobs.store import manifest
-from jobs.store.layout import DUPLICATES_FILE
+from jobs.store.layout import DUPLICATES_FILE, REPORT_FILE
 from jobs.verify import verify
 from rendering import storage
 from jobs.products.webdataset.tars import sample_key
@@ -147,6 +147,8 @@ def test_dedup_finds_the_rows_rendered_twice_and_no_pair_among_distinct_rows(out
     assert {r["id"]: r["duplicate_of"] for r in table} == PLANTED
     assert all(r["similarity"] == pytest.approx(1.0, abs=1e-3) for r in table)
     assert _duplicates(read_manifest(out)) == PLANTED
+    page = open(os.path.join(out, REPORT_FILE)).read()  # written again, counting them
+    assert f"{len(PLANTED):,} ok rows marked <code>duplicate_of</code>" in page
     # A looser threshold marks one more (the closest distinct pair's later row); each run
     # replaces the last.
     assert dedup(out, threshold=closest - 1e-6).duplicates == len(PLANTED) + 1

@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 # The version of the output's layout and manifests. Outputs written before it was recorded are
 # version 1. A change of format raises it and migrates older outputs explicitly; tests/golden/
 # holds outputs of earlier versions that must keep resuming, verifying and repairing.
-FORMAT_VERSION = 2  # 2: committed shards are folded into segments behind a checkpoint
+# 2: committed shards are folded into segments behind a checkpoint. 3: WebDataset tars may leave
+# out the rows duplicates.parquet marks (output.webdataset.skip_duplicates), whose entries name
+# the commits they judged; a version 2 output is one already (it has no such tars).
+FORMAT_VERSION = 3
 
 _VERSIONED = ("reelfarm", "diffusers", "torch", "transformers", "ray", "pyarrow", "fsspec")
 

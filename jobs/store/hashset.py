@@ -55,6 +55,10 @@ class HashSet:
     def __len__(self) -> int:
         return self._size
 
+    def runs(self) -> list[np.ndarray]:
+        """The members, as disjoint sorted runs."""
+        return list(self._runs)
+
     def add(self, hashes: np.ndarray | list[int], checked: bool = False) -> None:
         """Add hashes (duplicates of present members are ignored).
 

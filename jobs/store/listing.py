@@ -16,7 +16,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs.store import layout
-from jobs.store.hashset import HashSet, key_hashes
+from jobs.store.hashset import HashSet
 from rendering import storage
 
 CHUNK = 65536  # listed objects hashed and taken in at a time
@@ -38,17 +38,26 @@ def pages(fs, folder: str) -> Iterator[list[tuple[str, int | None]]]:
 
 
 def _local_pages(folder: str) -> Iterator[list[tuple[str, int | None]]]:
-    with os.scandir(folder) as entries:
-        while batch := list(itertools.islice(entries, _LOCAL_PAGE)):
-            try:  # a file's size is a stat: a million of them is most of a local listing
-                yield [(e.path, None if e.is_dir() else e.stat().st_size) for e in batch]
-            except FileNotFoundError:  # an entry removed since the scan read it: left out
-                yield [entry for entry in map(_entry, batch) if entry]
-
-
-def _entry(entry: os.DirEntry) -> tuple[str, int | None] | None:
+    """A file's size is a stat, most of a local listing's time: each is asked of the folder
+    opened once (``fstatat``), not of its path from the root, which is a sixth faster."""
+    prefix = folder.rstrip("/") + "/"
+    opened = os.open(folder, os.O_RDONLY) if os.scandir in os.supports_fd else None
     try:
-        return entry.path, None if entry.is_dir() else entry.stat().st_size
+        with os.scandir(folder if opened is None else opened) as entries:
+            while batch := list(itertools.islice(entries, _LOCAL_PAGE)):
+                try:
+                    yield [(prefix + e.name, None if e.is_dir() else e.stat().st_size)
+                           for e in batch]
+                except FileNotFoundError:  # an entry removed since the scan read it: left out
+                    yield [entry for entry in (_entry(prefix, e) for e in batch) if entry]
+    finally:
+        if opened is not None:
+            os.close(opened)
+
+
+def _entry(prefix: str, entry: os.DirEntry) -> tuple[str, int | None] | None:
+    try:
+        return prefix + entry.name, None if entry.is_dir() else entry.stat().st_size
     except FileNotFoundError:  # removed since the scan read its name, or a broken link
         return None
 
@@ -69,13 +78,17 @@ def _s3_pages(fs, folder: str) -> Iterator[list[tuple[str, int | None]]]:
 
 
 def path_hashes(paths) -> np.ndarray:
-    return key_hashes([p.encode("utf-8", "surrogatepass") for p in paths])
+    """64-bit hashes of paths, for looking them up in a listing: Python's own string hash, the
+    same for a path within a process (where a listing is made and looked in), and a C call
+    where a digest (``key_hashes``) took most of the time of hashing ten million paths."""
+    paths = list(paths)
+    return np.fromiter(map(hash, paths), dtype=np.int64, count=len(paths)).view(np.uint64)
 
 
 def sized_hashes(hashes: np.ndarray, sizes) -> np.ndarray:
     """The hash of each (path, bytes), from its path's: the path's hash with the size mixed in
-    (splitmix64, a bijection, so two sizes of one path never meet), one digest per object
-    rather than two. A size not known (None) matches none listed."""
+    (splitmix64, a bijection, so two sizes of one path never meet): one string hashed per
+    object, not two. A size not known (None) matches none listed."""
     z = np.array([-1 if size is None else size for size in sizes], dtype=np.int64) \
         if isinstance(sizes, list) else np.asarray(sizes, dtype=np.int64)
     z = z.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
@@ -98,35 +111,38 @@ class Listing:
         except FileNotFoundError:
             self.entries = []
         fs.invalidate_cache(root)  # nor is what it lists now kept, to be stale later
-        self.sized = HashSet()  # hashes of (path, bytes) of every object listed
+        sized: list[np.ndarray] = []  # hashes of (path, bytes) of every object listed
         self.folders: dict[str, HashSet] = {}  # each folder listed: hashes of its objects' paths
         self.temps: list[str] = []  # temp objects an interrupted write left in them
         self._videos, self._previews, self._stages = (storage.join(root, name)
                                                       for name in self.FOLDERS)
         present = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.entries}
         for name in self.FOLDERS:
-            subfolders = self._add(storage.join(root, name)) if name in present else []
+            subfolders = self._add(storage.join(root, name), sized) if name in present else []
             for stage in subfolders if name == layout.STAGES_DIR else ():
-                self._add(stage)
+                self._add(stage, sized)
+        self.sized = HashSet.of(sized)  # whole before it is looked in: one sorted run
 
-    def _add(self, folder: str) -> list[str]:
-        """Take in the objects of ``folder``, a chunk at a time; return its subfolders."""
-        members, subfolders, files = HashSet(), [], []
+    def _add(self, folder: str, sized: list[np.ndarray]) -> list[str]:
+        """Take in the objects of ``folder``, hashed a chunk at a time (their sized hashes into
+        ``sized``); return its subfolders."""
+        members: list[np.ndarray] = []
+        subfolders, files = [], []
         for page in pages(self.fs, folder):
             files += [(path, size) for path, size in page if size is not None]
             subfolders += [path for path, size in page if size is None]
             if len(files) >= CHUNK:
-                self._take(members, files)
+                self._take(files, members, sized)
                 files = []
-        self._take(members, files)
-        self.folders[folder] = members
+        self._take(files, members, sized)
+        self.folders[folder] = HashSet.of(members)
         return subfolders
 
-    def _take(self, members: HashSet, files: list[tuple[str, int]]) -> None:
-        # A folder lists each path once, and no path is in two folders: the hashes are new.
+    def _take(self, files: list[tuple[str, int]], members: list[np.ndarray],
+              sized: list[np.ndarray]) -> None:
         hashes = path_hashes(path for path, _ in files)
-        self.sized.add(np.unique(sized_hashes(hashes, [size for _, size in files])), checked=True)
-        members.add(np.unique(hashes), checked=True)
+        members.append(hashes)
+        sized.append(sized_hashes(hashes, [size for _, size in files]))
         self.temps += [path for path, _ in files if storage.is_temp(path)]
 
     def at_size(self, hashes: np.ndarray, sizes) -> np.ndarray:
@@ -166,8 +182,8 @@ class Listing:
         for folder, members in self.folders.items():
             if folder == self._previews:
                 continue
-            unknown = sum(int((~listed.contains(run, presorted=True)).sum())
-                          for run in members.runs())
+            unknown = sum(int((~listed.contains(run[start:start + CHUNK], presorted=True)).sum())
+                          for run in members.runs() for start in range(0, len(run), CHUNK))
             if unknown == int((~listed.contains(temps) & members.contains(temps)).sum()):
                 continue  # every object is listed, or a temp one
             what = "video" if folder == self._videos else "object"

@@ -12,13 +12,16 @@ finished output is timed as a whole process, from launch to exit:
     python -m bench.bookkeeping --rows 100000 --rounds 1 --status-runs 60   # the abort loop
 
 ``--synthetic`` writes the output with ``bench.synthetic_output`` instead (the same files a run
-writes: shard manifests committed and folded into segments; videos only with ``--videos``), for
-1M and 10M rows, and adds ``plan`` on an input grown by a ninth (the output is 90% done: what a
-resume reads before it renders). ``--s3 ROWS`` counts each command's requests on moto's S3
-server, in process.
+writes: shard manifests committed and folded into segments; videos only with ``--videos``, or
+``--linked-videos``: hard links of a few files, which ten million of fit on a disk), for 1M and
+10M rows, and adds ``plan`` on an input grown by a ninth (the output is 90% done: what a resume
+reads before it renders). ``--baseline TREE`` times the same commands from another checkout
+(an earlier commit) side by side, in interleaved rounds. ``--s3 ROWS`` counts each command's
+requests on moto's S3 server, in process, and the most times any one object was fetched.
 
     python -m bench.bookkeeping --synthetic --rows 10000000 --rounds 1
     python -m bench.bookkeeping --synthetic --videos --shards-too --rows 1000000
+    python -m bench.bookkeeping --synthetic --linked-videos --rows 10000000 --baseline ../before
     python -m bench.bookkeeping --s3 20000
 """
 
@@ -40,25 +43,26 @@ COMMANDS = ("render", "status", "verify", "report")
 SYNTHETIC_COMMANDS = ("render", "plan", "status", "verify", "report")
 
 
-def synthetic(rows: int, root: str, videos: bool, folded: bool,
-              reuse: bool = False) -> tuple[str, dict]:
+def synthetic(rows: int, root: str, videos: bool, folded: bool, reuse: bool = False,
+              linked: bool = False) -> tuple[str, dict]:
     """A synthetic finished output of ``rows`` rows (``folded`` into segments, or one manifest
-    per shard as before segments; ``reuse``: the one an earlier run left); each command's argv
-    on it."""
+    per shard as before segments; ``linked``: its videos hard links; ``reuse``: the one an
+    earlier run left); each command's argv on it."""
     import shutil
     import time
 
     import fsspec
 
-    from bench.synthetic_output import config_for, write_output, write_prompts
+    from bench.synthetic_output import config_for, linked_files, write_output, write_prompts
 
-    name = f"synthetic-{rows}-{'folded' if folded else 'shards'}"
+    name = f"synthetic-{rows}-{'folded' if folded else 'shards'}{'-linked' if linked else ''}"
     out = os.path.join(root, name)
     prompts, grown = (os.path.join(root, f"{name}-{kind}.parquet") for kind in ("input", "grown"))
     if not (reuse and os.path.exists(os.path.join(out, "_SUCCESS"))):
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(linked_files(out), ignore_errors=True)
         started = time.monotonic()
-        write_output(prompts, out, rows, videos=videos, folded=folded)
+        write_output(prompts, out, rows, videos=videos, folded=folded, linked=linked)
         print(f"wrote {name} in {time.monotonic() - started:.0f} s", flush=True)
     write_prompts(fsspec.filesystem("file"), grown, rows * 10 // 9)
     configs = {}
@@ -84,6 +88,7 @@ def s3_requests(rows: int) -> dict:
 
     from bench.synthetic_output import config_for, write_output, write_prompts
     from jobs.cli import main as cli
+    from jobs.store import fetched
     from rendering import storage
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -109,17 +114,27 @@ def s3_requests(rows: int) -> dict:
             fs_out, _ = storage.filesystem(out)
             fs_out.ls("bench")
             calls: Counter = Counter()
-            fs_out.s3.meta.events.register("before-call.s3",
-                                           lambda model, **_: calls.update([model.name]))
+            gets: Counter = Counter()  # GETs of each object
+
+            def count(model, params, **_) -> None:
+                calls.update([model.name])
+                if model.name == "GetObject":
+                    gets.update([params["url_path"]])
+
+            fs_out.s3.meta.events.register("before-call.s3", count)
             argvs = {"render": ["render", configs["done"], "--quiet"],
                      "plan": ["plan", configs["grown"]], "status": ["status", out],
                      "verify": ["verify", out, "--no-hash"], "report": ["report", out]}
             counts = {}
             for name, argv in argvs.items():
                 calls.clear()
+                gets.clear()
+                fetched.clear()  # each command starts as a process does, with nothing kept
                 cli(argv)
-                counts[name] = dict(calls, total=calls.total())
-                print(f"S3, {rows:,} rows: {name} {calls.total()} requests {dict(calls)}", flush=True)
+                most = max(gets.values(), default=0)
+                counts[name] = dict(calls, total=calls.total(), most_gets_of_an_object=most)
+                print(f"S3, {rows:,} rows: {name} {calls.total()} requests {dict(calls)}; "
+                      f"an object fetched at most {most} times", flush=True)
         return counts
     finally:
         server.stop()
@@ -197,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", action="store_true",
                         help="write the output without rendering (for millions of rows)")
     parser.add_argument("--videos", action="store_true", help="--synthetic: with video objects")
+    parser.add_argument("--linked-videos", action="store_true",
+                        help="--synthetic: with video objects, hard links of a few files")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also time the commands from this checkout, side by side")
     parser.add_argument("--shards-too", action="store_true",
                         help="--synthetic: also an output left in shards, timed side by side")
     parser.add_argument("--reuse", action="store_true",
@@ -212,27 +231,32 @@ def main(argv: list[str] | None = None) -> int:
     rows, rounds = args.rows or (2_000 if args.quick else 100_000), args.rounds or (1 if args.quick else 3)
     root = os.path.join(OUT, "bookkeeping")
     os.makedirs(root, exist_ok=True)
+    videos = args.videos or args.linked_videos
     if args.synthetic:
-        outputs = {"folded": synthetic(rows, root, args.videos, True, args.reuse)}
+        outputs = {"folded": synthetic(rows, root, videos, True, args.reuse, args.linked_videos)}
         if args.shards_too:
-            outputs["shards"] = synthetic(rows, root, args.videos, False, args.reuse)
+            outputs["shards"] = synthetic(rows, root, videos, False, args.reuse, args.linked_videos)
     else:
         outputs = {"run": commit_output(rows, root)}
-    runs: dict[str, list[dict]] = {name: [] for name in outputs}
-    memory: dict[str, dict] = {name: {} for name in outputs}
+    trees = {"": REPO, **({"baseline ": os.path.abspath(args.baseline)} if args.baseline else {})}
+    contenders = [(tree + name, path, outputs[name][1]) for tree, path in trees.items()
+                  for name in outputs]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in contenders}
+    memory: dict[str, dict] = {name: {} for name, _, _ in contenders}
     for r in range(rounds):
-        for name in (list(outputs) if r % 2 == 0 else list(reversed(outputs))):
-            runs[name].append(time_commands(REPO, outputs[name][1], memory[name]))
+        for name, tree, argvs in (contenders if r % 2 == 0 else list(reversed(contenders))):
+            runs[name].append(time_commands(tree, argvs, memory[name]))
     if args.synthetic:  # a running job's status: manifest.parquet older than the last commit
-        for name, (out, argvs) in outputs.items():
-            _newer_than_consolidated(out)
+        for name, tree, argvs in contenders:
+            _newer_than_consolidated(argvs["status"][1])
             for run in runs[name]:
-                run["status_running"] = time_commands(REPO, {"status": argvs["status"]})["status"]
+                run["status_running"] = time_commands(tree, {"status": argvs["status"]})["status"]
     summary = {name: {c: median([run[c] for run in group]) for c in group[0]}
                for name, group in runs.items()}
     out = next(iter(outputs.values()))[0]
     result = {"machine": machine(), "rows": rows, "shard_size": SHARD_SIZE, "rounds": rounds,
-              "synthetic": args.synthetic, "videos": args.videos, "runs": runs,
+              "synthetic": args.synthetic, "videos": videos, "linked": args.linked_videos,
+              "baseline": trees.get("baseline "), "runs": runs,
               "summary": summary, "peak_rss_mb": memory,
               "status_exits": status_exits(out, args.status_runs) if args.status_runs else None}
     print(json.dumps({"summary": summary, "peak_rss_mb": memory}, indent=2))

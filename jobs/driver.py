@@ -111,7 +111,7 @@ def _render_holding(cfg: JobConfig, dataset, lease, progress: bool, redo: frozen
     job = start_job(cfg, job, total_rows)
     # Shards earlier runs left (all of an output made before segments) are folded first,
     # after job.json says the output's format is the one that has segments.
-    folder = Folder(cfg.output.uri, cfg.output.segment_shards)
+    folder = Folder(cfg.output.uri, cfg.output.segment_shards, held=lease.check)
     folder.fold_listed()
     committed = manifest.committed_hashes(cfg.output.uri, to_redo)
 

@@ -9,18 +9,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.store import layout, lease, manifest
 from jobs.products.webdataset.check import check_tars
 from jobs.products.webdataset.tar_index import packed_samples, read_markers
 from jobs.products.webdataset.tars import sample_hash
-from jobs.store.hashset import HashSet, key_hashes, row_hash, row_hashes
+from jobs.store.hashset import HashSet, row_hash, row_hashes
 from jobs.store.job_file import OutputError, read_job, require_output
+from jobs.store.listing import Listing, path_hashes
 from rendering import storage
 
 _HASH_THREADS = 8  # hashing is I/O bound on object stores
-_LISTING_CHUNK = 65536  # listed paths hashed and looked up at a time
+# Rows checked at a time: looked up at once, the hashes of many rows are close together in a
+# set of millions, so each lookup walks few cache lines (a segment's 4,096 at a time took 3x).
+_BATCH_ROWS = 65536
+_REMOVE_CHUNK = 65536  # strays deleted a call at a time
 
 
 @dataclass
@@ -37,15 +42,15 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
 
     Streams the manifests a shard at a time and keeps only 8-byte hashes of rows and artifact
     paths, so an output of millions of rows is checked in bounded memory. Which objects exist,
-    and their sizes, come from one listing of each artifact folder (``_Listing``), not from a
-    request per row; only hashing reads each object.
+    and their sizes, come from one listing of each artifact folder (``Listing``, read a page at
+    a time), not from a request per row; only hashing reads each object.
     """
     fs, root = storage.filesystem(output_uri)
     if not fs.exists(root):
         return Audit(0, 0, [f"output {output_uri} does not exist"])
     problems: list[str] = []
     rows = ok = 0
-    seen_rows, listed = HashSet(), HashSet()
+    seen_rows, listed = HashSet(), []  # the manifests' artifact paths, hashed
     repeats: Counter = Counter()  # (id, occurrence) -> extra commits
     packed = _packed(output_uri)
     tables = manifest.iter_shards(output_uri, columns=_ARTIFACT_COLUMNS)
@@ -53,17 +58,21 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     # row checked had its objects stored before the listing, so what a running job commits
     # meanwhile is never reported missing.
     first = next(tables, None)
-    listing = _Listing(fs, root, strays=True)
+    listing = Listing(fs, root)
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for table in itertools.chain(() if first is None else (first,), tables):
+        for table in _batches(itertools.chain(() if first is None else (first,), tables)):
             rows += table.num_rows
             _count_repeats(table, seen_rows, repeats)
-            # Failed rows may list artifacts too: what an earlier stage made (a keyframe).
-            stored_rows = [r for r in table.to_pylist() if r["artifacts"]]
             ok += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-            listed.add(_path_hashes(storage.join(root, a["path"])
-                                    for r in stored_rows for a in r["artifacts"]))
-            problems += [p for found in _artifact_problems(fs, root, listing, stored_rows,
+            # Failed rows may list artifacts too: what an earlier stage made (a keyframe).
+            paths, sizes, owners = _artifacts(table, root)
+            hashes = path_hashes(paths)
+            listed.append(hashes)
+            # A row whose objects the listing shows at their sizes has nothing more to check
+            # unless they are hashed: only the others are read into Python.
+            look = owners if check_hashes else owners[~listing.at_size(hashes, sizes)]
+            rows_to_look = table.take(np.unique(look)).to_pylist()
+            problems += [p for found in _artifact_problems(fs, root, listing, rows_to_look,
                                                            check_hashes, packed, pool)
                          for p in found]
     if packed is not None:
@@ -71,7 +80,7 @@ def verify(output_uri: str, check_hashes: bool = True) -> Audit:
     if rows == 0:
         problems.append(f"no committed shard manifests under {output_uri}/{layout.MANIFESTS_DIR}")
     problems += [f"row {key[0]!r} is committed {n + 1} times" for key, n in repeats.items()]
-    strays = sorted(_stray_objects(fs, listing, listed), key=lambda stray: stray[1])
+    strays = sorted(_stray_objects(fs, listing, HashSet.of(listed)), key=lambda stray: stray[1])
     problems += [problem for _, problem in strays]
 
     success = fs.exists(storage.join(root, layout.SUCCESS_FILE))
@@ -108,8 +117,8 @@ def remove_strays(output_uri: str, strays: list[str]) -> None:
     holding ``hold_for_removal``'s lease, after a ``verify`` made under it."""
     check_strays_removable(output_uri)
     fs, _ = storage.filesystem(output_uri)
-    for start in range(0, len(strays), _LISTING_CHUNK):
-        fs.rm(strays[start:start + _LISTING_CHUNK])
+    for start in range(0, len(strays), _REMOVE_CHUNK):
+        fs.rm(strays[start:start + _REMOVE_CHUNK])
 
 
 def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, dict]:
@@ -119,7 +128,7 @@ def rows_to_redo(output_uri: str, failed: bool, damaged: bool) -> dict[int, dict
     fs, root = storage.filesystem(output_uri)
     redo: dict[int, dict] = {}
     packed = _packed(output_uri) if damaged else None
-    listing = _Listing(fs, root) if damaged else None
+    listing = Listing(fs, root) if damaged else None
     columns = list(dict.fromkeys([*_ARTIFACT_COLUMNS, *manifest.TASK_COLUMNS, "committed_at"]))
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         for table in manifest.iter_shards(output_uri, columns=columns):
@@ -143,78 +152,14 @@ def _packed(output_uri: str) -> HashSet | None:
     return packed_samples(output_uri) if read_markers(output_uri) else None
 
 
-class _Listing:
-    """One listing of each folder artifacts are stored in (``FOLDERS``, and each stage's under
-    ``stages/``): which objects exist, and at which sizes, as 8-byte hashes. The folders are
-    flat and may hold millions of objects: each is listed once (on S3 a request per 1,000
-    keys), its details dropped once hashed.
-
-    With ``strays``, the names of the objects are kept too, for ``_stray_objects``.
-    """
-
-    FOLDERS = (layout.VIDEOS_DIR, layout.PREVIEWS_DIR, layout.STAGES_DIR)
-
-    def __init__(self, fs, root: str, strays: bool = False):
-        try:  # refresh: what this process listed before may have changed since
-            self.entries = fs.ls(root, detail=False, refresh=True)  # the output's own
-        except FileNotFoundError:
-            self.entries = []
-        self.sized, self.paths = HashSet(), HashSet()  # hashes of path\0size, and of path
-        self.temps: list[str] = []
-        self.names: list[tuple[str, list[str]]] = []  # (what, paths) of videos and stages'
-        self._strays = strays
-        self._videos, self._previews, self._stages = (storage.join(root, name)
-                                                      for name in self.FOLDERS)
-        present = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.entries}
-        for name in self.FOLDERS:
-            subfolders = self._add(fs, storage.join(root, name)) if name in present else []
-            for stage in subfolders if name == layout.STAGES_DIR else ():
-                self._add(fs, stage)
-
-    def _add(self, fs, folder: str) -> list[str]:
-        """Take in the objects of ``folder``; return its subfolders."""
-        entries = fs.ls(folder, detail=True, refresh=True)
-        fs.invalidate_cache(folder)  # the details the filesystem keeps cost the most memory
-        files = [(o["name"], o["size"]) for o in entries if o["type"] == "file"]
-        subfolders = [o["name"] for o in entries if o["type"] == "directory"]
-        del entries
-        self.sized.add(_path_hashes(f"{name}\0{size}" for name, size in files))
-        self.paths.add(_path_hashes(name for name, _ in files))
-        if self._strays:
-            names = [name for name, _ in files]
-            self.temps += [name for name in names if storage.is_temp(name)]
-            if folder != self._previews:  # a preview unlisted is not reported (only temps)
-                self.names.append(("video" if folder == self._videos else "object",
-                                   [name for name in names if not storage.is_temp(name)]))
-        return subfolders
-
-    def shown(self, artifacts: list[tuple[str, int]]) -> list[bool | None]:
-        """For each (path, bytes): True when the listing shows the object at that size, False
-        when it shows none at that path; None when it cannot tell, where the object has
-        another size (then asking its size says which) or is outside the folders listed."""
-        sized = self.sized.contains(_path_hashes(f"{path}\0{size}" for path, size in artifacts))
-        named = self.paths.contains(_path_hashes(path for path, _ in artifacts))
-        return [True if at_size else None if there or not self._covers(path) else False
-                for (path, _), at_size, there in zip(artifacts, sized.tolist(), named.tolist())]
-
-    def _covers(self, path: str) -> bool:
-        """An object at ``path`` would be in the listing: it is directly in a folder listed, or
-        in a stage's (each one under ``stages/`` was listed). A row's artifact may be anywhere
-        under the output (its path is the manifest's word): one elsewhere is asked for itself,
-        one request each, rather than listing all the output holds for it."""
-        folder = path.rsplit("/", 1)[0]
-        return folder in (self._videos, self._previews, self._stages) \
-            or folder.rsplit("/", 1)[0] == self._stages
-
-
-def _artifact_problems(fs, root: str, listing: _Listing, rows: list[dict], check_hashes: bool,
+def _artifact_problems(fs, root: str, listing: Listing, rows: list[dict], check_hashes: bool,
                        packed: HashSet | None, pool) -> list[list[str]]:
     """Each row's artifact problems, as ``listing`` shows its objects. A loose object that is
     gone is no problem when the row is packed in a shard (``output.keep_videos: false`` drops
     them; the shard check covers it)."""
     paths = [[storage.join(root, a["path"]) for a in row["artifacts"]] for row in rows]
-    shown = listing.shown([(path, a["bytes"]) for row, row_paths in zip(rows, paths)
-                           for path, a in zip(row_paths, row["artifacts"])])
+    shown = listing.shown([path for row_paths in paths for path in row_paths],
+                          [a["bytes"] for row in rows for a in row["artifacts"]])
     ordered = iter(shown)
     row_shown = [[next(ordered) for _ in row_paths] for row_paths in paths]
 
@@ -243,13 +188,15 @@ def unlisted_artifacts(output_uri: str, examples: int = 3) -> tuple[int, list[st
     output whose workers stored elsewhere is never reported complete. One listing per folder
     and one read of the consolidated manifest, not a request per row."""
     fs, root = storage.filesystem(output_uri)
-    listing = _Listing(fs, root)
+    listing = Listing(fs, root)
     packed = _packed(output_uri)
     count, first = 0, []
     for table in manifest.iter_consolidated(output_uri, _ARTIFACT_COLUMNS):
+        paths, sizes, owners = _artifacts(table, root)
+        unseen = owners[~listing.at_size(path_hashes(paths), sizes)]
         stored = [(r, a, storage.join(root, a["path"]))
-                  for r in table.to_pylist() for a in r["artifacts"] or ()]
-        shown = listing.shown([(path, a["bytes"]) for _, a, path in stored])
+                  for r in table.take(np.unique(unseen)).to_pylist() for a in r["artifacts"]]
+        shown = listing.shown([path for _, _, path in stored], [a["bytes"] for _, a, _ in stored])
         for (row, artifact, path), known in zip(stored, shown):
             if known is True or _in_shards(packed, row):
                 continue
@@ -263,48 +210,60 @@ def unlisted_artifacts(output_uri: str, examples: int = 3) -> tuple[int, list[st
     return count, first
 
 
+def _batches(tables):
+    """``tables`` joined into tables of ``_BATCH_ROWS`` rows or more (the last may be short)."""
+    held: list = []
+    for table in tables:
+        held.append(table)
+        if sum(t.num_rows for t in held) >= _BATCH_ROWS:
+            yield pa.concat_tables(held, promote_options="permissive")
+            held = []
+    if held:
+        yield pa.concat_tables(held, promote_options="permissive")
+
+
+def _artifacts(table, root: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The artifacts of ``table``'s rows, flattened: each one's path (``storage.join`` with
+    ``root``), its bytes (-1 where not recorded), and the index of its row."""
+    lists = table["artifacts"].combine_chunks()
+    flat = lists.flatten()
+    prefix = root.rstrip("/") + "/"
+    paths = [prefix + path.strip("/") for path in flat.field("path").to_pylist()]
+    sizes = pc.fill_null(flat.field("bytes"), -1).to_numpy()
+    return paths, sizes, pc.list_parent_indices(lists).to_numpy()
+
+
 def _count_repeats(table, seen: HashSet, repeats: Counter) -> None:
     """Count rows committed by an earlier shard, or earlier in this one, into ``repeats``."""
-    keys = list(zip(table["id"].to_pylist(), table["occurrence"].to_pylist()))
     hashes = row_hashes(table)
-    in_table: set[int] = set()
-    for key, h, before in zip(keys, hashes.tolist(), seen.contains(hashes)):
-        if before or h in in_table:
-            repeats[key] += 1
-        in_table.add(h)
-    seen.add(hashes)
+    again = seen.contains(hashes)
+    _, first = np.unique(hashes, return_index=True)
+    again[np.setdiff1d(np.arange(len(hashes)), first)] = True  # not a hash's first row here
+    ids, occurrences = table["id"], table["occurrence"]
+    for i in np.flatnonzero(again).tolist():
+        repeats[(ids[i].as_py(), occurrences[i].as_py())] += 1
+    seen.add(np.unique(hashes[~again]), checked=True)
 
 
-def _stray_objects(fs, listing: _Listing, listed: HashSet):
+def _stray_objects(fs, listing: Listing, listed: HashSet):
     """(path, problem) of the videos (and earlier stages' keyframes) no manifest row lists, and
-    of temp objects anywhere under the output but the lease's (it cleans its own).
-
-    The artifact folders are flat and may hold millions of objects: their names, from
-    ``listing``, are looked up a chunk at a time. The other folders are searched (``find``)
-    for temp objects only.
+    of temp objects anywhere under the output but the lease's (it cleans its own). The artifact
+    folders are ``listing``'s; the other folders are searched (``find``) for temp objects only.
     """
     yield from ((path, f"leftover temporary object {path}") for path in listing.temps)
-    for what, names in listing.names:
-        for start in range(0, len(names), _LISTING_CHUNK):
-            chunk = names[start:start + _LISTING_CHUNK]
-            yield from ((path, f"{what} {path} is not in any manifest")
-                        for path, known in zip(chunk, listed.contains(_path_hashes(chunk)))
-                        if not known)
-    skip = (*_Listing.FOLDERS, layout.LEASE_DIR)  # listed, or the lease's
+    yield from ((path, f"{what} {path} is not in any manifest")
+                for what, path in listing.strays(listed))
+    skip = (*Listing.FOLDERS, layout.LEASE_DIR)  # listed, or the lease's
     for entry in listing.entries:
         if entry.rstrip("/").rsplit("/", 1)[-1] not in skip:
             yield from ((p, f"leftover temporary object {p}") for p in fs.find(entry)
                         if storage.is_temp(p))
 
 
-def _path_hashes(paths) -> np.ndarray:
-    return key_hashes([p.encode("utf-8", "surrogatepass") for p in paths])
-
-
 def _check_artifact(fs, row_id: str, path: str, artifact: dict, shown: bool | None,
                     check_hashes: bool) -> str | None:
     """The artifact's problem, if any; ``shown``: what the listing says of it
-    (``_Listing.shown``)."""
+    (``Listing.shown``)."""
     uri, what = storage.to_uri(fs, path), f"{artifact['name']} of row {row_id!r}"
     size = _stored_size(fs, path, artifact["bytes"], shown)
     if size is None:

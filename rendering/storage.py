@@ -27,7 +27,8 @@ _HASH_RANGE = 8 << 20  # a ranged read of a listed object: one request for most 
 # 15 s of trouble before the caller is told (the row is retried, or the job stops cleanly).
 RETRY_ATTEMPTS = 6
 RETRY_BASE_S = 0.5
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+              NotADirectoryError)
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,33 @@ def remove_all_quietly(fs: fsspec.AbstractFileSystem, paths: list[str], what: st
     except FileNotFoundError:
         for path in paths:
             remove_quietly(fs, path)
+
+
+def create_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a small object only where there is none (``FileExistsError`` otherwise), so that
+    of two writers exactly one creates it. Local disk: a temp file beside it, hard-linked into
+    place (atomic, and complete when visible); where hard links are not supported,
+    ``O_CREAT | O_EXCL`` (atomic, but a reader may see it half written). S3 (s3fs): a PUT with
+    ``If-None-Match: *``. Other filesystems: ``pipe_file(mode="create")``, only as safe as the
+    backend makes it (fsspec's default checks, then writes)."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data, mode="create")
+        return
+    temp = temp_beside(path)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(temp, path)  # FileExistsError if another writer created it first
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here: exclusive create, then write
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -143,6 +143,15 @@ def s3_bucket(moto_server, s3_env):
     return "reelfarm-test", client
 
 
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path):
+    """Where outputs go: a local folder or an S3 prefix (this process pointed at moto)."""
+    if request.param == "local":
+        return str(tmp_path / "outputs")
+    bucket, _ = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/outputs"
+
+
 def pytest_collection_modifyitems(config, items):
     """Files of ``slow`` tests run first: the suite's processes take whole files (``--dist
     loadfile``), and a long file started last would leave the other process idle at the end.

@@ -214,6 +214,18 @@ def s3_client():
     return boto3.client("s3")
 
 
+def s3_requests(fs) -> list[tuple[str, str]]:
+    """(operation, URL path) of each request ``fs``'s client makes from now on, in a list that
+    grows as they are made (the client exists once ``fs`` made a request)."""
+    made: list[tuple[str, str]] = []
+
+    def record(model, params, **_) -> None:  # a value returned would stand in for the reply
+        made.append((model.name, params["url_path"]))
+
+    fs.s3.meta.events.register("before-call.s3", record)
+    return made
+
+
 def ray_head_env(tmp: str, **extra: str) -> dict:
     """The environment of a ``ray start --head`` a test runs, and of the drivers and clients it
     starts there: Ray's temp dir private to the test (``tmp``, short: Ray's socket paths must
@@ -379,12 +391,12 @@ def crash_at_checkpoint(monkeypatch) -> Callable[[], None]:
     error storage does not retry); returns what undoes it."""
     from rendering import storage
 
-    write = storage.write_bytes
+    create = storage.create_bytes
 
     def crashing(fs, path, data):
         if "_checkpoint-" in path:
             raise PermissionError("killed")
-        write(fs, path, data)
+        create(fs, path, data)
 
-    monkeypatch.setattr(storage, "write_bytes", crashing)
-    return lambda: monkeypatch.setattr(storage, "write_bytes", write)
+    monkeypatch.setattr(storage, "create_bytes", crashing)
+    return lambda: monkeypatch.setattr(storage, "create_bytes", create)

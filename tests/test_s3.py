@@ -158,7 +158,9 @@ def test_verify_lists_each_folder_rather_than_asking_per_row(s3_bucket):
     deleted and a truncated video; hashing reads each object but asks nothing more of it."""
     from collections import Counter
 
-    from helpers import committed_output
+    from helpers import committed_output, s3_requests
+
+    from jobs.store import fetched
 
     _, client = s3_bucket
     out = f"s3://{BUCKET}/out/listed"
@@ -167,20 +169,21 @@ def test_verify_lists_each_folder_rather_than_asking_per_row(s3_bucket):
     client.put_object(Bucket=BUCKET, Key=f"out/listed/{rows[9]['video_uri']}", Body=b"cut")
     fs, _ = storage.filesystem(out)
     fs.ls(BUCKET)  # the client exists once a request was made
-    calls = Counter()
-    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+    made = s3_requests(fs)
 
     videos = f"s3://{BUCKET}/out/listed/videos"
     expected = [f"video of row 'row-00007' is missing: {videos}/row-00007.mp4",
                 f"video of row 'row-00009' has 3 bytes, manifest says {rows[9]['bytes']}: "
                 f"{videos}/row-00009.mp4"]
     assert verify(out, check_hashes=False).problems == expected
-    plain = Counter(calls)
+    plain = Counter(operation for operation, _ in made)
     print(f"verify of {len(rows)} rows on S3: {plain.total()} requests {dict(plain)}")
     assert plain.total() < 30
 
-    calls.clear()
+    made.clear()
+    fetched.clear()  # a command of its own: its manifests are fetched again
     assert verify(out).problems == expected
+    calls = Counter(operation for operation, _ in made)
     print(f"... hashing: {calls.total()} requests {dict(calls)}")
     assert calls - plain == Counter(GetObject=len(rows) - 2) and not plain - calls
 
@@ -206,23 +209,21 @@ def test_a_folded_output_is_read_in_a_few_requests_and_its_absorbed_shards_once(
     checkpoint and its segments. A fold cut before its checkpoint is not seen; absorbed shards
     not yet deleted are known by their listing (size, LastModified) and skipped; once deleted,
     reads are the same."""
-    from collections import Counter
+    from helpers import committed_output, crash_at_checkpoint, s3_requests
 
-    from helpers import committed_output, crash_at_checkpoint
-
-    from jobs.store import manifest, segments
+    from jobs.store import fetched, manifest, segments
 
     out = f"s3://{BUCKET}/out/folded"
     committed_output(out, 400, shard_size=4)
     fs, _ = storage.filesystem(out)
-    calls = Counter()
-    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+    made = s3_requests(fs)
 
     def reads() -> tuple:
-        calls.clear()
+        made.clear()
+        fetched.clear()  # as in a new process
         state = (len(manifest.committed_hashes(out)), manifest.tally(out).rows,
                  [r for t in manifest.iter_shards(out, ["id"]) for r in t["id"].to_pylist()])
-        return state, calls.total()
+        return state, len(made)
 
     before, shard_requests = reads()
     assert before[:2] == (400, 400) and len(before[2]) == 400

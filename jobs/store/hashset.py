@@ -55,6 +55,26 @@ class HashSet:
     def __len__(self) -> int:
         return self._size
 
+    @classmethod
+    def of(cls, chunks: list[np.ndarray]) -> HashSet:
+        """The hashes in ``chunks`` (emptied as they are taken), as one sorted run: for a set
+        made whole before it is looked in, a lookup then searches one array rather than the
+        dozen runs that ``add`` grows at millions. Briefly holds twice the hashes."""
+        joined = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
+        chunks.clear()
+        joined.sort()
+        repeated = joined[1:] == joined[:-1]
+        if repeated.any():
+            joined = joined[np.concatenate(([True], ~repeated))]
+        del repeated
+        found = cls()
+        found.add(joined, checked=True)
+        return found
+
+    def runs(self) -> list[np.ndarray]:
+        """The members, as disjoint sorted runs."""
+        return list(self._runs)
+
     def add(self, hashes: np.ndarray | list[int], checked: bool = False) -> None:
         """Add hashes (duplicates of present members are ignored).
 

@@ -6,7 +6,8 @@
 <output>/previews/<key>.gif|.webp|.jpg   its previews, when encode.previews asks for them
 <output>/stages/<stage>/<key>.png|.mp4   what an earlier stage made for a row (its keyframe)
 <output>/manifests/shard-*.parquet   committed shards (a shard is committed when this exists)
-<output>/manifests/segment-<generation>.parquet   shards folded into one (jobs/store/segments.py)
+<output>/manifests/segment-<generation>-<token>.parquet   shards folded into one (segments.py;
+                             no token in the names of outputs made before it had one)
 <output>/manifests/_checkpoint-<generation>.json  the segments, and the shards they absorbed
 <output>/receipts/<key>.json rows stored but not yet committed (an interrupted run's work);
                              a multi-stage job's under receipts/<stage>/, one per stage done

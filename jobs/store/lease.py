@@ -33,12 +33,13 @@ only delays that to the expiry.
 The driver checks ``Lease.lost`` between shards, so at most the work in flight when a stalled
 holder loses its lease overlaps with the new holder's.
 
-Create-only writes. Local disk: the record is written to a hidden temp file beside its target and
-hard-linked into place (``os.link`` fails if the target exists: atomic, and complete when visible);
-where hard links are not supported, ``O_CREAT | O_EXCL`` (atomic, but a reader may see it half
-written; an unreadable record counts as held from its modification time). S3 (s3fs): a PUT with
-``If-None-Match: *``. Other fsspec filesystems: ``pipe_file(mode="create")``, which is only as safe
-as the backend makes it (fsspec's default checks then writes: two racers could both win there).
+Create-only writes (``storage.create_bytes``). Local disk: the record is written to a hidden temp
+file beside its target and hard-linked into place (``os.link`` fails if the target exists: atomic,
+and complete when visible); where hard links are not supported, ``O_CREAT | O_EXCL`` (atomic, but
+a reader may see it half written; an unreadable record counts as held from its modification
+time). S3 (s3fs): a PUT with ``If-None-Match: *``. Other fsspec filesystems:
+``pipe_file(mode="create")``, which is only as safe as the backend makes it (fsspec's default
+checks then writes: two racers could both win there).
 """
 
 from __future__ import annotations
@@ -329,10 +330,7 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, record: dict) -> bool:
     """Create ``path`` only if absent; True when ours is the object there afterwards."""
     data = json.dumps(record, sort_keys=True).encode()
     try:
-        if isinstance(fs, LocalFileSystem):
-            _create_local(path, data)
-        else:
-            fs.pipe_file(path, data, mode="create")
+        storage.create_bytes(fs, path, data)
         return True
     except Exception as exc:  # noqa: BLE001 - decided by what is there now
         # A write may land and still report an error (a retried PUT then sees its own object):
@@ -346,25 +344,6 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, record: dict) -> bool:
         except ValueError:  # half written by a contender on a non-atomic filesystem
             return False
         return isinstance(there, dict) and there.get("owner") == record["owner"]
-
-
-def _create_local(path: str, data: bytes) -> None:
-    """Publish ``data`` at ``path`` atomically and complete, failing if ``path`` exists."""
-    temp = storage.temp_beside(path)
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(temp, path)  # FileExistsError if another run created it first
-        except FileExistsError:
-            raise
-        except OSError:  # no hard links here: exclusive create, then write
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp)
 
 
 def _remove_stale_temps(fs: fsspec.AbstractFileSystem, lease_dir: str) -> None:

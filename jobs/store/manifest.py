@@ -27,7 +27,8 @@ from jobs import params
 from jobs.store.duplicates import Marks
 from jobs.store.hashset import HashSet, row_hashes
 from jobs.store.tally import Tally
-from jobs.store.parquet_files import parquet_bytes, read_parquet
+from jobs.store.fetched import fetch, stamp
+from jobs.store.parquet_files import decode_parquet, parquet_bytes
 from rendering import storage
 from rendering.contract import MEDIA_ROLES
 
@@ -152,7 +153,7 @@ def committed_hashes(output_uri: str, redo: dict[int, float] | None = None) -> H
     listed = committed(output_uri)
     sources, _ = listed.sources()
     hashes = HashSet()
-    reads = [(s.path, ["id", "occurrence"]) for s in sources]
+    reads = [(s, ["id", "occurrence"]) for s in sources]
     for table in segments.read_in_order(listed.fs, reads):
         found = row_hashes(table).tolist()
         hashes.add([h for h in found if h not in redo] if redo else found)
@@ -176,7 +177,7 @@ def _read_sources(fs, sources: list[segments.Source], columns: list[str] | None,
     keys = ["id", "occurrence", "committed_at", "row_index"]
     wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
     held: pa.Table | None = None
-    tables = segments.read_in_order(fs, [(s.path, wanted and [c for c in wanted if c in s.columns])
+    tables = segments.read_in_order(fs, [(s, wanted and [c for c in wanted if c in s.columns])
                                          for s in sources])
     for i, (source, table) in enumerate(zip(sources, tables)):
         table = _with_nulls(table, wanted or ())  # a column a manifest predates reads as nulls
@@ -216,7 +217,7 @@ def tally(output_uri: str) -> Tally:
     else:
         listed = committed(output_uri)
         folded = (listed.checkpoint or {}).get("tally")
-        shards, _ = segments.shard_sources(listed.fs, listed.shards)
+        shards, _ = listed.shard_sources()
         if folded is not None and not any(s.repairs for s in shards):
             counts = Tally.from_json(folded)
             tables = _read_sources(listed.fs, shards, _TALLIED, current=False)
@@ -299,7 +300,7 @@ def consolidated_is_current(output_uri: str) -> bool:
     consolidated = storage.join(root, layout.MANIFEST_FILE)
     fs.invalidate_cache(consolidated)  # (and its parents) as they are now, not as cached
     try:
-        made = segments.stamp(fs.info(consolidated))
+        made = stamp(fs.info(consolidated))
     except FileNotFoundError:
         return False
     stamps = segments.read_committed(fs, root).stamps()
@@ -321,7 +322,8 @@ def _superseded(fs, sources: list[segments.Source]) -> set[tuple[int, float]]:
     replaced = set()
     for source in sources:
         if source.repairs:
-            table = read_parquet(fs, source.path, columns=["id", "occurrence", "redo_of"])
+            table = decode_parquet(fetch(fs, source.path, source.info),
+                                   columns=["id", "occurrence", "redo_of"])
             table = table.filter(pc.is_valid(table["redo_of"]))
             replaced.update(zip(row_hashes(table).tolist(), table["redo_of"].to_pylist()))
     return replaced

@@ -6,6 +6,7 @@ from helpers import tiny_config, write_prompts
 
 import hashlib
 
+import numpy as np
 import pytest
 
 from jobs.store import manifest
@@ -110,6 +111,15 @@ def test_hashset_membership():
     for start in range(0, 5000, 100):
         s.add([row_hash(str(i)) for i in range(start, start + 150)])
     assert len(s) == 5050
+    found = s.contains([row_hash(str(i)) for i in range(5040, 5060)])
+    assert found.tolist() == [True] * 10 + [False] * 10
+
+
+def test_a_hashset_made_whole_is_one_run_of_distinct_hashes():
+    chunks = [np.array([row_hash(str(i)) for i in range(start, start + 150)], dtype=np.uint64)
+              for start in range(0, 5000, 100)]
+    s = HashSet.of(chunks)
+    assert chunks == [] and len(s) == 5050 and len(s.runs()) == 1
     found = s.contains([row_hash(str(i)) for i in range(5040, 5060)])
     assert found.tolist() == [True] * 10 + [False] * 10
 

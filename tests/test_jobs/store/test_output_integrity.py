@@ -12,21 +12,11 @@ import shutil
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from helpers import prompts, run_cli
 from helpers import CliDriver, by_id, read_manifest, wait_for, write_config
 
 from jobs.store import manifest
 from jobs.input.rows import output_key
-
-
-@pytest.fixture(params=["local", "s3"])
-def place(request, tmp_path):
-    """Where outputs go: a local folder or an S3 prefix (this process pointed at moto)."""
-    if request.param == "local":
-        return str(tmp_path / "outputs")
-    bucket, _ = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/outputs"
 
 
 INLINE = {"backend": "inline"}

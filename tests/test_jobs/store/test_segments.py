@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from helpers import committed_output, crash_at_checkpoint
-from jobs.store import manifest, segments
+from helpers import committed_output, crash_at_checkpoint, wait_for
+from jobs.store import lease, manifest, segments
 from jobs.verify import verify
+from rendering import storage
 
 ROWS, SHARD, PER_SEGMENT = 20, 2, 4
 
@@ -40,8 +41,8 @@ def test_a_fold_leaves_every_reader_seeing_the_same_rows_from_a_few_objects(outp
     assert folder.fold_listed() == ROWS // SHARD
     assert _state(output) == before
     names = _names(output)
-    assert [n for n in names if n.startswith("segment-")] == \
-        [f"segment-{g:08d}.parquet" for g in (1, 2, 3)]  # 4 + 4 + 2 shards
+    assert [n[:len("segment-00000001")] for n in names if n.startswith("segment-")] == \
+        [f"segment-{g:08d}" for g in (1, 2, 3)]  # 4 + 4 + 2 shards
     assert [n for n in names if n.startswith("shard-")] == []  # absorbed, and past retention
     listed = manifest.committed(output)
     assert listed.shards == [] and len(listed.sources()[0]) == 3
@@ -79,11 +80,12 @@ def test_a_crash_between_the_segment_and_the_checkpoint_loses_and_duplicates_not
     undo = crash_at_checkpoint(monkeypatch)
     with pytest.raises(PermissionError):
         segments.Folder(output, PER_SEGMENT).fold_listed()
-    assert "segment-00000001.parquet" in _names(output)  # named by no checkpoint: not read
-    assert _state(output) == before
+    [crashed] = [n for n in _names(output) if n.startswith("segment-00000001-")]
+    assert _state(output) == before  # named by no checkpoint: not read
     undo()
     segments.Folder(output, PER_SEGMENT).fold_listed()  # writes generation 1 again
     assert _state(output) == before
+    assert crashed not in _names(output)  # no checkpoint can name it now: deleted
 
 
 def test_a_crash_before_the_absorbed_shards_are_deleted_reads_them_once(output, monkeypatch):
@@ -141,3 +143,59 @@ def test_a_running_jobs_counts_are_the_checkpoints_and_the_shards_committed_sinc
     row = manifest.iter_shards(output).__next__().to_pylist()[0]
     manifest.write_shard(output, [{**row, "redo_of": row["committed_at"]}])
     assert manifest.tally(output).to_json() == expected
+
+
+def test_a_run_that_lost_its_lease_folds_nothing(output, monkeypatch):
+    """A run whose lease went unrenewed (its storage unreachable, or it stalled) past its ttl
+    is taken over: its commits in flight may still land, but no fold of it writes anything."""
+    monkeypatch.setattr(lease, "CLOCK_SKEW_S", 0.0)
+    stalled = lease.acquire(output, ttl_s=0.5, heartbeat_s=0.1)
+    folder = segments.Folder(output, PER_SEGMENT, held=stalled.check)
+
+    def unreachable(*args):
+        raise OSError("storage unreachable")
+
+    overwrite = lease._overwrite
+    monkeypatch.setattr(lease, "_overwrite", unreachable)
+    wait_for(lambda: stalled.lost, 5, "the lease to go unrenewed")
+    monkeypatch.setattr(lease, "_overwrite", overwrite)
+    with lease.acquire(output):  # the next run holds the output
+        before = _names(output)
+        with pytest.raises(lease.LeaseError, match="lost its lease"):
+            folder.fold_listed()
+        rows = [r for t in manifest.iter_shards(output) for r in t.to_pylist()]
+        with pytest.raises(lease.LeaseError, match="lost its lease"):
+            for start in range(0, PER_SEGMENT * SHARD, SHARD):  # its last commits land
+                folder.committed(*manifest.write_shard(output, [
+                    {**row, "id": f"late-{row['id']}", "row_index": ROWS + row["row_index"]}
+                    for row in rows[start:start + SHARD]]))
+        assert [n for n in _names(output) if n not in before] == \
+            [n for n in _names(output) if n.startswith("shard-") and n not in before]
+        assert folder.folded == 0 and len(manifest.committed_hashes(output)) == ROWS + 8
+    stalled.release()
+
+
+def test_of_two_folds_of_a_generation_one_writes_its_checkpoint_and_the_other_stops(
+        output, monkeypatch):
+    """A holder that lost its lease inside a fold, after its last check, races the next
+    holder's fold: the checkpoint of a generation is created once, so the late fold stops
+    before it deletes anything; its segment, which no checkpoint can name, is deleted by the
+    next holder's fold; every reader sees each commit once."""
+    before = _state(output)
+    create = storage.create_bytes
+    raced = []
+
+    def next_holder_first(fs, path, data):
+        if not raced:  # the late fold's checkpoint: the next holder folds everything first
+            raced.append(path)
+            segments.Folder(output, PER_SEGMENT).fold_listed()
+        create(fs, path, data)
+
+    monkeypatch.setattr(storage, "create_bytes", next_holder_first)
+    with pytest.raises(lease.LeaseError, match="another run folded"):
+        segments.Folder(output, PER_SEGMENT).fold_listed()
+    monkeypatch.undo()
+    assert raced[0].endswith("_checkpoint-00000001.json") and _state(output) == before
+    named = [s["name"] for s in manifest.committed(output).checkpoint["segments"]]
+    assert sorted(n for n in _names(output) if n.startswith("segment-")) == named
+    assert len(named) == 3 and manifest.committed(output).checkpoint["generation"] == 3

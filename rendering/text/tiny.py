@@ -1,7 +1,7 @@
 """``tiny:lm``: a tiny random-weight causal language model with a tiny tokenizer and a chat
 template, built in code with no network, so the text stage runs in tests and the demo.
 
-It is a Llama-architecture model of two layers, 32 wide, over a word-level vocabulary of a few
+It is a Llama-architecture model of two layers, 64 wide, over a word-level vocabulary of a few
 hundred words of video-prompt English and ``.``/``,`` (anything else reads as ``<unk>``), with a ChatML chat
 template as Qwen's. Its weights are seeded, so the same kind always gives the same model and a
 rewrite made with it is reproducible. What it writes is word soup; everything around it (chat
@@ -74,8 +74,10 @@ def build_tiny_lm():
 
     tokenizer = build_tiny_tokenizer()
     vocab = vocabulary()
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    # Heads 32 wide, the narrowest vLLM's attention kernels take (FlashAttention: 32 to 256),
+    # so the vllm engine loads the same model; two query heads share one key/value head.
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=4096, tie_word_embeddings=False,
                          bos_token_id=None, eos_token_id=vocab[END], pad_token_id=vocab[PAD])
     with torch.random.fork_rng(devices=[]):

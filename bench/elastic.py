@@ -10,7 +10,8 @@ GPUs; the tiny model renders on the CPU), each job a ``reelfarm render`` driver 
    bound a loss can cost (``shards_in_flight_per_worker`` x ``shard_size`` per worker).
 
     python -m bench.elastic           # 3 rounds
-    python -m bench.elastic --quick   # 1 round, fewer and faster rows, no tail without
+    python -m bench.elastic --quick   # 1 round, faster rows (enough that the joined node
+                                      # takes some), a shorter straggler, no tail without
                                       # backups: a smoke run
 """
 
@@ -29,9 +30,14 @@ from datetime import datetime
 from bench.common import OUT, REPO, machine, median, python, save
 from bench.driver_throughput import write_prompts
 
-SLOW_S = 20.0  # --quick: 6 s
+SLOW_S = 20.0
 SHARD_SIZE = 2
 IN_FLIGHT = 2  # cluster.shards_in_flight_per_worker, its default
+# Rows and denoising steps per phase. Quick: the join's rows outlast the joined node's worker
+# start (10 to 15 s on a busy 2-core machine), the straggler sleeps several shard times, and the
+# removed node's worker still holds shards when it goes.
+SIZES = {"full": {"join": (48, 16), "tail": (8, 8), "slow_s": SLOW_S, "preemption": (48, 16)},
+         "quick": {"join": (48, 4), "tail": (8, 4), "slow_s": 4.0, "preemption": (24, 8)}}
 
 # ``reelfarm render`` with one slow worker: the first to get the row argv[2] sleeps argv[3]
 # seconds before it (a slow GPU or node, say); argv[1] is the marker file it claims. Run as a
@@ -141,12 +147,12 @@ def join(cluster, folder: str, rows: int, steps: int) -> dict:
             "rows_per_s_before": _rate(before), "rows_per_s_after": _rate(after)}
 
 
-def tail(cluster, folder: str, rows: int, backups: bool, slow_s: float) -> dict:
+def tail(cluster, folder: str, rows: int, steps: int, backups: bool, slow_s: float) -> dict:
     """Two nodes; the first worker to get the last row sleeps ``slow_s`` before it."""
     nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     started = time.time()
-    args = _job(folder, rows, 8, f"cluster.backups={str(backups).lower()}")
+    args = _job(folder, rows, steps, f"cluster.backups={str(backups).lower()}")
     proc = _start(folder, cluster.address, args, f"row-{rows - 1:08d}", slow_s)
     _finish(proc, folder)
     ended = time.time()
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
-    rows, steps, slow_s = (12, 4, 6.0) if args.quick else (48, 16, SLOW_S)
+    sizes = SIZES["quick" if args.quick else "full"]
+    slow_s = sizes["slow_s"]
     root = os.path.join(OUT, "elastic" + ("_quick" if args.quick else ""))
     shutil.rmtree(root, ignore_errors=True)
     runs: dict[str, list[dict]] = {"join": [], "tail_backups": [], "tail_no_backups": [],
@@ -214,14 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(rounds):
             print(f"round {r + 1} of {rounds}", flush=True)
-            runs["join"].append(join(cluster, os.path.join(root, f"join-{r}"), rows, steps))
+            runs["join"].append(join(cluster, os.path.join(root, f"join-{r}"), *sizes["join"]))
             for backups in (True,) if args.quick else (True, False):  # quick: the code path
                 name = "tail_backups" if backups else "tail_no_backups"
-                runs[name].append(tail(cluster, os.path.join(root, f"{name}-{r}"), 8, backups,
-                                       slow_s))
-            # A node is removed only once its worker takes shards: rows as in a full run.
+                runs[name].append(tail(cluster, os.path.join(root, f"{name}-{r}"),
+                                       *sizes["tail"], backups, slow_s))
             runs["preemption"].append(preemption(cluster, os.path.join(root, f"loss-{r}"),
-                                                 max(rows, 24), 16))
+                                                 *sizes["preemption"]))
             print(json.dumps({k: v[-1] for k, v in runs.items() if v}), flush=True)
     finally:
         cluster.shutdown()

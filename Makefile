@@ -16,7 +16,7 @@ PIP_HAS_INDEX = $(shell [ -n "$$PIP_INDEX_URL$$PIP_EXTRA_INDEX_URL$$PIP_FIND_LIN
 TORCH_INDEX ?= $(if $(PIP_HAS_INDEX),,$(TORCH_CPU_INDEX))
 TORCH_FROM = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-smoke clean
 
 setup: $(STAMP)
 
@@ -41,10 +41,17 @@ demo: $(STAMP)
 # processes on two cores were no faster than two: 14:01 against 14:48 of tests, with more
 # timing-bound tests at risk.)
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 # The layering first (pyproject.toml's import-linter contracts): seconds, and a broken one says where.
+# Then reelfarm's own tests; the benchmarks' smoke runs are `make bench-smoke`.
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 $(PYTEST_ARGS)
+	$(PYTEST) --ignore=tests/test_bench $(PYTEST_ARGS)
+
+# Every benchmark's --quick mode, end to end, as `make bench` runs them: they still run and save
+# their results (minutes: whole jobs on Ray; CI runs it after `make test`).
+bench-smoke: $(STAMP)
+	$(PYTEST) tests/test_bench $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]'

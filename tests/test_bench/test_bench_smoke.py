@@ -1,4 +1,4 @@
-"""The benchmarks still run: each one's --quick mode, end to end, as `make bench` would (half of
+"""The benchmarks still run (`make bench-smoke`): each one's --quick mode, end to end (half of
 them; test_bench_smoke_jobs.py the other half, so that the two halves run side by side)."""
 
 from __future__ import annotations

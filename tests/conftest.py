@@ -88,17 +88,26 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
-def cluster():
-    """A multi-node Ray cluster simulated on this machine (``ray.cluster_utils``): tests add
-    nodes with fake GPUs and remove them. The head holds no GPU, like a head pod that only
-    runs drivers and Ray's own services."""
+@pytest.fixture(scope="module")
+def _cluster_head():
+    """The head of ``cluster``, started once a test file (seconds each time): its tests share it."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
-    yield cluster
-    cluster.shutdown()
+    head = Cluster(initialize_head=True, connect=False,
+                   head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    yield head
+    head.shutdown()
+
+
+@pytest.fixture
+def cluster(_cluster_head):
+    """A multi-node Ray cluster simulated on this machine (``ray.cluster_utils``): tests add
+    nodes with fake GPUs and remove them. The head holds no GPU, like a head pod that only
+    runs drivers and Ray's own services; every node a test added is gone when it ends, so the
+    next test starts from the head alone."""
+    yield _cluster_head
+    for node in list(_cluster_head.worker_nodes):
+        _cluster_head.remove_node(node)
 
 
 @pytest.fixture

@@ -48,8 +48,8 @@ test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	$(PYTEST) --ignore=tests/test_bench $(PYTEST_ARGS)
 
-# Every benchmark's --quick mode, end to end, as `make bench` runs them: they still run and save
-# their results (minutes: whole jobs on Ray; CI runs it after `make test`).
+# Every benchmark's --quick mode, end to end (what `python -m bench.run --quick` runs), checked to
+# run and save its results (minutes: whole jobs on Ray; CI runs it after `make test`).
 bench-smoke: $(STAMP)
 	$(PYTEST) tests/test_bench $(PYTEST_ARGS)
 
